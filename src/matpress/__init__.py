@@ -1,0 +1,28 @@
+"""matpress: compress the weight matrices of neural networks.
+
+Public API: :func:`compress`, :func:`save`, :func:`load`, :func:`evaluate`, :class:`Recipe`.
+"""
+
+__version__ = "0.1.0"
+
+from matpress.errors import CalibrationError, CheckpointError, FormatError, MatpressError, RecipeError  # noqa: E402
+from matpress.evaluation import evaluate  # noqa: E402
+from matpress.io import load, save  # noqa: E402
+from matpress.layer import CompressedLinear  # noqa: E402
+from matpress.model_pass import CompressionReport, compress  # noqa: E402
+from matpress.recipe import Recipe, Rule  # noqa: E402
+
+__all__ = [
+    "CalibrationError",
+    "CheckpointError",
+    "CompressedLinear",
+    "CompressionReport",
+    "FormatError",
+    "MatpressError",
+    "Recipe",
+    "Rule",
+    "compress",
+    "evaluate",
+    "load",
+    "save",
+]

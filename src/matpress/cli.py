@@ -1,0 +1,170 @@
+"""The ``matpress`` command line: compress, eval, info."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from matpress.errors import MatpressError
+
+
+PER_CHANNEL = "channel"
+
+
+def _group(value: str):
+    if value == PER_CHANNEL:
+        return PER_CHANNEL
+    try:
+        g = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--group takes a positive integer or 'channel', got {value!r}") from None
+    if g <= 0:
+        raise argparse.ArgumentTypeError(f"--group takes a positive integer or 'channel', got {value!r}")
+    return g
+
+
+def _recipe_from_args(args: argparse.Namespace):
+    from matpress.recipe import Recipe
+
+    data = {}
+    if args.recipe:
+        recipe = Recipe.load(args.recipe)
+        data = recipe.to_dict()
+    default = data.setdefault("default", {})
+    # the flags are shorthands for the default rule and override the recipe file's default
+    if args.method is not None and args.method != default.get("method"):
+        default.clear()
+        default["method"] = args.method
+    for key, value in (("bits", args.bits), ("group_size", args.group), ("symmetric", args.symmetric)):
+        if value is not None:
+            default[key] = None if value == PER_CHANNEL else value
+    if args.exclude is not None:
+        data["exclude"] = args.exclude
+    return Recipe.from_dict(data, source=args.recipe or "command line")
+
+
+def cmd_compress(args: argparse.Namespace) -> None:
+    import matpress
+    from matpress.models import load_pretrained
+
+    recipe = _recipe_from_args(args)
+    loaded = load_pretrained(args.model)
+    report = matpress.compress(loaded.model, recipe, progress=not args.quiet)
+    out = matpress.save(loaded.model, args.out, tokenizer=loaded.tokenizer, recipe=recipe, source=loaded.source)
+    print(report.table())
+    print(f"\nsaved to {out}")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from matpress.io import read_manifest
+
+    manifest = read_manifest(args.dir)
+    base = manifest["base_model"]
+    print(f"checkpoint: {args.dir}")
+    print(f"base model: {base.get('class')} from {base.get('source')}")
+    if manifest.get("recipe"):
+        print(f"recipe: {json.dumps(manifest['recipe'])}")
+    print("\n| layer | shape | format | bits/weight | KiB |\n|---|---|---|---|---|")
+    total_bytes = total_weights = 0
+    for name, entry in manifest["layers"].items():
+        nbytes = sum(
+            _numel(meta["shape"]) * _dtype_size(meta["dtype"]) for meta in entry["tensors"].values()
+        )
+        n = entry["shape"][0] * entry["shape"][1]
+        total_bytes += nbytes
+        total_weights += n
+        desc = " ".join(f"{k}={v}" for k, v in entry["config"].items())
+        print(f"| {name} | {entry['shape'][0]}x{entry['shape'][1]} | {entry['format']} {desc} | {8 * nbytes / n:.3f} | {nbytes / 1024:.1f} |")
+    if total_weights:
+        print(
+            f"| **total** ({len(manifest['layers'])} layers) | | | {8 * total_bytes / total_weights:.3f} "
+            f"| {total_bytes / 1024:.1f} ({100 * total_bytes / (4 * total_weights):.1f}% of fp32) |"
+        )
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _dtype_size(name: str) -> int:
+    import torch
+
+    from matpress.io import DTYPE_NAMES
+
+    return torch.empty(0, dtype=DTYPE_NAMES[name]).element_size()
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import matpress
+    from matpress.io import load_tokenizer, read_manifest
+    from matpress.models import load_pretrained
+
+    manifest = read_manifest(args.dir)
+    model = matpress.load(args.dir)
+    tokenizer = load_tokenizer(args.dir)
+    source = args.reference or manifest["base_model"].get("source")
+    reference = None
+    if source:
+        try:
+            reference = load_pretrained(source).model
+        except MatpressError as e:
+            print(f"note: the original model could not be loaded ({e}); comparing without it", file=sys.stderr)
+    result = matpress.evaluate(
+        model, tokenizer, reference=reference, text_file=args.text, n_sentences=args.sentences, progress=not args.quiet
+    )
+    for key, value in result.items():
+        print(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from matpress.methods import METHODS
+
+    parser = argparse.ArgumentParser(prog="matpress", description="Compress the linear layers of a model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compress", help="compress a model and save it", description="Compress MODEL's linear layers and save the result.")
+    p.add_argument("model", help="a local Hugging Face model directory, or 'minilm' for the embedded all-MiniLM-L6-v2")
+    p.add_argument("--out", required=True, help="directory to write the compressed checkpoint to")
+    p.add_argument("--recipe", help="YAML/JSON recipe file; the flags below override its default rule")
+    p.add_argument("--method", choices=sorted(METHODS), help="method of the default rule (default: rtn)")
+    p.add_argument("--bits", type=int, help="bits per weight of the default rule (2-8)")
+    p.add_argument("--group", type=_group, help="input columns per scale, or 'channel' for one scale per output channel")
+    p.add_argument("--symmetric", action="store_true", default=None, help="symmetric quantization (no zero points)")
+    p.add_argument("--exclude", nargs="*", help="layer-name patterns to leave dense (default: *lm_head *embed*)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("eval", help="measure a compressed checkpoint against its original", description="Evaluate a compressed checkpoint on held-out text.")
+    p.add_argument("dir", help="checkpoint directory written by 'matpress compress'")
+    p.add_argument("--reference", help="original model (default: the source recorded in the checkpoint)")
+    p.add_argument("--text", help="text file to evaluate on (default: built-in pydoc_data.topics, evaluation split)")
+    p.add_argument("--sentences", type=int, default=600, help="sentences for encoder evaluation (default 600)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("info", help="per-layer table of a compressed checkpoint", description="Show a checkpoint's per-layer formats and sizes.")
+    p.add_argument("dir", help="checkpoint directory")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except MatpressError as e:
+        print(f"matpress {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

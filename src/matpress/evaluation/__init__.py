@@ -1,0 +1,51 @@
+"""Evaluation: what a compression cost in quality, on real installed text or a user's file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from torch import nn
+
+from matpress.errors import MatpressError
+from matpress.evaluation.metrics import embedding_fidelity, language_model_quality, sentence_embeddings, token_windows
+from matpress.evaluation.text import EVALUATION, corpus, sentences
+from matpress.models import CAUSAL_LM, ENCODER, model_kind
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: Any,
+    reference: Optional[nn.Module] = None,
+    text_file: Union[str, Path, None] = None,
+    kind: Optional[str] = None,
+    n_sentences: int = 600,
+    seq_len: int = 256,
+    max_windows: int = 32,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Measure ``model`` against the uncompressed ``reference`` on held-out text.
+
+    Encoders: mean/min cosine between compressed and original sentence embeddings and top-10 retrieval
+    agreement on ``n_sentences`` sentences (a reference is required). Causal LMs: perplexity on
+    ``max_windows`` windows of ``seq_len`` tokens, and with a reference its perplexity and the mean
+    KL divergence of next-token distributions. Text: ``text_file``, else the evaluation split of
+    ``pydoc_data.topics`` (never used for calibration).
+    """
+    kind = kind or model_kind(model)
+    if tokenizer is None:
+        raise MatpressError("evaluation needs the model's tokenizer; none was found beside the model")
+    if kind == ENCODER:
+        if reference is None:
+            raise MatpressError("encoder evaluation compares embeddings with the original: pass reference=")
+        texts = sentences(n_sentences, EVALUATION, text_file)
+        ref = sentence_embeddings(reference, tokenizer, texts, progress=progress)
+        cand = sentence_embeddings(model, tokenizer, texts, progress=progress)
+        return embedding_fidelity(ref, cand)
+    if kind == CAUSAL_LM:
+        windows = token_windows(tokenizer, corpus(EVALUATION, text_file), seq_len, max_windows)
+        return language_model_quality(model, windows, reference, progress=progress)
+    raise MatpressError(f"unknown model kind {kind!r}; expected {ENCODER!r} or {CAUSAL_LM!r}")
+
+
+__all__ = ["embedding_fidelity", "evaluate", "language_model_quality", "sentence_embeddings", "token_windows"]

@@ -1,0 +1,89 @@
+"""Real text for calibration and evaluation, from what is installed or from a user's file.
+
+The built-in corpus is CPython's own documentation topics (``pydoc_data.topics``), which every Python
+ships. Topics are split deterministically into a calibration part (about a quarter) and an evaluation
+part, so calibrated methods are never scored on the text they saw.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from pathlib import Path
+from typing import Optional, Union
+
+from matpress.errors import CalibrationError
+
+CALIBRATION = "calibration"
+EVALUATION = "evaluation"
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
+
+
+def _topic_split(key: str) -> str:
+    return CALIBRATION if zlib.crc32(key.encode()) % 4 == 0 else EVALUATION
+
+
+def builtin_documents(split: str = EVALUATION) -> list[str]:
+    """The documentation topics of the given split, each as one string."""
+    if split not in (CALIBRATION, EVALUATION):
+        raise ValueError(f"split must be {CALIBRATION!r} or {EVALUATION!r}, got {split!r}")
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics) if _topic_split(k) == split]
+
+
+def prose_sentences(text: str, min_words: int = 6, max_chars: int = 400) -> list[str]:
+    """Sentences of running prose in ``text``: code blocks, grammar rules and headings are skipped."""
+    sentences: list[str] = []
+    for paragraph in re.split(r"\n\s*\n", text):
+        lines = paragraph.splitlines()
+        if not lines or any(line.startswith((" ", "\t")) for line in lines):
+            continue  # indented: code or grammar
+        if len(lines) == 2 and set(lines[1].strip()) <= set("*=-^~"):
+            continue  # a heading with its underline
+        flat = " ".join(line.strip() for line in lines)
+        for s in _SENTENCE_END.split(flat):
+            s = s.strip()
+            if len(s.split()) >= min_words and len(s) <= max_chars and s[-1] in ".!?:":
+                sentences.append(s)
+    return list(dict.fromkeys(sentences))  # dedupe, keep order
+
+
+def read_text_file(path: Union[str, Path]) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationError(f"text file {path} does not exist")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise CalibrationError(f"text file {path} is empty")
+    return text
+
+
+def sentences(
+    n: Optional[int] = None, split: str = EVALUATION, text_file: Union[str, Path, None] = None
+) -> list[str]:
+    """Up to ``n`` sentences: from ``text_file`` if given, else the built-in corpus's ``split``."""
+    if text_file is not None:
+        found = prose_sentences(read_text_file(text_file))
+        if not found:  # a file of one sentence per line, without paragraph structure
+            found = [line.strip() for line in read_text_file(text_file).splitlines() if line.strip()]
+        source = str(text_file)
+    else:
+        found = [s for doc in builtin_documents(split) for s in prose_sentences(doc)]
+        source = f"pydoc_data.topics ({split} split)"
+    if not found:
+        raise CalibrationError(f"no sentences found in {source}")
+    if n is not None:
+        if n <= 0:
+            raise CalibrationError(f"number of sentences must be positive, got {n}")
+        if len(found) < n:
+            raise CalibrationError(f"{source} has {len(found)} sentences, fewer than the {n} asked for")
+        found = found[:n]
+    return found
+
+
+def corpus(split: str = EVALUATION, text_file: Union[str, Path, None] = None) -> str:
+    """Running text for language-model perplexity: a user's file, or the built-in split."""
+    if text_file is not None:
+        return read_text_file(text_file)
+    return "\n\n".join(builtin_documents(split))

@@ -1,0 +1,28 @@
+"""Formats: how a weight matrix is stored and multiplied. See :class:`matpress.formats.base.Format`."""
+
+from __future__ import annotations
+
+from matpress.errors import FormatError
+from matpress.formats.base import Format
+from matpress.formats.dense import DenseFormat
+from matpress.formats.integer import IntFormat
+
+FORMATS: dict[str, type[Format]] = {cls.name: cls for cls in (DenseFormat, IntFormat)}
+
+
+def register_format(cls: type[Format]) -> type[Format]:
+    """Make a format class known to save/load under ``cls.name``."""
+    if cls.name in FORMATS and FORMATS[cls.name] is not cls:
+        raise FormatError(f"a different format is already registered as {cls.name!r}")
+    FORMATS[cls.name] = cls
+    return cls
+
+
+def format_class(name: str) -> type[Format]:
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise FormatError(f"unknown format {name!r}; known formats: {sorted(FORMATS)}") from None
+
+
+__all__ = ["FORMATS", "DenseFormat", "Format", "IntFormat", "format_class", "register_format"]

@@ -1,0 +1,126 @@
+"""The one interface every stored matrix implements.
+
+A *format* holds a weight matrix W of shape (out_features, in_features) in some compressed form and
+knows how to multiply by it. Every format, simple or composite, answers the same questions:
+
+- ``encode(weight, **params)``: the format's own direct encoding of a dense weight (round-to-nearest
+  for quantized formats); calibrated algorithms live in :mod:`matpress.methods` and build formats
+  through the formats' constructors instead.
+- ``decode()``: the dense matrix it represents.
+- ``matmul(x)``: ``x @ W.T`` (the semantics of ``nn.Linear`` without bias).
+- ``nbytes``: exact bytes of what is stored.
+- ``to_tensors()`` / ``from_tensors(config, tensors)``: serialization as a flat dict of tensors plus a
+  JSON-able ``config()``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+
+from matpress.errors import FormatError
+
+
+class Format(ABC):
+    """A weight matrix of shape ``(out_features, in_features)`` held in some stored form."""
+
+    name: ClassVar[str]
+
+    def __init__(self, shape: tuple[int, int]):
+        self.shape = (int(shape[0]), int(shape[1]))
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @classmethod
+    @abstractmethod
+    def encode(cls, weight: torch.Tensor, **params: Any) -> "Format":
+        """Build this format directly from a dense weight."""
+
+    @abstractmethod
+    def decode(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Return the dense ``(out_features, in_features)`` matrix this format represents."""
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T``; formats with a cheaper product override this."""
+        return torch.nn.functional.linear(x, self.decode(x.dtype).to(x.device))
+
+    @abstractmethod
+    def config(self) -> dict[str, Any]:
+        """JSON-serializable parameters needed (with the tensors) to rebuild the format."""
+
+    @abstractmethod
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """Flat dict of the stored tensors; keys are local names without dots."""
+
+    @classmethod
+    @abstractmethod
+    def from_tensors(
+        cls, shape: tuple[int, int], config: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> "Format":
+        """Rebuild from ``config()`` and ``to_tensors()``; raise FormatError on mismatch."""
+
+    @property
+    def nbytes(self) -> int:
+        """Exact bytes of the stored tensors."""
+        return sum(t.numel() * t.element_size() for t in self.to_tensors().values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / (self.shape[0] * self.shape[1])
+
+    def to(self, device: torch.device | str) -> "Format":
+        """Move the stored tensors to ``device`` (returns a new format)."""
+        tensors = {k: v.to(device) for k, v in self.to_tensors().items()}
+        return type(self).from_tensors(self.shape, self.config(), tensors)
+
+    def describe(self) -> str:
+        """Short human-readable description, e.g. ``int4 g128 asym``."""
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(shape={self.shape}, {self.describe()}, {self.bits_per_weight:.2f} bpw)"
+
+
+def expect_tensor(
+    tensors: dict[str, torch.Tensor],
+    key: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    format_name: str,
+) -> torch.Tensor:
+    """Fetch one stored tensor and check its shape and dtype, so a tampered file fails loudly."""
+    if tensors.get(key) is None:
+        raise FormatError(f"{format_name}: stored tensor '{key}' is missing")
+    t = tensors[key]
+    if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+        raise FormatError(
+            f"{format_name}: stored tensor '{key}' has shape {tuple(t.shape)} and dtype {t.dtype}, "
+            f"expected shape {tuple(shape)} and dtype {dtype}"
+        )
+    return t
+
+
+def check_weight(weight: torch.Tensor, what: str = "weight") -> torch.Tensor:
+    """Validate a dense weight before encoding: 2-D, floating point, finite."""
+    if not isinstance(weight, torch.Tensor):
+        raise FormatError(f"{what} must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise FormatError(
+            f"{what} must be a 2-D matrix (out_features, in_features), got shape {tuple(weight.shape)}"
+        )
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise FormatError(f"{what} has an empty dimension: shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise FormatError(f"{what} must be floating point, got {weight.dtype}")
+    if not torch.isfinite(weight).all():
+        bad = (~torch.isfinite(weight)).sum().item()
+        raise FormatError(f"{what} contains {bad} NaN/Inf values; fix the model before compressing it")
+    return weight

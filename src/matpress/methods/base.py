@@ -1,0 +1,85 @@
+"""Methods: algorithms that turn a dense weight (and, for calibrated ones, statistics of the layer's
+inputs) into a :class:`~matpress.formats.Format`.
+
+A method is registered with a frozen dataclass of its parameters; recipes are validated against that
+dataclass, so an unknown key or a bad value fails when the recipe is read, not halfway through a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from matpress.errors import RecipeError
+from matpress.formats import Format
+
+
+@dataclass
+class LayerStats:
+    """Statistics of one linear layer's inputs, gathered on calibration data.
+
+    ``xtx`` is the sum over calibration tokens of ``x x^T`` (``(in, in)``, fp32); ``n_tokens`` how many
+    tokens contributed. Padding tokens are masked out before they are added.
+    """
+
+    xtx: torch.Tensor
+    n_tokens: int
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """Mean second moment ``E[x x^T]`` (the layer-wise quantization Hessian up to a factor 2)."""
+        return self.xtx / max(self.n_tokens, 1)
+
+
+MethodFn = Callable[[torch.Tensor, Any, Optional[LayerStats]], Format]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    params_type: type
+    run: MethodFn
+    needs_calibration: bool
+    summary: str
+
+    def make_params(self, values: dict[str, Any], where: str) -> Any:
+        """Build (and validate) this method's parameter dataclass from plain data."""
+        fields = {f.name for f in dataclasses.fields(self.params_type)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise RecipeError(
+                f"{where}: unknown parameter(s) {unknown} for method '{self.name}'; "
+                f"it takes {sorted(fields)}"
+            )
+        try:
+            return self.params_type(**values)
+        except (TypeError, ValueError) as e:
+            raise RecipeError(f"{where}: bad parameters for method '{self.name}': {e}") from None
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(
+    name: str, params_type: type, needs_calibration: bool = False
+) -> Callable[[MethodFn], MethodFn]:
+    """Decorator registering ``fn(weight, params, stats) -> Format`` as method ``name``."""
+
+    def wrap(fn: MethodFn) -> MethodFn:
+        if name in METHODS:
+            raise RecipeError(f"method {name!r} is registered twice")
+        summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        METHODS[name] = Method(name, params_type, fn, needs_calibration, summary)
+        return fn
+
+    return wrap
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise RecipeError(f"unknown method {name!r}; known methods: {sorted(METHODS)}") from None

@@ -1,0 +1,172 @@
+"""Recipes: plain data saying which layers to compress, and how.
+
+A recipe has a default rule (a method and its parameters), per-pattern overrides, and include/exclude
+lists of layer-name patterns. Patterns are shell-style globs on a layer's qualified name
+(``encoder.layer.0.attention.self.value``), or regular expressions when prefixed with ``re:``.
+
+As YAML or JSON::
+
+    default: {method: rtn, bits: 4, group_size: 128}
+    rules:                       # first matching rule wins; it overrides the default's keys
+      - {pattern: "*.value", bits: 8}
+      - {pattern: "*.output.dense", method: dense, dtype: fp16}
+    include: ["*"]
+    exclude: ["*lm_head", "*embed*"]   # the defaults; embeddings and lm_head stay dense unless asked
+
+A rule that names a different method than the default starts from that method's own defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from matpress.errors import RecipeError
+from matpress.methods import get_method
+
+DEFAULT_EXCLUDE = ("*lm_head", "*embed*")
+RECIPE_KEYS = {"default", "rules", "include", "exclude"}
+
+
+def name_matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A method with its validated parameters, for the layers whose name matches ``pattern``."""
+
+    method: str
+    params: Any
+    pattern: str = "*"
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {} if self.pattern == "*" else {"pattern": self.pattern}
+        d["method"] = self.method
+        d.update(dataclasses.asdict(self.params))
+        return d
+
+
+def _build_rule(values: dict[str, Any], base: Optional[Rule], where: str) -> Rule:
+    if not isinstance(values, dict):
+        raise RecipeError(f"{where}: a rule must be a mapping, got {type(values).__name__}")
+    values = dict(values)
+    pattern = values.pop("pattern", "*")
+    if not isinstance(pattern, str) or not pattern:
+        raise RecipeError(f"{where}: 'pattern' must be a non-empty string")
+    method_name = values.pop("method", base.method if base else "rtn")
+    method = get_method(method_name)
+    merged: dict[str, Any] = {}
+    if base is not None and base.method == method_name:
+        merged.update(dataclasses.asdict(base.params))
+    merged.update(values)
+    return Rule(method_name, method.make_params(merged, where), pattern)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    default: Rule = field(default_factory=lambda: _build_rule({}, None, "default"))
+    rules: tuple[Rule, ...] = ()
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "recipe") -> "Recipe":
+        if not isinstance(data, dict):
+            raise RecipeError(f"{source}: a recipe must be a mapping, got {type(data).__name__}")
+        unknown = sorted(set(data) - RECIPE_KEYS)
+        if unknown:
+            raise RecipeError(f"{source}: unknown recipe key(s) {unknown}; allowed keys are {sorted(RECIPE_KEYS)}")
+        default = _build_rule(data.get("default", {}), None, f"{source}: default")
+        if default.pattern != "*":
+            raise RecipeError(f"{source}: the default rule applies to every layer and takes no 'pattern'")
+        raw_rules = data.get("rules", [])
+        if not isinstance(raw_rules, list):
+            raise RecipeError(f"{source}: 'rules' must be a list of mappings")
+        rules = []
+        for i, r in enumerate(raw_rules):
+            if not isinstance(r, dict) or "pattern" not in r:
+                raise RecipeError(f"{source}: rules[{i}] needs a 'pattern' naming the layers it applies to")
+            rules.append(_build_rule(r, default, f"{source}: rules[{i}]"))
+        include = _patterns(data.get("include", ["*"]), f"{source}: include")
+        exclude = _patterns(data.get("exclude", list(DEFAULT_EXCLUDE)), f"{source}: exclude")
+        return cls(default, tuple(rules), include, exclude)
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "Recipe":
+        """Read a recipe from a .yaml/.yml or .json file."""
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} does not exist")
+        text = path.read_text()
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except Exception as e:  # parser errors differ by library; report them uniformly
+            raise RecipeError(f"recipe file {path} could not be parsed: {e}") from None
+        return cls.from_dict(data or {}, source=str(path))
+
+    @classmethod
+    def simple(cls, method: str = "rtn", **params: Any) -> "Recipe":
+        """One rule for every matching layer, e.g. ``Recipe.simple("rtn", bits=4, group_size=128)``."""
+        return cls.from_dict({"default": {"method": method, **params}})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "default": self.default.to_dict(),
+            "rules": [r.to_dict() for r in self.rules],
+            "include": list(self.include),
+            "exclude": list(self.exclude),
+        }
+
+    def rule_for(self, name: str) -> Optional[Rule]:
+        """The rule for layer ``name``, or None when the layer is not to be compressed."""
+        if not any(name_matches(p, name) for p in self.include):
+            return None
+        if any(name_matches(p, name) for p in self.exclude):
+            return None
+        for rule in self.rules:
+            if name_matches(rule.pattern, name):
+                return rule
+        return self.default
+
+
+def _patterns(value: Any, where: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
+        raise RecipeError(f"{where} must be a list of name patterns (strings)")
+    for p in value:
+        if p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as e:
+                raise RecipeError(f"{where}: bad regular expression {p!r}: {e}") from None
+    return tuple(value)
+
+
+RecipeLike = Union[Recipe, dict, str, Path, None]
+
+
+def as_recipe(recipe: RecipeLike) -> Recipe:
+    """Accept a Recipe, a plain dict, a path to a YAML/JSON file, or None (the default recipe)."""
+    if recipe is None:
+        return Recipe()
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    if isinstance(recipe, (str, Path)):
+        return Recipe.load(recipe)
+    raise RecipeError(f"a recipe must be a Recipe, dict or file path, got {type(recipe).__name__}")
