@@ -124,3 +124,35 @@ def check_weight(weight: torch.Tensor, what: str = "weight") -> torch.Tensor:
         bad = (~torch.isfinite(weight)).sum().item()
         raise FormatError(f"{what} contains {bad} NaN/Inf values; fix the model before compressing it")
     return weight
+
+
+# -- composite formats ------------------------------------------------------------------------------
+# A composite format (low-rank factors stored in int8, a sum of two formats, a rotated format, ...)
+# holds child formats. Children serialize through these helpers so that every composite nests the
+# same way: the child's tensors under "<slot>__<key>", its name, shape and config under config[slot].
+
+CHILD_SEPARATOR = "__"
+
+
+def child_config(fmt: Format) -> dict[str, Any]:
+    """What a composite's ``config()`` records for one child format."""
+    return {"format": fmt.name, "shape": list(fmt.shape), "config": fmt.config()}
+
+
+def child_tensors(slot: str, fmt: Format) -> dict[str, torch.Tensor]:
+    """The child's stored tensors, keyed ``<slot>__<key>``."""
+    return {f"{slot}{CHILD_SEPARATOR}{k}": t for k, t in fmt.to_tensors().items()}
+
+
+def child_from_tensors(
+    slot: str, config: dict[str, Any], tensors: dict[str, torch.Tensor], owner: str
+) -> Format:
+    """Rebuild the child stored in ``slot`` of a composite named ``owner``."""
+    from matpress.formats import format_class  # the registry imports this module
+
+    spec = config.get(slot)
+    if not isinstance(spec, dict) or not {"format", "shape", "config"} <= set(spec):
+        raise FormatError(f"{owner}: config lacks a valid entry for child {slot!r}")
+    prefix = f"{slot}{CHILD_SEPARATOR}"
+    mine = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
+    return format_class(spec["format"]).from_tensors(tuple(spec["shape"]), spec["config"], mine)
