@@ -69,7 +69,7 @@ def sentences(
             found = [line.strip() for line in read_text_file(text_file).splitlines() if line.strip()]
         source = str(text_file)
     else:
-        found = [s for doc in builtin_documents(split) for s in prose_sentences(doc)]
+        found = _split_sentences(split)
         source = f"pydoc_data.topics ({split} split)"
     if not found:
         raise CalibrationError(f"no sentences found in {source}")
@@ -79,6 +79,14 @@ def sentences(
         if len(found) < n:
             raise CalibrationError(f"{source} has {len(found)} sentences, fewer than the {n} asked for")
         found = found[:n]
+    return found
+
+
+def _split_sentences(split: str) -> list[str]:
+    found = [s for doc in builtin_documents(split) for s in prose_sentences(doc)]
+    if split == EVALUATION:  # some topics repeat sentences of others: never score on calibration text
+        seen = set(_split_sentences(CALIBRATION))
+        found = [s for s in found if s not in seen]
     return found
 
 

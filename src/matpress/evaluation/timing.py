@@ -1,0 +1,43 @@
+"""Honest timing on a shared machine: side-by-side ratios, medians of interleaved repeats."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def machine_description() -> str:
+    """CPU model, core count, torch version and threads, for benchmark headers."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import os
+
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def interleaved_medians(
+    contenders: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 1
+) -> dict[str, float]:
+    """Median seconds per call of each contender, timed in turn within each repeat, so that slow
+    phases of a shared machine hit every contender alike."""
+    for fn in contenders.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
