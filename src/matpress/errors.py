@@ -19,3 +19,7 @@ class CheckpointError(MatpressError, ValueError):
 
 class CalibrationError(MatpressError, ValueError):
     """Calibration data is missing or unusable."""
+
+
+class BudgetError(MatpressError, ValueError):
+    """A size budget is malformed or cannot be met."""

@@ -1,0 +1,171 @@
+"""Budgeted mixed compression: the best candidate per layer under a size budget.
+
+1. Candidates: (method, parameters) pairs, from a preset or listed by the user.
+2. Sensitivity (:mod:`.sensitivity`): every allowed candidate of every layer, encoded once: its bytes and
+   its estimated damage.
+3. Allocation (:mod:`.allocate`): one candidate per layer, least total damage within the budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence, Union
+
+from torch import nn
+
+from matpress.budget.allocate import Option, allocate, cheapest_total
+from matpress.budget.sensitivity import SensitivityTable, measure_sensitivity, relative_output_error
+from matpress.errors import BudgetError, RecipeError
+from matpress.layer import CompressedLinear
+from matpress.methods import LayerStats, get_method
+from matpress.model_pass import CompressionReport, LayerReport, linear_weight, relative_error, set_submodule
+from matpress.recipe import Rule, name_matches
+
+_BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(bpw|b|kb|mb|gb|kib|mib|gib)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A size budget: average bits per weight (``3.2bpw``) or bytes (``40MB``, ``12MiB``, ``500000``)."""
+
+    bits_per_weight: Optional[float] = None
+    nbytes: Optional[int] = None
+
+    @classmethod
+    def parse(cls, text: Union[str, float, int, "Budget"]) -> "Budget":
+        if isinstance(text, Budget):
+            return text
+        if isinstance(text, (int, float)) and not isinstance(text, bool):
+            return cls(nbytes=int(text))
+        m = _BUDGET.match(str(text))
+        if not m:
+            raise BudgetError(f"cannot read the budget {text!r}: write e.g. '3.2bpw', '40MB', '12MiB' or a byte count")
+        value, unit = float(m.group(1)), (m.group(2) or "b").lower()
+        if value <= 0:
+            raise BudgetError(f"the budget must be positive, got {text!r}")
+        if unit == "bpw":
+            return cls(bits_per_weight=value)
+        return cls(nbytes=int(value * _UNITS[unit]))
+
+    def bytes_for(self, n_weights: int) -> int:
+        return self.nbytes if self.nbytes is not None else int(self.bits_per_weight * n_weights / 8)
+
+    def __str__(self) -> str:
+        return f"{self.bits_per_weight:g}bpw" if self.nbytes is None else f"{self.nbytes}B"
+
+
+def candidate_label(rule: Rule) -> str:
+    """Short readable name of a candidate, e.g. ``rtn-4b-g128``, ``rtn-3b-ch-sym``, ``dense-fp16``."""
+    parts = [rule.method]
+    for f in dataclasses.fields(rule.params):
+        v = getattr(rule.params, f.name)
+        if f.name == "bits":
+            parts.append(f"{v}b")
+        elif f.name == "group_size":
+            parts.append("ch" if v is None else f"g{v}")
+        elif f.name == "symmetric":
+            if v:
+                parts.append("sym")
+        elif f.name == "dtype":
+            parts.append(str(v))
+        elif v != f.default:
+            parts.append(f"{f.name}={v}")
+    return "-".join(parts)
+
+
+def candidate_rules(specs: Sequence[dict[str, Any]], where: str = "candidates") -> dict[str, Rule]:
+    """Validated candidate rules keyed by label, from plain dicts such as ``{"method": "rtn", "bits": 3}``."""
+    rules: dict[str, Rule] = {}
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, dict):
+            raise RecipeError(f"{where}[{i}] must be a mapping with a 'method'")
+        spec = dict(spec)
+        method = get_method(spec.pop("method", "rtn"))
+        rule = Rule(method.name, method.make_params(spec, f"{where}[{i}]"))
+        rules[candidate_label(rule)] = rule
+    if not rules:
+        raise RecipeError(f"{where}: no candidates given")
+    return rules
+
+
+def choose(table: SensitivityTable, budget: Budget, resolution: int = 20000) -> list[int]:
+    """Candidate index per layer minimising the estimated damage within ``budget``."""
+    options = [[Option(table.nbytes[i][j], table.damage(i, j)) for j in table.allowed[i]] for i in range(len(table.layers))]
+    total = budget.bytes_for(sum(table.n_weights))
+    try:
+        picks = allocate(options, total, resolution)
+    except BudgetError:
+        minimum = cheapest_total(options)
+        raise BudgetError(
+            f"the budget {budget} ({total / 1e6:.3f} MB) is below the smallest reachable size "
+            f"{minimum / 1e6:.3f} MB ({8 * minimum / sum(table.n_weights):.3f} bits per weight) with these candidates"
+        ) from None
+    return [table.allowed[i][k] for i, k in enumerate(picks)]
+
+
+def apply_choice(model: nn.Module, layers: dict[str, nn.Module], table: SensitivityTable, choice: Sequence[int]) -> CompressionReport:
+    """Replace each layer with its chosen candidate's format (encoded during the sensitivity pass)."""
+    reports = []
+    for i, name in enumerate(table.layers):
+        j = choice[i]
+        fmt = table.formats[(i, j)]
+        module = layers[name]
+        weight = linear_weight(module).float()
+        bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
+        set_submodule(model, name, CompressedLinear(fmt, bias).to(weight.device))
+        reports.append(LayerReport(name, fmt.shape, fmt.describe(), fmt.bits_per_weight, fmt.nbytes, relative_error(weight, fmt.decode())))
+    return CompressionReport(reports)
+
+
+def allowed_candidates(
+    layer_names: Sequence[str], labels: Sequence[str], allow: Sequence[dict[str, Any]] = ()
+) -> dict[str, list[str]]:
+    """Which candidates each layer may use: all of them, unless an ``allow`` entry
+    ``{"pattern": "*.value", "candidates": ["rtn-8b*", ...]}`` matches the layer (first match wins)."""
+    result = {}
+    for name in layer_names:
+        allowed = list(labels)
+        for k, entry in enumerate(allow):
+            if name_matches(entry["pattern"], name):
+                allowed = [c for c in labels if any(name_matches(p, c) for p in entry["candidates"])]
+                if not allowed:
+                    raise RecipeError(f"allow[{k}] leaves layer {name} no candidate among {list(labels)}")
+                break
+        result[name] = allowed
+    return result
+
+
+def compress_to_budget(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    candidates: dict[str, Rule],
+    budget: Budget,
+    allowed: Optional[dict[str, Sequence[str]]] = None,
+    stats: Optional[dict[str, LayerStats]] = None,
+    distortion: Optional[Callable[[nn.Module], float]] = None,
+    probe: Optional[str] = None,
+    progress: bool = True,
+) -> tuple[CompressionReport, SensitivityTable, list[int]]:
+    """Measure, allocate and apply; returns the report, the sensitivity table and the choice."""
+    allowed = allowed or {name: list(candidates) for name in layers}
+    table = measure_sensitivity(model, layers, candidates, allowed, stats, distortion, probe, progress)
+    choice = choose(table, budget)
+    report = apply_choice(model, layers, table, choice)
+    return report, table, choice
+
+
+__all__ = [
+    "Budget",
+    "SensitivityTable",
+    "allowed_candidates",
+    "apply_choice",
+    "candidate_label",
+    "candidate_rules",
+    "choose",
+    "compress_to_budget",
+    "measure_sensitivity",
+    "relative_output_error",
+]

@@ -1,0 +1,120 @@
+"""Per-layer sensitivity: for each layer and each candidate, its bytes and its estimated damage.
+
+The cheap estimate is the relative output error on calibration activations,
+``e = tr(dW H dW^T) / tr(W H W^T)`` with ``H = E[x x^T]`` (the identity without statistics), which is
+``||X W^T - X Ŵ^T||^2 / ||X W^T||^2``. Layers differ in how much their output error reaches the model's
+output, so each layer's estimates are scaled by a measured end-to-end weight: compress that layer alone
+with a probe candidate, measure the model's distortion ``D`` (for example KL of the final output, or
+1 - cosine of sentence embeddings), and use ``damage = e * D_probe / e_probe``. To first order the
+distortions of several layers add up, which is what the allocator assumes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from matpress.formats import Format
+from matpress.layer import CompressedLinear
+from matpress.methods import LayerStats
+from matpress.model_pass import linear_weight, set_submodule
+from matpress.recipe import Rule
+
+
+def relative_output_error(weight: torch.Tensor, fmt: Format, stats: Optional[LayerStats]) -> float:
+    """``||X (W - Ŵ)^T||^2 / ||X W^T||^2`` from the second moment of X (Frobenius without stats)."""
+    w = weight.double()
+    delta = w - fmt.decode().double()
+    if stats is None:
+        return float((delta * delta).sum() / (w * w).sum().clamp(min=1e-300))
+    h = stats.hessian.double()
+    return float(((delta @ h) * delta).sum() / ((w @ h) * w).sum().clamp(min=1e-300))
+
+
+@dataclass
+class SensitivityTable:
+    """``nbytes[i][j]`` and ``error[i][j]`` of candidate ``j`` on layer ``i``; ``weight[i]`` scales layer
+    ``i``'s errors to estimated end-to-end damage. ``allowed[i]`` lists the candidates layer ``i`` may use."""
+
+    layers: list[str]
+    n_weights: list[int]
+    candidates: list[str]
+    nbytes: list[list[int]]
+    error: list[list[float]]
+    weight: list[float]
+    allowed: list[list[int]]
+    probe: Optional[str] = None
+    formats: dict[tuple[int, int], Format] = field(default_factory=dict, repr=False)
+
+    def damage(self, i: int, j: int) -> float:
+        return self.weight[i] * self.error[i][j]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("layers", "n_weights", "candidates", "nbytes", "error", "weight", "allowed", "probe")}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SensitivityTable":
+        return cls(**data)
+
+    def save(self, path: Union[str, Path]) -> None:
+        Path(path).write_text(json.dumps(self.to_dict()))
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "SensitivityTable":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def measure_sensitivity(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    candidates: dict[str, Rule],
+    allowed: dict[str, Sequence[str]],
+    stats: Optional[dict[str, LayerStats]] = None,
+    distortion: Optional[Callable[[nn.Module], float]] = None,
+    probe: Optional[str] = None,
+    progress: bool = True,
+) -> SensitivityTable:
+    """Encode every allowed candidate of every layer once (kept in ``table.formats`` for reuse) and
+    measure its bytes and relative output error; with ``distortion`` and ``probe``, weight each layer by
+    its measured end-to-end effect."""
+    from matpress.methods import get_method
+
+    names = list(candidates)
+    table = SensitivityTable(
+        layers=list(layers),
+        n_weights=[linear_weight(m).numel() for m in layers.values()],
+        candidates=names,
+        nbytes=[[0] * len(names) for _ in layers],
+        error=[[float("nan")] * len(names) for _ in layers],
+        weight=[1.0] * len(layers),
+        allowed=[[names.index(c) for c in allowed[n]] for n in layers],
+        probe=probe,
+    )
+    work = [(i, name, j) for i, name in enumerate(layers) for j in table.allowed[i]]
+    for i, name, j in tqdm(work, desc="sensitivity", unit="candidate", disable=not progress):
+        rule = candidates[names[j]]
+        weight = linear_weight(layers[name]).float()
+        layer_stats = (stats or {}).get(name)
+        fmt = get_method(rule.method).run(weight, rule.params, layer_stats)
+        table.formats[(i, j)] = fmt
+        table.nbytes[i][j] = fmt.nbytes
+        table.error[i][j] = relative_output_error(weight, fmt, layer_stats)
+    if distortion is not None and probe is not None:
+        p = names.index(probe)
+        for i, name in enumerate(tqdm(list(layers), desc="end-to-end", unit="layer", disable=not progress)):
+            if (i, p) not in table.formats or table.error[i][p] <= 0:
+                continue
+            original = layers[name]
+            bias = original.bias.detach() if getattr(original, "bias", None) is not None else None
+            set_submodule(model, name, CompressedLinear(table.formats[(i, p)], bias))
+            try:
+                table.weight[i] = distortion(model) / table.error[i][p]
+            finally:
+                set_submodule(model, name, original)
+    return table

@@ -1,0 +1,121 @@
+import pytest
+import torch
+
+from matpress.budget import (
+    Budget,
+    allowed_candidates,
+    candidate_rules,
+    choose,
+    compress_to_budget,
+    measure_sensitivity,
+    relative_output_error,
+)
+from matpress.errors import BudgetError, RecipeError
+from matpress.formats import IntFormat
+from matpress.layer import CompressedLinear
+from matpress.methods import LayerStats
+from matpress.model_pass import find_linear_layers
+
+from conftest import tiny_llama
+
+CANDIDATES = [{"method": "rtn", "bits": b, "group_size": g} for b in (2, 3, 4, 8) for g in (32, None)] + [
+    {"method": "dense", "dtype": "fp16"}
+]
+
+
+@pytest.mark.parametrize(
+    "text,bpw,nbytes",
+    [("3.2bpw", 3.2, None), ("40MB", None, 40_000_000), ("12MiB", None, 12 * 2**20), ("123456", None, 123456), (" 2.5 BPW", 2.5, None)],
+)
+def test_budget_parsing(text, bpw, nbytes):
+    b = Budget.parse(text)
+    assert b.bits_per_weight == bpw and b.nbytes == nbytes
+
+
+@pytest.mark.parametrize("text", ["", "3.2 bits", "-1MB", "0bpw", "MB"])
+def test_bad_budgets_are_refused(text):
+    with pytest.raises(BudgetError, match="budget"):
+        Budget.parse(text)
+
+
+def test_relative_output_error_is_the_output_error_on_the_calibration_inputs():
+    torch.manual_seed(0)
+    w, x = torch.randn(16, 48), torch.randn(200, 48) * torch.linspace(0.1, 3, 48)
+    fmt = IntFormat.encode(w, bits=3, group_size=16)
+    xd, wd = x.double(), w.double()
+    direct = float(((xd @ (wd - fmt.decode().double()).T) ** 2).sum() / ((xd @ wd.T) ** 2).sum())
+    stats = LayerStats(xtx=xd.T @ xd, n_tokens=200)
+    assert relative_output_error(w, fmt, stats) == pytest.approx(direct, rel=1e-9)
+    frobenius = float(((wd - fmt.decode().double()) ** 2).sum() / (wd**2).sum())
+    assert relative_output_error(w, fmt, None) == pytest.approx(frobenius, rel=1e-9)
+
+
+@pytest.fixture(scope="module")
+def measured():
+    model = tiny_llama()
+    layers = {n: m for n, m in find_linear_layers(model).items() if n != "lm_head"}
+    cands = candidate_rules(CANDIDATES)
+    table = measure_sensitivity(model, layers, cands, {n: list(cands) for n in layers}, progress=False)
+    return model, layers, table
+
+
+def test_every_candidate_is_measured_once(measured):
+    _, layers, table = measured
+    assert len(table.formats) == len(layers) * len(CANDIDATES)
+    for i in range(len(layers)):
+        errors = dict(zip(table.candidates, table.error[i]))
+        # more bits never hurt, and fp16 is almost exact
+        assert errors["rtn-2b-g32"] > errors["rtn-3b-g32"] > errors["rtn-4b-g32"] > errors["rtn-8b-g32"]
+        assert errors["dense-fp16"] < 1e-6
+
+
+def test_choice_fits_the_budget_and_more_budget_never_hurts(measured):
+    _, _, table = measured
+    n = sum(table.n_weights)
+    previous = float("inf")
+    for bpw in (2.5, 2.75, 3.0, 3.5, 4.0, 5.0, 8.0):
+        choice = choose(table, Budget(bits_per_weight=bpw))
+        nbytes = sum(table.nbytes[i][j] for i, j in enumerate(choice))
+        damage = sum(table.damage(i, j) for i, j in enumerate(choice))
+        assert 8 * nbytes / n <= bpw
+        assert damage <= previous
+        previous = damage
+
+
+def test_infeasible_budget_reports_the_smallest_reachable_size(measured):
+    _, _, table = measured
+    smallest = 8 * sum(min(row) for row in table.nbytes) / sum(table.n_weights)
+    with pytest.raises(BudgetError, match=rf"below the smallest reachable size .* \({smallest:.3f} bits per weight\)"):
+        choose(table, Budget(bits_per_weight=smallest - 0.01))
+    choose(table, Budget(bits_per_weight=smallest + 1e-9))
+
+
+def test_compress_to_budget_with_constraints_and_end_to_end_weights():
+    model = tiny_llama()
+    layers = {n: m for n, m in find_linear_layers(model).items() if n != "lm_head"}
+    cands = candidate_rules(CANDIDATES)
+    allowed = allowed_candidates(list(layers), list(cands), [{"pattern": "*.v_proj", "candidates": ["rtn-8b-*"]}])
+    ids = torch.randint(0, 128, (2, 24))
+    with torch.no_grad():
+        ref = model(ids).logits.log_softmax(-1)
+
+    def kl(m):
+        with torch.no_grad():
+            lp = m(ids).logits.log_softmax(-1)
+        return float((ref.exp() * (ref - lp)).sum(-1).mean())
+
+    report, table, choice = compress_to_budget(
+        model, layers, cands, Budget(bits_per_weight=3.0), allowed, distortion=kl, probe="rtn-2b-g32", progress=False
+    )
+    assert report.bits_per_weight <= 3.0
+    for i, name in enumerate(table.layers):
+        assert isinstance(model.get_submodule(name), CompressedLinear)
+        if name.endswith("v_proj"):
+            assert table.candidates[choice[i]].startswith("rtn-8b")
+    # end-to-end weights: the probe's estimated damage equals the distortion measured for it
+    assert all(w > 0 for w in table.weight)
+
+
+def test_allow_entry_that_leaves_no_candidate_is_refused():
+    with pytest.raises(RecipeError, match="leaves layer a.b no candidate"):
+        allowed_candidates(["a.b"], ["rtn-4b-g32"], [{"pattern": "a.*", "candidates": ["sparse*"]}])
