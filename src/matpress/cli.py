@@ -60,7 +60,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from matpress.io import read_manifest
+    from matpress.io import read_manifest, stored_nbytes
 
     manifest = read_manifest(args.dir)
     base = manifest["base_model"]
@@ -71,34 +71,17 @@ def cmd_info(args: argparse.Namespace) -> None:
     print("\n| layer | shape | format | bits/weight | KiB |\n|---|---|---|---|---|")
     total_bytes = total_weights = 0
     for name, entry in manifest["layers"].items():
-        nbytes = sum(
-            _numel(meta["shape"]) * _dtype_size(meta["dtype"]) for meta in entry["tensors"].values()
-        )
+        nbytes = stored_nbytes(entry)
         n = entry["shape"][0] * entry["shape"][1]
         total_bytes += nbytes
         total_weights += n
-        desc = " ".join(f"{k}={v}" for k, v in entry["config"].items())
-        print(f"| {name} | {entry['shape'][0]}x{entry['shape'][1]} | {entry['format']} {desc} | {8 * nbytes / n:.3f} | {nbytes / 1024:.1f} |")
+        desc = entry.get("description", entry["format"])
+        print(f"| {name} | {entry['shape'][0]}x{entry['shape'][1]} | {desc} | {8 * nbytes / n:.3f} | {nbytes / 1024:.1f} |")
     if total_weights:
         print(
             f"| **total** ({len(manifest['layers'])} layers) | | | {8 * total_bytes / total_weights:.3f} "
             f"| {total_bytes / 1024:.1f} ({100 * total_bytes / (4 * total_weights):.1f}% of fp32) |"
         )
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
-def _dtype_size(name: str) -> int:
-    import torch
-
-    from matpress.io import DTYPE_NAMES
-
-    return torch.empty(0, dtype=DTYPE_NAMES[name]).element_size()
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

@@ -74,6 +74,7 @@ def save(
             stored = m.fmt.to_tensors()
             layers[name] = {
                 "format": m.format_name,
+                "description": m.fmt.describe(),
                 "shape": list(m.fmt.shape),
                 "config": m.format_config,
                 "bias": m.bias is not None,
@@ -99,6 +100,17 @@ def save(
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
     return directory
+
+
+def stored_nbytes(entry: dict[str, Any]) -> int:
+    """Bytes a manifest layer entry's stored tensors take."""
+    total = 0
+    for meta in entry["tensors"].values():
+        n = 1
+        for s in meta["shape"]:
+            n *= int(s)
+        total += n * torch.empty(0, dtype=DTYPE_NAMES[meta["dtype"]]).element_size()
+    return total
 
 
 def read_manifest(directory: Union[str, Path]) -> dict[str, Any]:

@@ -9,8 +9,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 from torch import nn
@@ -138,6 +140,19 @@ def allowed_candidates(
     return result
 
 
+SENSITIVITY = "sensitivity.json"
+
+
+def save_allocation(path: Union[str, Path], table: SensitivityTable, choice: Sequence[int], budget: Budget) -> None:
+    """Write the sensitivity table with the chosen candidates (read by ``matpress report``)."""
+    Path(path).write_text(json.dumps({"budget": str(budget), "choice": list(choice), "table": table.to_dict()}))
+
+
+def load_allocation(path: Union[str, Path]) -> tuple[SensitivityTable, list[int], str]:
+    data = json.loads(Path(path).read_text())
+    return SensitivityTable.from_dict(data["table"]), data["choice"], data["budget"]
+
+
 def compress_to_budget(
     model: nn.Module,
     layers: dict[str, nn.Module],
@@ -158,6 +173,7 @@ def compress_to_budget(
 
 
 __all__ = [
+    "SENSITIVITY",
     "Budget",
     "SensitivityTable",
     "allowed_candidates",
@@ -166,6 +182,8 @@ __all__ = [
     "candidate_rules",
     "choose",
     "compress_to_budget",
+    "load_allocation",
     "measure_sensitivity",
+    "save_allocation",
     "relative_output_error",
 ]

@@ -11,10 +11,8 @@ distortions of several layers add up, which is what the allocator assumes.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -61,13 +59,6 @@ class SensitivityTable:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SensitivityTable":
         return cls(**data)
-
-    def save(self, path: Union[str, Path]) -> None:
-        Path(path).write_text(json.dumps(self.to_dict()))
-
-    @classmethod
-    def load(cls, path: Union[str, Path]) -> "SensitivityTable":
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 def measure_sensitivity(
