@@ -63,10 +63,12 @@ def load_pretrained(spec: str) -> LoadedModel:
     init_kwargs = {"add_pooling_layer": False} if spec == MINILM else {}
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the skipped pooler would be reported as a load problem
+    transformers.logging.disable_progress_bar()  # a bar per weight file is noise for small models
     try:
         model = auto.from_pretrained(str(path), local_files_only=True, dtype="float32", **init_kwargs)
     finally:
         transformers.logging.set_verbosity(verbosity)
+        transformers.logging.enable_progress_bar()
     model.matpress_init_kwargs = init_kwargs  # recorded in checkpoints so load() rebuilds the same modules
     model.eval()
     try:

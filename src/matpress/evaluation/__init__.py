@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from torch import nn
 
 from matpress.errors import MatpressError
 from matpress.evaluation.metrics import embedding_fidelity, language_model_quality, sentence_embeddings, token_windows
-from matpress.evaluation.text import EVALUATION, corpus, sentences
+from matpress.evaluation.text import CALIBRATION, EVALUATION, corpus, sentences
 from matpress.models import CAUSAL_LM, ENCODER, model_kind
 
 
@@ -48,4 +48,37 @@ def evaluate(
     raise MatpressError(f"unknown model kind {kind!r}; expected {ENCODER!r} or {CAUSAL_LM!r}")
 
 
-__all__ = ["embedding_fidelity", "evaluate", "language_model_quality", "sentence_embeddings", "token_windows"]
+def distortion_measure(
+    reference: nn.Module,
+    tokenizer: Any,
+    kind: Optional[str] = None,
+    n_sentences: int = 128,
+    seq_len: int = 128,
+    n_windows: int = 8,
+    text_file: Union[str, Path, None] = None,
+) -> Callable[[nn.Module], float]:
+    """A function measuring how far a model's output drifts from ``reference``'s on *calibration* text:
+    1 - mean embedding cosine for encoders, mean next-token KL for causal LMs. The reference's outputs
+    are computed once, here."""
+    import torch
+    import torch.nn.functional as F
+
+    kind = kind or model_kind(reference)
+    if kind == ENCODER:
+        texts = sentences(n_sentences, CALIBRATION, text_file)
+        ref = sentence_embeddings(reference, tokenizer, texts)
+        return lambda model: 1.0 - float((ref * sentence_embeddings(model, tokenizer, texts)).sum(-1).mean())
+    windows = token_windows(tokenizer, corpus(CALIBRATION, text_file), seq_len, n_windows)
+    with torch.inference_mode():
+        ref_logp = F.log_softmax(reference(windows).logits.float(), dim=-1)
+
+    def kl(model: nn.Module) -> float:
+        with torch.inference_mode():
+            logp = F.log_softmax(model(windows).logits.float(), dim=-1)
+        return float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean())
+
+    return kl
+
+
+__all__ = [
+    "distortion_measure","embedding_fidelity", "evaluate", "language_model_quality", "sentence_embeddings", "token_windows"]
