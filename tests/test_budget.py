@@ -55,7 +55,7 @@ def measured():
     model = tiny_llama()
     layers = {n: m for n, m in find_linear_layers(model).items() if n != "lm_head"}
     cands = candidate_rules(CANDIDATES)
-    table = measure_sensitivity(model, layers, cands, {n: list(cands) for n in layers}, progress=False)
+    table = measure_sensitivity(layers, cands, {n: list(cands) for n in layers}, progress=False)
     return model, layers, table
 
 

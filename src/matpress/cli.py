@@ -44,6 +44,10 @@ def _recipe_from_args(args: argparse.Namespace):
             default[key] = None if value == PER_CHANNEL else value
     if args.exclude is not None:
         data["exclude"] = args.exclude
+    if args.budget is not None:
+        data["budget"] = args.budget
+    if args.candidates is not None:
+        data["candidates"] = args.candidates
     return Recipe.from_dict(data, source=args.recipe or "command line")
 
 
@@ -55,6 +59,10 @@ def cmd_compress(args: argparse.Namespace) -> None:
     loaded = load_pretrained(args.model)
     report = matpress.compress(loaded.model, recipe, progress=not args.quiet)
     out = matpress.save(loaded.model, args.out, tokenizer=loaded.tokenizer, recipe=recipe, source=loaded.source)
+    if report.allocation is not None:
+        from matpress.budget import SENSITIVITY, save_allocation
+
+        save_allocation(out / SENSITIVITY, *report.allocation)
     print(report.table())
     print(f"\nsaved to {out}")
 
@@ -106,7 +114,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from matpress.report import write_report
+
+    path = write_report(args.dir, args.out)
+    print(f"report written to {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from matpress.budget import PRESETS
     from matpress.methods import METHODS
 
     parser = argparse.ArgumentParser(prog="matpress", description="Compress the linear layers of a model.")
@@ -121,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", type=_group, help="input columns per scale, or 'channel' for one scale per output channel")
     p.add_argument("--symmetric", action="store_true", default=None, help="symmetric quantization (no zero points)")
     p.add_argument("--exclude", nargs="*", help="layer-name patterns to leave dense (default: *lm_head *embed*)")
+    p.add_argument("--budget", help="choose each layer's format automatically within a size: '3.2bpw', '40MB', '12MiB'")
+    p.add_argument("--candidates", choices=sorted(PRESETS), help="candidate set for --budget (default: quant)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compress)
 
@@ -135,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="per-layer table of a compressed checkpoint", description="Show a checkpoint's per-layer formats and sizes.")
     p.add_argument("dir", help="checkpoint directory")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("report", help="write a Markdown report with plots", description="Write report.md and PNG plots for a checkpoint.")
+    p.add_argument("dir", help="checkpoint directory")
+    p.add_argument("--out", help="directory for report.md and the plots (default: the checkpoint directory)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -59,6 +59,8 @@ class LayerReport:
 @dataclass
 class CompressionReport:
     layers: list[LayerReport]
+    # under a budget: (SensitivityTable, chosen candidate per layer, Budget), see matpress.budget
+    allocation: Optional[tuple] = None
 
     @property
     def nbytes(self) -> int:
@@ -125,6 +127,10 @@ def compress(
             f"the recipe matches no linear layer of this {type(model).__name__}; its linear layers are: "
             f"{sample}{' ...' if len(layers) > 5 else ''}. Check include/exclude and the rule patterns."
         )
+    if recipe.budget is not None:
+        from matpress.budget import compress_budgeted
+
+        return compress_budgeted(model, recipe, chosen, stats, progress=progress)
     reports = []
     for name, rule in tqdm(chosen.items(), desc="compressing", unit="layer", disable=not progress):
         module = layers[name]

@@ -14,6 +14,14 @@ As YAML or JSON::
     exclude: ["*lm_head", "*embed*"]   # the defaults; embeddings and lm_head stay dense unless asked
 
 A rule that names a different method than the default starts from that method's own defaults.
+
+Under a size budget the default rule gives way to an automatic choice per layer among candidates
+(see :mod:`matpress.budget`); layers matched by a rule keep that rule::
+
+    budget: 3.2bpw                # or 40MB, 12MiB, a byte count
+    candidates: quant             # a preset name, or a list of rules: [{method: rtn, bits: 3}, ...]
+    allow:                        # optional: restrict the candidates of some layers (label globs)
+      - {pattern: "*.value", candidates: ["*-8b-*"]}
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from matpress.errors import RecipeError
 from matpress.methods import get_method
 
 DEFAULT_EXCLUDE = ("*lm_head", "*embed*")
-RECIPE_KEYS = {"default", "rules", "include", "exclude"}
+RECIPE_KEYS = {"default", "rules", "include", "exclude", "budget", "candidates", "allow"}
 
 
 def name_matches(pattern: str, name: str) -> bool:
@@ -76,6 +84,9 @@ class Recipe:
     rules: tuple[Rule, ...] = ()
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    budget: Optional[str] = None
+    candidates: Union[str, tuple[dict, ...]] = "quant"
+    allow: tuple[dict, ...] = ()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "recipe") -> "Recipe":
@@ -97,7 +108,8 @@ class Recipe:
             rules.append(_build_rule(r, default, f"{source}: rules[{i}]"))
         include = _patterns(data.get("include", ["*"]), f"{source}: include")
         exclude = _patterns(data.get("exclude", list(DEFAULT_EXCLUDE)), f"{source}: exclude")
-        return cls(default, tuple(rules), include, exclude)
+        budget, candidates, allow = _budget_fields(data, source)
+        return cls(default, tuple(rules), include, exclude, budget, candidates, allow)
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "Recipe":
@@ -123,12 +135,21 @@ class Recipe:
         return cls.from_dict({"default": {"method": method, **params}})
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "default": self.default.to_dict(),
             "rules": [r.to_dict() for r in self.rules],
             "include": list(self.include),
             "exclude": list(self.exclude),
         }
+        if self.budget is not None:
+            data["budget"] = self.budget
+            data["candidates"] = self.candidates if isinstance(self.candidates, str) else list(self.candidates)
+            data["allow"] = list(self.allow)
+        return data
+
+    def pinned_rule(self, name: str) -> Optional[Rule]:
+        """Under a budget: the explicit rule that fixes layer ``name``'s method, if any."""
+        return next((r for r in self.rules if name_matches(r.pattern, name)), None)
 
     def rule_for(self, name: str) -> Optional[Rule]:
         """The rule for layer ``name``, or None when the layer is not to be compressed."""
@@ -140,6 +161,34 @@ class Recipe:
             if name_matches(rule.pattern, name):
                 return rule
         return self.default
+
+
+def _budget_fields(data: dict[str, Any], source: str) -> tuple[Optional[str], Any, tuple[dict, ...]]:
+    """Validate the budget keys; candidates and allow mean nothing without a budget."""
+    from matpress.budget import Budget, resolve_candidates
+
+    if "budget" not in data:
+        stray = sorted({"candidates", "allow"} & set(data))
+        if stray:
+            raise RecipeError(f"{source}: {stray} only apply under a 'budget' (e.g. budget: 3.2bpw)")
+        return None, "quant", ()
+    budget = str(data["budget"])
+    Budget.parse(budget)
+    candidates = data.get("candidates", "quant")
+    resolve_candidates(candidates, f"{source}: candidates")
+    raw_allow = data.get("allow", [])
+    if not isinstance(raw_allow, list):
+        raise RecipeError(f"{source}: 'allow' must be a list of {{pattern, candidates}} mappings")
+    for i, entry in enumerate(raw_allow):
+        if (
+            not isinstance(entry, dict)
+            or set(entry) != {"pattern", "candidates"}
+            or not isinstance(entry["pattern"], str)
+            or not isinstance(entry["candidates"], list)
+            or not all(isinstance(c, str) for c in entry["candidates"])
+        ):
+            raise RecipeError(f"{source}: allow[{i}] must be {{pattern: <layer glob>, candidates: [<label glob>, ...]}}")
+    return budget, candidates if isinstance(candidates, str) else tuple(candidates), tuple(raw_allow)
 
 
 def _patterns(value: Any, where: str) -> tuple[str, ...]:

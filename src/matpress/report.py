@@ -122,8 +122,9 @@ def write_report(directory: Union[str, Path], out: Union[str, Path, None] = None
         f"{100 * total_bytes / max(4 * total_n, 1):.1f}% of fp32).",
         "",
     ]
-    if manifest.get("budget"):
-        lines += [f"Budget: {manifest['budget']}.", ""]
+    budget = (manifest.get("recipe") or {}).get("budget")
+    if budget:
+        lines += [f"Compressed under a budget of {budget}.", ""]
     _bar_chart(rows, out / "layers.png")
     lines += ["## Format by layer", "", "![bits per weight by layer](layers.png)", ""]
     sensitivity = directory / SENSITIVITY

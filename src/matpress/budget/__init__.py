@@ -18,12 +18,25 @@ from typing import Any, Callable, Optional, Sequence, Union
 from torch import nn
 
 from matpress.budget.allocate import Option, allocate, cheapest_total
-from matpress.budget.sensitivity import SensitivityTable, measure_sensitivity, relative_output_error
+from matpress.budget.sensitivity import (
+    SensitivityTable,
+    default_probe,
+    measure_sensitivity,
+    relative_output_error,
+    weigh_end_to_end,
+)
 from matpress.errors import BudgetError, RecipeError
 from matpress.layer import CompressedLinear
 from matpress.methods import LayerStats, get_method
-from matpress.model_pass import CompressionReport, LayerReport, linear_weight, relative_error, set_submodule
-from matpress.recipe import Rule, name_matches
+from matpress.model_pass import (
+    CompressionReport,
+    LayerReport,
+    find_linear_layers,
+    linear_weight,
+    relative_error,
+    set_submodule,
+)
+from matpress.recipe import Recipe, Rule, name_matches
 
 _BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(bpw|b|kb|mb|gb|kib|mib|gib)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -91,6 +104,24 @@ def candidate_rules(specs: Sequence[dict[str, Any]], where: str = "candidates") 
     if not rules:
         raise RecipeError(f"{where}: no candidates given")
     return rules
+
+
+# Candidate sets by name. Every entry is a rule, as in a recipe.
+PRESETS: dict[str, list[dict[str, Any]]] = {
+    "quant": [{"method": "rtn", "bits": b, "group_size": g} for b in (2, 3, 4, 5, 6, 8) for g in (64, 128, None)]
+    + [{"method": "dense", "dtype": "fp16"}],
+}
+
+
+def resolve_candidates(spec: Union[str, Sequence[dict[str, Any]]], where: str = "candidates") -> dict[str, Rule]:
+    """Candidate rules from a preset name or a list of rule dicts."""
+    if isinstance(spec, str):
+        if spec not in PRESETS:
+            raise RecipeError(f"{where}: unknown candidate preset {spec!r}; presets: {sorted(PRESETS)}")
+        spec = PRESETS[spec]
+    if not isinstance(spec, (list, tuple)):
+        raise RecipeError(f"{where}: give a preset name {sorted(PRESETS)} or a list of rules")
+    return candidate_rules(spec, where)
 
 
 def choose(table: SensitivityTable, budget: Budget, resolution: int = 20000) -> list[int]:
@@ -166,13 +197,45 @@ def compress_to_budget(
 ) -> tuple[CompressionReport, SensitivityTable, list[int]]:
     """Measure, allocate and apply; returns the report, the sensitivity table and the choice."""
     allowed = allowed or {name: list(candidates) for name in layers}
-    table = measure_sensitivity(model, layers, candidates, allowed, stats, distortion, probe, progress)
+    table = measure_sensitivity(layers, candidates, allowed, stats, progress)
+    if distortion is not None:
+        weigh_end_to_end(table, model, layers, distortion, probe, progress)
     choice = choose(table, budget)
     report = apply_choice(model, layers, table, choice)
     return report, table, choice
 
 
+def compress_budgeted(
+    model: nn.Module,
+    recipe: Recipe,
+    chosen: dict[str, Rule],
+    stats: Optional[dict[str, LayerStats]] = None,
+    distortion: Optional[Callable[[nn.Module], float]] = None,
+    progress: bool = True,
+) -> CompressionReport:
+    """The budget path of :func:`matpress.compress`: layers matched by an explicit recipe rule keep it;
+    every other selected layer gets the best of the recipe's candidates within ``recipe.budget``.
+    The report's ``allocation`` holds the sensitivity table, the choice and the budget."""
+    candidates = resolve_candidates(recipe.candidates)
+    names = list(chosen)
+    allowed = allowed_candidates(names, list(candidates), recipe.allow)
+    for name in names:
+        pinned = recipe.pinned_rule(name)
+        if pinned is not None:
+            label = "pinned-" + candidate_label(pinned)
+            candidates.setdefault(label, Rule(pinned.method, pinned.params))
+            allowed[name] = [label]
+    all_layers = find_linear_layers(model)
+    budget = Budget.parse(recipe.budget)
+    report, table, choice = compress_to_budget(
+        model, {n: all_layers[n] for n in names}, candidates, budget, allowed, stats, distortion, None, progress
+    )
+    report.allocation = (table, choice, budget)
+    return report
+
+
 __all__ = [
+    "compress_budgeted",
     "SENSITIVITY",
     "Budget",
     "SensitivityTable",
@@ -182,8 +245,12 @@ __all__ = [
     "candidate_rules",
     "choose",
     "compress_to_budget",
+    "PRESETS",
     "load_allocation",
+    "resolve_candidates",
+    "default_probe",
     "measure_sensitivity",
+    "weigh_end_to_end",
     "save_allocation",
     "relative_output_error",
 ]

@@ -11,6 +11,7 @@ distortions of several layers add up, which is what the allocator assumes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -62,18 +63,14 @@ class SensitivityTable:
 
 
 def measure_sensitivity(
-    model: nn.Module,
     layers: dict[str, nn.Module],
     candidates: dict[str, Rule],
     allowed: dict[str, Sequence[str]],
     stats: Optional[dict[str, LayerStats]] = None,
-    distortion: Optional[Callable[[nn.Module], float]] = None,
-    probe: Optional[str] = None,
     progress: bool = True,
 ) -> SensitivityTable:
     """Encode every allowed candidate of every layer once (kept in ``table.formats`` for reuse) and
-    measure its bytes and relative output error; with ``distortion`` and ``probe``, weight each layer by
-    its measured end-to-end effect."""
+    measure its bytes and relative output error."""
     from matpress.methods import get_method
 
     names = list(candidates)
@@ -85,7 +82,6 @@ def measure_sensitivity(
         error=[[float("nan")] * len(names) for _ in layers],
         weight=[1.0] * len(layers),
         allowed=[[names.index(c) for c in allowed[n]] for n in layers],
-        probe=probe,
     )
     work = [(i, name, j) for i, name in enumerate(layers) for j in table.allowed[i]]
     for i, name, j in tqdm(work, desc="sensitivity", unit="candidate", disable=not progress):
@@ -96,16 +92,46 @@ def measure_sensitivity(
         table.formats[(i, j)] = fmt
         table.nbytes[i][j] = fmt.nbytes
         table.error[i][j] = relative_output_error(weight, fmt, layer_stats)
-    if distortion is not None and probe is not None:
-        p = names.index(probe)
-        for i, name in enumerate(tqdm(list(layers), desc="end-to-end", unit="layer", disable=not progress)):
-            if (i, p) not in table.formats or table.error[i][p] <= 0:
-                continue
-            original = layers[name]
-            bias = original.bias.detach() if getattr(original, "bias", None) is not None else None
-            set_submodule(model, name, CompressedLinear(table.formats[(i, p)], bias))
-            try:
-                table.weight[i] = distortion(model) / table.error[i][p]
-            finally:
-                set_submodule(model, name, original)
     return table
+
+
+def default_probe(table: SensitivityTable, target_error: float = 0.01) -> Optional[str]:
+    """The candidate, allowed on most layers, whose typical error is nearest ``target_error`` (on a log
+    scale): damaging enough to measure, small enough for the first-order (additive) regime."""
+    best, best_key = None, None
+    for j, label in enumerate(table.candidates):
+        errors = [table.error[i][j] for i in range(len(table.layers)) if j in table.allowed[i] and table.error[i][j] > 0]
+        if not errors:
+            continue
+        typical = sorted(errors)[len(errors) // 2]
+        key = (-len(errors), abs(math.log(typical / target_error)))
+        if best_key is None or key < best_key:
+            best, best_key = label, key
+    return best
+
+
+def weigh_end_to_end(
+    table: SensitivityTable,
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    distortion: Callable[[nn.Module], float],
+    probe: Optional[str] = None,
+    progress: bool = True,
+) -> None:
+    """Set ``table.weight``: each layer, compressed alone with the probe candidate, is measured end to
+    end, and its estimates are scaled so that the probe's estimated damage equals that measurement."""
+    probe = probe or default_probe(table)
+    if probe is None:
+        return
+    table.probe = probe
+    p = table.candidates.index(probe)
+    for i, name in enumerate(tqdm(table.layers, desc="end-to-end", unit="layer", disable=not progress)):
+        if (i, p) not in table.formats or table.error[i][p] <= 0:
+            continue
+        original = layers[name]
+        bias = original.bias.detach() if getattr(original, "bias", None) is not None else None
+        set_submodule(model, name, CompressedLinear(table.formats[(i, p)], bias))
+        try:
+            table.weight[i] = max(distortion(model), 0.0) / table.error[i][p]
+        finally:
+            set_submodule(model, name, original)
