@@ -50,3 +50,14 @@ def minilm():
     from matpress.models import load_pretrained
 
     return load_pretrained("minilm")
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_dir(tmp_path_factory, minilm):
+    """A local Hugging Face directory: a tiny random Llama with MiniLM's (real) tokenizer."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_llama(vocab=minilm.tokenizer.vocab_size)
+    model.config.architectures = ["LlamaForCausalLM"]
+    model.save_pretrained(path)
+    minilm.tokenizer.save_pretrained(path)
+    return path

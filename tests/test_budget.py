@@ -119,3 +119,54 @@ def test_compress_to_budget_with_constraints_and_end_to_end_weights():
 def test_allow_entry_that_leaves_no_candidate_is_refused():
     with pytest.raises(RecipeError, match="leaves layer a.b no candidate"):
         allowed_candidates(["a.b"], ["rtn-4b-g32"], [{"pattern": "a.*", "candidates": ["sparse*"]}])
+
+
+def test_recipe_budget_pins_explicit_rules_and_fits():
+    import matpress
+
+    model = tiny_llama()
+    report = matpress.compress(
+        model,
+        {"budget": "3.3bpw", "rules": [{"pattern": "*.v_proj", "method": "dense", "dtype": "fp16"}]},
+        progress=False,
+    )
+    assert report.bits_per_weight <= 3.3
+    table, choice, budget = report.allocation
+    assert str(budget) == "3.3bpw"
+    for r in report.layers:
+        if r.name.endswith("v_proj"):
+            assert r.format == "dense fp16"
+
+
+@pytest.mark.parametrize(
+    "data,match",
+    [
+        ({"candidates": "quant"}, "only apply under a 'budget'"),
+        ({"budget": "3bpw", "candidates": "everything"}, "unknown candidate preset"),
+        ({"budget": "three"}, "cannot read the budget"),
+        ({"budget": "3bpw", "allow": [{"pattern": "*"}]}, r"allow\[0\] must be"),
+        ({"budget": "3bpw", "candidates": [{"method": "rtn", "bits": 11}]}, "bits must be"),
+    ],
+)
+def test_bad_budget_recipes(data, match):
+    from matpress.recipe import Recipe
+
+    with pytest.raises((RecipeError, BudgetError), match=match):
+        Recipe.from_dict(data)
+
+
+def test_cli_budget_and_report(tiny_causal_dir, tmp_path, capsys):
+    from matpress.cli import main
+
+    path = tiny_causal_dir
+    out = tmp_path / "budgeted"
+    assert main(["compress", str(path), "--budget", "3.5bpw", "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    for png in ("layers.png", "sensitivity.png", "budget_curve.png"):
+        assert (out / png).stat().st_size > 10_000
+        assert f"({png})" in text
+    assert "budget of 3.5bpw" in text
+    assert main(["compress", str(path), "--budget", "1bpw", "--out", str(out), "--quiet"]) == 2
+    assert "smallest reachable size" in capsys.readouterr().err

@@ -3,19 +3,6 @@ import pytest
 from matpress.cli import main
 from matpress.models import load_pretrained
 
-from conftest import tiny_llama
-
-
-@pytest.fixture(scope="module")
-def tiny_causal_dir(tmp_path_factory, minilm):
-    """A local Hugging Face directory: a tiny random Llama with MiniLM's (real) tokenizer."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model = tiny_llama(vocab=minilm.tokenizer.vocab_size)
-    model.config.architectures = ["LlamaForCausalLM"]
-    model.save_pretrained(path)
-    minilm.tokenizer.save_pretrained(path)
-    return path
-
 
 def test_compress_info_eval_on_a_local_causal_lm(tiny_causal_dir, tmp_path, capsys):
     out = tmp_path / "int4"
