@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from matpress import kernels
 from matpress.formats import Format, format_class
 
 
@@ -48,7 +49,7 @@ class CompressedLinear(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fmt.matmul(x)
+        y = kernels.matmul(self.fmt, x)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y

@@ -1,0 +1,41 @@
+"""Kernels: the fast ``x @ W.T`` for each format and device.
+
+:func:`matmul` is the one entry point used by :class:`~matpress.layer.CompressedLinear` and by
+composite formats for their children. A kernel registered for a format class is tried first; when it
+declines (returns None: wrong device, dtype or shape it does not handle) the format's own
+``matmul`` runs, which is always correct.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from matpress.formats import Format
+
+KernelFn = Callable[[Format, torch.Tensor], Optional[torch.Tensor]]
+
+KERNELS: dict[type, list[KernelFn]] = {}
+
+
+def register_kernel(format_cls: type) -> Callable[[KernelFn], KernelFn]:
+    """Decorator: ``fn(fmt, x) -> y or None`` becomes a fast path for ``format_cls``."""
+
+    def wrap(fn: KernelFn) -> KernelFn:
+        KERNELS.setdefault(format_cls, []).append(fn)
+        return fn
+
+    return wrap
+
+
+def matmul(fmt: Format, x: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T`` by the first registered kernel that takes it, else by the format itself."""
+    for fn in KERNELS.get(type(fmt), ()):
+        y = fn(fmt, x)
+        if y is not None:
+            return y
+    return fmt.matmul(x)
+
+
+__all__ = ["KERNELS", "matmul", "register_kernel"]
