@@ -56,3 +56,45 @@ def unpack_rows(packed: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
     shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
     codes = (word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     return codes.reshape(rows, -1)[:, :n_codes].to(torch.uint8)
+
+
+# -- base-3 packing of ternary values --------------------------------------------------------------
+# Five trits fit in one byte (3**5 = 243 <= 256): 1.6 bits per value. A row of trits t_i in {-1, 0, 1}
+# is cut into runs of 5; byte j holds sum_k (t_{5j+k} + 1) * 3**k. Rows stay byte-aligned.
+
+TRITS_PER_BYTE = 5
+_TRIT_POWERS = (1, 3, 9, 27, 81)
+
+
+def packed_trit_row_bytes(n_trits: int) -> int:
+    """Bytes one packed row of ``n_trits`` ternary values occupies."""
+    return (n_trits + TRITS_PER_BYTE - 1) // TRITS_PER_BYTE
+
+
+def pack_trits(trits: torch.Tensor) -> torch.Tensor:
+    """Pack a ``(rows, n)`` tensor of values in {-1, 0, 1} into ``(rows, ceil(n / 5))`` uint8."""
+    if trits.dim() != 2:
+        raise FormatError(f"trits must be 2-D, got shape {tuple(trits.shape)}")
+    if trits.numel() and (int(trits.min()) < -1 or int(trits.max()) > 1):
+        raise FormatError("trits must lie in {-1, 0, 1}")
+    rows, n = trits.shape
+    pad = (-n) % TRITS_PER_BYTE
+    digits = torch.nn.functional.pad(trits.to(torch.int64) + 1, (0, pad)).view(rows, -1, TRITS_PER_BYTE)
+    powers = torch.tensor(_TRIT_POWERS, device=trits.device, dtype=torch.int64)
+    return (digits * powers).sum(dim=-1).to(torch.uint8).contiguous()
+
+
+def unpack_trits(packed: torch.Tensor, n_trits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_trits`: ``(rows, ceil(n / 5))`` uint8 -> ``(rows, n)`` int8 in {-1, 0, 1}."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise FormatError(f"packed trits must be a 2-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
+    if packed.shape[1] != packed_trit_row_bytes(n_trits):
+        raise FormatError(
+            f"packed trit rows hold {packed.shape[1]} bytes, expected {packed_trit_row_bytes(n_trits)} "
+            f"for {n_trits} trits"
+        )
+    if packed.numel() and int(packed.max()) >= 3**TRITS_PER_BYTE:
+        raise FormatError(f"packed trits hold a byte above {3**TRITS_PER_BYTE - 1}: the data is corrupt")
+    powers = torch.tensor(_TRIT_POWERS, device=packed.device, dtype=torch.int64)
+    digits = (packed.to(torch.int64).unsqueeze(-1) // powers) % 3
+    return (digits.reshape(packed.shape[0], -1)[:, :n_trits] - 1).to(torch.int8)
