@@ -1,0 +1,297 @@
+// Packed low-bit matmul y = x @ W^T on the CPU, for weights stored as unsigned b-bit codes q with a
+// scale s and integer zero point z per (row, block): W = (q - z) * s.
+//
+// Activations are quantized to int8 per block (symmetric, x ~ a * xq, |xq| <= 127), so the inner product
+// of a block is an integer dot product sum(q * xq) taken with VNNI (vpdpbusd: u8 x s8 -> s32), and
+//   y[n] += s[n, b] * a[b] * (sum_k q[n, k] * xq[k] - z[n, b] * sum_k xq[k]).
+// The zero point is corrected once per block from the activation sum, as in the int8 GEMV kernels of
+// llama.cpp and in "LUT-GEMM" / "QServe" style mixed-precision kernels.
+//
+// Weight layout (built once by matpress.kernels.lowbit.pack_layout): rows are grouped in tiles of 4;
+// each row's columns in blocks of Bp (a multiple of 64) columns, and each block in chunks of 64
+// columns. A chunk of one tile is a few 512-bit vectors whose 128-bit lane r holds row r: in "step" s
+// (0..3) byte i of lane r is the code of column 16*s + i. For
+//   8 bits: 4 vectors, one per step (256 bytes);
+//   4 bits: 2 vectors, vector v holds step 2v in the low and step 2v+1 in the high nibbles (128 bytes);
+//   2 bits: 1 vector, step s in bits 2s..2s+1 (64 bytes);
+//   3 bits: the 2-bit vector of the low bits, then 4 64-bit masks of the high bit, bit 16*r + i of mask
+//           s for column 16*s + i of row r (96 bytes).
+// So unpacking is a shift and a mask per step, with no shuffles, and the activations of a step are one
+// 16-byte broadcast. Per (tile, block): 4 fp32 scales and 4 int32 zero points.
+//
+// Build: compiled at first use with -O3 -march=native (see matpress/kernels/build.py); the AVX-512 VNNI
+// path is used where the compiler targets it, a portable C++ path elsewhere (same layout, same results).
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define MP_AVX512_VNNI 1
+#include <immintrin.h>
+#endif
+
+#ifdef MP_AVX512_VNNI
+// One activation block: n real values, Bp outputs (zeros past n).
+static void quantize_block(const float* x, int n, int8_t* q, int Bp, float* scale, int32_t* sum) {
+    __m512 mx = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 k = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps(k, x + i)));
+    }
+    const float amax = _mm512_reduce_max_ps(mx);
+    const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+    __m512i s = _mm512_setzero_si512();
+    for (int i = 0; i < Bp; i += 16) {
+        const __mmask16 k = n - i >= 16 ? (__mmask16)0xFFFF : n > i ? (__mmask16)((1u << (n - i)) - 1) : (__mmask16)0;
+        __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + i), inv));
+        v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
+        s = _mm512_add_epi32(s, v);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtepi32_epi8(v));
+    }
+    *scale = amax / 127.f;
+    *sum = _mm512_reduce_add_epi32(s);
+}
+#else
+static void quantize_block(const float* x, int n, int8_t* q, int Bp, float* scale, int32_t* sum) {
+    float amax = 0.f;
+    for (int i = 0; i < n; ++i) amax = fmaxf(amax, fabsf(x[i]));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t s = 0;
+    for (int i = 0; i < n; ++i) {
+        const float v = fminf(127.f, fmaxf(-127.f, nearbyintf(x[i] * inv)));
+        q[i] = (int8_t)v;
+        s += (int32_t)v;
+    }
+    memset(q + n, 0, Bp - n);
+    *scale = amax / 127.f;
+    *sum = s;
+}
+#endif
+
+static inline int chunk_bytes(int bits) {
+    return bits == 8 ? 256 : bits == 4 ? 128 : bits == 3 ? 96 : 64;
+}
+
+extern "C" {
+
+// 1 when the AVX-512 VNNI path was compiled in, 0 for the portable path.
+int mp_isa(void) {
+#ifdef MP_AVX512_VNNI
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+// Quantize activations x (M, K) fp32 to int8 per block. Column k lies in group k / G; each group is
+// split into `sub` blocks of Bo columns (the last one may be shorter), block b = group * sub + j, padded
+// to Bp columns with zeros. Outputs xq (M, NB * Bp), scale a (M, NB) and sum of xq (M, NB). Rounding is
+// to nearest (ties to even) in both paths, so they give the same xq.
+void mp_quantize(const float* x, int M, int K, int G, int sub, int Bo, int Bp, int NB, int8_t* xq,
+                 float* xscale, int32_t* xsum, int nthreads) {
+    const long total = (long)M * NB;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (total * Bp > (1 << 18))
+    for (long mb = 0; mb < total; ++mb) {
+        const int m = (int)(mb / NB), b = (int)(mb % NB);
+        const int g = b / sub, j = b % sub;
+        int start = g * G + j * Bo;
+        int end = start + Bo;
+        if (end > (g + 1) * G) end = (g + 1) * G;
+        if (end > K) end = K;
+        const int n = end > start ? end - start : 0;
+        quantize_block(x + (long)m * K + start, n, xq + (long)m * NB * Bp + (long)b * Bp, Bp, xscale + mb,
+                       xsum + mb);
+    }
+}
+
+}  // extern "C"
+
+#ifdef MP_AVX512_VNNI
+
+static constexpr int PREFETCH_BYTES = 1024;
+
+template <int BITS>
+static inline void unpack_chunk(const uint8_t* p, __m512i w[4]) {
+    if constexpr (BITS == 8) {
+        for (int s = 0; s < 4; ++s) w[s] = _mm512_loadu_si512(p + 64 * s);
+    } else if constexpr (BITS == 4) {
+        const __m512i m4 = _mm512_set1_epi8(0x0F);
+        const __m512i v0 = _mm512_loadu_si512(p), v1 = _mm512_loadu_si512(p + 64);
+        w[0] = _mm512_and_si512(v0, m4);
+        w[1] = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4);
+        w[2] = _mm512_and_si512(v1, m4);
+        w[3] = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4);
+    } else {
+        const __m512i m2 = _mm512_set1_epi8(0x03);
+        const __m512i v = _mm512_loadu_si512(p);
+        w[0] = _mm512_and_si512(v, m2);
+        w[1] = _mm512_and_si512(_mm512_srli_epi16(v, 2), m2);
+        w[2] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m2);
+        w[3] = _mm512_and_si512(_mm512_srli_epi16(v, 6), m2);
+        if constexpr (BITS == 3) {
+            const __m512i four = _mm512_set1_epi8(0x04);
+            const uint64_t* hi = reinterpret_cast<const uint64_t*>(p + 64);
+            for (int s = 0; s < 4; ++s)
+                w[s] = _mm512_or_si512(w[s], _mm512_maskz_mov_epi8(_cvtu64_mask64(hi[s]), four));
+        }
+    }
+}
+
+// One tile of 4 weight rows times MB activation rows. A single activation row uses 2 independent
+// accumulators so that the vpdpbusd latency chain does not bound the memory stream.
+template <int BITS, int MB>
+static void tile_kernel(const uint8_t* wt, const float* wst, const int32_t* wzt, int NB, int Bp,
+                        const int8_t* xq, long xstride, const float* xscale, const int32_t* xsum,
+                        float* y, long ystride, int rows) {
+    constexpr int NACC = MB == 1 ? 2 : 1;
+    constexpr int CB = BITS == 8 ? 256 : BITS == 4 ? 128 : BITS == 3 ? 96 : 64;
+    const int nc = Bp / 64;
+    const __m512i lane_of_row = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    __m512 yv[MB];
+    for (int m = 0; m < MB; ++m) yv[m] = _mm512_setzero_ps();
+    for (int b = 0; b < NB; ++b) {
+        __m512i acc[MB][NACC];
+        for (int m = 0; m < MB; ++m)
+            for (int j = 0; j < NACC; ++j) acc[m][j] = _mm512_setzero_si512();
+        const uint8_t* pb = wt + (long)b * nc * CB;
+        const int8_t* xb = xq + (long)b * Bp;
+        for (int c = 0; c < nc; ++c) {
+            __m512i w[4];
+            // The hardware prefetcher alone leaves a core short of its share of memory bandwidth.
+            for (int line = 0; line < CB; line += 64)
+                _mm_prefetch(reinterpret_cast<const char*>(pb + (long)c * CB + PREFETCH_BYTES + line), _MM_HINT_T0);
+            unpack_chunk<BITS>(pb + (long)c * CB, w);
+#pragma GCC unroll 4
+            for (int s = 0; s < 4; ++s) {
+#pragma GCC unroll 8
+                for (int m = 0; m < MB; ++m) {
+                    const __m512i xv = _mm512_broadcast_i32x4(
+                        _mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + m * xstride + c * 64 + s * 16)));
+                    acc[m][s % NACC] = _mm512_dpbusd_epi32(acc[m][s % NACC], w[s], xv);
+                }
+            }
+        }
+        // Each row's block sum and zero point correction in exact integers (every int32 of the row's
+        // lane ends up holding it), then one conversion to fp32.
+        const __m512i zv = _mm512_permutexvar_epi32(
+            lane_of_row, _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wzt + 4 * b))));
+        const __m512 sv = _mm512_permutexvar_ps(lane_of_row, _mm512_castps128_ps512(_mm_loadu_ps(wst + 4 * b)));
+        for (int m = 0; m < MB; ++m) {
+            __m512i a = acc[m][0];
+            for (int j = 1; j < NACC; ++j) a = _mm512_add_epi32(a, acc[m][j]);
+            a = _mm512_add_epi32(a, _mm512_shuffle_epi32(a, _MM_PERM_BADC));
+            a = _mm512_add_epi32(a, _mm512_shuffle_epi32(a, _MM_PERM_CDAB));
+            a = _mm512_sub_epi32(a, _mm512_mullo_epi32(zv, _mm512_set1_epi32(xsum[m * NB + b])));
+            yv[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(sv, _mm512_set1_ps(xscale[m * NB + b])), yv[m]);
+        }
+    }
+    for (int m = 0; m < MB; ++m) {
+        alignas(64) float t[16];
+        _mm512_store_ps(t, yv[m]);
+        for (int r = 0; r < rows; ++r) y[m * ystride + r] = t[4 * r];
+    }
+}
+
+#else  // portable path: the same layout and arithmetic, written plainly
+
+template <int BITS>
+static inline void unpack_chunk(const uint8_t* p, uint8_t w[4][64]) {
+    for (int s = 0; s < 4; ++s)
+        for (int k = 0; k < 64; ++k) {
+            uint8_t v;
+            if (BITS == 8) v = p[64 * s + k];
+            else if (BITS == 4) v = (p[64 * (s / 2) + k] >> (4 * (s % 2))) & 0x0F;
+            else {
+                v = (p[k] >> (2 * s)) & 0x03;
+                if (BITS == 3) {
+                    uint64_t hi;
+                    memcpy(&hi, p + 64 + 8 * s, 8);
+                    v |= ((hi >> k) & 1) << 2;
+                }
+            }
+            w[s][k] = v;
+        }
+}
+
+template <int BITS, int MB>
+static void tile_kernel(const uint8_t* wt, const float* wst, const int32_t* wzt, int NB, int Bp,
+                        const int8_t* xq, long xstride, const float* xscale, const int32_t* xsum,
+                        float* y, long ystride, int rows) {
+    const int CB = chunk_bytes(BITS), nc = Bp / 64;
+    float yv[MB][4] = {};
+    for (int b = 0; b < NB; ++b) {
+        int32_t acc[MB][4] = {};
+        for (int c = 0; c < nc; ++c) {
+            uint8_t w[4][64];
+            unpack_chunk<BITS>(wt + ((long)b * nc + c) * CB, w);
+            for (int m = 0; m < MB; ++m) {
+                const int8_t* xc = xq + m * xstride + (long)b * Bp + c * 64;
+                for (int r = 0; r < 4; ++r) {
+                    int32_t s32 = 0;
+                    for (int s = 0; s < 4; ++s)
+                        for (int i = 0; i < 16; ++i) s32 += (int32_t)w[s][16 * r + i] * (int32_t)xc[16 * s + i];
+                    acc[m][r] += s32;
+                }
+            }
+        }
+        for (int m = 0; m < MB; ++m)
+            for (int r = 0; r < 4; ++r)
+                yv[m][r] += (float)(acc[m][r] - wzt[4 * b + r] * xsum[m * NB + b]) * (wst[4 * b + r] * xscale[m * NB + b]);
+    }
+    for (int m = 0; m < MB; ++m)
+        for (int r = 0; r < rows; ++r) y[m * ystride + r] = yv[m][r];
+}
+
+#endif
+
+template <int BITS>
+static void gemm_bits(const uint8_t* w, const float* ws, const int32_t* wz, int T, int NB, int Bp,
+                      const int8_t* xq, const float* xscale, const int32_t* xsum, int M, float* y, int N,
+                      int nthreads) {
+    const long tile_bytes = (long)NB * (Bp / 64) * chunk_bytes(BITS);
+    const long xstride = (long)NB * Bp;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int t = 0; t < T; ++t) {
+        const uint8_t* wt = w + t * tile_bytes;
+        const float* wst = ws + (long)t * NB * 4;
+        const int32_t* wzt = wz + (long)t * NB * 4;
+        const int rows = N - 4 * t < 4 ? N - 4 * t : 4;
+        int m = 0;
+        // Activation rows in runs of 8, then 4, 2, 1: each run reuses the tile's unpacked codes.
+        for (; m + 8 <= M; m += 8)
+            tile_kernel<BITS, 8>(wt, wst, wzt, NB, Bp, xq + m * xstride, xstride, xscale + (long)m * NB,
+                                 xsum + (long)m * NB, y + (long)m * N + 4 * t, N, rows);
+        for (; m + 4 <= M; m += 4)
+            tile_kernel<BITS, 4>(wt, wst, wzt, NB, Bp, xq + m * xstride, xstride, xscale + (long)m * NB,
+                                 xsum + (long)m * NB, y + (long)m * N + 4 * t, N, rows);
+        for (; m + 2 <= M; m += 2)
+            tile_kernel<BITS, 2>(wt, wst, wzt, NB, Bp, xq + m * xstride, xstride, xscale + (long)m * NB,
+                                 xsum + (long)m * NB, y + (long)m * N + 4 * t, N, rows);
+        for (; m < M; ++m)
+            tile_kernel<BITS, 1>(wt, wst, wzt, NB, Bp, xq + m * xstride, xstride, xscale + (long)m * NB,
+                                 xsum + (long)m * NB, y + (long)m * N + 4 * t, N, rows);
+    }
+}
+
+extern "C" {
+
+// y (M, N) = dequantized x @ W^T for a packed layout of T = ceil(N / 4) tiles; returns 0, or -1 when
+// `bits` has no layout.
+int mp_gemm(int bits, const uint8_t* w, const float* ws, const int32_t* wz, int T, int NB, int Bp,
+            const int8_t* xq, const float* xscale, const int32_t* xsum, int M, float* y, int N, int nthreads) {
+    switch (bits) {
+        case 2: gemm_bits<2>(w, ws, wz, T, NB, Bp, xq, xscale, xsum, M, y, N, nthreads); return 0;
+        case 3: gemm_bits<3>(w, ws, wz, T, NB, Bp, xq, xscale, xsum, M, y, N, nthreads); return 0;
+        case 4: gemm_bits<4>(w, ws, wz, T, NB, Bp, xq, xscale, xsum, M, y, N, nthreads); return 0;
+        case 8: gemm_bits<8>(w, ws, wz, T, NB, Bp, xq, xscale, xsum, M, y, N, nthreads); return 0;
+        default: return -1;
+    }
+}
+
+}  // extern "C"

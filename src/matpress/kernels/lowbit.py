@@ -1,0 +1,187 @@
+"""Fast CPU ``x @ W.T`` for packed low-bit integer weights (``int`` 1-8 bits, ``ternary``).
+
+The weights are repacked once, at first use, into the tiled layout of ``lowbit.cpp`` (cached on the
+format object, never saved); activations are quantized to int8 per block on every call and multiplied
+with VNNI integer dot products, the group scales and zero points applied once per block. See
+``docs/kernels.md`` for the layout and the measured speed.
+
+Accuracy: the only error beyond fp32 rounding is the activation rounding, at most half a step
+``a = max|x_block| / 127`` per element, so ``|y - x @ W.T| <= sum_k |W[n, k]| * a(k) / 2`` (plus fp32
+rounding); a block never spans two weight groups, so ``a(k) <= max|x over k's group| / 127``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from matpress.formats import Format, IntFormat, TernaryFormat
+from matpress.kernels import register_kernel
+from matpress.kernels.build import disabled, load_library
+
+# Widest block of one int8 dot product: 255 * 127 * 256 < 2**24, so block sums convert to fp32 exactly.
+MAX_BLOCK = 256
+CHUNK = 64  # columns per SIMD chunk
+TILE = 4  # weight rows per tile
+# Code widths that have a layout; other widths are held in the next wider one.
+LAYOUT_BITS = (2, 3, 4, 8)
+LAYOUT_ATTR = "_lowbit_layout"
+
+
+@dataclass(frozen=True)
+class BlockGeometry:
+    """How the columns of a row split into kernel blocks: each weight group of ``group`` columns into
+    ``sub`` blocks of ``width`` columns (the last possibly shorter), each padded to ``padded``."""
+
+    in_features: int
+    group: int
+    sub: int
+    width: int
+    padded: int
+    n_blocks: int
+
+    @classmethod
+    def of(cls, in_features: int, group: int) -> "BlockGeometry":
+        sub = math.ceil(group / MAX_BLOCK)
+        width = math.ceil(group / sub)
+        padded = math.ceil(width / CHUNK) * CHUNK
+        return cls(in_features, group, sub, width, padded, math.ceil(in_features / group) * sub)
+
+    def blocked(self, per_column: torch.Tensor) -> torch.Tensor:
+        """``(rows, in_features)`` -> ``(rows, n_blocks, padded)``, zeros in the padding."""
+        rows = per_column.shape[0]
+        n_groups = self.n_blocks // self.sub
+        t = torch.nn.functional.pad(per_column, (0, n_groups * self.group - self.in_features))
+        t = torch.nn.functional.pad(t.view(rows, n_groups, self.group), (0, self.sub * self.width - self.group))
+        t = torch.nn.functional.pad(t.view(rows, n_groups, self.sub, self.width), (0, self.padded - self.width))
+        return t.reshape(rows, self.n_blocks, self.padded)
+
+
+@dataclass(frozen=True)
+class LowbitLayout:
+    """Weights in the kernel's tiled layout (see ``lowbit.cpp``)."""
+
+    bits: int
+    out_features: int
+    geometry: BlockGeometry
+    codes: torch.Tensor  # uint8, (tiles, tile bytes)
+    scales: torch.Tensor  # float32, (tiles, n_blocks, TILE)
+    zeros: torch.Tensor  # int32, (tiles, n_blocks, TILE)
+
+
+def _interleave(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``(tiles, TILE, n_blocks, padded)`` codes -> the byte stream of each tile, ``(tiles, bytes)``."""
+    t, _, nb, padded = codes.shape
+    # steps[t, b, c, s, r, i]: code of row r, column 64 c + 16 s + i of block b
+    steps = codes.view(t, TILE, nb, padded // CHUNK, 4, 16).permute(0, 2, 3, 4, 1, 5)
+    if bits == 8:
+        out = steps
+    elif bits == 4:
+        out = steps[:, :, :, 0::2] | (steps[:, :, :, 1::2] << 4)
+    else:
+        low = steps & 3
+        out = low[:, :, :, 0] | (low[:, :, :, 1] << 2) | (low[:, :, :, 2] << 4) | (low[:, :, :, 3] << 6)
+        if bits == 3:
+            high = ((steps >> 2) & 1).reshape(t, nb, padded // CHUNK, 4, 8, 8)
+            weights = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
+            masks = (high * weights).sum(dim=-1, dtype=torch.uint8)  # little-endian 64-bit masks
+            out = torch.cat([out.reshape(t, nb, -1, 64), masks.reshape(t, nb, -1, 32)], dim=-1)
+    return out.reshape(t, -1).contiguous()
+
+
+def pack_layout(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, bits: int
+) -> LowbitLayout:
+    """Repack ``(out, in)`` unsigned codes with per-group ``scale``/integer ``zero`` ``(out, n_groups)``
+    (weight ``(q - zero) * scale``) into the kernel layout."""
+    layout_bits = next(b for b in LAYOUT_BITS if b >= bits)
+    out_f, in_f = codes.shape
+    geo = BlockGeometry.of(in_f, group)
+    tiles = math.ceil(out_f / TILE)
+    pad_rows = tiles * TILE - out_f
+
+    def tiled(per_block: torch.Tensor) -> torch.Tensor:  # (out, n_blocks) -> (tiles, n_blocks, TILE)
+        t = torch.nn.functional.pad(per_block, (0, 0, 0, pad_rows))
+        return t.view(tiles, TILE, geo.n_blocks).transpose(1, 2).contiguous()
+
+    blocked = torch.nn.functional.pad(geo.blocked(codes.to(torch.uint8)), (0, 0, 0, 0, 0, pad_rows))
+    packed = _interleave(blocked.view(tiles, TILE, geo.n_blocks, geo.padded), layout_bits)
+    return LowbitLayout(
+        bits=layout_bits,
+        out_features=out_f,
+        geometry=geo,
+        codes=packed,
+        scales=tiled(scale.float().repeat_interleave(geo.sub, dim=1)),
+        zeros=tiled(zero.to(torch.int32).repeat_interleave(geo.sub, dim=1)),
+    )
+
+
+def lowbit_matmul(layout: LowbitLayout, x: torch.Tensor, lib=None) -> torch.Tensor:
+    """``x @ W.T`` (in ``x``'s dtype) with the compiled kernels ``lib`` (default: the native build)."""
+    lib = lib or load_library()
+    geo = layout.geometry
+    xf = x.reshape(-1, geo.in_features).to(torch.float32).contiguous()
+    m = xf.shape[0]
+    n = layout.out_features
+    y = torch.empty(m, n, dtype=torch.float32)
+    if m:
+        threads = torch.get_num_threads()
+        xq = torch.empty(m, geo.n_blocks * geo.padded, dtype=torch.int8)
+        xscale = torch.empty(m, geo.n_blocks, dtype=torch.float32)
+        xsum = torch.empty(m, geo.n_blocks, dtype=torch.int32)
+        lib.mp_quantize(
+            xf.data_ptr(), m, geo.in_features, geo.group, geo.sub, geo.width, geo.padded, geo.n_blocks,
+            xq.data_ptr(), xscale.data_ptr(), xsum.data_ptr(), threads,
+        )
+        lib.mp_gemm(
+            layout.bits, layout.codes.data_ptr(), layout.scales.data_ptr(), layout.zeros.data_ptr(),
+            layout.codes.shape[0], geo.n_blocks, geo.padded, xq.data_ptr(), xscale.data_ptr(), xsum.data_ptr(),
+            m, y.data_ptr(), n, threads,
+        )
+    return y.reshape(*x.shape[:-1], n).to(x.dtype)
+
+
+def int_layout(fmt: IntFormat) -> LowbitLayout:
+    scale, zero = fmt.scale_zero()
+    return pack_layout(fmt.codes(), scale, zero, fmt.group, fmt.bits)
+
+
+def ternary_layout(fmt: TernaryFormat) -> LowbitLayout:
+    # A trit t is the 2-bit code t + 1 with zero point 1.
+    scale = fmt.group_scales()
+    codes = (fmt.trits() + 1).to(torch.uint8)
+    return pack_layout(codes, scale, torch.ones_like(scale), fmt.group_size, 2)
+
+
+def layout_of(fmt: Format) -> LowbitLayout | None:
+    """The format's kernel layout, built at first use and kept on the format object; None when the
+    format has zero points that are not integers (the kernel corrects zeros in integer arithmetic)."""
+    if LAYOUT_ATTR not in fmt.__dict__:
+        if isinstance(fmt, IntFormat):
+            zero = fmt.scale_zero()[1]
+            layout = int_layout(fmt) if torch.equal(zero, torch.round(zero)) else None
+        else:
+            layout = ternary_layout(fmt)
+        setattr(fmt, LAYOUT_ATTR, layout)
+    return fmt.__dict__[LAYOUT_ATTR]
+
+
+def takes(x: torch.Tensor) -> bool:
+    """Whether the compiled kernel handles ``x``: CPU floating input, no autograd, kernels built."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and not disabled()
+        and load_library() is not None
+    )
+
+
+@register_kernel(IntFormat)
+@register_kernel(TernaryFormat)
+def lowbit_kernel(fmt: Format, x: torch.Tensor) -> torch.Tensor | None:
+    """The registered fast path for ``int`` and ``ternary`` formats on the CPU."""
+    layout = layout_of(fmt) if takes(x) else None
+    return None if layout is None else lowbit_matmul(layout, x)
