@@ -61,10 +61,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.mp_isa.restype = i
     lib.mp_isa.argtypes = []
-    lib.mp_quantize.restype = None
-    lib.mp_quantize.argtypes = [p, i, i, i, i, i, i, i, p, p, p, i]
-    lib.mp_gemm.restype = i
-    lib.mp_gemm.argtypes = [i, p, p, p, i, i, i, p, p, p, i, p, i, i]
+    lib.mp_matmul.restype = i
+    lib.mp_matmul.argtypes = [i, p, p, p, i, i, i, p, i, i, i, i, i, p, i, i]
     return lib
 
 

@@ -8,8 +8,8 @@
 // llama.cpp and in "LUT-GEMM" / "QServe" style mixed-precision kernels.
 //
 // Weight layout (built once by matpress.kernels.lowbit.pack_layout): rows are grouped in tiles of 4;
-// each row's columns in blocks of Bp (a multiple of 64) columns, and each block in chunks of 64
-// columns. A chunk of one tile is a few 512-bit vectors whose 128-bit lane r holds row r: in "step" s
+// each row's columns in blocks of Bp (a multiple of 64) columns, the number of blocks NB a multiple of
+// 4 (padded with empty blocks), and each block in chunks of 64 columns. A chunk of one tile is a few 512-bit vectors whose 128-bit lane r holds row r: in "step" s
 // (0..3) byte i of lane r is the code of column 16*s + i. For
 //   8 bits: 4 vectors, one per step (256 bytes);
 //   4 bits: 2 vectors, vector v holds step 2v in the low and step 2v+1 in the high nibbles (128 bytes);
@@ -17,13 +17,15 @@
 //   3 bits: the 2-bit vector of the low bits, then 4 64-bit masks of the high bit, bit 16*r + i of mask
 //           s for column 16*s + i of row r (96 bytes).
 // So unpacking is a shift and a mask per step, with no shuffles, and the activations of a step are one
-// 16-byte broadcast. Per (tile, block): 4 fp32 scales and 4 int32 zero points.
+// 16-byte broadcast. Per tile and quad of blocks: 16 fp16 scales and 16 int16 zero points, ordered
+// (row, block).
 //
 // Build: compiled at first use with -O3 -march=native (see matpress/kernels/build.py); the AVX-512 VNNI
 // path is used where the compiler targets it, a portable C++ path elsewhere (same layout, same results).
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #ifdef _OPENMP
@@ -143,62 +145,76 @@ static inline void unpack_chunk(const uint8_t* p, __m512i w[4]) {
     }
 }
 
-// One tile of 4 weight rows times MB activation rows. A single activation row uses 2 independent
-// accumulators so that the vpdpbusd latency chain does not bound the memory stream.
+// One tile of 4 weight rows times MB activation rows, over blocks taken four at a time ("quads").
+// Each block accumulates into its own register (independent vpdpbusd chains); at the end of a quad one
+// 4x4 transpose-add per 128-bit lane turns the four accumulators into the four block sums of each row,
+// so the zero correction, conversion and scaling are one vector operation per quad.
 template <int BITS, int MB>
-static void tile_kernel(const uint8_t* wt, const float* wst, const int32_t* wzt, int NB, int Bp,
+static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* wzt, int NB, int Bp,
                         const int8_t* xq, long xstride, const float* xscale, const int32_t* xsum,
                         float* y, long ystride, int rows) {
-    constexpr int NACC = MB == 1 ? 2 : 1;
     constexpr int CB = BITS == 8 ? 256 : BITS == 4 ? 128 : BITS == 3 ? 96 : 64;
     const int nc = Bp / 64;
-    const __m512i lane_of_row = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
     __m512 yv[MB];
     for (int m = 0; m < MB; ++m) yv[m] = _mm512_setzero_ps();
-    for (int b = 0; b < NB; ++b) {
-        __m512i acc[MB][NACC];
-        for (int m = 0; m < MB; ++m)
-            for (int j = 0; j < NACC; ++j) acc[m][j] = _mm512_setzero_si512();
-        const uint8_t* pb = wt + (long)b * nc * CB;
-        const int8_t* xb = xq + (long)b * Bp;
-        for (int c = 0; c < nc; ++c) {
-            __m512i w[4];
-            // The hardware prefetcher alone leaves a core short of its share of memory bandwidth.
-            for (int line = 0; line < CB; line += 64)
-                _mm_prefetch(reinterpret_cast<const char*>(pb + (long)c * CB + PREFETCH_BYTES + line), _MM_HINT_T0);
-            unpack_chunk<BITS>(pb + (long)c * CB, w);
+    for (int q = 0; q < NB / 4; ++q) {
+        __m512i acc[MB][4];
+        for (int j = 0; j < 4; ++j) {
+            const int b = 4 * q + j;
+            for (int m = 0; m < MB; ++m) acc[m][j] = _mm512_setzero_si512();
+            const uint8_t* pb = wt + (long)b * nc * CB;
+            const int8_t* xb = xq + (long)b * Bp;
+            for (int c = 0; c < nc; ++c) {
+                __m512i w[4];
+                // The hardware prefetcher alone leaves a core short of its share of memory bandwidth.
+                for (int line = 0; line < CB; line += 64)
+                    _mm_prefetch(reinterpret_cast<const char*>(pb + (long)c * CB + PREFETCH_BYTES + line), _MM_HINT_T0);
+                unpack_chunk<BITS>(pb + (long)c * CB, w);
 #pragma GCC unroll 4
-            for (int s = 0; s < 4; ++s) {
-#pragma GCC unroll 8
-                for (int m = 0; m < MB; ++m) {
-                    const __m512i xv = _mm512_broadcast_i32x4(
-                        _mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + m * xstride + c * 64 + s * 16)));
-                    acc[m][s % NACC] = _mm512_dpbusd_epi32(acc[m][s % NACC], w[s], xv);
+                for (int s = 0; s < 4; ++s) {
+#pragma GCC unroll 4
+                    for (int m = 0; m < MB; ++m) {
+                        const __m512i xv = _mm512_broadcast_i32x4(
+                            _mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + m * xstride + c * 64 + s * 16)));
+                        acc[m][j] = _mm512_dpbusd_epi32(acc[m][j], w[s], xv);
+                    }
                 }
             }
         }
-        // Each row's block sum and zero point correction in exact integers (every int32 of the row's
-        // lane ends up holding it), then one conversion to fp32.
-        const __m512i zv = _mm512_permutexvar_epi32(
-            lane_of_row, _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wzt + 4 * b))));
-        const __m512 sv = _mm512_permutexvar_ps(lane_of_row, _mm512_castps128_ps512(_mm_loadu_ps(wst + 4 * b)));
+        // Per quad: 16 fp16 scales and 16 int16 zeros, ordered (row, block) = one 128-bit lane per row.
+        const __m512i zv = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wzt + 16 * q)));
+        const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wst + 16 * q)));
         for (int m = 0; m < MB; ++m) {
-            __m512i a = acc[m][0];
-            for (int j = 1; j < NACC; ++j) a = _mm512_add_epi32(a, acc[m][j]);
-            a = _mm512_add_epi32(a, _mm512_shuffle_epi32(a, _MM_PERM_BADC));
-            a = _mm512_add_epi32(a, _mm512_shuffle_epi32(a, _MM_PERM_CDAB));
-            a = _mm512_sub_epi32(a, _mm512_mullo_epi32(zv, _mm512_set1_epi32(xsum[m * NB + b])));
-            yv[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(sv, _mm512_set1_ps(xscale[m * NB + b])), yv[m]);
+            const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(acc[m][0], acc[m][1]),
+                                                _mm512_unpackhi_epi32(acc[m][0], acc[m][1]));
+            const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(acc[m][2], acc[m][3]),
+                                                _mm512_unpackhi_epi32(acc[m][2], acc[m][3]));
+            // lane r, slot j: the integer sum of block 4q + j for row r, zero point corrected exactly
+            __m512i a = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+            const __m512i xs = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xsum + m * NB + 4 * q)));
+            a = _mm512_sub_epi32(a, _mm512_mullo_epi32(zv, xs));
+            const __m512 xa = _mm512_broadcast_f32x4(_mm_loadu_ps(xscale + m * NB + 4 * q));
+            yv[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(sv, xa), yv[m]);
         }
     }
     for (int m = 0; m < MB; ++m) {
         alignas(64) float t[16];
         _mm512_store_ps(t, yv[m]);
-        for (int r = 0; r < rows; ++r) y[m * ystride + r] = t[4 * r];
+        for (int r = 0; r < rows; ++r) y[m * ystride + r] = (t[4 * r] + t[4 * r + 1]) + (t[4 * r + 2] + t[4 * r + 3]);
     }
 }
 
 #else  // portable path: the same layout and arithmetic, written plainly
+
+static inline float half_to_float(uint16_t h) {
+    const int exponent = (h >> 10) & 0x1F;
+    const int mantissa = h & 0x3FF;
+    float v;
+    if (exponent == 0) v = ldexpf((float)mantissa, -24);
+    else if (exponent == 31) v = mantissa ? NAN : INFINITY;
+    else v = ldexpf((float)(mantissa | 0x400), exponent - 25);
+    return (h & 0x8000) ? -v : v;
+}
 
 template <int BITS>
 static inline void unpack_chunk(const uint8_t* p, uint8_t w[4][64]) {
@@ -220,7 +236,7 @@ static inline void unpack_chunk(const uint8_t* p, uint8_t w[4][64]) {
 }
 
 template <int BITS, int MB>
-static void tile_kernel(const uint8_t* wt, const float* wst, const int32_t* wzt, int NB, int Bp,
+static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* wzt, int NB, int Bp,
                         const int8_t* xq, long xstride, const float* xscale, const int32_t* xsum,
                         float* y, long ystride, int rows) {
     const int CB = chunk_bytes(BITS), nc = Bp / 64;
@@ -240,9 +256,11 @@ static void tile_kernel(const uint8_t* wt, const float* wst, const int32_t* wzt,
                 }
             }
         }
+        const int q = b / 4, j = b % 4;  // scales and zeros of a quad of blocks are ordered (row, block)
         for (int m = 0; m < MB; ++m)
             for (int r = 0; r < 4; ++r)
-                yv[m][r] += (float)(acc[m][r] - wzt[4 * b + r] * xsum[m * NB + b]) * (wst[4 * b + r] * xscale[m * NB + b]);
+                yv[m][r] += (float)(acc[m][r] - wzt[16 * q + 4 * r + j] * xsum[m * NB + b]) *
+                            (half_to_float(wst[16 * q + 4 * r + j]) * xscale[m * NB + b]);
     }
     for (int m = 0; m < MB; ++m)
         for (int r = 0; r < rows; ++r) y[m * ystride + r] = yv[m][r];
@@ -251,7 +269,7 @@ static void tile_kernel(const uint8_t* wt, const float* wst, const int32_t* wzt,
 #endif
 
 template <int BITS>
-static void gemm_bits(const uint8_t* w, const float* ws, const int32_t* wz, int T, int NB, int Bp,
+static void gemm_bits(const uint8_t* w, const uint16_t* ws, const int16_t* wz, int T, int NB, int Bp,
                       const int8_t* xq, const float* xscale, const int32_t* xsum, int M, float* y, int N,
                       int nthreads) {
     const long tile_bytes = (long)NB * (Bp / 64) * chunk_bytes(BITS);
@@ -259,14 +277,11 @@ static void gemm_bits(const uint8_t* w, const float* ws, const int32_t* wz, int 
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int t = 0; t < T; ++t) {
         const uint8_t* wt = w + t * tile_bytes;
-        const float* wst = ws + (long)t * NB * 4;
-        const int32_t* wzt = wz + (long)t * NB * 4;
+        const uint16_t* wst = ws + (long)t * NB * 4;
+        const int16_t* wzt = wz + (long)t * NB * 4;
         const int rows = N - 4 * t < 4 ? N - 4 * t : 4;
         int m = 0;
-        // Activation rows in runs of 8, then 4, 2, 1: each run reuses the tile's unpacked codes.
-        for (; m + 8 <= M; m += 8)
-            tile_kernel<BITS, 8>(wt, wst, wzt, NB, Bp, xq + m * xstride, xstride, xscale + (long)m * NB,
-                                 xsum + (long)m * NB, y + (long)m * N + 4 * t, N, rows);
+        // Activation rows in runs of 4, then 2, 1: each run reuses the tile's unpacked codes.
         for (; m + 4 <= M; m += 4)
             tile_kernel<BITS, 4>(wt, wst, wzt, NB, Bp, xq + m * xstride, xstride, xscale + (long)m * NB,
                                  xsum + (long)m * NB, y + (long)m * N + 4 * t, N, rows);
@@ -281,17 +296,26 @@ static void gemm_bits(const uint8_t* w, const float* ws, const int32_t* wz, int 
 
 extern "C" {
 
-// y (M, N) = dequantized x @ W^T for a packed layout of T = ceil(N / 4) tiles; returns 0, or -1 when
-// `bits` has no layout.
-int mp_gemm(int bits, const uint8_t* w, const float* ws, const int32_t* wz, int T, int NB, int Bp,
-            const int8_t* xq, const float* xscale, const int32_t* xsum, int M, float* y, int N, int nthreads) {
+// y (M, N) = x (M, K) @ W^T for a packed layout of T = ceil(N / 4) tiles, block geometry as in
+// mp_quantize; returns 0, -1 when `bits` has no layout, -2 when scratch memory is short.
+int mp_matmul(int bits, const uint8_t* w, const uint16_t* ws, const int16_t* wz, int T, int NB, int Bp,
+              const float* x, int M, int K, int G, int sub, int Bo, float* y, int N, int nthreads) {
+    if (bits != 2 && bits != 3 && bits != 4 && bits != 8) return -1;
+    const size_t nq = (size_t)M * NB * Bp, ns = (size_t)M * NB;
+    char* scratch = static_cast<char*>(malloc(nq + 8 * ns + 64));
+    if (!scratch) return -2;
+    int8_t* xq = reinterpret_cast<int8_t*>(scratch);
+    float* xscale = reinterpret_cast<float*>(scratch + ((nq + 63) & ~(size_t)63));
+    int32_t* xsum = reinterpret_cast<int32_t*>(xscale + ns);
+    mp_quantize(x, M, K, G, sub, Bo, Bp, NB, xq, xscale, xsum, nthreads);
     switch (bits) {
-        case 2: gemm_bits<2>(w, ws, wz, T, NB, Bp, xq, xscale, xsum, M, y, N, nthreads); return 0;
-        case 3: gemm_bits<3>(w, ws, wz, T, NB, Bp, xq, xscale, xsum, M, y, N, nthreads); return 0;
-        case 4: gemm_bits<4>(w, ws, wz, T, NB, Bp, xq, xscale, xsum, M, y, N, nthreads); return 0;
-        case 8: gemm_bits<8>(w, ws, wz, T, NB, Bp, xq, xscale, xsum, M, y, N, nthreads); return 0;
-        default: return -1;
+        case 2: gemm_bits<2>(w, ws, wz, T, NB, Bp, xq, xscale, xsum, M, y, N, nthreads); break;
+        case 3: gemm_bits<3>(w, ws, wz, T, NB, Bp, xq, xscale, xsum, M, y, N, nthreads); break;
+        case 4: gemm_bits<4>(w, ws, wz, T, NB, Bp, xq, xscale, xsum, M, y, N, nthreads); break;
+        case 8: gemm_bits<8>(w, ws, wz, T, NB, Bp, xq, xscale, xsum, M, y, N, nthreads); break;
     }
+    free(scratch);
+    return 0;
 }
 
 }  // extern "C"

@@ -25,6 +25,7 @@ from matpress.kernels.build import disabled, load_library
 MAX_BLOCK = 256
 CHUNK = 64  # columns per SIMD chunk
 TILE = 4  # weight rows per tile
+QUAD = 4  # blocks per step of the kernel's scale arithmetic
 # Code widths that have a layout; other widths are held in the next wider one.
 LAYOUT_BITS = (2, 3, 4, 8)
 LAYOUT_ATTR = "_lowbit_layout"
@@ -47,16 +48,24 @@ class BlockGeometry:
         sub = math.ceil(group / MAX_BLOCK)
         width = math.ceil(group / sub)
         padded = math.ceil(width / CHUNK) * CHUNK
-        return cls(in_features, group, sub, width, padded, math.ceil(in_features / group) * sub)
+        # the kernel takes blocks four at a time; the extra blocks are empty
+        n_blocks = math.ceil(math.ceil(in_features / group) * sub / QUAD) * QUAD
+        return cls(in_features, group, sub, width, padded, n_blocks)
 
     def blocked(self, per_column: torch.Tensor) -> torch.Tensor:
         """``(rows, in_features)`` -> ``(rows, n_blocks, padded)``, zeros in the padding."""
         rows = per_column.shape[0]
-        n_groups = self.n_blocks // self.sub
+        n_groups = math.ceil(self.in_features / self.group)
         t = torch.nn.functional.pad(per_column, (0, n_groups * self.group - self.in_features))
         t = torch.nn.functional.pad(t.view(rows, n_groups, self.group), (0, self.sub * self.width - self.group))
         t = torch.nn.functional.pad(t.view(rows, n_groups, self.sub, self.width), (0, self.padded - self.width))
-        return t.reshape(rows, self.n_blocks, self.padded)
+        t = t.reshape(rows, n_groups * self.sub, self.padded)
+        return torch.nn.functional.pad(t, (0, 0, 0, self.n_blocks - n_groups * self.sub))
+
+    def per_block(self, per_group: torch.Tensor) -> torch.Tensor:
+        """``(rows, n_groups)`` -> ``(rows, n_blocks)``, zeros for the empty blocks."""
+        t = per_group.repeat_interleave(self.sub, dim=1)
+        return torch.nn.functional.pad(t, (0, self.n_blocks - t.shape[1]))
 
 
 @dataclass(frozen=True)
@@ -67,8 +76,8 @@ class LowbitLayout:
     out_features: int
     geometry: BlockGeometry
     codes: torch.Tensor  # uint8, (tiles, tile bytes)
-    scales: torch.Tensor  # float32, (tiles, n_blocks, TILE)
-    zeros: torch.Tensor  # int32, (tiles, n_blocks, TILE)
+    scales: torch.Tensor  # float16, (tiles, n_blocks / QUAD, TILE, QUAD)
+    zeros: torch.Tensor  # int16, (tiles, n_blocks / QUAD, TILE, QUAD)
 
 
 def _interleave(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -94,17 +103,17 @@ def _interleave(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def pack_layout(
     codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, bits: int
 ) -> LowbitLayout:
-    """Repack ``(out, in)`` unsigned codes with per-group ``scale``/integer ``zero`` ``(out, n_groups)``
-    (weight ``(q - zero) * scale``) into the kernel layout."""
+    """Repack ``(out, in)`` unsigned codes with per-group fp16-exact ``scale`` and int16 ``zero``
+    ``(out, n_groups)`` (weight ``(q - zero) * scale``) into the kernel layout."""
     layout_bits = next(b for b in LAYOUT_BITS if b >= bits)
     out_f, in_f = codes.shape
     geo = BlockGeometry.of(in_f, group)
     tiles = math.ceil(out_f / TILE)
     pad_rows = tiles * TILE - out_f
 
-    def tiled(per_block: torch.Tensor) -> torch.Tensor:  # (out, n_blocks) -> (tiles, n_blocks, TILE)
-        t = torch.nn.functional.pad(per_block, (0, 0, 0, pad_rows))
-        return t.view(tiles, TILE, geo.n_blocks).transpose(1, 2).contiguous()
+    def tiled(per_group: torch.Tensor) -> torch.Tensor:  # (out, n_groups) -> (tiles, quads, TILE, QUAD)
+        t = torch.nn.functional.pad(geo.per_block(per_group), (0, 0, 0, pad_rows))
+        return t.view(tiles, TILE, geo.n_blocks // QUAD, QUAD).transpose(1, 2).contiguous()
 
     blocked = torch.nn.functional.pad(geo.blocked(codes.to(torch.uint8)), (0, 0, 0, 0, 0, pad_rows))
     packed = _interleave(blocked.view(tiles, TILE, geo.n_blocks, geo.padded), layout_bits)
@@ -113,8 +122,8 @@ def pack_layout(
         out_features=out_f,
         geometry=geo,
         codes=packed,
-        scales=tiled(scale.float().repeat_interleave(geo.sub, dim=1)),
-        zeros=tiled(zero.to(torch.int32).repeat_interleave(geo.sub, dim=1)),
+        scales=tiled(scale.half()),
+        zeros=tiled(zero.to(torch.int16)),
     )
 
 
@@ -123,23 +132,16 @@ def lowbit_matmul(layout: LowbitLayout, x: torch.Tensor, lib=None) -> torch.Tens
     lib = lib or load_library()
     geo = layout.geometry
     xf = x.reshape(-1, geo.in_features).to(torch.float32).contiguous()
-    m = xf.shape[0]
-    n = layout.out_features
+    m, n = xf.shape[0], layout.out_features
     y = torch.empty(m, n, dtype=torch.float32)
     if m:
-        threads = torch.get_num_threads()
-        xq = torch.empty(m, geo.n_blocks * geo.padded, dtype=torch.int8)
-        xscale = torch.empty(m, geo.n_blocks, dtype=torch.float32)
-        xsum = torch.empty(m, geo.n_blocks, dtype=torch.int32)
-        lib.mp_quantize(
-            xf.data_ptr(), m, geo.in_features, geo.group, geo.sub, geo.width, geo.padded, geo.n_blocks,
-            xq.data_ptr(), xscale.data_ptr(), xsum.data_ptr(), threads,
-        )
-        lib.mp_gemm(
+        status = lib.mp_matmul(
             layout.bits, layout.codes.data_ptr(), layout.scales.data_ptr(), layout.zeros.data_ptr(),
-            layout.codes.shape[0], geo.n_blocks, geo.padded, xq.data_ptr(), xscale.data_ptr(), xsum.data_ptr(),
-            m, y.data_ptr(), n, threads,
+            layout.codes.shape[0], geo.n_blocks, geo.padded, xf.data_ptr(), m, geo.in_features, geo.group,
+            geo.sub, geo.width, y.data_ptr(), n, torch.get_num_threads(),
         )
+        if status != 0:
+            raise MemoryError(f"low-bit kernel: no scratch memory for {m} x {geo.in_features} activations")
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
 
@@ -155,15 +157,22 @@ def ternary_layout(fmt: TernaryFormat) -> LowbitLayout:
     return pack_layout(codes, scale, torch.ones_like(scale), fmt.group_size, 2)
 
 
+def fits_layout(scale: torch.Tensor, zero: torch.Tensor) -> bool:
+    """Whether scales are fp16 values and zero points int16 integers, as the layout stores them."""
+    return torch.equal(scale.half().float(), scale.float()) and torch.equal(
+        zero.float(), zero.float().round().clamp(-(2**15), 2**15 - 1)
+    )
+
+
 def layout_of(fmt: Format) -> LowbitLayout | None:
-    """The format's kernel layout, built at first use and kept on the format object; None when the
-    format has zero points that are not integers (the kernel corrects zeros in integer arithmetic)."""
+    """The format's kernel layout, built at first use and kept on the format object; None when its
+    scales or zero points do not fit the layout (then the format's own matmul runs)."""
     if LAYOUT_ATTR not in fmt.__dict__:
         if isinstance(fmt, IntFormat):
-            zero = fmt.scale_zero()[1]
-            layout = int_layout(fmt) if torch.equal(zero, torch.round(zero)) else None
+            layout = int_layout(fmt) if fits_layout(*fmt.scale_zero()) else None
         else:
-            layout = ternary_layout(fmt)
+            scale = fmt.group_scales()
+            layout = ternary_layout(fmt) if fits_layout(scale, torch.ones_like(scale)) else None
         setattr(fmt, LAYOUT_ATTR, layout)
     return fmt.__dict__[LAYOUT_ATTR]
 
