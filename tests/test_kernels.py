@@ -100,6 +100,31 @@ def test_bf16_and_batched_3d_activations(native):
     assert_within_bound(exact, fmt, x.float(), 128)
 
 
+@pytest.mark.parametrize("fmt", [
+    IntFormat.encode(weight(8), bits=3, group_size=100),
+    IntFormat.encode(weight(9), bits=8, group_size=None),
+    TernaryFormat.encode(weight(10), group_size=64),
+], ids=["int3-g100", "int8-ch", "ternary-g64"])
+def test_bf16_decode_is_exact(fmt, native):
+    assert torch.equal(lowbit.decode_bf16(lowbit.layout_of(fmt)), fmt.decode().bfloat16())
+
+
+def test_large_batches_take_the_bf16_matmul(monkeypatch, native):
+    fmt = IntFormat.encode(weight(11), bits=4, group_size=128)
+    x = torch.randn(lowbit.LARGE_BATCH + 3, IN)
+    calls = []
+    monkeypatch.setattr(lowbit, "lowbit_matmul", lambda layout, x: calls.append(1))
+    monkeypatch.setattr(lowbit, "bf16_matmul_is_fast", lambda: True)
+    y = kernels.matmul(fmt, x)
+    assert not calls and y.dtype == torch.float32
+    # bf16 rounding (unit 2^-8) of x, of W and of the result, fp32 sums of IN products
+    w = fmt.decode().double()
+    size = x.abs().double() @ w.abs().T
+    u = 2.0**-8
+    bound = size * ((1 + u) ** 3 - 1 + (IN + 8) * torch.finfo(torch.float32).eps)
+    assert bool(((y.double() - x.double() @ w.T).abs() <= bound).all())
+
+
 def test_fallback_equals_fast_path(monkeypatch, native):
     fmt = IntFormat.encode(weight(2), bits=3, group_size=64)
     x = torch.randn(4, IN)

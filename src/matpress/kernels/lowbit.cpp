@@ -114,6 +114,37 @@ void mp_quantize(const float* x, int M, int K, int G, int sub, int Bo, int Bp, i
 
 }  // extern "C"
 
+// Scalar helpers, shared by the portable path and the decoder.
+
+static inline float half_to_float(uint16_t h) {
+    const int exponent = (h >> 10) & 0x1F;
+    const int mantissa = h & 0x3FF;
+    float v;
+    if (exponent == 0) v = ldexpf((float)mantissa, -24);
+    else if (exponent == 31) v = mantissa ? NAN : INFINITY;
+    else v = ldexpf((float)(mantissa | 0x400), exponent - 25);
+    return (h & 0x8000) ? -v : v;
+}
+
+template <int BITS>
+static inline void unpack_chunk_scalar(const uint8_t* p, uint8_t w[4][64]) {
+    for (int s = 0; s < 4; ++s)
+        for (int k = 0; k < 64; ++k) {
+            uint8_t v;
+            if (BITS == 8) v = p[64 * s + k];
+            else if (BITS == 4) v = (p[64 * (s / 2) + k] >> (4 * (s % 2))) & 0x0F;
+            else {
+                v = (p[k] >> (2 * s)) & 0x03;
+                if (BITS == 3) {
+                    uint64_t hi;
+                    memcpy(&hi, p + 64 + 8 * s, 8);
+                    v |= ((hi >> k) & 1) << 2;
+                }
+            }
+            w[s][k] = v;
+        }
+}
+
 #ifdef MP_AVX512_VNNI
 
 static constexpr int PREFETCH_BYTES = 1024;
@@ -206,35 +237,6 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* w
 
 #else  // portable path: the same layout and arithmetic, written plainly
 
-static inline float half_to_float(uint16_t h) {
-    const int exponent = (h >> 10) & 0x1F;
-    const int mantissa = h & 0x3FF;
-    float v;
-    if (exponent == 0) v = ldexpf((float)mantissa, -24);
-    else if (exponent == 31) v = mantissa ? NAN : INFINITY;
-    else v = ldexpf((float)(mantissa | 0x400), exponent - 25);
-    return (h & 0x8000) ? -v : v;
-}
-
-template <int BITS>
-static inline void unpack_chunk(const uint8_t* p, uint8_t w[4][64]) {
-    for (int s = 0; s < 4; ++s)
-        for (int k = 0; k < 64; ++k) {
-            uint8_t v;
-            if (BITS == 8) v = p[64 * s + k];
-            else if (BITS == 4) v = (p[64 * (s / 2) + k] >> (4 * (s % 2))) & 0x0F;
-            else {
-                v = (p[k] >> (2 * s)) & 0x03;
-                if (BITS == 3) {
-                    uint64_t hi;
-                    memcpy(&hi, p + 64 + 8 * s, 8);
-                    v |= ((hi >> k) & 1) << 2;
-                }
-            }
-            w[s][k] = v;
-        }
-}
-
 template <int BITS, int MB>
 static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* wzt, int NB, int Bp,
                         const int8_t* xq, long xstride, const float* xscale, const int32_t* xsum,
@@ -245,7 +247,7 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* w
         int32_t acc[MB][4] = {};
         for (int c = 0; c < nc; ++c) {
             uint8_t w[4][64];
-            unpack_chunk<BITS>(wt + ((long)b * nc + c) * CB, w);
+            unpack_chunk_scalar<BITS>(wt + ((long)b * nc + c) * CB, w);
             for (int m = 0; m < MB; ++m) {
                 const int8_t* xc = xq + m * xstride + (long)b * Bp + c * 64;
                 for (int r = 0; r < 4; ++r) {
@@ -316,6 +318,69 @@ int mp_matmul(int bits, const uint8_t* w, const uint16_t* ws, const int16_t* wz,
     }
     free(scratch);
     return 0;
+}
+
+}  // extern "C"
+
+// Round to nearest even, as torch's conversion does (the values here are finite).
+static inline uint16_t float_to_bf16(float v) {
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+template <int BITS>
+static void decode_bits(const uint8_t* w, const uint16_t* ws, const int16_t* wz, int T, int NB, int Bp, int K,
+                        int G, int sub, int Bo, uint16_t* out, int N, int nthreads) {
+    const int CB = chunk_bytes(BITS), nc = Bp / 64;
+    const long tile_bytes = (long)NB * nc * CB;
+    const int real_blocks = (K + G - 1) / G * sub;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int t = 0; t < T; ++t) {
+        const int rows = N - 4 * t < 4 ? N - 4 * t : 4;
+        for (int b = 0; b < real_blocks; ++b) {
+            const int g = b / sub, j = b % sub;
+            const int start = g * G + j * Bo;  // first column of the block
+            int end = start + Bo;
+            if (end > (g + 1) * G) end = (g + 1) * G;
+            if (end > K) end = K;
+            for (int c = 0; c < nc && 64 * c < end - start; ++c) {
+                uint8_t codes[4][64];
+                unpack_chunk_scalar<BITS>(w + t * tile_bytes + ((long)b * nc + c) * CB, codes);
+                for (int r = 0; r < rows; ++r) {
+                    const int at = 4 * (t * NB + b - b % 4) + 4 * r + b % 4;  // (tile, quad, row, block)
+                    const float scale = half_to_float(ws[at]);
+                    const int zero = wz[at];
+                    uint16_t* o = out + (long)(4 * t + r) * K + start + 64 * c;
+                    const int n = end - start - 64 * c < 64 ? end - start - 64 * c : 64;
+                    for (int s = 0; s < 4 && 16 * s < n; ++s) {
+                        if (n - 16 * s >= 16) {  // whole step: a fixed-length loop the compiler vectorizes
+                            for (int i = 0; i < 16; ++i)
+                                o[16 * s + i] = float_to_bf16((float)(codes[s][16 * r + i] - zero) * scale);
+                        } else {
+                            for (int i = 0; i < n - 16 * s; ++i)
+                                o[16 * s + i] = float_to_bf16((float)(codes[s][16 * r + i] - zero) * scale);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+extern "C" {
+
+// The weights of a packed layout as a dense (N, K) bf16 matrix (bit patterns), for large batches where
+// a bf16 matrix multiply beats the integer kernel; returns -1 when `bits` has no layout.
+int mp_decode_bf16(int bits, const uint8_t* w, const uint16_t* ws, const int16_t* wz, int T, int NB, int Bp,
+                   int K, int G, int sub, int Bo, uint16_t* out, int N, int nthreads) {
+    switch (bits) {
+        case 2: decode_bits<2>(w, ws, wz, T, NB, Bp, K, G, sub, Bo, out, N, nthreads); return 0;
+        case 3: decode_bits<3>(w, ws, wz, T, NB, Bp, K, G, sub, Bo, out, N, nthreads); return 0;
+        case 4: decode_bits<4>(w, ws, wz, T, NB, Bp, K, G, sub, Bo, out, N, nthreads); return 0;
+        case 8: decode_bits<8>(w, ws, wz, T, NB, Bp, K, G, sub, Bo, out, N, nthreads); return 0;
+        default: return -1;
+    }
 }
 
 }  // extern "C"

@@ -12,6 +12,7 @@ rounding); a block never spans two weight groups, so ``a(k) <= max|x over k's gr
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ import torch
 
 from matpress.formats import Format, IntFormat, TernaryFormat
 from matpress.kernels import register_kernel
-from matpress.kernels.build import disabled, load_library
+from matpress.kernels.build import cpu_flags, disabled, load_library
 
 # Widest block of one int8 dot product: 255 * 127 * 256 < 2**24, so block sums convert to fp32 exactly.
 MAX_BLOCK = 256
@@ -29,6 +30,9 @@ QUAD = 4  # blocks per step of the kernel's scale arithmetic
 # Code widths that have a layout; other widths are held in the next wider one.
 LAYOUT_BITS = (2, 3, 4, 8)
 LAYOUT_ATTR = "_lowbit_layout"
+# From this many activation rows on, CPUs with AMX decode the weights to bf16 and use torch's matmul
+# (measured crossover on a Sapphire Rapids: see docs/kernels.md).
+LARGE_BATCH = 128
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,25 @@ def lowbit_matmul(layout: LowbitLayout, x: torch.Tensor, lib=None) -> torch.Tens
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
 
 
+def decode_bf16(layout: LowbitLayout, lib=None) -> torch.Tensor:
+    """The layout's weights as a dense bf16 ``(out, in)`` matrix (``(q - z) * s`` rounded to nearest)."""
+    lib = lib or load_library()
+    geo = layout.geometry
+    out = torch.empty(layout.out_features, geo.in_features, dtype=torch.bfloat16)
+    lib.mp_decode_bf16(
+        layout.bits, layout.codes.data_ptr(), layout.scales.data_ptr(), layout.zeros.data_ptr(),
+        layout.codes.shape[0], geo.n_blocks, geo.padded, geo.in_features, geo.group, geo.sub, geo.width,
+        out.data_ptr(), layout.out_features, torch.get_num_threads(),
+    )
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_matmul_is_fast() -> bool:
+    """Whether torch's bf16 matmul runs on AMX tiles here (oneDNN uses them when the CPU has them)."""
+    return "amx_bf16" in cpu_flags().split()
+
+
 def int_layout(fmt: IntFormat) -> LowbitLayout:
     scale, zero = fmt.scale_zero()
     return pack_layout(fmt.codes(), scale, zero, fmt.group, fmt.bits)
@@ -193,4 +216,9 @@ def takes(x: torch.Tensor) -> bool:
 def lowbit_kernel(fmt: Format, x: torch.Tensor) -> torch.Tensor | None:
     """The registered fast path for ``int`` and ``ternary`` formats on the CPU."""
     layout = layout_of(fmt) if takes(x) else None
-    return None if layout is None else lowbit_matmul(layout, x)
+    if layout is None:
+        return None
+    if x.numel() >= LARGE_BATCH * fmt.in_features and bf16_matmul_is_fast():
+        # many rows: the matmul is compute bound, and bf16 on AMX outruns the int8 kernel many times over
+        return torch.nn.functional.linear(x.to(torch.bfloat16), decode_bf16(layout)).to(x.dtype)
+    return lowbit_matmul(layout, x)
