@@ -147,7 +147,10 @@ static inline void unpack_chunk_scalar(const uint8_t* p, uint8_t w[4][64]) {
 
 #ifdef MP_AVX512_VNNI
 
-static constexpr int PREFETCH_BYTES = 1024;
+#ifndef MP_PREFETCH_BYTES
+#define MP_PREFETCH_BYTES 2048
+#endif
+static constexpr int PREFETCH_BYTES = MP_PREFETCH_BYTES;
 
 template <int BITS>
 static inline void unpack_chunk(const uint8_t* p, __m512i w[4]) {
