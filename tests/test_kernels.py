@@ -41,10 +41,11 @@ def weight(seed: int) -> torch.Tensor:
     return w
 
 
-def test_native_build_uses_vnni_where_the_cpu_has_it(native):
+def test_native_build_uses_the_widest_path_the_cpu_has(native):
     assert native is not None
-    flags = build.cpu_flags().split()
-    assert native.mp_isa() == int({"avx512f", "avx512bw", "avx512_vnni"} <= set(flags))
+    flags = set(build.cpu_flags().split())
+    expected = 1 if {"avx512f", "avx512bw", "avx512_vnni"} <= flags else 2 if {"avx2", "fma", "f16c"} <= flags else 0
+    assert native.mp_isa() == expected
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -161,24 +162,28 @@ def test_autograd_inputs_take_the_differentiable_path(native):
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 build flags")
-def test_portable_path_equals_vnni_path(native):
-    portable = build.load_library(tuple(f if f != "-march=native" else "-march=x86-64-v3" for f in build.DEFAULT_FLAGS))
-    assert portable.mp_isa() == 0
+@pytest.mark.parametrize("march, isa", [("x86-64-v2", 0), ("x86-64-v3", 2)], ids=["portable", "avx2"])
+def test_other_paths_equal_the_native_one(march, isa, native):
+    other = build.load_library(tuple(f if f != "-march=native" else f"-march={march}" for f in build.DEFAULT_FLAGS))
+    assert other.mp_isa() == isa
     torch.manual_seed(5)
-    x = torch.randn(5, IN)
     for fmt in (
         IntFormat.encode(weight(5), bits=3, group_size=100),
         IntFormat.encode(weight(6), bits=8, group_size=None, symmetric=True),
+        IntFormat.encode(weight(7), bits=4, group_size=64),
         TernaryFormat.encode(weight(7), group_size=64),
     ):
         layout = lowbit.layout_of(fmt)
-        a, b = lowbit.lowbit_matmul(layout, x, portable), lowbit.lowbit_matmul(layout, x, native)
         group = fmt.group if isinstance(fmt, IntFormat) else fmt.group_size
-        assert_within_bound(a, fmt, x, group)
-        # Same int8 activations and integer block sums; the paths differ only in fp32 roundings: at
-        # most n_blocks + 3 of each, relative to sum |W| max|x_group| (the bound times 254 / (1 + ...)).
-        fp32 = 2 * (layout.geometry.n_blocks + 3) * torch.finfo(torch.float32).eps
-        assert bool(((a - b).abs() <= kernel_error_bound(fmt.decode(), x, group) * 254 * fp32).all())
+        for batch in (1, 7):
+            x = torch.randn(batch, IN)
+            a, b = lowbit.lowbit_matmul(layout, x, other), lowbit.lowbit_matmul(layout, x, native)
+            assert_within_bound(a, fmt, x, group)
+            # Same int8 activations and integer block sums; the paths differ only in fp32 roundings: at
+            # most n_blocks + 3 of each, relative to sum |W| max|x_group| (the bound times 254 / (1 + ...)).
+            fp32 = 2 * (layout.geometry.n_blocks + 3) * torch.finfo(torch.float32).eps
+            assert bool(((a - b).abs() <= kernel_error_bound(fmt.decode(), x, group) * 254 * fp32).all())
+        assert torch.equal(lowbit.decode_bf16(layout, other), lowbit.decode_bf16(layout, native))
 
 
 def test_compressed_linear_uses_the_kernel_and_survives_save_load(tmp_path, native, monkeypatch):

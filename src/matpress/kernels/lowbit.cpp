@@ -35,7 +35,15 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define MP_AVX512_VNNI 1
 #include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define MP_AVX2 1
+#include <immintrin.h>
 #endif
+
+#ifndef MP_PREFETCH_BYTES
+#define MP_PREFETCH_BYTES 2048
+#endif
+static constexpr int PREFETCH_BYTES = MP_PREFETCH_BYTES;
 
 #ifdef MP_AVX512_VNNI
 // One activation block: n real values, Bp outputs (zeros past n).
@@ -82,10 +90,12 @@ static inline int chunk_bytes(int bits) {
 
 extern "C" {
 
-// 1 when the AVX-512 VNNI path was compiled in, 0 for the portable path.
+// Which path was compiled in: 1 AVX-512 VNNI, 2 AVX2, 0 portable C++.
 int mp_isa(void) {
-#ifdef MP_AVX512_VNNI
+#if defined(MP_AVX512_VNNI)
     return 1;
+#elif defined(MP_AVX2)
+    return 2;
 #else
     return 0;
 #endif
@@ -146,11 +156,6 @@ static inline void unpack_chunk_scalar(const uint8_t* p, uint8_t w[4][64]) {
 }
 
 #ifdef MP_AVX512_VNNI
-
-#ifndef MP_PREFETCH_BYTES
-#define MP_PREFETCH_BYTES 2048
-#endif
-static constexpr int PREFETCH_BYTES = MP_PREFETCH_BYTES;
 
 template <int BITS>
 static inline void unpack_chunk(const uint8_t* p, __m512i w[4]) {
@@ -234,6 +239,113 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* w
     for (int m = 0; m < MB; ++m) {
         alignas(64) float t[16];
         _mm512_store_ps(t, yv[m]);
+        for (int r = 0; r < rows; ++r) y[m * ystride + r] = (t[4 * r] + t[4 * r + 1]) + (t[4 * r + 2] + t[4 * r + 3]);
+    }
+}
+
+#elif defined(MP_AVX2)  // AVX2 (e.g. AMD Zen 2/3): the same layout, each 512-bit vector as two halves
+
+// Half h of a chunk's step s holds rows 2h and 2h+1. Codes of up to 4 bits go through vpmaddubsw
+// (u8 x s8 pairs summed to s16: 2 * 15 * 127 per pair, four steps stay below 2^15) and vpmaddwd;
+// 8-bit codes are split into nibbles so that the 16-bit sums cannot saturate.
+template <int BITS>
+static inline void unpack_half(const uint8_t* p, int h, __m256i w[4]) {
+    const uint8_t* ph = p + 32 * h;
+    if constexpr (BITS == 8) {
+        for (int s = 0; s < 4; ++s) w[s] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ph + 64 * s));
+    } else if constexpr (BITS == 4) {
+        const __m256i m4 = _mm256_set1_epi8(0x0F);
+        const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ph));
+        const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ph + 64));
+        w[0] = _mm256_and_si256(v0, m4);
+        w[1] = _mm256_and_si256(_mm256_srli_epi16(v0, 4), m4);
+        w[2] = _mm256_and_si256(v1, m4);
+        w[3] = _mm256_and_si256(_mm256_srli_epi16(v1, 4), m4);
+    } else {
+        const __m256i m2 = _mm256_set1_epi8(0x03);
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ph));
+        for (int s = 0; s < 4; ++s) w[s] = _mm256_and_si256(_mm256_srli_epi16(v, 2 * s), m2);
+        if constexpr (BITS == 3) {
+            // bit i of the half's 32-bit mask -> byte i: spread mask bytes, test one bit per byte
+            const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                                    2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+            const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+            const __m256i four = _mm256_set1_epi8(0x04);
+            for (int s = 0; s < 4; ++s) {
+                uint64_t mask;
+                memcpy(&mask, p + 64 + 8 * s, 8);
+                const __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)(uint32_t)(mask >> (32 * h))), spread);
+                const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+                w[s] = _mm256_or_si256(w[s], _mm256_and_si256(set, four));
+            }
+        }
+    }
+}
+
+template <int BITS, int MB>
+static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* wzt, int NB, int Bp,
+                        const int8_t* xq, long xstride, const float* xscale, const int32_t* xsum,
+                        float* y, long ystride, int rows) {
+    constexpr int CB = BITS == 8 ? 256 : BITS == 4 ? 128 : BITS == 3 ? 96 : 64;
+    const int nc = Bp / 64;
+    const __m256i ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16), m4 = _mm256_set1_epi8(0x0F);
+    __m256 yv[MB][2];
+    for (int m = 0; m < MB; ++m) yv[m][0] = yv[m][1] = _mm256_setzero_ps();
+    for (int q = 0; q < NB / 4; ++q) {
+        alignas(32) int32_t sums[MB][16];  // (row, block) for this quad
+        for (int j = 0; j < 4; ++j) {
+            const int b = 4 * q + j;
+            const uint8_t* pb = wt + (long)b * nc * CB;
+            const int8_t* xb = xq + (long)b * Bp;
+            __m256i acc[MB][2];
+            for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+            for (int c = 0; c < nc; ++c) {
+                for (int line = 0; line < CB; line += 64)
+                    _mm_prefetch(reinterpret_cast<const char*>(pb + (long)c * CB + PREFETCH_BYTES + line), _MM_HINT_T0);
+                for (int h = 0; h < 2; ++h) {
+                    __m256i w[4];
+                    unpack_half<BITS>(pb + (long)c * CB, h, w);
+                    for (int m = 0; m < MB; ++m) {
+                        __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+                        for (int s = 0; s < 4; ++s) {
+                            const __m256i xv = _mm256_broadcastsi128_si256(
+                                _mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + m * xstride + c * 64 + s * 16)));
+                            if constexpr (BITS == 8) {
+                                lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(_mm256_and_si256(w[s], m4), xv));
+                                hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w[s], 4), m4), xv));
+                            } else {
+                                lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(w[s], xv));
+                            }
+                        }
+                        acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_madd_epi16(lo, ones));
+                        if constexpr (BITS == 8) acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_madd_epi16(hi, sixteen));
+                    }
+                }
+            }
+            for (int m = 0; m < MB; ++m)
+                for (int h = 0; h < 2; ++h) {
+                    __m256i a = _mm256_hadd_epi32(acc[m][h], acc[m][h]);
+                    a = _mm256_hadd_epi32(a, a);  // each 128-bit lane: its row's block sum
+                    sums[m][4 * (2 * h) + j] = _mm256_extract_epi32(a, 0);
+                    sums[m][4 * (2 * h + 1) + j] = _mm256_extract_epi32(a, 4);
+                }
+        }
+        for (int h = 0; h < 2; ++h) {
+            const __m256i zv = _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wzt + 16 * q + 8 * h)));
+            const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wst + 16 * q + 8 * h)));
+            for (int m = 0; m < MB; ++m) {
+                const __m256i xs = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xsum + m * NB + 4 * q)));
+                __m256i a = _mm256_load_si256(reinterpret_cast<const __m256i*>(sums[m] + 8 * h));
+                a = _mm256_sub_epi32(a, _mm256_mullo_epi32(zv, xs));
+                const __m256 xa = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(xscale + m * NB + 4 * q));
+                yv[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), _mm256_mul_ps(sv, xa), yv[m][h]);
+            }
+        }
+    }
+    for (int m = 0; m < MB; ++m) {
+        alignas(32) float t[16];
+        _mm256_store_ps(t, yv[m][0]);
+        _mm256_store_ps(t + 8, yv[m][1]);
         for (int r = 0; r < rows; ++r) y[m * ystride + r] = (t[4 * r] + t[4 * r + 1]) + (t[4 * r + 2] + t[4 * r + 3]);
     }
 }
