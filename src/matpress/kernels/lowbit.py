@@ -2,8 +2,9 @@
 
 The weights are repacked once, at first use, into the tiled layout of ``lowbit.cpp`` (cached on the
 format object, never saved); activations are quantized to int8 per block on every call and multiplied
-with VNNI integer dot products, the group scales and zero points applied once per block. See
-``docs/kernels.md`` for the layout and the measured speed.
+by integer dot products (AVX-512 VNNI, else AVX2, else portable C++), the group scales and zero points
+applied once per block. From ``LARGE_BATCH`` rows on, CPUs with AMX decode the weights to bf16 and use
+torch's matmul instead. See ``docs/kernels.md`` for the layout and the measured speed.
 
 Accuracy: the only error beyond fp32 rounding is the activation rounding, at most half a step
 ``a = max|x_block| / 127`` per element, so ``|y - x @ W.T| <= sum_k |W[n, k]| * a(k) / 2`` (plus fp32
@@ -169,12 +170,13 @@ def bf16_matmul_is_fast() -> bool:
 
 
 def int_layout(fmt: IntFormat) -> LowbitLayout:
+    """The kernel layout of an ``int`` format."""
     scale, zero = fmt.scale_zero()
     return pack_layout(fmt.codes(), scale, zero, fmt.group, fmt.bits)
 
 
 def ternary_layout(fmt: TernaryFormat) -> LowbitLayout:
-    # A trit t is the 2-bit code t + 1 with zero point 1.
+    """The kernel layout of a ``ternary`` format: a trit t is the 2-bit code t + 1 with zero point 1."""
     scale = fmt.group_scales()
     codes = (fmt.trits() + 1).to(torch.uint8)
     return pack_layout(codes, scale, torch.ones_like(scale), fmt.group_size, 2)
