@@ -6,8 +6,9 @@ from matpress.errors import FormatError
 from matpress.formats.base import Format
 from matpress.formats.dense import DenseFormat
 from matpress.formats.integer import IntFormat
+from matpress.formats.transformed import TransformedFormat  # after Format: it imports the kernels
 
-FORMATS: dict[str, type[Format]] = {cls.name: cls for cls in (DenseFormat, IntFormat)}
+FORMATS: dict[str, type[Format]] = {cls.name: cls for cls in (DenseFormat, IntFormat, TransformedFormat)}
 
 
 def register_format(cls: type[Format]) -> type[Format]:
@@ -25,4 +26,4 @@ def format_class(name: str) -> type[Format]:
         raise FormatError(f"unknown format {name!r}; known formats: {sorted(FORMATS)}") from None
 
 
-__all__ = ["FORMATS", "DenseFormat", "Format", "IntFormat", "format_class", "register_format"]
+__all__ = ["FORMATS", "DenseFormat", "Format", "IntFormat", "TransformedFormat", "format_class", "register_format"]
