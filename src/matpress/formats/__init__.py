@@ -10,12 +10,13 @@ from matpress.formats.composite import LowRankFormat, SumFormat
 from matpress.formats.monarch import BlockDiagFormat, MonarchFormat
 from matpress.formats.sparse import NMSparseFormat, SparseFormat
 from matpress.formats.ternary import TernaryFormat
+from matpress.formats.transformed import TransformedFormat  # after Format: it imports the kernels
 
 FORMATS: dict[str, type[Format]] = {
     cls.name: cls
     for cls in (
         DenseFormat, IntFormat, TernaryFormat, LowRankFormat, SumFormat, SparseFormat, NMSparseFormat,
-        MonarchFormat, BlockDiagFormat,
+        MonarchFormat, BlockDiagFormat, TransformedFormat,
     )
 }
 
@@ -37,5 +38,6 @@ def format_class(name: str) -> type[Format]:
 
 __all__ = [
     "FORMATS", "BlockDiagFormat", "DenseFormat", "Format", "IntFormat", "LowRankFormat", "MonarchFormat",
-    "NMSparseFormat", "SparseFormat", "SumFormat", "TernaryFormat", "format_class", "register_format",
+    "NMSparseFormat", "SparseFormat", "SumFormat", "TernaryFormat", "TransformedFormat", "format_class",
+    "register_format",
 ]
