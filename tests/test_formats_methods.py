@@ -67,12 +67,12 @@ def test_eora_compensates_the_int_residual_in_the_activation_eigenspace():
     assert out_err(w, fmt, stats) < 0.8 * out_err(w, rtn, stats)
 
 
-@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
-def test_wanda_and_sparsegpt_beat_magnitude_on_the_output_error(pattern):
+@pytest.mark.parametrize("nm", [None, "2:4"])
+def test_wanda_and_sparsegpt_beat_magnitude_on_the_output_error(nm):
     totals = dict.fromkeys(("magnitude", "wanda", "sparsegpt"), 0.0)
     for seed in range(3):
         w, stats = layer(10 + seed)
-        errors = {name: out_err(w, run(name, w, stats, sparsity=0.5, pattern=pattern), stats) for name in totals}
+        errors = {name: out_err(w, run(name, w, stats, sparsity=0.5, nm=nm), stats) for name in totals}
         assert errors["wanda"] < 0.5 * errors["magnitude"], errors
         assert errors["sparsegpt"] < 0.5 * errors["magnitude"], errors
         totals = {name: totals[name] + errors[name] for name in totals}
@@ -80,24 +80,24 @@ def test_wanda_and_sparsegpt_beat_magnitude_on_the_output_error(pattern):
     assert totals["sparsegpt"] < totals["wanda"], totals
 
 
-@pytest.mark.parametrize("pattern,value_bits", [("unstructured", 16), ("unstructured", 4), ("2:4", 16), ("4:8", 3)])
-def test_sparsegpt_masks_and_quantized_values(pattern, value_bits):
+@pytest.mark.parametrize("nm,value_bits", [(None, 16), (None, 4), ("2:4", 16), ("4:8", 3)])
+def test_sparsegpt_masks_and_quantized_values(nm, value_bits):
     w, stats = layer(5)
-    fmt = run("sparsegpt", w, stats, sparsity=0.5, pattern=pattern, value_bits=value_bits, group_size=64)
+    fmt = run("sparsegpt", w, stats, sparsity=0.5, nm=nm, value_bits=value_bits, group_size=64)
     decoded = fmt.decode()
-    if pattern == "unstructured":
+    if nm is None:
         assert isinstance(fmt, SparseFormat)
         # each lazy block keeps half of every row's weights
         assert bool((fmt.mask().view(48, 2, 64).sum(-1) == 32).all())
     else:
-        n, m = (int(v) for v in pattern.split(":"))
+        n, m = (int(v) for v in nm.split(":"))
         assert isinstance(fmt, NMSparseFormat)
         assert bool((fmt.mask().view(48, -1, m).sum(-1) == n).all())
     assert bool((decoded[~fmt.mask()] == 0).all())
     if value_bits != 16:
         values = fmt.values
         assert isinstance(values, IntFormat) and values.bits == value_bits and values.group_size == 32
-        rtn = run("magnitude", w, stats, sparsity=0.5, pattern=pattern, value_bits=value_bits, group_size=64)
+        rtn = run("magnitude", w, stats, sparsity=0.5, nm=nm, value_bits=value_bits, group_size=64)
         assert out_err(w, fmt, stats) < 0.9 * out_err(w, rtn, stats)
 
 
@@ -144,9 +144,9 @@ def test_calibrated_ternary_beats_absmean(group_size):
         ("svd", {"rank": 0}, "rank must be a positive integer"),
         ("svd_llm", {"energy": 1.5}, "energy must be a fraction"),
         ("eora", {"rank": 4, "bits": 1}, "bits must be an integer from 2 to 8"),
-        ("magnitude", {"pattern": "5:4"}, "need 1 <= n <= m"),
-        ("wanda", {"pattern": "two:four"}, "pattern must be 'unstructured' or 'n:m'"),
-        ("sparsegpt", {"pattern": "2:4", "group_size": 30}, "multiple of m=4"),
+        ("magnitude", {"nm": "5:4"}, "need 1 <= n <= m"),
+        ("wanda", {"nm": "two:four"}, "nm must be null"),
+        ("sparsegpt", {"nm": "2:4", "group_size": 30}, "multiple of m=4"),
         ("magnitude", {"value_bits": 12}, "value_bits must be 16"),
         ("monarch", {"nblocks": 0}, "nblocks must be a positive integer"),
         ("ternary", {"group_size": -2}, "group_size must be a positive integer"),
@@ -164,4 +164,4 @@ def test_bad_shapes_fail_at_the_layer():
     with pytest.raises(FormatError, match="nblocks=4 must be a positive integer dividing 30"):
         run("monarch", w, stats, nblocks=4)
     with pytest.raises(FormatError, match="not a multiple of m=4"):
-        run("wanda", w, stats, pattern="2:4")
+        run("wanda", w, stats, nm="2:4")

@@ -34,43 +34,43 @@ SparseResult = Union[SparseFormat, NMSparseFormat]
 
 @dataclass(frozen=True)
 class PruneParams:
-    """sparsity: fraction of weights dropped (unstructured). pattern: 'unstructured' or 'n:m' (e.g.
-    '2:4', then sparsity is n/m's complement). value_bits: 16 keeps fp16 values, 2 to 8 quantizes the
+    """sparsity: fraction of weights dropped (unstructured). nm: None for unstructured, or 'n:m' such as
+    '2:4' (then ``sparsity`` is ignored: n of every m kept). value_bits: 16 keeps fp16 values, 2 to 8 quantizes the
     kept values. group_size: input columns whose kept values share one scale (and SparseGPT's lazy
     block). symmetric: symmetric quantization of the kept values."""
 
     sparsity: float = 0.5
-    pattern: str = "unstructured"
+    nm: Optional[str] = None
     value_bits: int = 16
     group_size: int = 128
     symmetric: bool = False
 
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity)
-        self.nm()
+        self.n_m()
         if self.value_bits not in (16, *range(2, 9)):
             raise ValueError(f"value_bits must be 16 (fp16) or 2 to 8, got {self.value_bits!r}")
         if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1:
             raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
-        nm = self.nm()
+        nm = self.n_m()
         if nm is not None and self.group_size % nm[1]:
             raise ValueError(f"group_size={self.group_size} must be a multiple of m={nm[1]} for n:m sparsity")
 
-    def nm(self) -> Optional[tuple[int, int]]:
-        """``(n, m)`` for an n:m pattern, None for unstructured."""
-        if self.pattern == "unstructured":
+    def n_m(self) -> Optional[tuple[int, int]]:
+        """``(n, m)`` for n:m sparsity, None for unstructured."""
+        if self.nm is None:
             return None
         try:
-            n, m = (int(v) for v in self.pattern.split(":"))
+            n, m = (int(v) for v in self.nm.split(":"))
         except (ValueError, AttributeError):
-            raise ValueError(f"pattern must be 'unstructured' or 'n:m' such as '2:4', got {self.pattern!r}") from None
+            raise ValueError(f"nm must be null (unstructured) or 'n:m' such as '2:4', got {self.nm!r}") from None
         if not 1 <= n <= m:
-            raise ValueError(f"pattern {self.pattern!r}: need 1 <= n <= m")
+            raise ValueError(f"nm={self.nm!r}: need 1 <= n <= m")
         return n, m
 
     @property
     def density(self) -> float:
-        nm = self.nm()
+        nm = self.n_m()
         return 1 - self.sparsity if nm is None else nm[0] / nm[1]
 
     def kept_per_group(self) -> int:
@@ -105,7 +105,7 @@ def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 
 def from_mask(weight: torch.Tensor, mask: torch.Tensor, params: PruneParams) -> SparseResult:
-    nm = params.nm()
+    nm = params.n_m()
     if nm is None:
         return SparseFormat.from_mask(weight, mask, params.value_spec())
     return NMSparseFormat.from_mask(weight, mask, nm[0], nm[1], params.value_spec())
@@ -114,7 +114,7 @@ def from_mask(weight: torch.Tensor, mask: torch.Tensor, params: PruneParams) -> 
 @register_method("magnitude", PruneParams)
 def magnitude(weight: torch.Tensor, params: PruneParams, stats: Optional[LayerStats] = None) -> SparseResult:
     """Magnitude pruning: drop the smallest |w| of the layer (or of each group of m for n:m)."""
-    nm = params.nm()
+    nm = params.n_m()
     scores = weight.abs()
     mask = magnitude_mask(scores, params.sparsity) if nm is None else nm_mask(scores, *nm)
     return from_mask(weight, mask, params)
@@ -125,7 +125,7 @@ def wanda(weight: torch.Tensor, params: PruneParams, stats: Optional[LayerStats]
     """Wanda: prune by |W| times the input feature norm, compared per output row (or group of m)."""
     norms = torch.diagonal(stats.xtx).to(weight.device).float().clamp(min=0).sqrt()
     scores = weight.abs() * norms
-    nm = params.nm()
+    nm = params.n_m()
     mask = row_mask(scores, params.sparsity) if nm is None else nm_mask(scores, *nm)
     return from_mask(weight, mask, params)
 
@@ -135,7 +135,7 @@ def sparsegpt(weight: torch.Tensor, params: SparseGPTParams, stats: Optional[Lay
     """SparseGPT: OBS-updated pruning in lazy blocks, optionally quantizing the kept weights in the same pass."""
     h, w = damped_hessian(stats, weight, params.damping)
     out_f, in_f = w.shape
-    nm = params.nm()
+    nm = params.n_m()
     if nm is not None and in_f % nm[1]:
         raise FormatError(f"n:m sparsity: in_features={in_f} is not a multiple of m={nm[1]}")
     quantize = params.value_bits != 16
