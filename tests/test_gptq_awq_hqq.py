@@ -125,3 +125,17 @@ def test_rotated_gptq_model_survives_save_load(tmp_path):
     loaded = matpress.load(tmp_path / "ckpt")
     with torch.inference_mode():
         assert torch.equal(loaded(**ids).logits, before)
+
+
+def test_cli_gptq_with_calibration(tiny_causal_dir, tmp_path, capsys):
+    from matpress.cli import main
+
+    out = tmp_path / "gptq"
+    argv = ["compress", str(tiny_causal_dir), "--method", "gptq", "--bits", "4", "--group", "32", "--act-order",
+            "--rotate", "--calib", "builtin", "--samples", "4", "--seq-len", "32", "--batch-size", "2", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    assert "rotated int4 g32 asym" in capsys.readouterr().out
+    assert main(argv[:-3] + ["--calib", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert "not an existing file" in capsys.readouterr().err
+    assert main(["compress", str(tiny_causal_dir), "--method", "rtn", "--rotate", "--out", str(tmp_path / "y")]) == 2
+    assert "unknown parameter(s) ['rotate']" in capsys.readouterr().err
