@@ -39,38 +39,41 @@ Config = tuple[str, str, dict[str, Any]]  # family, label, default rule of the r
 
 
 def configs(monarch_blocks: tuple[int, ...], quick: bool) -> list[Config]:
-    int_methods = ["rtn"] + (["gptq"] if "gptq" in METHODS else [])
+    """The recipes swept, as (family, label, default rule). GPTQ (slow on CPU) gets fewer points."""
+    gptq = "gptq" in METHODS
     out: list[Config] = []
-    for method in int_methods:
-        for bits in (2, 3, 4, 5, 8):
-            out.append((f"int ({method.upper()})", f"{method} int{bits} g128", {"method": method, "bits": bits, "group_size": 128}))
-    for method in int_methods:
-        eora = [(2, 1.0, 16), (3, 1.0, 16), (3, 1.0, 8), (4, 0.25, 8), (4, 1.0, 16)]
-        for bits, rank_bits, factor_bits in eora[:2] if quick else eora:
-            out.append((
-                f"int+lowrank (EoRA, {method.upper()})",
-                f"eora {method} int{bits} g128 + {rank_bits} bpw r{'fp16' if factor_bits == 16 else f'int{factor_bits}'}",
-                {"method": "eora", "quantizer": method, "bits": bits, "group_size": 128, "rank_bits": rank_bits, "factor_bits": factor_bits},
-            ))
-    out.append(("int (RTN)", "rtn int4 g64", {"method": "rtn", "bits": 4, "group_size": 64}))
-    for method in ("svd", "svd_llm"):
+    for method, points in [("rtn", ((2, 128), (3, 128), (4, 128), (4, 64), (5, 128), (8, 128)))] + (
+        [("gptq", ((2, 128), (3, 128), (4, 128), (4, 64)))] if gptq else []
+    ):
+        for bits, group in points[:3] if quick else points:
+            out.append((f"int ({method.upper()})", f"{method} int{bits} g{group}", {"method": method, "bits": bits, "group_size": group}))
+    # int + low-rank residual at the storage of a plain int point: int4 g128 + 0.25 bpw = int4 g64, ...
+    eora = [("rtn", 2, 1.0, 16), ("rtn", 3, 1.0, 8), ("rtn", 4, 0.25, 8), ("rtn", 4, 1.0, 8)]
+    if gptq:
+        eora += [("gptq", 3, 1.0, 8), ("gptq", 4, 0.25, 8)]
+    for quantizer, bits, rank_bits, factor_bits in eora[:2] if quick else eora:
+        factors = "fp16" if factor_bits == 16 else f"int{factor_bits}"
+        out.append((
+            f"int+lowrank (EoRA, {quantizer.upper()})",
+            f"eora {quantizer} int{bits} g128 + {rank_bits:g} bpw {factors} factors",
+            {"method": "eora", "quantizer": quantizer, "bits": bits, "group_size": 128, "rank_bits": rank_bits,
+             "factor_bits": factor_bits},
+        ))
+    for method, family in (("svd", "lowrank (SVD)"), ("svd_llm", "lowrank (SVD-LLM)")):
         for rank_bits in (2.0, 4.0, 8.0):
-            family = "lowrank (SVD-LLM)" if method == "svd_llm" else "lowrank (SVD)"
-            out.append((family, f"{method} {rank_bits:g} bpw", {"method": method, "rank_bits": rank_bits}))
+            out.append((family, f"{method} {rank_bits:g} bpw fp16", {"method": method, "rank_bits": rank_bits}))
     for method in ("magnitude", "wanda", "sparsegpt"):
         for nm in (None, "2:4"):
-            for value_bits in (16, 4) if not quick else (16,):
-                where = "50%" if nm is None else nm
+            for value_bits in (16,) if quick else (16, 4):
                 values = "fp16" if value_bits == 16 else f"int{value_bits} g128"
-                out.append((f"sparse ({method})", f"{method} {where} {values}",
+                out.append((f"sparse ({method})", f"{method} {nm or '50%'} {values}",
                             {"method": method, "sparsity": 0.5, "nm": nm, "value_bits": value_bits, "group_size": 128}))
     for method in ("monarch", "monarch_aw"):
         for b in monarch_blocks:
-            out.append((f"{method}", f"{method} b{b}", {"method": method, "nblocks": b}))
-    for method in ("ternary", "ternary_calibrated"):
+            out.append((method, f"{method} b{b}", {"method": method, "nblocks": b}))
+    for method, family in (("ternary", "ternary (absmean)"), ("ternary_calibrated", "ternary (calibrated)")):
         for group in (None, 64):
-            label = f"{method} {'per-channel' if group is None else f'g{group}'}"
-            out.append((f"ternary ({'absmean' if method == 'ternary' else 'calibrated'})", label, {"method": method, "group_size": group}))
+            out.append((family, f"{method} {'per-channel' if group is None else f'g{group}'}", {"method": method, "group_size": group}))
     return out
 
 
@@ -164,6 +167,30 @@ def plot(panels: list[tuple[str, list[dict[str, Any]], str, bool, bool]], path: 
     fig.savefig(path, dpi=120)
 
 
+def headline(rows: list[dict[str, Any]], metric: str) -> list[str]:
+    """The comparisons the issue asks about: int + low rank against plain int at equal storage, and the
+    pruning methods against each other at equal sparsity."""
+    by_label = {r["label"]: r for r in rows}
+    pairs = [
+        ("rtn int4 g64", "eora rtn int4 g128 + 0.25 bpw int8 factors"),
+        ("gptq int4 g64", "eora gptq int4 g128 + 0.25 bpw int8 factors"),
+        ("rtn int4 g128", "eora rtn int3 g128 + 1 bpw int8 factors"),
+        ("gptq int4 g128", "eora gptq int3 g128 + 1 bpw int8 factors"),
+    ]
+    lines = [f"| comparison at (about) equal storage | bits/weight | {metric} |", "|---|---|---|"]
+    for plain, compensated in pairs:
+        if plain in by_label and compensated in by_label:
+            for label in (plain, compensated):
+                lines.append(f"| {label} | {by_label[label]['bpw']:.3f} | {by_label[label][metric]:.4f} |")
+    for where in ("50%", "2:4"):
+        for values in ("fp16", "int4 g128"):
+            for method in ("magnitude", "wanda", "sparsegpt"):
+                label = f"{method} {where} {values}"
+                if label in by_label:
+                    lines.append(f"| {label} | {by_label[label]['bpw']:.3f} | {by_label[label][metric]:.4f} |")
+    return lines
+
+
 def table(rows: list[dict[str, Any]], metrics: list[str]) -> list[str]:
     lines = ["| family | configuration | bits/weight | " + " | ".join(metrics) + " | compress s |",
              "|---|---|---|" + "---|" * len(metrics) + "---|"]
@@ -200,6 +227,8 @@ def main() -> None:
         "",
         mini_setup + ". cosine: mean cosine similarity to the original embeddings; top10: top-10 retrieval agreement.",
         "",
+        *headline(mini, "cosine"),
+        "",
         *table(mini, ["cosine", "top10"]),
     ]
     if not args.skip_causal:
@@ -211,6 +240,8 @@ def main() -> None:
             "## Small causal LM (16 linear layers)",
             "",
             causal_setup + f". Original perplexity {ref:.2f}; kl: mean next-token KL(original || compressed) in nats.",
+            "",
+            *headline(causal, "kl"),
             "",
             *table(causal, ["perplexity", "kl"]),
         ]
