@@ -2,8 +2,10 @@
 low-rank compensation (EoRA), low rank (SVD, SVD-LLM), sparse (magnitude, Wanda, SparseGPT; 50% and 2:4;
 fp16 or int4 kept values), Monarch, ternary.
 
-Every linear layer of the model is compressed with one recipe at a time; calibration statistics come
-from the calibration split of ``pydoc_data.topics`` and quality is measured on the evaluation split:
+Every linear layer of the model is compressed with one recipe at a time; calibrated methods run block by
+block (``matpress.compress(model, recipe, calibration=data)``: each block's statistics come from the
+outputs of the blocks already compressed) on the calibration split of ``pydoc_data.topics``, and
+quality is measured on the evaluation split:
 
 - all-MiniLM-L6-v2 (36 layers): mean cosine similarity of sentence embeddings to the original's and
   top-10 retrieval agreement;
@@ -28,7 +30,7 @@ from typing import Any, Callable
 import torch
 
 import matpress
-from matpress.calibration import CalibrationData, collect_stats
+from matpress.calibration import CalibrationData
 from matpress.evaluation import embedding_fidelity, language_model_quality, sentence_embeddings, token_windows
 from matpress.evaluation.text import EVALUATION, corpus, sentences
 from matpress.evaluation.timing import machine_description
@@ -80,7 +82,7 @@ def configs(monarch_blocks: tuple[int, ...], quick: bool) -> list[Config]:
 def sweep(
     name: str,
     original: torch.nn.Module,
-    stats: dict,
+    data: CalibrationData,
     measure: Callable[[torch.nn.Module], dict[str, float]],
     todo: list[Config],
 ) -> list[dict[str, Any]]:
@@ -88,7 +90,7 @@ def sweep(
     for family, label, rule in todo:
         model = copy.deepcopy(original)
         start = time.perf_counter()
-        report = matpress.compress(model, {"default": rule}, stats=stats, progress=False)
+        report = matpress.compress(model, {"default": rule}, calibration=data, progress=False)
         seconds = time.perf_counter() - start
         row = {"family": family, "label": label, "bpw": report.bits_per_weight, "seconds": seconds, **measure(model)}
         rows.append(row)
@@ -100,7 +102,6 @@ def minilm_rows(n_sentences: int, quick: bool) -> tuple[list[dict[str, Any]], st
     loaded = load_pretrained("minilm")
     original, tokenizer = loaded.model, loaded.tokenizer
     data = CalibrationData.from_text(tokenizer, n_samples=128, seq_len=128, unit="sentence")
-    stats = collect_stats(original, data, progress=False)
     texts = sentences(n_sentences, EVALUATION)
     reference = sentence_embeddings(original, tokenizer, texts, progress=False)
 
@@ -108,7 +109,7 @@ def minilm_rows(n_sentences: int, quick: bool) -> tuple[list[dict[str, Any]], st
         fid = embedding_fidelity(reference, sentence_embeddings(model, tokenizer, texts, progress=False))
         return {"cosine": fid["cosine_mean"], "top10": fid["top10_agreement"]}
 
-    rows = sweep("minilm", original, stats, measure, configs((24, 48, 96), quick))
+    rows = sweep("minilm", original, data, measure, configs((24, 48, 96), quick))
     setup = f"calibration: {data.source}; evaluation: {len(texts)} sentences of the evaluation split"
     return rows, setup
 
@@ -119,14 +120,13 @@ def causal_rows(cache_dir: Path, n_windows: int, quick: bool) -> tuple[list[dict
 
     original, tokenizer = load_or_train(cache_dir)
     data = CalibrationData.from_text(tokenizer, n_samples=64, seq_len=128)
-    stats = collect_stats(original, data, progress=False)
     windows = token_windows(tokenizer, corpus(EVALUATION), 128, n_windows)
 
     def measure(model: torch.nn.Module) -> dict[str, float]:
         q = language_model_quality(model, windows, original)
         return {"perplexity": q["perplexity"], "kl": q["kl_mean"], "reference_perplexity": q["reference_perplexity"]}
 
-    rows = sweep("causal", original, stats, measure, configs((16, 32, 64), quick))
+    rows = sweep("causal", original, data, measure, configs((16, 32, 64), quick))
     setup = f"{DESCRIPTION}; calibration: {data.source}; evaluation: {len(windows)} windows of 128 tokens of the evaluation split"
     return rows, setup
 
@@ -220,8 +220,9 @@ def main() -> None:
         f"Command: `{' '.join(['python', *sys.argv])}`  ",
         f"Machine: {machine_description()}  ",
         "Every linear layer compressed with one recipe; bits/weight = stored bytes of those layers (codes, "
-        "scales, zeros, indices, masks, factors) x 8 / weights. Calibrated methods use statistics of the "
-        "uncompressed model on the calibration split; quality is measured on the evaluation split.",
+        "scales, zeros, indices, masks, factors) x 8 / weights. Calibrated methods run block by block on the "
+        "calibration split (statistics of each block taken after the blocks before it are compressed); "
+        "quality is measured on the evaluation split.",
         "",
         "## all-MiniLM-L6-v2 (36 linear layers)",
         "",
