@@ -48,7 +48,6 @@ class PruneParams:
 
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity)
-        self.n_m()
         if self.value_bits not in (16, *range(2, 9)):
             raise ValueError(f"value_bits must be 16 (fp16) or 2 to 8, got {self.value_bits!r}")
         if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1:
