@@ -148,14 +148,16 @@ def plot(panels: list[tuple[str, list[dict[str, Any]], str, bool, bool]], path: 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 5.5), squeeze=False)
+    colors = plt.get_cmap("tab20").colors
+    markers = "osD^v<>phX*Pd"
     for ax, (title, rows, metric, higher, log) in zip(axes[0], panels):
         families = list(dict.fromkeys(r["family"] for r in rows))
         for i, family in enumerate(families):
             pts = [(r["bpw"], r[metric]) for r in rows if r["family"] == family]
-            front = pareto(pts, higher)
-            style = "-" if i < 10 else "--"
-            line, = ax.plot(*zip(*front), style, marker="o", label=family)
-            ax.scatter(*zip(*pts), color=line.get_color(), s=12, alpha=0.5)
+            color, marker = colors[(2 * i) % 20 + (2 * i) // 20], markers[i % len(markers)]
+            # the family's Pareto front as a line; its dominated points as small markers
+            ax.plot(*zip(*pareto(pts, higher)), "-", color=color, marker=marker, label=family)
+            ax.scatter(*zip(*pts), color=color, marker=marker, s=14, alpha=0.5)
         ax.set_xlabel("effective bits per weight (linear layers)")
         ax.set_ylabel(metric)
         if log:
