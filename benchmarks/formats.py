@@ -45,7 +45,7 @@ def configs(monarch_blocks: tuple[int, ...], quick: bool) -> list[Config]:
     gptq = "gptq" in METHODS
     out: list[Config] = []
     for method, points in [("rtn", ((2, 128), (3, 128), (4, 128), (4, 64), (5, 128), (8, 128)))] + (
-        [("gptq", ((3, 128), (4, 128), (4, 64)))] if gptq else []
+        [("gptq", ((2, 128), (3, 128), (4, 128), (4, 64)))] if gptq else []
     ):
         for bits, group in points[:3] if quick else points:
             out.append((f"int ({method.upper()})", f"{method} int{bits} g{group}", {"method": method, "bits": bits, "group_size": group}))
@@ -205,7 +205,7 @@ def table(rows: list[dict[str, Any]], metrics: list[str]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--sentences", type=int, default=200)
+    parser.add_argument("--sentences", type=int, default=300)
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--causal-lm", type=Path, default=Path("out/causal-lm"))
     parser.add_argument("--quick", action="store_true", help="fewer configurations (a smoke test)")
