@@ -169,6 +169,11 @@ def plot(panels: list[tuple[str, list[dict[str, Any]], str, bool, bool]], path: 
     fig.savefig(path, dpi=120)
 
 
+def fmt_metric(value: float) -> str:
+    """Four decimals, or three significant digits for small values (KL of near-lossless formats)."""
+    return f"{value:.4f}" if abs(value) >= 0.1 else f"{value:.3g}"
+
+
 def headline(rows: list[dict[str, Any]], metric: str) -> list[str]:
     """The comparisons the issue asks about: int + low rank against plain int at equal storage, and the
     pruning methods against each other at equal sparsity."""
@@ -183,13 +188,13 @@ def headline(rows: list[dict[str, Any]], metric: str) -> list[str]:
     for plain, compensated in pairs:
         if plain in by_label and compensated in by_label:
             for label in (plain, compensated):
-                lines.append(f"| {label} | {by_label[label]['bpw']:.3f} | {by_label[label][metric]:.4f} |")
+                lines.append(f"| {label} | {by_label[label]['bpw']:.3f} | {fmt_metric(by_label[label][metric])} |")
     for where in ("50%", "2:4"):
         for values in ("fp16", "int4 g128"):
             for method in ("magnitude", "wanda", "sparsegpt"):
                 label = f"{method} {where} {values}"
                 if label in by_label:
-                    lines.append(f"| {label} | {by_label[label]['bpw']:.3f} | {by_label[label][metric]:.4f} |")
+                    lines.append(f"| {label} | {by_label[label]['bpw']:.3f} | {fmt_metric(by_label[label][metric])} |")
     return lines
 
 
@@ -197,7 +202,7 @@ def table(rows: list[dict[str, Any]], metrics: list[str]) -> list[str]:
     lines = ["| family | configuration | bits/weight | " + " | ".join(metrics) + " | compress s |",
              "|---|---|---|" + "---|" * len(metrics) + "---|"]
     for r in sorted(rows, key=lambda r: (r["family"], r["bpw"])):
-        vals = " | ".join(f"{r[m]:.4f}" for m in metrics)
+        vals = " | ".join(fmt_metric(r[m]) for m in metrics)
         lines.append(f"| {r['family']} | {r['label']} | {r['bpw']:.3f} | {vals} | {r['seconds']:.1f} |")
     return lines
 
