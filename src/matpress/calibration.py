@@ -1,16 +1,26 @@
-"""Calibration: token batches from real text, and the statistics of each linear layer's inputs.
+"""Calibration: token batches from real text, the statistics of each linear layer's inputs, and the
+memory-bounded block-by-block compression pass.
 
 :class:`CalibrationData` turns text (the calibration split of :mod:`matpress.evaluation.text`, a user's
 file, or a list of strings) into padded token batches. :func:`collect_stats` runs a model over them with
 forward hooks on its linear layers and sums ``x x^T`` and ``|x|`` over the real tokens (padding is
 masked out), giving one :class:`~matpress.methods.LayerStats` per layer.
+
+:func:`compress_sequential` is what :func:`matpress.compress` runs for calibrated methods: it finds the
+model's repeated transformer blocks, catches the first block's inputs (and keyword arguments such as
+attention masks and position embeddings), then per block collects statistics of its linear layers in
+execution order (the layers sharing an input, such as q/k/v, together), compresses them, and runs the
+compressed block to make the next block's inputs. Later layers thus see the errors of earlier ones and
+compensate for them, as in GPTQ, and only one block's activations are held at a time.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
+
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -18,8 +28,10 @@ from tqdm.auto import tqdm
 
 from matpress.errors import CalibrationError
 from matpress.evaluation.text import CALIBRATION, corpus, read_text_file, sentences
-from matpress.methods import LayerStats
-from matpress.model_pass import find_linear_layers
+from matpress.methods import LayerStats, get_method
+from matpress.model_pass import LayerReport, compress_layer, find_linear_layers, is_linear
+from matpress.models import ENCODER, model_kind
+from matpress.recipe import Rule
 
 BUILTIN = "builtin"
 WINDOW = "window"  # samples are windows of seq_len tokens of running text (causal LMs)
@@ -246,4 +258,209 @@ def collect_stats(
             batch = {k: v.to(device) for k, v in batch.items()}
             collector.mask = batch_mask(batch)
             model(**batch)
+    return collector.stats
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """A recipe's ``calibration`` entry: text (``builtin``, a file path, or a list of strings), samples,
+    seq_len, batch_size, and unit (``window`` or ``sentence``; None: by model kind)."""
+
+    text: Union[str, tuple[str, ...]] = BUILTIN
+    samples: int = 128
+    seq_len: int = 128
+    batch_size: int = 8
+    unit: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.text, str) and self.text.strip()) and not (
+            isinstance(self.text, tuple) and self.text and all(isinstance(t, str) for t in self.text)
+        ):
+            raise CalibrationError(f"calibration text must be '{BUILTIN}', a file path or a list of strings, got {self.text!r}")
+        _check_positive(samples=self.samples, seq_len=self.seq_len, batch_size=self.batch_size)
+        if self.unit is not None and self.unit not in UNITS:
+            raise CalibrationError(f"calibration unit must be one of {list(UNITS)}, got {self.unit!r}")
+
+    @classmethod
+    def from_dict(cls, values: Any, where: str = "calibration") -> "CalibrationSettings":
+        if not isinstance(values, dict):
+            raise CalibrationError(f"{where}: must be a mapping such as {{text: builtin, samples: 128}}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise CalibrationError(f"{where}: unknown key(s) {unknown}; it takes {sorted(fields)}")
+        values = dict(values)
+        if isinstance(values.get("text"), list):
+            values["text"] = tuple(values["text"])
+        try:
+            return cls(**values)
+        except CalibrationError as e:
+            raise CalibrationError(f"{where}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if isinstance(self.text, tuple):
+            d["text"] = list(self.text)
+        return d
+
+    def data(self, tokenizer: Any, model: Optional[nn.Module] = None) -> CalibrationData:
+        """The calibration batches; without a ``unit``, sentences for encoders and windows otherwise."""
+        if tokenizer is None:
+            raise CalibrationError(
+                "calibrated methods (gptq, awq) need calibration text: pass tokenizer= (or calibration=) to compress"
+            )
+        unit = self.unit or (SENTENCE if model is not None and model_kind(model) == ENCODER else WINDOW)
+        text = list(self.text) if isinstance(self.text, tuple) else self.text
+        return CalibrationData.from_text(tokenizer, text, self.samples, self.seq_len, self.batch_size, unit)
+
+
+# -- the block-by-block pass -------------------------------------------------------------------------
+
+
+class _BlockInputsCaught(Exception):
+    """Raised by the hook on the first block once its inputs are recorded: the rest of the model need
+    not run."""
+
+    def __init__(self, args: tuple, kwargs: dict):
+        self.args, self.kwargs = args, kwargs
+
+
+@dataclass
+class BlockInput:
+    """One calibration batch as a block sees it: the hidden states, the block's other arguments, and
+    the batch's padding mask."""
+
+    hidden: torch.Tensor
+    args: tuple
+    kwargs: dict
+    mask: torch.Tensor
+
+    def run(self, block: nn.Module) -> torch.Tensor:
+        out = block(self.hidden, *self.args, **self.kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's repeated transformer blocks: the ``nn.ModuleList`` whose members hold the most linear
+    layers (``model.layers`` of Llama, ``transformer.h`` of GPT-2, ``encoder.layer`` of BERT)."""
+    best, best_count = None, 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            count = sum(is_linear(m) for m in module.modules())
+            if count > best_count and all(any(is_linear(m) for m in child.modules()) for child in module):
+                best, best_count = (name, module), count
+    if best is None:
+        raise CalibrationError(
+            f"no repeated blocks (an nn.ModuleList of modules holding linear layers) found in this "
+            f"{type(model).__name__}; pass precomputed stats= to compress instead"
+        )
+    return best
+
+
+def _without_cache(value: Any) -> Any:
+    """Blocks are re-run many times: never let them append to a key/value cache."""
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:
+        return value
+    return None if isinstance(value, Cache) else value
+
+
+@torch.inference_mode()
+def capture_block_inputs(model: nn.Module, block: nn.Module, data: CalibrationData) -> list[BlockInput]:
+    """Run ``model`` over ``data`` up to ``block`` and return what ``block`` receives for each batch."""
+    if not data.batches:
+        raise CalibrationError("calibration data holds no batches")
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        raise _BlockInputsCaught(args, kwargs)
+
+    device = model_device(model)
+    inputs = []
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in data.batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            try:
+                model(**batch)
+            except _BlockInputsCaught as caught:
+                args, kwargs = list(caught.args), dict(caught.kwargs)
+                hidden = args.pop(0) if args else kwargs.pop("hidden_states")
+                args = tuple(_without_cache(a) for a in args)
+                kwargs = {k: _without_cache(v) for k, v in kwargs.items()}
+                if "use_cache" in kwargs:
+                    kwargs["use_cache"] = False
+                inputs.append(BlockInput(hidden, args, kwargs, batch_mask(batch)))
+            else:
+                raise CalibrationError(f"the model never called its block {type(block).__name__} on calibration data")
+    finally:
+        handle.remove()
+    return inputs
+
+
+@torch.inference_mode()
+def execution_stages(block: nn.Module, names: dict[str, str], sample: BlockInput) -> list[list[str]]:
+    """The block's linear layers (local name -> model name in ``names``) in the order the block calls
+    them, consecutive layers reading the very same input tensor grouped in one stage (q/k/v, gate/up)."""
+    calls: list[tuple[str, torch.Tensor]] = []
+    handles = [
+        block.get_submodule(local).register_forward_pre_hook(lambda m, a, full=full: calls.append((full, a[0])))
+        for local, full in names.items()
+    ]
+    try:
+        sample.run(block)
+    finally:
+        for h in handles:
+            h.remove()
+    stages: list[list[str]] = []
+    last_input = None
+    for full, x in calls:
+        if full in (n for stage in stages for n in stage):
+            continue  # a layer called twice keeps its first place
+        if stages and x is last_input:
+            stages[-1].append(full)
+        else:
+            stages.append([full])
+        last_input = x
+    stages.extend([n] for n in names.values() if all(n not in st for st in stages))  # never called
+    return stages
+
+
+def compress_sequential(
+    model: nn.Module, chosen: dict[str, Rule], data: CalibrationData, progress: bool = True
+) -> list[LayerReport]:
+    """Compress the layers in ``chosen`` (name -> rule) block by block on ``data``: see the module doc."""
+    prefix, blocks = find_blocks(model)
+    reports: dict[str, LayerReport] = {}
+    inputs = capture_block_inputs(model, blocks[0], data)
+    for i, block in enumerate(tqdm(blocks, desc="compressing blocks", unit="block", disable=not progress)):
+        head = f"{prefix}.{i}." if prefix else f"{i}."
+        names = {n[len(head):]: n for n in chosen if n.startswith(head)}
+        if names:
+            for stage in execution_stages(block, names, inputs[0]):
+                stats = _block_stats(block, head, [n for n in stage if get_method(chosen[n].method).needs_calibration], inputs)
+                for name in stage:
+                    reports[name] = compress_layer(model, name, chosen[name], stats.get(name))
+        if i + 1 < len(blocks):
+            with torch.inference_mode():
+                for inp in inputs:  # in place: the previous block's activations are dropped as we go
+                    inp.hidden = inp.run(block)
+    del inputs
+    rest = [n for n in chosen if n not in reports]
+    calibrated = [n for n in rest if get_method(chosen[n].method).needs_calibration]
+    stats = collect_stats(model, data, calibrated, progress=False) if calibrated else {}
+    for name in rest:  # layers outside the blocks (e.g. a pooler or an included lm_head), on the compressed model
+        reports[name] = compress_layer(model, name, chosen[name], stats.get(name))
+    return [reports[n] for n in chosen]
+
+
+@torch.inference_mode()
+def _block_stats(block: nn.Module, head: str, names: list[str], inputs: list[BlockInput]) -> dict[str, LayerStats]:
+    if not names:
+        return {}
+    layers = {n: block.get_submodule(n[len(head):]) for n in names}
+    with StatsCollector(layers) as collector:
+        for inp in inputs:
+            collector.mask = inp.mask
+            inp.run(block)
     return collector.stats
