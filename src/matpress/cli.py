@@ -57,7 +57,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
     recipe = _recipe_from_args(args)
     loaded = load_pretrained(args.model)
-    report = matpress.compress(loaded.model, recipe, progress=not args.quiet)
+    report = matpress.compress(loaded.model, recipe, progress=not args.quiet, tokenizer=loaded.tokenizer)
     out = matpress.save(loaded.model, args.out, tokenizer=loaded.tokenizer, recipe=recipe, source=loaded.source)
     if report.allocation is not None:
         from matpress.budget import SENSITIVITY, save_allocation
@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--symmetric", action="store_true", default=None, help="symmetric quantization (no zero points)")
     p.add_argument("--exclude", nargs="*", help="layer-name patterns to leave dense (default: *lm_head *embed*)")
     p.add_argument("--budget", help="choose each layer's format automatically within a size: '3.2bpw', '40MB', '12MiB'")
-    p.add_argument("--candidates", choices=sorted(PRESETS), help="candidate set for --budget (default: quant)")
+    p.add_argument("--candidates", choices=sorted(PRESETS), help="candidate set for --budget (default: quant): quant = mixed integer bits and groups; quant+lowrank adds int + low-rank (EoRA) pairs; all adds sparse, ternary, low-rank and Monarch")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compress)
 
