@@ -482,33 +482,38 @@ def fold_awq_scales(
     from matpress.methods.awq import search_input_scale
     from matpress.model_pass import linear_weight
 
-    foldable = [st for st in stages if all(chosen[n].method == "awq" and chosen[n].params.fold for n in st)]
-    foldable = [st for st in foldable if len({chosen[n].params for n in st}) == 1]
-    if not foldable:
-        return set()
-    stats = _block_stats(block, head, [st[0] for st in foldable], inputs)
-    reference = inputs[0].run(block)
     by_name = {call.name: call for call in calls}
+    candidates: dict[int, tuple[list[str], list[nn.Module]]] = {}
+    for k, stage in enumerate(stages):
+        rules = {chosen[n] for n in stage}
+        first = by_name.get(stage[0][len(head):])
+        if first is None or len(rules) != 1 or not all(r.method == "awq" and r.params.fold for r in rules):
+            continue
+        n = first.input.shape[-1]
+        position = calls.index(first)
+        stage_modules = [model.get_submodule(name) for name in stage]
+        producers = [  # a norm whose output the stage reads, then earlier linear layers, nearest first
+            c.module for c in calls[:position]
+            if c.output is first.input and getattr(c.module, "weight", None) is not None
+            and c.module.weight.dim() == 1 and c.module.weight.numel() == n
+        ] + [
+            c.module for c in reversed(calls[:position])
+            if is_linear(c.module) and c.module not in stage_modules and linear_weight(c.module).shape[0] == n
+        ]
+        if producers:
+            candidates[k] = (stage, producers)
+    if not candidates:
+        return set()
+    stats = _block_stats(block, head, [stage[0] for stage, _ in candidates.values()], inputs)
+    reference = inputs[0].run(block)
     folded: set[str] = set()
-    for stage in foldable:
+    for stage, producers in candidates.values():
         params = chosen[stage[0]].params
-        modules = [model.get_submodule(n) for n in stage]
+        modules = [model.get_submodule(name) for name in stage]
         weights = [linear_weight(m).float() for m in modules]
         s = search_input_scale(weights, stats[stage[0]], params.bits, params.group_size, params.symmetric, params.grid)
-        first = by_name.get(stage[0][len(head):])
-        if s is None or first is None:
+        if s is None:
             continue
-        n = s.numel()
-        position = calls.index(first)
-        producers = [
-            c.module for c in calls[:position]
-            if (c.output is first.input and getattr(c.module, "weight", None) is not None and c.module.weight.dim() == 1
-                and c.module.weight.numel() == n)
-        ]
-        producers += [
-            c.module for c in reversed(calls[:position])
-            if is_linear(c.module) and c.module not in modules and linear_weight(c.module).shape[0] == n
-        ]
         for producer in producers:
             _scale_rows(producer, s)
             for m in modules:
