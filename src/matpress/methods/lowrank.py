@@ -22,11 +22,11 @@ from typing import Optional
 
 import torch
 
-from matpress.errors import FormatError
+from matpress.errors import CalibrationError, FormatError
 from matpress.formats import Format, LowRankFormat, SumFormat
 from matpress.formats.composite import ChildSpec, check_rank, encode_child
 from matpress.methods.base import LayerStats, get_method, register_method
-from matpress.methods.obs import damped_hessian
+from matpress.methods.obs import damped, live_inputs
 from matpress.methods.rtn import IntParams
 
 
@@ -128,7 +128,9 @@ def svd(weight: torch.Tensor, params: RankParams, stats: Optional[LayerStats] = 
 
 def cholesky_whitening(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(S, S^-1)`` with ``S`` the lower Cholesky factor of ``h``."""
-    root = torch.linalg.cholesky(h)
+    root, info = torch.linalg.cholesky_ex(h)
+    if int(info):
+        raise CalibrationError("the calibration Hessian is singular; raise 'damping' or use more calibration text")
     eye = torch.eye(h.shape[0], device=h.device)
     return root, torch.linalg.solve_triangular(root, eye, upper=False)
 
@@ -144,8 +146,8 @@ def eigen_whitening(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @register_method("svd_llm", WhitenedRankParams, needs_calibration=True)
 def svd_llm(weight: torch.Tensor, params: WhitenedRankParams, stats: Optional[LayerStats] = None) -> LowRankFormat:
     """Activation-aware low rank (SVD-LLM): truncated SVD after Cholesky whitening by X^T X."""
-    h, w = damped_hessian(stats, weight, params.damping)
-    return whitened_lowrank(w, params, *cholesky_whitening(h))
+    h, w = live_inputs(stats, weight)
+    return whitened_lowrank(w, params, *cholesky_whitening(damped(h, params.damping)))
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,7 @@ def eora(weight: torch.Tensor, params: EoraParams, stats: Optional[LayerStats] =
         {"bits": params.bits, "group_size": params.group_size, "symmetric": params.symmetric}, "eora quantizer"
     )
     quantized: Format = quantizer.run(weight, int_params, stats)
-    h, w = damped_hessian(stats, weight, params.damping)
+    h, w = live_inputs(stats, weight)
+    h = damped(h, params.damping)
     residual = w - quantized.decode().to(w.device)
     return SumFormat(tuple(weight.shape), quantized, whitened_lowrank(residual, params, *eigen_whitening(h)))

@@ -5,7 +5,7 @@ input column at a time: after column ``j`` is rounded (pruned, quantized, made t
 leaves is spread over the columns not yet rounded through the inverse Hessian (OBS, Hassibi & Stork
 1993), processed in lazy blocks so most of the update is one matrix product (GPTQ, Frantar et al. 2023;
 SparseGPT, Frantar & Alistarh 2023). The rows of the upper Cholesky factor of ``H^-1`` give each
-step's update directly, without re-inverting ``H``.
+step's update directly, without re-inverting ``H`` (:func:`matpress.methods.gptq.inverse_hessian_factor`).
 """
 
 from __future__ import annotations
@@ -18,9 +18,12 @@ from matpress.errors import CalibrationError
 from matpress.methods.base import LayerStats
 
 
-def damped_hessian(stats: LayerStats, weight: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``E[x x^T]`` plus ``damping`` times its mean diagonal, and the weight with the columns of dead
-    inputs (never non-zero in calibration) zeroed, as they cannot affect the output. Returns ``(H, W)``."""
+def live_inputs(stats: LayerStats, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input second moment ``H = E[x x^T]`` and the weight, with dead inputs (never non-zero in
+    calibration) given ``H_ii = 1`` and zero weight columns, as they cannot affect the output.
+    Returns ``(H, W)``."""
+    if stats is None:
+        raise CalibrationError("this method needs calibration statistics of the layer's inputs")
     h = stats.hessian.to(device=weight.device, dtype=torch.float32).clone()
     if h.shape != (weight.shape[1], weight.shape[1]):
         raise CalibrationError(
@@ -32,19 +35,12 @@ def damped_hessian(stats: LayerStats, weight: torch.Tensor, damping: float) -> t
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h += damping * float(torch.diagonal(h).mean()) * torch.eye(h.shape[0], device=h.device)
     return h, w
 
 
-def inverse_hessian_factor(h: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``)."""
-    try:
-        lower = torch.linalg.cholesky(h)
-    except torch.linalg.LinAlgError:
-        raise CalibrationError(
-            "the damped calibration Hessian is not positive definite; raise 'damping' or use more calibration text"
-        ) from None
-    return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+def damped(h: torch.Tensor, damping: float) -> torch.Tensor:
+    """``h`` plus ``damping`` times its mean diagonal on the diagonal (positive definite for damping > 0)."""
+    return h + damping * float(torch.diagonal(h).mean()) * torch.eye(h.shape[0], device=h.device)
 
 
 def obs_sweep(

@@ -27,7 +27,8 @@ from matpress.formats.composite import ChildSpec
 from matpress.formats.integer import quantize_codes, rtn_parameters
 from matpress.formats.sparse import check_sparsity, magnitude_mask, nm_mask
 from matpress.methods.base import LayerStats, register_method
-from matpress.methods.obs import damped_hessian, inverse_hessian_factor, obs_sweep
+from matpress.methods.gptq import inverse_hessian_factor
+from matpress.methods.obs import live_inputs, obs_sweep
 
 SparseResult = Union[SparseFormat, NMSparseFormat]
 
@@ -91,8 +92,8 @@ class SparseGPTParams(PruneParams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.damping >= 0:
-            raise ValueError(f"damping must be non-negative, got {self.damping!r}")
+        if not 0 < self.damping < 1:
+            raise ValueError(f"damping must be a fraction in (0, 1), got {self.damping!r}")
 
 
 def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -133,7 +134,7 @@ def wanda(weight: torch.Tensor, params: PruneParams, stats: Optional[LayerStats]
 @register_method("sparsegpt", SparseGPTParams, needs_calibration=True)
 def sparsegpt(weight: torch.Tensor, params: SparseGPTParams, stats: Optional[LayerStats] = None) -> SparseResult:
     """SparseGPT: OBS-updated pruning in lazy blocks, optionally quantizing the kept weights in the same pass."""
-    h, w = damped_hessian(stats, weight, params.damping)
+    h, w = live_inputs(stats, weight)
     out_f, in_f = w.shape
     nm = params.n_m()
     if nm is not None and in_f % nm[1]:
@@ -144,7 +145,7 @@ def sparsegpt(weight: torch.Tensor, params: SparseGPTParams, stats: Optional[Lay
             f"sparsegpt with quantized values needs in_features={in_f} to be a multiple of group_size="
             f"{params.group_size}; pick a group_size dividing it"
         )
-    hinv = inverse_hessian_factor(h)
+    hinv = inverse_hessian_factor(h, params.damping)
     mask = torch.zeros_like(w, dtype=torch.bool)
     n_blocks = -(-in_f // params.group_size)
     scales = torch.ones(out_f, n_blocks, device=w.device)

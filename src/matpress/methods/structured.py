@@ -17,7 +17,7 @@ import torch
 from matpress.formats import BlockDiagFormat, MonarchFormat
 from matpress.formats.monarch import check_blocks, monarch_project
 from matpress.methods.base import LayerStats, register_method
-from matpress.methods.obs import damped_hessian
+from matpress.methods.obs import damped, live_inputs
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,8 @@ def monarch(weight: torch.Tensor, params: MonarchParams, stats: Optional[LayerSt
 def monarch_aw(weight: torch.Tensor, params: MonarchParams, stats: Optional[LayerStats] = None) -> MonarchFormat:
     """Activation-weighted Monarch projection (block-diagonal Hessian whitening per input block)."""
     check_blocks(params.nblocks, weight.shape[1], "monarch: nblocks")
-    h, w = damped_hessian(stats, weight, params.damping)
+    h, w = live_inputs(stats, weight)
+    h = damped(h, params.damping)
     b, p = params.nblocks, weight.shape[1] // params.nblocks
     diagonal_blocks = h.reshape(b, p, b, p)[torch.arange(b), :, torch.arange(b)]  # (b, p, p)
     return monarch_fit(w, params, torch.linalg.cholesky(diagonal_blocks))

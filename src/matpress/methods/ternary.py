@@ -20,7 +20,8 @@ from matpress.formats import TernaryFormat
 from matpress.formats.integer import resolve_group_size, to_fp16_scale
 from matpress.formats.ternary import absmean_trits, expand_groups
 from matpress.methods.base import LayerStats, register_method
-from matpress.methods.obs import damped_hessian, inverse_hessian_factor, obs_sweep, output_error
+from matpress.methods.gptq import inverse_hessian_factor
+from matpress.methods.obs import live_inputs, obs_sweep, output_error
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,8 @@ class TernaryParams:
             raise ValueError(f"group_size must be a positive integer or null (per channel), got {g!r}")
         if not isinstance(self.iterations, int) or self.iterations < 1:
             raise ValueError(f"iterations must be a positive integer, got {self.iterations!r}")
-        if not self.damping >= 0:
-            raise ValueError(f"damping must be non-negative, got {self.damping!r}")
+        if not 0 < self.damping < 1:
+            raise ValueError(f"damping must be a fraction in (0, 1), got {self.damping!r}")
 
 
 @register_method("ternary", TernaryParams)
@@ -74,9 +75,9 @@ def least_squares_scales(weight: torch.Tensor, trits: torch.Tensor, h: torch.Ten
 @register_method("ternary_calibrated", TernaryParams, needs_calibration=True)
 def ternary_calibrated(weight: torch.Tensor, params: TernaryParams, stats: Optional[LayerStats] = None) -> TernaryFormat:
     """Calibrated ternary: alternate OBS trit sweeps and least-squares scales to minimise the output error."""
-    h, w = damped_hessian(stats, weight, params.damping)
+    h, w = live_inputs(stats, weight)
     group = resolve_group_size(params.group_size, w.shape[1])
-    hinv = inverse_hessian_factor(h)
+    hinv = inverse_hessian_factor(h, params.damping)
     trits, scales = absmean_trits(w, group)
 
     def decoded(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
