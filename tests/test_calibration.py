@@ -193,3 +193,20 @@ def test_stats_argument_still_works():
     assert len(report.layers) == len(names)
     with pytest.raises(RecipeError, match="needs calibration"):
         matpress.compress(tiny_llama(), {"default": {"method": "gptq"}}, stats={}, progress=False)
+
+
+def test_awq_folds_scales_where_the_architecture_allows():
+    model = tiny_llama()  # 4 heads sharing 2 key/value heads: o_proj cannot fold into v_proj
+    inputs = random_data(128, n=2, seq=12, seed=1).batches[0]
+    with torch.inference_mode():
+        before = model(**inputs).logits
+    report = matpress.compress(model, {"default": {"method": "awq", "bits": 8, "group_size": 32}},
+                               calibration=random_data(128), progress=False)
+    formats = {r.name.split(".", 3)[-1]: r.format for r in report.layers if ".0." in r.name}
+    # folded into input_layernorm, post_attention_layernorm and up_proj: plain int, no stored scale
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+        assert formats[name] == "int8 g32 asym", name
+    assert formats["self_attn.o_proj"] == "scaled int8 g32 asym"
+    with torch.inference_mode():
+        after = model(**inputs).logits
+    assert float((after - before).norm() / before.norm()) < 0.02  # a wrong fold would change the function

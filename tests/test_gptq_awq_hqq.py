@@ -76,7 +76,7 @@ def test_hqq_beats_rtn_on_lp_error(seed, options):
 
 def test_bad_parameters_are_recipe_errors():
     for method, params in [("gptq", {"percdamp": 0}), ("gptq", {"act_order": "yes"}), ("gptq", {"block_size": 0}),
-                           ("awq", {"grid": 0}), ("hqq", {"lp_norm": 1.5}), ("hqq", {"symmetric": True})]:
+                           ("awq", {"grid": -1}), ("hqq", {"lp_norm": 1.5}), ("hqq", {"symmetric": True})]:
         with pytest.raises(RecipeError, match=list(params)[0] if method != "hqq" or "lp_norm" in params else "symmetric"):
             Recipe.simple(method, **params)
 

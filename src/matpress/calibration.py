@@ -398,32 +398,134 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, data: CalibrationDa
     return inputs
 
 
+@dataclass
+class _Call:
+    """One submodule call seen while tracing a block: its input (first argument) and output tensors."""
+
+    name: str
+    module: nn.Module
+    input: Optional[torch.Tensor]
+    output: Optional[torch.Tensor]
+
+
 @torch.inference_mode()
-def execution_stages(block: nn.Module, names: dict[str, str], sample: BlockInput) -> list[list[str]]:
-    """The block's linear layers (local name -> model name in ``names``) in the order the block calls
-    them, consecutive layers reading the very same input tensor grouped in one stage (q/k/v, gate/up)."""
-    calls: list[tuple[str, torch.Tensor]] = []
+def trace_block(block: nn.Module, sample: BlockInput) -> list[_Call]:
+    """Every submodule call of one run of ``block``, in order of completion (leaves in call order).
+    The traced tensors are kept alive, so tensor identity tells which call fed which."""
+    calls: list[_Call] = []
+
+    def hook(module: nn.Module, args: tuple, out: Any, name: str) -> None:
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        out = out[0] if isinstance(out, (tuple, list)) and out else out
+        calls.append(_Call(name, module, first, out if isinstance(out, torch.Tensor) else None))
+
     handles = [
-        block.get_submodule(local).register_forward_pre_hook(lambda m, a, full=full: calls.append((full, a[0])))
-        for local, full in names.items()
+        m.register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name)) for name, m in block.named_modules() if name
     ]
     try:
         sample.run(block)
     finally:
         for h in handles:
             h.remove()
+    return calls
+
+
+def execution_stages(calls: list[_Call], names: dict[str, str]) -> list[list[str]]:
+    """The layers of ``names`` (local name -> model name) in the order the traced block called them,
+    consecutive layers reading the very same input tensor grouped in one stage (q/k/v, gate/up)."""
     stages: list[list[str]] = []
+    seen: set[str] = set()
     last_input = None
-    for full, x in calls:
-        if full in (n for stage in stages for n in stage):
-            continue  # a layer called twice keeps its first place
-        if stages and x is last_input:
+    for call in calls:
+        full = names.get(call.name)
+        if full is None or full in seen:
+            continue  # not a layer to compress, or a layer called twice: it keeps its first place
+        if stages and call.input is last_input:
             stages[-1].append(full)
         else:
             stages.append([full])
-        last_input = x
-    stages.extend([n] for n in names.values() if all(n not in st for st in stages))  # never called
+        seen.add(full)
+        last_input = call.input
+    stages.extend([n] for n in names.values() if n not in seen)  # never called on calibration data
     return stages
+
+
+def _scale_rows(module: nn.Module, s: torch.Tensor) -> None:
+    """Divide a module's output channels by ``s`` (a norm's weight vector, or a linear layer's rows)."""
+    if is_linear(module) and not isinstance(module, nn.Linear):  # Conv1D stores (in, out)
+        module.weight.data /= s
+    else:
+        module.weight.data /= s.view(-1, *[1] * (module.weight.dim() - 1))
+    if getattr(module, "bias", None) is not None:
+        module.bias.data /= s
+
+
+def _scale_inputs(module: nn.Module, s: torch.Tensor) -> None:
+    """Multiply a linear layer's input columns by ``s``."""
+    if isinstance(module, nn.Linear):
+        module.weight.data *= s
+    else:
+        module.weight.data *= s.unsqueeze(1)
+
+
+@torch.inference_mode()
+def fold_awq_scales(
+    model: nn.Module, block: nn.Module, head: str, stages: list[list[str]], chosen: dict[str, Rule],
+    inputs: list[BlockInput], calls: list[_Call],
+) -> set[str]:
+    """AWQ with folding (Lin et al. 2023): for each stage of ``awq`` layers sharing an input, search one
+    scale ``s`` on the uncompressed block, multiply the layers' input columns by ``s`` and divide the
+    producer of their input by ``s``: a norm whose output they read, or else the nearest earlier linear
+    layer of the block with that many outputs (v_proj for o_proj, up_proj for down_proj). A fold is kept
+    only if the block's output stays the same (so a norm also feeding a residual, or a linear followed
+    by a nonlinearity, is left alone). Returns the layers whose scales were folded."""
+    from matpress.methods.awq import search_input_scale
+    from matpress.model_pass import linear_weight
+
+    by_name = {call.name: call for call in calls}
+    candidates: dict[int, tuple[list[str], list[nn.Module]]] = {}
+    for k, stage in enumerate(stages):
+        rules = {chosen[n] for n in stage}
+        first = by_name.get(stage[0][len(head):])
+        if first is None or len(rules) != 1 or not all(r.method == "awq" and r.params.fold for r in rules):
+            continue
+        n = first.input.shape[-1]
+        position = calls.index(first)
+        stage_modules = [model.get_submodule(name) for name in stage]
+        producers = [  # a norm whose output the stage reads, then earlier linear layers, nearest first
+            c.module for c in calls[:position]
+            if c.output is first.input and getattr(c.module, "weight", None) is not None
+            and c.module.weight.dim() == 1 and c.module.weight.numel() == n
+        ] + [
+            c.module for c in reversed(calls[:position])
+            if is_linear(c.module) and c.module not in stage_modules and linear_weight(c.module).shape[0] == n
+        ]
+        if producers:
+            candidates[k] = (stage, producers)
+    if not candidates:
+        return set()
+    stats = _block_stats(block, head, [stage[0] for stage, _ in candidates.values()], inputs)
+    reference = inputs[0].run(block)
+    folded: set[str] = set()
+    for stage, producers in candidates.values():
+        params = chosen[stage[0]].params
+        modules = [model.get_submodule(name) for name in stage]
+        weights = [linear_weight(m).float() for m in modules]
+        s = search_input_scale(weights, stats[stage[0]], params.bits, params.group_size, params.symmetric, params.grid)
+        if s is None:
+            continue
+        for producer in producers:
+            _scale_rows(producer, s)
+            for m in modules:
+                _scale_inputs(m, s)
+            out = inputs[0].run(block)
+            if float((out - reference).norm()) <= 1e-4 * float(reference.norm()):
+                folded.update(stage)
+                break
+            _scale_rows(producer, 1 / s)  # undo: the block computes something else now
+            for m in modules:
+                _scale_inputs(m, 1 / s)
+    return folded
 
 
 def compress_sequential(
@@ -437,10 +539,17 @@ def compress_sequential(
         head = f"{prefix}.{i}." if prefix else f"{i}."
         names = {n[len(head):]: n for n in chosen if n.startswith(head)}
         if names:
-            for stage in execution_stages(block, names, inputs[0]):
+            calls = trace_block(block, inputs[0])
+            stages = execution_stages(calls, names)
+            folded = fold_awq_scales(model, block, head, stages, chosen, inputs, calls)
+            del calls
+            for stage in stages:
                 stats = _block_stats(block, head, [n for n in stage if get_method(chosen[n].method).needs_calibration], inputs)
                 for name in stage:
-                    reports[name] = compress_layer(model, name, chosen[name], stats.get(name))
+                    rule = chosen[name]
+                    if name in folded:  # the input scale now lives in the preceding operation
+                        rule = dataclasses.replace(rule, params=dataclasses.replace(rule.params, grid=0))
+                    reports[name] = compress_layer(model, name, rule, stats.get(name))
         if i + 1 < len(blocks):
             with torch.inference_mode():
                 for inp in inputs:  # in place: the previous block's activations are dropped as we go

@@ -156,7 +156,7 @@ def compress(
     if recipe.budget is not None:
         from matpress.budget import compress_budgeted
 
-        return compress_budgeted(model, recipe, chosen, stats, progress=progress)
+        return compress_budgeted(model, recipe, chosen, stats, progress=progress, calibration=calibration, tokenizer=tokenizer)
     if stats is None and any(get_method(rule.method).needs_calibration for rule in chosen.values()):
         from matpress.calibration import compress_sequential
 

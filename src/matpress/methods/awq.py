@@ -8,14 +8,19 @@ search over ``[0, 1]`` minimising the layer's output error ``||X W^T - X Q^T||^2
 (``E = W - Q``, ``H = E[x x^T]``), computed exactly from the calibration statistics. Then, as in the
 paper, each group's clipping range is shrunk by the ratio that minimises that group's output error.
 
-Here ``1/s`` stays in front of the layer, stored (fp16) in a ``transformed`` format around the ``int``
-child; ``alpha = 0`` (no scaling) gives the plain ``int`` format.
+Where the architecture allows, the calibration pass folds ``1/s`` into the operation producing the
+layer's input (a LayerNorm/RMSNorm before q/k/v or gate/up, v_proj before o_proj, up_proj before
+down_proj), with one scale searched jointly for the layers sharing that input, and checks that the
+block's output is unchanged (see :func:`matpress.calibration.fold_awq_scales`); those layers are then
+stored as plain ``int``. Elsewhere ``1/s`` stays in front of the layer, stored (fp16) in a
+``transformed`` format around the ``int`` child. ``alpha = 0`` (no scaling) gives the plain ``int``
+format.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -30,16 +35,19 @@ from matpress.methods.rtn import IntParams, check_flag
 @dataclass(frozen=True)
 class AWQParams(IntParams):
     """Integer parameters (bits, group_size, symmetric) plus: grid (alpha values tried: grid + 1 points
-    from 0 to 1), clip (search each group's clipping ratio)."""
+    from 0 to 1; 0 means no input scaling), clip (search each group's clipping ratio), fold (fold the
+    scales into the preceding operation where the architecture allows)."""
 
     grid: int = 20
     clip: bool = True
+    fold: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.grid, int) or isinstance(self.grid, bool) or self.grid <= 0:
-            raise ValueError(f"grid must be a positive integer, got {self.grid!r}")
+        if not isinstance(self.grid, int) or isinstance(self.grid, bool) or self.grid < 0:
+            raise ValueError(f"grid must be a non-negative integer, got {self.grid!r}")
         check_flag("clip", self.clip)
+        check_flag("fold", self.fold)
 
 
 def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -53,22 +61,26 @@ def rtn_decode(weight: torch.Tensor, bits: int, group_size: Optional[int], symme
 
 
 def search_input_scale(
-    weight: torch.Tensor, stats: LayerStats, bits: int, group_size: Optional[int], symmetric: bool, grid: int = 20
+    weights: Sequence[torch.Tensor], stats: LayerStats, bits: int, group_size: Optional[int], symmetric: bool,
+    grid: int = 20,
 ) -> Optional[torch.Tensor]:
     """AWQ's per-input-channel scale ``mean|x|^alpha`` (normalised, fp16-exact) with the ``alpha`` that
-    minimises the output error of round-to-nearest; None when ``alpha = 0`` (no scaling) wins."""
+    minimises the summed output error of round-to-nearest over ``weights`` (layers reading the same
+    input); None when ``alpha = 0`` (no scaling) wins."""
     if stats.mean_abs is None:
         raise CalibrationError("AWQ input scales need the mean |x| per input channel (LayerStats.abs_sum)")
     hessian = stats.hessian
     magnitude = stats.mean_abs.float().clamp(min=1e-6)
-    best_err = output_error(weight, rtn_decode(weight, bits, group_size, symmetric), hessian)
+    best_err = sum(output_error(w, rtn_decode(w, bits, group_size, symmetric), hessian) for w in weights)
     best = None
     for k in range(1, grid + 1):
         s = magnitude ** (k / grid)
         s = s / (s.max() * s.min()).sqrt()  # centre the scales on 1 in log space, as the paper does
-        transform = make_transform(weight.shape[1], False, 0, s)
-        approx = transform.unweight(rtn_decode(transform.weight(weight), bits, group_size, symmetric))
-        err = output_error(weight, approx, hessian)
+        transform = make_transform(hessian.shape[0], False, 0, s)
+        err = sum(
+            output_error(w, transform.unweight(rtn_decode(transform.weight(w), bits, group_size, symmetric)), hessian)
+            for w in weights
+        )
         if err < best_err:
             best_err, best = err, transform.scale
     return best
@@ -111,7 +123,7 @@ def awq(weight: torch.Tensor, params: AWQParams, stats: Optional[LayerStats] = N
     if stats is None:
         raise CalibrationError("awq needs calibration statistics of the layer's inputs")
     w = weight.float()
-    scale = search_input_scale(w, stats, params.bits, params.group_size, params.symmetric, params.grid)
+    scale = search_input_scale([w], stats, params.bits, params.group_size, params.symmetric, params.grid)
     transform = None if scale is None else make_transform(w.shape[1], False, 0, scale)
     w_t = w if transform is None else transform.weight(w)
     h_t = stats.hessian if transform is None else transform.hessian(stats.hessian)

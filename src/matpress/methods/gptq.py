@@ -134,7 +134,7 @@ def gptq(weight: torch.Tensor, params: GPTQParams, stats: Optional[LayerStats] =
     hessian = stats.hessian
     scale = None
     if params.scale_inputs:
-        scale = search_input_scale(w, stats, params.bits, params.group_size, params.symmetric)
+        scale = search_input_scale([w], stats, params.bits, params.group_size, params.symmetric)
     if scale is None and not params.rotate:
         return gptq_quantize(w, hessian, params.bits, params.group_size, params.symmetric, params.percdamp, params.block_size, params.act_order)
     transform = make_transform(w.shape[1], params.rotate, params.seed, scale)
