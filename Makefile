@@ -25,6 +25,7 @@ test: $(STAMP)
 ## bench: rerun the benchmarks whose outputs are committed under benchmarks/results/
 bench: $(STAMP)
 	$(PY) benchmarks/rtn_minilm.py --out benchmarks/results/rtn_minilm.md
+	$(PY) benchmarks/kernels.py --out benchmarks/results/kernels.md
 
 clean:
 	rm -rf $(VENV) out build *.egg-info src/*.egg-info

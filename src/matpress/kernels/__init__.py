@@ -38,4 +38,7 @@ def matmul(fmt: Format, x: torch.Tensor) -> torch.Tensor:
     return fmt.matmul(x)
 
 
+# Registers the compiled CPU kernels for the int and ternary formats (kernels/lowbit.py).
+from matpress.kernels import lowbit  # noqa: E402,F401
+
 __all__ = ["KERNELS", "matmul", "register_kernel"]

@@ -1,0 +1,280 @@
+"""Packed low-bit matmul on the CPU: matpress kernels against torch dense and torch's low-bit kernels.
+
+For each weight shape (out x in) and batch (activation rows), times ``x @ W.T`` with fp32 activations
+for: torch dense fp32 and bf16, ``torch._weight_int8pack_mm`` (int8 per channel),
+``torch._weight_int4pack_mm_for_cpu`` (int4, groups of 128), and matpress ``int`` 8/4/3/2-bit (groups
+of 128, asymmetric) and ``ternary`` (per channel) through ``matpress.kernels.matmul``. Honest timing:
+all contenders interleaved in one run, medians of repeats, the same threads; every contender rotates
+through enough distinct copies of its weights (> 1 GB) that none stays in the last-level cache, so each
+call reads its weights from memory as token-by-token decoding does. Effective GB/s = weight bytes read
+per call / time, next to the streaming read bandwidth measured in the same run.
+
+End to end: single-token forward latency of a random-initialised Llama (hidden 2048) and of the embedded
+all-MiniLM-L6-v2 (one sentence), 4-bit RTN g128 against fp32, the caches flushed before every call.
+
+    flock /tmp/matpress-heavy.lock python benchmarks/kernels.py --out benchmarks/results/kernels.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import transformers
+
+import matpress
+from matpress import kernels
+from matpress.evaluation.text import sentences
+from matpress.evaluation.timing import machine_description
+from matpress.formats import Format, IntFormat, TernaryFormat
+from matpress.kernels import lowbit
+from matpress.models import load_pretrained
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (4096, 14336)]  # (out_features, in_features)
+BATCHES = [1, 4, 16]
+GROUP = 128
+PASS_SECONDS = 0.25
+
+
+def weight_copies(tensors: list[torch.Tensor], pool_bytes: float) -> int:
+    return max(2, math.ceil(pool_bytes / sum(t.numel() * t.element_size() for t in tensors)))
+
+
+class Contender:
+    """One way to compute ``x @ W.T``: a pool of weight copies and the call on copy ``i``."""
+
+    def __init__(self, name: str, nbytes: int, copies: int, call: Callable[[int, torch.Tensor], torch.Tensor]):
+        self.name, self.nbytes, self.copies, self.call = name, nbytes, copies, call
+
+
+def dense(name: str, w: torch.Tensor, pool_bytes: float) -> Contender:
+    pool = [w.clone() for _ in range(weight_copies([w], pool_bytes))]
+    return Contender(name, w.numel() * w.element_size(), len(pool),
+                     lambda i, x: torch.nn.functional.linear(x.to(w.dtype), pool[i]))
+
+
+def torch_int8(w: torch.Tensor, pool_bytes: float) -> Contender:
+    scale = w.abs().amax(dim=1) / 127
+    q = torch.round(w / scale[:, None]).to(torch.int8)
+    pool = [(q.clone(), scale.clone()) for _ in range(weight_copies([q, scale], pool_bytes))]
+    return Contender("torch int8 (per channel)", q.numel() + 4 * scale.numel(), len(pool),
+                     lambda i, x: torch._weight_int8pack_mm(x, *pool[i]))
+
+
+def torch_int4(w: torch.Tensor, pool_bytes: float) -> Contender:
+    out_f, in_f = w.shape
+    g = w.view(out_f, in_f // GROUP, GROUP)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    scale = (hi - lo).clamp(min=1e-8) / 15
+    zero = torch.round(-lo / scale)
+    q = torch.clamp(torch.round(g / scale[..., None] + zero[..., None]), 0, 15).to(torch.int32).view(out_f, in_f)
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
+    # torch's int4 convention: w = (q - 8) * scale + offset, stored as (in / group, out, 2)
+    scale_offset = torch.stack([scale, (8 - zero) * scale], dim=-1).transpose(0, 1).contiguous()
+    pool = [(packed.clone(), scale_offset.clone()) for _ in range(weight_copies([packed, scale_offset], pool_bytes))]
+    return Contender("torch int4 g128", packed.numel() + 4 * scale_offset.numel(), len(pool),
+                     lambda i, x: torch._weight_int4pack_mm_for_cpu(x, pool[i][0], GROUP, pool[i][1]))
+
+
+def ours(name: str, fmt: Format, pool_bytes: float) -> Contender:
+    layout = lowbit.layout_of(fmt)
+    parts = [layout.codes, layout.scales, layout.zeros]
+    pool = []
+    for _ in range(weight_copies(parts, pool_bytes)):
+        # the format object is shared state-free; each copy gets its own kernel layout in memory
+        f = copy.copy(fmt)
+        setattr(f, lowbit.LAYOUT_ATTR, lowbit.LowbitLayout(
+            layout.bits, layout.out_features, layout.geometry, *(t.clone() for t in parts)))
+        pool.append(f)
+    return Contender(name, sum(t.numel() * t.element_size() for t in parts), len(pool),
+                     lambda i, x: kernels.matmul(pool[i], x))
+
+
+def streaming_bandwidth(repeats: int) -> float:
+    """Read bandwidth in GB/s: torch sum over 1 GiB of fp32 (well above the last-level cache)."""
+    big = torch.ones(2**28)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        big.sum()
+        times.append(time.perf_counter() - start)
+    return big.numel() * 4 / statistics.median(times[1:]) / 1e9
+
+
+def time_contenders(contenders: list[Contender], x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median seconds per call; each repeat runs every contender in turn over its copies. A contender
+    slower than PASS_SECONDS per pass (compute bound: torch's low-bit kernels at batch > 1) uses fewer
+    copies, at least 2, which can only favour it."""
+    used = {}
+    for c in contenders:
+        start = time.perf_counter()
+        c.call(0, x)
+        used[c.name] = min(c.copies, max(2, math.ceil(PASS_SECONDS / (time.perf_counter() - start))))
+    times: dict[str, list[float]] = {c.name: [] for c in contenders}
+    for r in range(repeats + 1):  # the first pass warms up (and is dropped)
+        for c in contenders:
+            start = time.perf_counter()
+            for i in range(used[c.name]):
+                c.call(i, x)
+            if r:
+                times[c.name].append((time.perf_counter() - start) / used[c.name])
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def kernel_rows(shape: tuple[int, int], batches: list[int], repeats: int, pool_bytes: float) -> list[dict]:
+    out_f, in_f = shape
+    torch.manual_seed(0)
+    w = torch.randn(out_f, in_f) * 0.02
+    contenders = [
+        dense("dense fp32", w, pool_bytes),
+        dense("dense bf16", w.bfloat16(), pool_bytes),
+        torch_int8(w, pool_bytes),
+        torch_int4(w, pool_bytes),
+    ]
+    for bits in (8, 4, 3, 2):
+        contenders.append(ours(f"matpress int{bits} g{GROUP}", IntFormat.encode(w, bits=bits, group_size=GROUP), pool_bytes))
+    contenders.append(ours("matpress ternary", TernaryFormat.encode(w), pool_bytes))
+    rows = [{"shape": f"{out_f}x{in_f}", "name": c.name, "MB": c.nbytes / 1e6} for c in contenders]
+    for batch in batches:
+        x = torch.randn(batch, in_f)
+        medians = time_contenders(contenders, x, repeats)
+        for row, c in zip(rows, contenders):
+            row[batch] = medians[c.name]
+            row[f"ratio{batch}"] = medians["dense fp32"] / medians[c.name]
+    del contenders
+    return rows
+
+
+def flush_caches(buffer: torch.Tensor) -> None:
+    buffer.add_(1)  # read and write 1 GiB: evicts the weights from every cache level
+
+
+def end_to_end(repeats: int, hidden: int) -> list[tuple[str, float, float, float, float]]:
+    """(model, fp32 ms, 4-bit ms, speed-up, 4-bit linear MB) for one next-token forward."""
+    results = []
+    buffer = torch.zeros(2**28)
+    # every linear layer, the LM head included (as llama.cpp's 4-bit files do); embeddings stay dense
+    recipe = {"default": {"method": "rtn", "bits": 4, "group_size": GROUP}, "exclude": ["*embed*"]}
+    cfg = transformers.LlamaConfig(
+        vocab_size=32000, hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=4,
+        num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    llama = transformers.LlamaForCausalLM(cfg).eval()
+    token = {"input_ids": torch.tensor([[17]])}
+    minilm = load_pretrained("minilm")
+    sentence = minilm.tokenizer(sentences(1), return_tensors="pt")
+    for label, model, inputs in (
+        (f"Llama hidden {hidden}, 4 layers, vocab 32000, 1 token (LM head 4-bit too)", llama, token),
+        (f"all-MiniLM-L6-v2, 1 sentence ({sentence['input_ids'].shape[1]} tokens)", minilm.model, sentence),
+    ):
+        quantized = copy.deepcopy(model)
+        report = matpress.compress(quantized, recipe, progress=False)
+        times: dict[str, list[float]] = {"fp32": [], "int4": []}
+        with torch.inference_mode():
+            for r in range(repeats + 1):
+                for name, m in (("fp32", model), ("int4", quantized)):
+                    flush_caches(buffer)
+                    start = time.perf_counter()
+                    m(**inputs)
+                    if r:
+                        times[name].append(time.perf_counter() - start)
+        fp32, int4 = (statistics.median(times[k]) for k in ("fp32", "int4"))
+        results.append((label, fp32 * 1e3, int4 * 1e3, fp32 / int4, report.nbytes / 1e6))
+        del quantized
+    return results
+
+
+def markdown(rows: list[dict], batches: list[int], bandwidth: float, e2e, pool_gb: float, command: str) -> str:
+    lines = [
+        "# Packed low-bit matmul on the CPU",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {machine_description()}  ",
+        f"Kernel build: {'AVX-512 VNNI' if lowbit.load_library().mp_isa() else 'portable C++'} "
+        "(compiled at first use with -O3 -march=native)  ",
+        f"Streaming read bandwidth (torch sum over 1 GiB, same threads): **{bandwidth:.1f} GB/s**",
+        "",
+        "`x @ W.T`, fp32 activations, weights read from memory on every call (each contender rotates "
+        f"through >= {pool_gb:g} GB of weight copies); median ms per call, speed-up over dense fp32 in the same run, "
+        "and effective GB/s of weight bytes (codes + scales + zeros as the kernel reads them) at batch 1.",
+        "",
+        "| shape (out x in) | kernel | weight MB | "
+        + " | ".join(f"batch {b} ms | x fp32" for b in batches)
+        + " | GB/s (batch 1) |",
+        "|---|---|---:|" + "---:|---:|" * len(batches) + "---:|",
+    ]
+    for row in rows:
+        cells = " | ".join(f"{row[b] * 1e3:.3f} | {row[f'ratio{b}']:.2f}" for b in batches)
+        gbs = row["MB"] * 1e6 / row[batches[0]] / 1e9
+        lines.append(f"| {row['shape']} | {row['name']} | {row['MB']:.1f} | {cells} | {gbs:.1f} |")
+    if e2e:
+        lines += [
+            "",
+            "## End to end: one forward, caches flushed before each call",
+            "",
+            "| model | fp32 ms | matpress int4 g128 ms | speed-up | int4 linear layers MB |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        lines += [f"| {m} | {a:.2f} | {b:.2f} | {s:.2f} | {mb:.1f} |" for m, a, b, s, mb in e2e]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / len(names)
+    for j, name in enumerate(names):
+        ratios = [next(r["ratio1"] for r in rows if r["shape"] == s and r["name"] == name) for s in shapes]
+        ax.bar([i + j * width for i in range(len(shapes))], ratios, width, label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))], shapes)
+    ax.set_ylabel("speed-up over dense fp32 (batch 1)")
+    ax.axhline(1, color="black", linewidth=0.8)
+    ax.legend(fontsize=7, ncol=3)
+    ax.set_title("x @ W.T, one activation row, weights from memory")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="write the markdown table here (and a PNG next to it)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pool-gb", type=float, default=1.0, help="weight copies per contender, GB")
+    parser.add_argument("--shapes", default=",".join(f"{o}x{i}" for o, i in SHAPES))
+    parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end models")
+    parser.add_argument("--llama-hidden", type=int, default=2048)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+
+    bandwidth = streaming_bandwidth(args.repeats)
+    rows = []
+    for shape in shapes:
+        rows += kernel_rows(shape, BATCHES, args.repeats, args.pool_gb * 1e9)
+        print(f"{shape} done", file=sys.stderr, flush=True)
+    e2e = [] if args.no_e2e else end_to_end(args.repeats, args.llama_hidden)
+    text = markdown(rows, BATCHES, bandwidth, e2e, args.pool_gb, "python " + " ".join(sys.argv))
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        plot(rows, args.out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,501 @@
+// Packed low-bit matmul y = x @ W^T on the CPU, for weights stored as unsigned b-bit codes q with a
+// scale s and integer zero point z per (row, block): W = (q - z) * s.
+//
+// Activations are quantized to int8 per block (symmetric, x ~ a * xq, |xq| <= 127), so the inner product
+// of a block is an integer dot product sum(q * xq) taken with VNNI (vpdpbusd: u8 x s8 -> s32), and
+//   y[n] += s[n, b] * a[b] * (sum_k q[n, k] * xq[k] - z[n, b] * sum_k xq[k]).
+// The zero point is corrected once per block from the activation sum, as in the int8 GEMV kernels of
+// llama.cpp and in "LUT-GEMM" / "QServe" style mixed-precision kernels.
+//
+// Weight layout (built once by matpress.kernels.lowbit.pack_layout): rows are grouped in tiles of 4;
+// each row's columns in blocks of Bp (a multiple of 64) columns, the number of blocks NB a multiple of
+// 4 (padded with empty blocks), and each block in chunks of 64 columns. A chunk of one tile is a few 512-bit vectors whose 128-bit lane r holds row r: in "step" s
+// (0..3) byte i of lane r is the code of column 16*s + i. For
+//   8 bits: 4 vectors, one per step (256 bytes);
+//   4 bits: 2 vectors, vector v holds step 2v in the low and step 2v+1 in the high nibbles (128 bytes);
+//   2 bits: 1 vector, step s in bits 2s..2s+1 (64 bytes);
+//   3 bits: the 2-bit vector of the low bits, then 4 64-bit masks of the high bit, bit 16*r + i of mask
+//           s for column 16*s + i of row r (96 bytes).
+// So unpacking is a shift and a mask per step, with no shuffles, and the activations of a step are one
+// 16-byte broadcast. Per tile and quad of blocks: 16 fp16 scales and 16 int16 zero points, ordered
+// (row, block).
+//
+// Build: compiled at first use with -O3 -march=native (see matpress/kernels/build.py); the AVX-512 VNNI
+// path is used where the compiler targets it, a portable C++ path elsewhere (same layout, same results).
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define MP_AVX512_VNNI 1
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define MP_AVX2 1
+#include <immintrin.h>
+#endif
+
+#ifndef MP_PREFETCH_BYTES
+#define MP_PREFETCH_BYTES 2048
+#endif
+static constexpr int PREFETCH_BYTES = MP_PREFETCH_BYTES;
+
+#ifdef MP_AVX512_VNNI
+// One activation block: n real values, Bp outputs (zeros past n).
+static void quantize_block(const float* x, int n, int8_t* q, int Bp, float* scale, int32_t* sum) {
+    __m512 mx = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 k = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps(k, x + i)));
+    }
+    const float amax = _mm512_reduce_max_ps(mx);
+    const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+    __m512i s = _mm512_setzero_si512();
+    for (int i = 0; i < Bp; i += 16) {
+        const __mmask16 k = n - i >= 16 ? (__mmask16)0xFFFF : n > i ? (__mmask16)((1u << (n - i)) - 1) : (__mmask16)0;
+        __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + i), inv));
+        v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
+        s = _mm512_add_epi32(s, v);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtepi32_epi8(v));
+    }
+    *scale = amax / 127.f;
+    *sum = _mm512_reduce_add_epi32(s);
+}
+#else
+static void quantize_block(const float* x, int n, int8_t* q, int Bp, float* scale, int32_t* sum) {
+    float amax = 0.f;
+    for (int i = 0; i < n; ++i) amax = fmaxf(amax, fabsf(x[i]));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t s = 0;
+    for (int i = 0; i < n; ++i) {
+        const float v = fminf(127.f, fmaxf(-127.f, nearbyintf(x[i] * inv)));
+        q[i] = (int8_t)v;
+        s += (int32_t)v;
+    }
+    memset(q + n, 0, Bp - n);
+    *scale = amax / 127.f;
+    *sum = s;
+}
+#endif
+
+static inline int chunk_bytes(int bits) {
+    return bits == 8 ? 256 : bits == 4 ? 128 : bits == 3 ? 96 : 64;
+}
+
+extern "C" {
+
+// Which path was compiled in: 1 AVX-512 VNNI, 2 AVX2, 0 portable C++.
+int mp_isa(void) {
+#if defined(MP_AVX512_VNNI)
+    return 1;
+#elif defined(MP_AVX2)
+    return 2;
+#else
+    return 0;
+#endif
+}
+
+// Quantize activations x (M, K) fp32 to int8 per block. Column k lies in group k / G; each group is
+// split into `sub` blocks of Bo columns (the last one may be shorter), block b = group * sub + j, padded
+// to Bp columns with zeros. Outputs xq (M, NB * Bp), scale a (M, NB) and sum of xq (M, NB). Rounding is
+// to nearest (ties to even) in both paths, so they give the same xq.
+void mp_quantize(const float* x, int M, int K, int G, int sub, int Bo, int Bp, int NB, int8_t* xq,
+                 float* xscale, int32_t* xsum, int nthreads) {
+    const long total = (long)M * NB;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (total * Bp > (1 << 18))
+    for (long mb = 0; mb < total; ++mb) {
+        const int m = (int)(mb / NB), b = (int)(mb % NB);
+        const int g = b / sub, j = b % sub;
+        int start = g * G + j * Bo;
+        int end = start + Bo;
+        if (end > (g + 1) * G) end = (g + 1) * G;
+        if (end > K) end = K;
+        const int n = end > start ? end - start : 0;
+        quantize_block(x + (long)m * K + start, n, xq + (long)m * NB * Bp + (long)b * Bp, Bp, xscale + mb,
+                       xsum + mb);
+    }
+}
+
+}  // extern "C"
+
+// Scalar helpers, shared by the portable path and the decoder.
+
+static inline float half_to_float(uint16_t h) {
+    const int exponent = (h >> 10) & 0x1F;
+    const int mantissa = h & 0x3FF;
+    float v;
+    if (exponent == 0) v = ldexpf((float)mantissa, -24);
+    else if (exponent == 31) v = mantissa ? NAN : INFINITY;
+    else v = ldexpf((float)(mantissa | 0x400), exponent - 25);
+    return (h & 0x8000) ? -v : v;
+}
+
+template <int BITS>
+static inline void unpack_chunk_scalar(const uint8_t* p, uint8_t w[4][64]) {
+    for (int s = 0; s < 4; ++s)
+        for (int k = 0; k < 64; ++k) {
+            uint8_t v;
+            if (BITS == 8) v = p[64 * s + k];
+            else if (BITS == 4) v = (p[64 * (s / 2) + k] >> (4 * (s % 2))) & 0x0F;
+            else {
+                v = (p[k] >> (2 * s)) & 0x03;
+                if (BITS == 3) {
+                    uint64_t hi;
+                    memcpy(&hi, p + 64 + 8 * s, 8);
+                    v |= ((hi >> k) & 1) << 2;
+                }
+            }
+            w[s][k] = v;
+        }
+}
+
+#ifdef MP_AVX512_VNNI
+
+template <int BITS>
+static inline void unpack_chunk(const uint8_t* p, __m512i w[4]) {
+    if constexpr (BITS == 8) {
+        for (int s = 0; s < 4; ++s) w[s] = _mm512_loadu_si512(p + 64 * s);
+    } else if constexpr (BITS == 4) {
+        const __m512i m4 = _mm512_set1_epi8(0x0F);
+        const __m512i v0 = _mm512_loadu_si512(p), v1 = _mm512_loadu_si512(p + 64);
+        w[0] = _mm512_and_si512(v0, m4);
+        w[1] = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4);
+        w[2] = _mm512_and_si512(v1, m4);
+        w[3] = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4);
+    } else {
+        const __m512i m2 = _mm512_set1_epi8(0x03);
+        const __m512i v = _mm512_loadu_si512(p);
+        w[0] = _mm512_and_si512(v, m2);
+        w[1] = _mm512_and_si512(_mm512_srli_epi16(v, 2), m2);
+        w[2] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m2);
+        w[3] = _mm512_and_si512(_mm512_srli_epi16(v, 6), m2);
+        if constexpr (BITS == 3) {
+            const __m512i four = _mm512_set1_epi8(0x04);
+            const uint64_t* hi = reinterpret_cast<const uint64_t*>(p + 64);
+            for (int s = 0; s < 4; ++s)
+                w[s] = _mm512_or_si512(w[s], _mm512_maskz_mov_epi8(_cvtu64_mask64(hi[s]), four));
+        }
+    }
+}
+
+// One tile of 4 weight rows times MB activation rows, over blocks taken four at a time ("quads").
+// Each block accumulates into its own register (independent vpdpbusd chains); at the end of a quad one
+// 4x4 transpose-add per 128-bit lane turns the four accumulators into the four block sums of each row,
+// so the zero correction, conversion and scaling are one vector operation per quad.
+template <int BITS, int MB>
+static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* wzt, int NB, int Bp,
+                        const int8_t* xq, long xstride, const float* xscale, const int32_t* xsum,
+                        float* y, long ystride, int rows) {
+    constexpr int CB = BITS == 8 ? 256 : BITS == 4 ? 128 : BITS == 3 ? 96 : 64;
+    const int nc = Bp / 64;
+    __m512 yv[MB];
+    for (int m = 0; m < MB; ++m) yv[m] = _mm512_setzero_ps();
+    for (int q = 0; q < NB / 4; ++q) {
+        __m512i acc[MB][4];
+        for (int j = 0; j < 4; ++j) {
+            const int b = 4 * q + j;
+            for (int m = 0; m < MB; ++m) acc[m][j] = _mm512_setzero_si512();
+            const uint8_t* pb = wt + (long)b * nc * CB;
+            const int8_t* xb = xq + (long)b * Bp;
+            for (int c = 0; c < nc; ++c) {
+                __m512i w[4];
+                // The hardware prefetcher alone leaves a core short of its share of memory bandwidth.
+                for (int line = 0; line < CB; line += 64)
+                    _mm_prefetch(reinterpret_cast<const char*>(pb + (long)c * CB + PREFETCH_BYTES + line), _MM_HINT_T0);
+                unpack_chunk<BITS>(pb + (long)c * CB, w);
+#pragma GCC unroll 4
+                for (int s = 0; s < 4; ++s) {
+#pragma GCC unroll 4
+                    for (int m = 0; m < MB; ++m) {
+                        const __m512i xv = _mm512_broadcast_i32x4(
+                            _mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + m * xstride + c * 64 + s * 16)));
+                        acc[m][j] = _mm512_dpbusd_epi32(acc[m][j], w[s], xv);
+                    }
+                }
+            }
+        }
+        // Per quad: 16 fp16 scales and 16 int16 zeros, ordered (row, block) = one 128-bit lane per row.
+        const __m512i zv = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wzt + 16 * q)));
+        const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wst + 16 * q)));
+        for (int m = 0; m < MB; ++m) {
+            const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(acc[m][0], acc[m][1]),
+                                                _mm512_unpackhi_epi32(acc[m][0], acc[m][1]));
+            const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(acc[m][2], acc[m][3]),
+                                                _mm512_unpackhi_epi32(acc[m][2], acc[m][3]));
+            // lane r, slot j: the integer sum of block 4q + j for row r, zero point corrected exactly
+            __m512i a = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+            const __m512i xs = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xsum + m * NB + 4 * q)));
+            a = _mm512_sub_epi32(a, _mm512_mullo_epi32(zv, xs));
+            const __m512 xa = _mm512_broadcast_f32x4(_mm_loadu_ps(xscale + m * NB + 4 * q));
+            yv[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(sv, xa), yv[m]);
+        }
+    }
+    for (int m = 0; m < MB; ++m) {
+        alignas(64) float t[16];
+        _mm512_store_ps(t, yv[m]);
+        for (int r = 0; r < rows; ++r) y[m * ystride + r] = (t[4 * r] + t[4 * r + 1]) + (t[4 * r + 2] + t[4 * r + 3]);
+    }
+}
+
+#elif defined(MP_AVX2)  // AVX2 (e.g. AMD Zen 2/3): the same layout, each 512-bit vector as two halves
+
+// Half h of a chunk's step s holds rows 2h and 2h+1. Codes of up to 4 bits go through vpmaddubsw
+// (u8 x s8 pairs summed to s16: 2 * 15 * 127 per pair, four steps stay below 2^15) and vpmaddwd;
+// 8-bit codes are split into nibbles so that the 16-bit sums cannot saturate.
+template <int BITS>
+static inline void unpack_half(const uint8_t* p, int h, __m256i w[4]) {
+    const uint8_t* ph = p + 32 * h;
+    if constexpr (BITS == 8) {
+        for (int s = 0; s < 4; ++s) w[s] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ph + 64 * s));
+    } else if constexpr (BITS == 4) {
+        const __m256i m4 = _mm256_set1_epi8(0x0F);
+        const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ph));
+        const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ph + 64));
+        w[0] = _mm256_and_si256(v0, m4);
+        w[1] = _mm256_and_si256(_mm256_srli_epi16(v0, 4), m4);
+        w[2] = _mm256_and_si256(v1, m4);
+        w[3] = _mm256_and_si256(_mm256_srli_epi16(v1, 4), m4);
+    } else {
+        const __m256i m2 = _mm256_set1_epi8(0x03);
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ph));
+        for (int s = 0; s < 4; ++s) w[s] = _mm256_and_si256(_mm256_srli_epi16(v, 2 * s), m2);
+        if constexpr (BITS == 3) {
+            // bit i of the half's 32-bit mask -> byte i: spread mask bytes, test one bit per byte
+            const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                                    2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+            const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+            const __m256i four = _mm256_set1_epi8(0x04);
+            for (int s = 0; s < 4; ++s) {
+                uint64_t mask;
+                memcpy(&mask, p + 64 + 8 * s, 8);
+                const __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)(uint32_t)(mask >> (32 * h))), spread);
+                const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+                w[s] = _mm256_or_si256(w[s], _mm256_and_si256(set, four));
+            }
+        }
+    }
+}
+
+template <int BITS, int MB>
+static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* wzt, int NB, int Bp,
+                        const int8_t* xq, long xstride, const float* xscale, const int32_t* xsum,
+                        float* y, long ystride, int rows) {
+    constexpr int CB = BITS == 8 ? 256 : BITS == 4 ? 128 : BITS == 3 ? 96 : 64;
+    const int nc = Bp / 64;
+    const __m256i ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16), m4 = _mm256_set1_epi8(0x0F);
+    __m256 yv[MB][2];
+    for (int m = 0; m < MB; ++m) yv[m][0] = yv[m][1] = _mm256_setzero_ps();
+    for (int q = 0; q < NB / 4; ++q) {
+        alignas(32) int32_t sums[MB][16];  // (row, block) for this quad
+        for (int j = 0; j < 4; ++j) {
+            const int b = 4 * q + j;
+            const uint8_t* pb = wt + (long)b * nc * CB;
+            const int8_t* xb = xq + (long)b * Bp;
+            __m256i acc[MB][2];
+            for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+            for (int c = 0; c < nc; ++c) {
+                for (int line = 0; line < CB; line += 64)
+                    _mm_prefetch(reinterpret_cast<const char*>(pb + (long)c * CB + PREFETCH_BYTES + line), _MM_HINT_T0);
+                for (int h = 0; h < 2; ++h) {
+                    __m256i w[4];
+                    unpack_half<BITS>(pb + (long)c * CB, h, w);
+                    for (int m = 0; m < MB; ++m) {
+                        __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+                        for (int s = 0; s < 4; ++s) {
+                            const __m256i xv = _mm256_broadcastsi128_si256(
+                                _mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + m * xstride + c * 64 + s * 16)));
+                            if constexpr (BITS == 8) {
+                                lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(_mm256_and_si256(w[s], m4), xv));
+                                hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w[s], 4), m4), xv));
+                            } else {
+                                lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(w[s], xv));
+                            }
+                        }
+                        acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_madd_epi16(lo, ones));
+                        if constexpr (BITS == 8) acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_madd_epi16(hi, sixteen));
+                    }
+                }
+            }
+            for (int m = 0; m < MB; ++m)
+                for (int h = 0; h < 2; ++h) {
+                    __m256i a = _mm256_hadd_epi32(acc[m][h], acc[m][h]);
+                    a = _mm256_hadd_epi32(a, a);  // each 128-bit lane: its row's block sum
+                    sums[m][4 * (2 * h) + j] = _mm256_extract_epi32(a, 0);
+                    sums[m][4 * (2 * h + 1) + j] = _mm256_extract_epi32(a, 4);
+                }
+        }
+        for (int h = 0; h < 2; ++h) {
+            const __m256i zv = _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wzt + 16 * q + 8 * h)));
+            const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wst + 16 * q + 8 * h)));
+            for (int m = 0; m < MB; ++m) {
+                const __m256i xs = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xsum + m * NB + 4 * q)));
+                __m256i a = _mm256_load_si256(reinterpret_cast<const __m256i*>(sums[m] + 8 * h));
+                a = _mm256_sub_epi32(a, _mm256_mullo_epi32(zv, xs));
+                const __m256 xa = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(xscale + m * NB + 4 * q));
+                yv[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), _mm256_mul_ps(sv, xa), yv[m][h]);
+            }
+        }
+    }
+    for (int m = 0; m < MB; ++m) {
+        alignas(32) float t[16];
+        _mm256_store_ps(t, yv[m][0]);
+        _mm256_store_ps(t + 8, yv[m][1]);
+        for (int r = 0; r < rows; ++r) y[m * ystride + r] = (t[4 * r] + t[4 * r + 1]) + (t[4 * r + 2] + t[4 * r + 3]);
+    }
+}
+
+#else  // portable path: the same layout and arithmetic, written plainly
+
+template <int BITS, int MB>
+static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* wzt, int NB, int Bp,
+                        const int8_t* xq, long xstride, const float* xscale, const int32_t* xsum,
+                        float* y, long ystride, int rows) {
+    const int CB = chunk_bytes(BITS), nc = Bp / 64;
+    float yv[MB][4] = {};
+    for (int b = 0; b < NB; ++b) {
+        int32_t acc[MB][4] = {};
+        for (int c = 0; c < nc; ++c) {
+            uint8_t w[4][64];
+            unpack_chunk_scalar<BITS>(wt + ((long)b * nc + c) * CB, w);
+            for (int m = 0; m < MB; ++m) {
+                const int8_t* xc = xq + m * xstride + (long)b * Bp + c * 64;
+                for (int r = 0; r < 4; ++r) {
+                    int32_t s32 = 0;
+                    for (int s = 0; s < 4; ++s)
+                        for (int i = 0; i < 16; ++i) s32 += (int32_t)w[s][16 * r + i] * (int32_t)xc[16 * s + i];
+                    acc[m][r] += s32;
+                }
+            }
+        }
+        const int q = b / 4, j = b % 4;  // scales and zeros of a quad of blocks are ordered (row, block)
+        for (int m = 0; m < MB; ++m)
+            for (int r = 0; r < 4; ++r)
+                yv[m][r] += (float)(acc[m][r] - wzt[16 * q + 4 * r + j] * xsum[m * NB + b]) *
+                            (half_to_float(wst[16 * q + 4 * r + j]) * xscale[m * NB + b]);
+    }
+    for (int m = 0; m < MB; ++m)
+        for (int r = 0; r < rows; ++r) y[m * ystride + r] = yv[m][r];
+}
+
+#endif
+
+template <int BITS>
+static void gemm_bits(const uint8_t* w, const uint16_t* ws, const int16_t* wz, int T, int NB, int Bp,
+                      const int8_t* xq, const float* xscale, const int32_t* xsum, int M, float* y, int N,
+                      int nthreads) {
+    const long tile_bytes = (long)NB * (Bp / 64) * chunk_bytes(BITS);
+    const long xstride = (long)NB * Bp;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int t = 0; t < T; ++t) {
+        const uint8_t* wt = w + t * tile_bytes;
+        const uint16_t* wst = ws + (long)t * NB * 4;
+        const int16_t* wzt = wz + (long)t * NB * 4;
+        const int rows = N - 4 * t < 4 ? N - 4 * t : 4;
+        int m = 0;
+        // Activation rows in runs of 4, then 2, 1: each run reuses the tile's unpacked codes.
+        for (; m + 4 <= M; m += 4)
+            tile_kernel<BITS, 4>(wt, wst, wzt, NB, Bp, xq + m * xstride, xstride, xscale + (long)m * NB,
+                                 xsum + (long)m * NB, y + (long)m * N + 4 * t, N, rows);
+        for (; m + 2 <= M; m += 2)
+            tile_kernel<BITS, 2>(wt, wst, wzt, NB, Bp, xq + m * xstride, xstride, xscale + (long)m * NB,
+                                 xsum + (long)m * NB, y + (long)m * N + 4 * t, N, rows);
+        for (; m < M; ++m)
+            tile_kernel<BITS, 1>(wt, wst, wzt, NB, Bp, xq + m * xstride, xstride, xscale + (long)m * NB,
+                                 xsum + (long)m * NB, y + (long)m * N + 4 * t, N, rows);
+    }
+}
+
+extern "C" {
+
+// y (M, N) = x (M, K) @ W^T for a packed layout of T = ceil(N / 4) tiles, block geometry as in
+// mp_quantize; returns 0, -1 when `bits` has no layout, -2 when scratch memory is short.
+int mp_matmul(int bits, const uint8_t* w, const uint16_t* ws, const int16_t* wz, int T, int NB, int Bp,
+              const float* x, int M, int K, int G, int sub, int Bo, float* y, int N, int nthreads) {
+    if (bits != 2 && bits != 3 && bits != 4 && bits != 8) return -1;
+    const size_t nq = (size_t)M * NB * Bp, ns = (size_t)M * NB;
+    char* scratch = static_cast<char*>(malloc(nq + 8 * ns + 64));
+    if (!scratch) return -2;
+    int8_t* xq = reinterpret_cast<int8_t*>(scratch);
+    float* xscale = reinterpret_cast<float*>(scratch + ((nq + 63) & ~(size_t)63));
+    int32_t* xsum = reinterpret_cast<int32_t*>(xscale + ns);
+    mp_quantize(x, M, K, G, sub, Bo, Bp, NB, xq, xscale, xsum, nthreads);
+    switch (bits) {
+        case 2: gemm_bits<2>(w, ws, wz, T, NB, Bp, xq, xscale, xsum, M, y, N, nthreads); break;
+        case 3: gemm_bits<3>(w, ws, wz, T, NB, Bp, xq, xscale, xsum, M, y, N, nthreads); break;
+        case 4: gemm_bits<4>(w, ws, wz, T, NB, Bp, xq, xscale, xsum, M, y, N, nthreads); break;
+        case 8: gemm_bits<8>(w, ws, wz, T, NB, Bp, xq, xscale, xsum, M, y, N, nthreads); break;
+    }
+    free(scratch);
+    return 0;
+}
+
+}  // extern "C"
+
+// Round to nearest even, as torch's conversion does (the values here are finite).
+static inline uint16_t float_to_bf16(float v) {
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+template <int BITS>
+static void decode_bits(const uint8_t* w, const uint16_t* ws, const int16_t* wz, int T, int NB, int Bp, int K,
+                        int G, int sub, int Bo, uint16_t* out, int N, int nthreads) {
+    const int CB = chunk_bytes(BITS), nc = Bp / 64;
+    const long tile_bytes = (long)NB * nc * CB;
+    const int real_blocks = (K + G - 1) / G * sub;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int t = 0; t < T; ++t) {
+        const int rows = N - 4 * t < 4 ? N - 4 * t : 4;
+        for (int b = 0; b < real_blocks; ++b) {
+            const int g = b / sub, j = b % sub;
+            const int start = g * G + j * Bo;  // first column of the block
+            int end = start + Bo;
+            if (end > (g + 1) * G) end = (g + 1) * G;
+            if (end > K) end = K;
+            for (int c = 0; c < nc && 64 * c < end - start; ++c) {
+                uint8_t codes[4][64];
+                unpack_chunk_scalar<BITS>(w + t * tile_bytes + ((long)b * nc + c) * CB, codes);
+                for (int r = 0; r < rows; ++r) {
+                    const int at = 4 * (t * NB + b - b % 4) + 4 * r + b % 4;  // (tile, quad, row, block)
+                    const float scale = half_to_float(ws[at]);
+                    const int zero = wz[at];
+                    uint16_t* o = out + (long)(4 * t + r) * K + start + 64 * c;
+                    const int n = end - start - 64 * c < 64 ? end - start - 64 * c : 64;
+                    for (int s = 0; s < 4 && 16 * s < n; ++s) {
+                        if (n - 16 * s >= 16) {  // whole step: a fixed-length loop the compiler vectorizes
+                            for (int i = 0; i < 16; ++i)
+                                o[16 * s + i] = float_to_bf16((float)(codes[s][16 * r + i] - zero) * scale);
+                        } else {
+                            for (int i = 0; i < n - 16 * s; ++i)
+                                o[16 * s + i] = float_to_bf16((float)(codes[s][16 * r + i] - zero) * scale);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+extern "C" {
+
+// The weights of a packed layout as a dense (N, K) bf16 matrix (bit patterns), for large batches where
+// a bf16 matrix multiply beats the integer kernel; returns -1 when `bits` has no layout.
+int mp_decode_bf16(int bits, const uint8_t* w, const uint16_t* ws, const int16_t* wz, int T, int NB, int Bp,
+                   int K, int G, int sub, int Bo, uint16_t* out, int N, int nthreads) {
+    switch (bits) {
+        case 2: decode_bits<2>(w, ws, wz, T, NB, Bp, K, G, sub, Bo, out, N, nthreads); return 0;
+        case 3: decode_bits<3>(w, ws, wz, T, NB, Bp, K, G, sub, Bo, out, N, nthreads); return 0;
+        case 4: decode_bits<4>(w, ws, wz, T, NB, Bp, K, G, sub, Bo, out, N, nthreads); return 0;
+        case 8: decode_bits<8>(w, ws, wz, T, NB, Bp, K, G, sub, Bo, out, N, nthreads); return 0;
+        default: return -1;
+    }
+}
+
+}  // extern "C"

@@ -1,0 +1,226 @@
+"""Fast CPU ``x @ W.T`` for packed low-bit integer weights (``int`` 1-8 bits, ``ternary``).
+
+The weights are repacked once, at first use, into the tiled layout of ``lowbit.cpp`` (cached on the
+format object, never saved); activations are quantized to int8 per block on every call and multiplied
+by integer dot products (AVX-512 VNNI, else AVX2, else portable C++), the group scales and zero points
+applied once per block. From ``LARGE_BATCH`` rows on, CPUs with AMX decode the weights to bf16 and use
+torch's matmul instead. See ``docs/kernels.md`` for the layout and the measured speed.
+
+Accuracy: the only error beyond fp32 rounding is the activation rounding, at most half a step
+``a = max|x_block| / 127`` per element, so ``|y - x @ W.T| <= sum_k |W[n, k]| * a(k) / 2`` (plus fp32
+rounding); a block never spans two weight groups, so ``a(k) <= max|x over k's group| / 127``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from matpress.formats import Format, IntFormat, TernaryFormat
+from matpress.kernels import register_kernel
+from matpress.kernels.build import cpu_flags, disabled, load_library
+
+# Widest block of one int8 dot product: 255 * 127 * 256 < 2**24, so block sums convert to fp32 exactly.
+MAX_BLOCK = 256
+CHUNK = 64  # columns per SIMD chunk
+TILE = 4  # weight rows per tile
+QUAD = 4  # blocks per step of the kernel's scale arithmetic
+# Code widths that have a layout; other widths are held in the next wider one.
+LAYOUT_BITS = (2, 3, 4, 8)
+LAYOUT_ATTR = "_lowbit_layout"
+# From this many activation rows on, CPUs with AMX decode the weights to bf16 and use torch's matmul
+# (measured crossover on a Sapphire Rapids: see docs/kernels.md).
+LARGE_BATCH = 128
+
+
+@dataclass(frozen=True)
+class BlockGeometry:
+    """How the columns of a row split into kernel blocks: each weight group of ``group`` columns into
+    ``sub`` blocks of ``width`` columns (the last possibly shorter), each padded to ``padded``."""
+
+    in_features: int
+    group: int
+    sub: int
+    width: int
+    padded: int
+    n_blocks: int
+
+    @classmethod
+    def of(cls, in_features: int, group: int) -> "BlockGeometry":
+        sub = math.ceil(group / MAX_BLOCK)
+        width = math.ceil(group / sub)
+        padded = math.ceil(width / CHUNK) * CHUNK
+        # the kernel takes blocks four at a time; the extra blocks are empty
+        n_blocks = math.ceil(math.ceil(in_features / group) * sub / QUAD) * QUAD
+        return cls(in_features, group, sub, width, padded, n_blocks)
+
+    def blocked(self, per_column: torch.Tensor) -> torch.Tensor:
+        """``(rows, in_features)`` -> ``(rows, n_blocks, padded)``, zeros in the padding."""
+        rows = per_column.shape[0]
+        n_groups = math.ceil(self.in_features / self.group)
+        t = torch.nn.functional.pad(per_column, (0, n_groups * self.group - self.in_features))
+        t = torch.nn.functional.pad(t.view(rows, n_groups, self.group), (0, self.sub * self.width - self.group))
+        t = torch.nn.functional.pad(t.view(rows, n_groups, self.sub, self.width), (0, self.padded - self.width))
+        t = t.reshape(rows, n_groups * self.sub, self.padded)
+        return torch.nn.functional.pad(t, (0, 0, 0, self.n_blocks - n_groups * self.sub))
+
+    def per_block(self, per_group: torch.Tensor) -> torch.Tensor:
+        """``(rows, n_groups)`` -> ``(rows, n_blocks)``, zeros for the empty blocks."""
+        t = per_group.repeat_interleave(self.sub, dim=1)
+        return torch.nn.functional.pad(t, (0, self.n_blocks - t.shape[1]))
+
+
+@dataclass(frozen=True)
+class LowbitLayout:
+    """Weights in the kernel's tiled layout (see ``lowbit.cpp``)."""
+
+    bits: int
+    out_features: int
+    geometry: BlockGeometry
+    codes: torch.Tensor  # uint8, (tiles, tile bytes)
+    scales: torch.Tensor  # float16, (tiles, n_blocks / QUAD, TILE, QUAD)
+    zeros: torch.Tensor  # int16, (tiles, n_blocks / QUAD, TILE, QUAD)
+
+
+def _interleave(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``(tiles, TILE, n_blocks, padded)`` codes -> the byte stream of each tile, ``(tiles, bytes)``."""
+    t, _, nb, padded = codes.shape
+    # steps[t, b, c, s, r, i]: code of row r, column 64 c + 16 s + i of block b
+    steps = codes.view(t, TILE, nb, padded // CHUNK, 4, 16).permute(0, 2, 3, 4, 1, 5)
+    if bits == 8:
+        out = steps
+    elif bits == 4:
+        out = steps[:, :, :, 0::2] | (steps[:, :, :, 1::2] << 4)
+    else:
+        low = steps & 3
+        out = low[:, :, :, 0] | (low[:, :, :, 1] << 2) | (low[:, :, :, 2] << 4) | (low[:, :, :, 3] << 6)
+        if bits == 3:
+            high = ((steps >> 2) & 1).reshape(t, nb, padded // CHUNK, 4, 8, 8)
+            weights = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
+            masks = (high * weights).sum(dim=-1, dtype=torch.uint8)  # little-endian 64-bit masks
+            out = torch.cat([out.reshape(t, nb, -1, 64), masks.reshape(t, nb, -1, 32)], dim=-1)
+    return out.reshape(t, -1).contiguous()
+
+
+def pack_layout(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, bits: int
+) -> LowbitLayout:
+    """Repack ``(out, in)`` unsigned codes with per-group fp16-exact ``scale`` and int16 ``zero``
+    ``(out, n_groups)`` (weight ``(q - zero) * scale``) into the kernel layout."""
+    layout_bits = next(b for b in LAYOUT_BITS if b >= bits)
+    out_f, in_f = codes.shape
+    geo = BlockGeometry.of(in_f, group)
+    tiles = math.ceil(out_f / TILE)
+    pad_rows = tiles * TILE - out_f
+
+    def tiled(per_group: torch.Tensor) -> torch.Tensor:  # (out, n_groups) -> (tiles, quads, TILE, QUAD)
+        t = torch.nn.functional.pad(geo.per_block(per_group), (0, 0, 0, pad_rows))
+        return t.view(tiles, TILE, geo.n_blocks // QUAD, QUAD).transpose(1, 2).contiguous()
+
+    blocked = torch.nn.functional.pad(geo.blocked(codes.to(torch.uint8)), (0, 0, 0, 0, 0, pad_rows))
+    packed = _interleave(blocked.view(tiles, TILE, geo.n_blocks, geo.padded), layout_bits)
+    return LowbitLayout(
+        bits=layout_bits,
+        out_features=out_f,
+        geometry=geo,
+        codes=packed,
+        scales=tiled(scale.half()),
+        zeros=tiled(zero.to(torch.int16)),
+    )
+
+
+def lowbit_matmul(layout: LowbitLayout, x: torch.Tensor, lib=None) -> torch.Tensor:
+    """``x @ W.T`` (in ``x``'s dtype) with the compiled kernels ``lib`` (default: the native build)."""
+    lib = lib or load_library()
+    geo = layout.geometry
+    xf = x.reshape(-1, geo.in_features).to(torch.float32).contiguous()
+    m, n = xf.shape[0], layout.out_features
+    y = torch.empty(m, n, dtype=torch.float32)
+    if m:
+        status = lib.mp_matmul(
+            layout.bits, layout.codes.data_ptr(), layout.scales.data_ptr(), layout.zeros.data_ptr(),
+            layout.codes.shape[0], geo.n_blocks, geo.padded, xf.data_ptr(), m, geo.in_features, geo.group,
+            geo.sub, geo.width, y.data_ptr(), n, torch.get_num_threads(),
+        )
+        if status != 0:
+            raise MemoryError(f"low-bit kernel: no scratch memory for {m} x {geo.in_features} activations")
+    return y.reshape(*x.shape[:-1], n).to(x.dtype)
+
+
+def decode_bf16(layout: LowbitLayout, lib=None) -> torch.Tensor:
+    """The layout's weights as a dense bf16 ``(out, in)`` matrix (``(q - z) * s`` rounded to nearest)."""
+    lib = lib or load_library()
+    geo = layout.geometry
+    out = torch.empty(layout.out_features, geo.in_features, dtype=torch.bfloat16)
+    lib.mp_decode_bf16(
+        layout.bits, layout.codes.data_ptr(), layout.scales.data_ptr(), layout.zeros.data_ptr(),
+        layout.codes.shape[0], geo.n_blocks, geo.padded, geo.in_features, geo.group, geo.sub, geo.width,
+        out.data_ptr(), layout.out_features, torch.get_num_threads(),
+    )
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_matmul_is_fast() -> bool:
+    """Whether torch's bf16 matmul runs on AMX tiles here (oneDNN uses them when the CPU has them)."""
+    return "amx_bf16" in cpu_flags().split()
+
+
+def int_layout(fmt: IntFormat) -> LowbitLayout:
+    """The kernel layout of an ``int`` format."""
+    scale, zero = fmt.scale_zero()
+    return pack_layout(fmt.codes(), scale, zero, fmt.group, fmt.bits)
+
+
+def ternary_layout(fmt: TernaryFormat) -> LowbitLayout:
+    """The kernel layout of a ``ternary`` format: a trit t is the 2-bit code t + 1 with zero point 1."""
+    scale = fmt.group_scales()
+    codes = (fmt.trits() + 1).to(torch.uint8)
+    return pack_layout(codes, scale, torch.ones_like(scale), fmt.group_size, 2)
+
+
+def fits_layout(scale: torch.Tensor, zero: torch.Tensor) -> bool:
+    """Whether scales are fp16 values and zero points int16 integers, as the layout stores them."""
+    return torch.equal(scale.half().float(), scale.float()) and torch.equal(
+        zero.float(), zero.float().round().clamp(-(2**15), 2**15 - 1)
+    )
+
+
+def layout_of(fmt: Format) -> LowbitLayout | None:
+    """The format's kernel layout, built at first use and kept on the format object; None when its
+    scales or zero points do not fit the layout (then the format's own matmul runs)."""
+    if LAYOUT_ATTR not in fmt.__dict__:
+        if isinstance(fmt, IntFormat):
+            layout = int_layout(fmt) if fits_layout(*fmt.scale_zero()) else None
+        else:
+            scale = fmt.group_scales()
+            layout = ternary_layout(fmt) if fits_layout(scale, torch.ones_like(scale)) else None
+        setattr(fmt, LAYOUT_ATTR, layout)
+    return fmt.__dict__[LAYOUT_ATTR]
+
+
+def takes(x: torch.Tensor) -> bool:
+    """Whether the compiled kernel handles ``x``: CPU floating input, no autograd, kernels built."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and not disabled()
+        and load_library() is not None
+    )
+
+
+@register_kernel(IntFormat)
+@register_kernel(TernaryFormat)
+def lowbit_kernel(fmt: Format, x: torch.Tensor) -> torch.Tensor | None:
+    """The registered fast path for ``int`` and ``ternary`` formats on the CPU."""
+    layout = layout_of(fmt) if takes(x) else None
+    if layout is None:
+        return None
+    if x.numel() >= LARGE_BATCH * fmt.in_features and bf16_matmul_is_fast():
+        # many rows: the matmul is compute bound, and bf16 on AMX outruns the int8 kernel many times over
+        return torch.nn.functional.linear(x.to(torch.bfloat16), decode_bf16(layout)).to(x.dtype)
+    return lowbit_matmul(layout, x)

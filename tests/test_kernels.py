@@ -1,0 +1,210 @@
+"""The compiled low-bit CPU kernels (matpress.kernels.lowbit) against decode-then-matmul."""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+from torch import nn
+
+import matpress
+from format_checks import kernel_error_bound
+from matpress import kernels
+from matpress.formats import IntFormat, TernaryFormat
+from matpress.kernels import build, lowbit
+from matpress.layer import CompressedLinear
+
+# Odd shapes: 37 rows is not a multiple of the 4-row tile, 300 columns not a multiple of the groups.
+OUT, IN = 37, 300
+# 15 activation rows run through the 8-, 4-, 2- and 1-row variants of the kernel.
+BATCHES = [1, 15]
+
+@pytest.fixture(scope="module")
+def native():
+    """The kernels built for this machine (compiled once, then cached)."""
+    if build.compiler() is None:
+        pytest.skip("no C++ compiler here: the formats' own matmul runs (tested by the format tests)")
+    return build.load_library()
+
+
+def assert_within_bound(y: torch.Tensor, fmt, x: torch.Tensor, group: int) -> None:
+    w = fmt.decode()
+    expected = x.double().reshape(-1, fmt.in_features) @ w.double().T
+    err = (y.double().reshape(expected.shape) - expected).abs()
+    bound = kernel_error_bound(w, x, group)
+    assert bool((err <= bound).all()), float((err - bound).max())
+
+
+def weight(seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    w = torch.randn(OUT, IN) * torch.rand(OUT, 1)
+    w[0, :50] += 2.0  # an outlier region, far from zero
+    return w
+
+
+def test_native_build_uses_the_widest_path_the_cpu_has(native):
+    assert native is not None
+    flags = set(build.cpu_flags().split())
+    expected = 1 if {"avx512f", "avx512bw", "avx512_vnni"} <= flags else 2 if {"avx2", "fma", "f16c"} <= flags else 0
+    assert native.mp_isa() == expected
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("group_size", [None, 64, 128, 100])
+@pytest.mark.parametrize("batch", BATCHES)
+def test_int_kernel_matches_decode_then_matmul(bits, symmetric, group_size, batch, native):
+    fmt = IntFormat.encode(weight(bits), bits=bits, group_size=group_size, symmetric=symmetric)
+    torch.manual_seed(batch)
+    x = torch.randn(batch, IN)
+    x[:, 7] = 6.0  # one large activation: its block gets a coarse int8 step
+    y = kernels.matmul(fmt, x)
+    assert isinstance(fmt.__dict__.get(lowbit.LAYOUT_ATTR), lowbit.LowbitLayout)  # the fast path ran
+    assert y.shape == (batch, OUT) and y.dtype == torch.float32
+    assert_within_bound(y, fmt, x, fmt.group)
+
+
+@pytest.mark.parametrize("bits", [1, 5, 7])
+def test_other_widths_run_in_the_next_wider_layout(bits, native):
+    fmt = IntFormat.encode(weight(bits), bits=bits, group_size=64)
+    x = torch.randn(3, IN)
+    assert_within_bound(kernels.matmul(fmt, x), fmt, x, 64)
+    assert lowbit.layout_of(fmt).bits == {1: 2, 5: 8, 7: 8}[bits]
+
+
+@pytest.mark.parametrize("group_size", [None, 64, 100])
+@pytest.mark.parametrize("batch", BATCHES)
+def test_ternary_kernel_matches_decode_then_matmul(group_size, batch, native):
+    fmt = TernaryFormat.encode(weight(0), group_size=group_size)
+    x = torch.randn(batch, IN)
+    y = kernels.matmul(fmt, x)
+    assert lowbit.layout_of(fmt).bits == 2
+    assert_within_bound(y, fmt, x, fmt.group_size)
+
+
+def test_per_channel_rows_longer_than_a_block(native):
+    # 700 columns in one group: the kernel splits the row into blocks of at most 256 columns.
+    torch.manual_seed(0)
+    fmt = IntFormat.encode(torch.randn(9, 700), bits=4, group_size=None)
+    x = torch.randn(2, 700)
+    assert lowbit.layout_of(fmt).geometry.sub == 3
+    assert_within_bound(kernels.matmul(fmt, x), fmt, x, 700)
+
+
+def test_bf16_and_batched_3d_activations(native):
+    fmt = IntFormat.encode(weight(1), bits=4, group_size=128)
+    x = torch.randn(2, 3, IN).bfloat16()
+    y = kernels.matmul(fmt, x)
+    assert y.shape == (2, 3, OUT) and y.dtype == torch.bfloat16
+    exact = kernels.matmul(fmt, x.float())
+    # the bf16 result is the fp32 one rounded to 8 significant bits
+    assert bool(((y.float() - exact).abs() <= exact.abs() * 2.0**-8).all())
+    assert_within_bound(exact, fmt, x.float(), 128)
+
+
+@pytest.mark.parametrize("fmt", [
+    IntFormat.encode(weight(8), bits=3, group_size=100),
+    IntFormat.encode(weight(9), bits=8, group_size=None),
+    TernaryFormat.encode(weight(10), group_size=64),
+], ids=["int3-g100", "int8-ch", "ternary-g64"])
+def test_bf16_decode_is_exact(fmt, native):
+    assert torch.equal(lowbit.decode_bf16(lowbit.layout_of(fmt)), fmt.decode().bfloat16())
+
+
+def test_large_batches_take_the_bf16_matmul(monkeypatch, native):
+    fmt = IntFormat.encode(weight(11), bits=4, group_size=128)
+    x = torch.randn(lowbit.LARGE_BATCH + 3, IN)
+    calls = []
+    monkeypatch.setattr(lowbit, "lowbit_matmul", lambda layout, x: calls.append(1))
+    monkeypatch.setattr(lowbit, "bf16_matmul_is_fast", lambda: True)
+    y = kernels.matmul(fmt, x)
+    assert not calls and y.dtype == torch.float32
+    # bf16 rounding (unit 2^-8) of x, of W and of the result, fp32 sums of IN products
+    w = fmt.decode().double()
+    size = x.abs().double() @ w.abs().T
+    u = 2.0**-8
+    bound = size * ((1 + u) ** 3 - 1 + (IN + 8) * torch.finfo(torch.float32).eps)
+    assert bool(((y.double() - x.double() @ w.T).abs() <= bound).all())
+
+
+def test_fallback_equals_fast_path(monkeypatch, native):
+    fmt = IntFormat.encode(weight(2), bits=3, group_size=64)
+    x = torch.randn(4, IN)
+    fast = kernels.matmul(fmt, x)
+    monkeypatch.setenv("MATPRESS_KERNELS", "0")
+    slow = kernels.matmul(fmt, x)
+    assert torch.equal(slow, fmt.matmul(x))
+    assert_within_bound(fast, fmt, x, 64)
+    assert_within_bound(slow, fmt, x, 64)
+
+
+def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setattr(build, "_LOADED", {})
+    monkeypatch.setenv("MATPRESS_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "")
+    monkeypatch.setattr(build.shutil, "which", lambda name: None)
+    fmt = IntFormat.encode(weight(3), bits=4, group_size=128)
+    x = torch.randn(2, IN)
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        y = kernels.matmul(fmt, x)
+    assert torch.equal(y, fmt.matmul(x))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(kernels.matmul(fmt, x), y)  # no second warning
+
+
+def test_autograd_inputs_take_the_differentiable_path(native):
+    fmt = IntFormat.encode(weight(4), bits=4, group_size=128)
+    x = torch.randn(2, IN, requires_grad=True)
+    kernels.matmul(fmt, x).sum().backward()
+    assert torch.allclose(x.grad, fmt.decode().sum(dim=0).expand(2, IN))
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 build flags")
+@pytest.mark.parametrize("march, isa", [("x86-64-v2", 0), ("x86-64-v3", 2)], ids=["portable", "avx2"])
+def test_other_paths_equal_the_native_one(march, isa, native):
+    other = build.load_library(tuple(f if f != "-march=native" else f"-march={march}" for f in build.DEFAULT_FLAGS))
+    assert other.mp_isa() == isa
+    torch.manual_seed(5)
+    for fmt in (
+        IntFormat.encode(weight(5), bits=3, group_size=100),
+        IntFormat.encode(weight(6), bits=8, group_size=None, symmetric=True),
+        IntFormat.encode(weight(7), bits=4, group_size=64),
+        TernaryFormat.encode(weight(7), group_size=64),
+    ):
+        layout = lowbit.layout_of(fmt)
+        group = fmt.group if isinstance(fmt, IntFormat) else fmt.group_size
+        for batch in (1, 7):
+            x = torch.randn(batch, IN)
+            a, b = lowbit.lowbit_matmul(layout, x, other), lowbit.lowbit_matmul(layout, x, native)
+            assert_within_bound(a, fmt, x, group)
+            # Same int8 activations and integer block sums; the paths differ only in fp32 roundings: at
+            # most n_blocks + 3 of each, relative to sum |W| max|x_group| (the bound times 254 / (1 + ...)).
+            fp32 = 2 * (layout.geometry.n_blocks + 3) * torch.finfo(torch.float32).eps
+            assert bool(((a - b).abs() <= kernel_error_bound(fmt.decode(), x, group) * 254 * fp32).all())
+        assert torch.equal(lowbit.decode_bf16(layout, other), lowbit.decode_bf16(layout, native))
+
+
+def test_compressed_linear_uses_the_kernel_and_survives_save_load(tmp_path, native, monkeypatch):
+    assert lowbit.lowbit_kernel in kernels.KERNELS[IntFormat]
+    assert lowbit.lowbit_kernel in kernels.KERNELS[TernaryFormat]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN, OUT), nn.ReLU(), nn.Linear(OUT, 24))
+    x = torch.randn(3, IN)
+    model[0] = CompressedLinear(IntFormat.encode(model[0].weight.data, bits=4, group_size=128), model[0].bias.data)
+    model[2] = CompressedLinear(TernaryFormat.encode(model[2].weight.data, group_size=None), model[2].bias.data)
+    calls = []
+    real = lowbit.lowbit_matmul
+    monkeypatch.setattr(lowbit, "lowbit_matmul", lambda layout, x: calls.append(layout) or real(layout, x))
+    with torch.no_grad():
+        y = model(x)
+    assert len(calls) == 2
+    directory = matpress.save(model, tmp_path / "ckpt")
+    loaded = matpress.load(directory, model=nn.Sequential(nn.Linear(IN, OUT), nn.ReLU(), nn.Linear(OUT, 24)))
+    assert lowbit.LAYOUT_ATTR not in loaded[0].fmt.__dict__  # the layout is rebuilt, never stored
+    with torch.no_grad():
+        assert torch.equal(loaded(x), y)
+    assert len(calls) == 4
