@@ -101,7 +101,7 @@ def plot(panels: list[tuple[str, list[dict[str, Any]], str, str]], path: Path) -
         ax.set_xlabel("bits per weight (stored bytes, scales included)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        if key == "perplexity":
+        if key == "kl_mean":
             ax.set_yscale("log")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
@@ -165,7 +165,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         args.out.write_text(text)
         plot(
             [("all-MiniLM-L6-v2: embedding fidelity", minilm_rows, "cosine_mean", "mean cosine to original"),
-             ("causal LM (briefly trained): held-out perplexity", lm_rows, "perplexity", "perplexity")],
+             ("causal LM (briefly trained): held-out KL to original", lm_rows, "kl_mean", "mean next-token KL (nats)")],
             args.out.with_suffix(".png"),
         )
 
