@@ -14,6 +14,7 @@ from matpress.methods.hqq import lp_error
 from matpress.recipe import Recipe
 
 from conftest import tiny_llama
+from format_checks import exact_matmul
 
 
 def layer_problem(seed: int, out: int = 96, n: int = 256, tokens: int = 1024) -> tuple[torch.Tensor, LayerStats]:
@@ -107,7 +108,8 @@ def test_rotation_spreads_outlier_columns():
     w[:, 7] *= 50  # one outlier column stretches the grid of every group holding it
     rotated = TransformedFormat.encode(w, rotate=True, seed=0, bits=4, group_size=64)
     plain = IntFormat.encode(w, bits=4, group_size=64)
-    assert torch.allclose(rotated.matmul(torch.eye(256)), rotated.decode().T, atol=1e-5)
+    with exact_matmul():  # the format's own product (the kernel's int8 activations are tested apart)
+        assert torch.allclose(rotated.matmul(torch.eye(256)), rotated.decode().T, atol=1e-5)
     assert (rotated.decode() - w).norm() < (plain.decode() - w).norm()
 
 
