@@ -245,7 +245,7 @@ def main() -> None:
         ref = causal[0]["reference_perplexity"]
         lines += [
             "",
-            "## Small causal LM (16 linear layers)",
+            "## Small causal LM (28 linear layers: 4 blocks x q, k, v, o, gate, up, down)",
             "",
             causal_setup + f". Original perplexity {ref:.2f}; kl: mean next-token KL(original || compressed) in nats.",
             "",
