@@ -9,7 +9,7 @@ quality is measured on the evaluation split:
 
 - all-MiniLM-L6-v2 (36 layers): mean cosine similarity of sentence embeddings to the original's and
   top-10 retrieval agreement;
-- the small causal LM of ``benchmarks/causal_lm.py`` (16 layers, cached in out/causal-lm): perplexity
+- the small causal LM of ``benchmarks/causal_lm.py`` (28 linear layers, cached in out/causal-lm): perplexity
   and mean next-token KL to the original.
 
 Writes a Markdown table per model and a Pareto plot (quality against effective bits per weight, scales,
