@@ -9,7 +9,7 @@ from matpress.errors import RecipeError
 from matpress.formats import IntFormat, TransformedFormat
 from matpress.formats.transformed import fwht, hadamard_block, make_transform
 from matpress.methods import LayerStats, get_method
-from matpress.methods.awq import output_error
+from matpress.methods.obs import output_error
 from matpress.methods.hqq import lp_error
 from matpress.recipe import Recipe
 

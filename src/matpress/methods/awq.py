@@ -29,6 +29,7 @@ from matpress.formats import Format, IntFormat
 from matpress.formats.integer import grouped, quantize_codes, resolve_group_size, rtn_parameters, ungrouped
 from matpress.formats.transformed import TransformedFormat, make_transform
 from matpress.methods.base import LayerStats, register_method
+from matpress.methods.obs import output_error
 from matpress.methods.rtn import IntParams, check_flag
 
 
@@ -48,12 +49,6 @@ class AWQParams(IntParams):
             raise ValueError(f"grid must be a non-negative integer, got {self.grid!r}")
         check_flag("clip", self.clip)
         check_flag("fold", self.fold)
-
-
-def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
-    """Mean squared output error per token, ``tr(E H E^T)`` with ``E = W - approx``."""
-    e = weight - approx
-    return float(((e @ hessian) * e).sum())
 
 
 def rtn_decode(weight: torch.Tensor, bits: int, group_size: Optional[int], symmetric: bool) -> torch.Tensor:

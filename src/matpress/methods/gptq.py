@@ -30,6 +30,7 @@ from matpress.formats.integer import grouped, quantize_codes, resolve_group_size
 from matpress.formats.transformed import TransformedFormat, make_transform
 from matpress.methods.awq import search_input_scale
 from matpress.methods.base import LayerStats, register_method
+from matpress.methods.obs import drop_dead_inputs, obs_sweep
 from matpress.methods.rtn import IntParams, check_flag
 
 
@@ -83,46 +84,36 @@ def gptq_quantize(
     block_size: int = 128,
     act_order: bool = False,
 ) -> IntFormat:
-    """Quantize ``weight`` ``(out, in)`` by GPTQ with input second moment ``hessian`` ``(in, in)``."""
-    w = weight.detach().float().clone()
+    """Quantize ``weight`` ``(out, in)`` by GPTQ with input second moment ``hessian`` ``(in, in)``: the
+    OBS column sweep (:func:`matpress.methods.obs.obs_sweep`) with round-to-nearest on each group's grid."""
+    h, w = drop_dead_inputs(hessian, weight)
     out_f, n = w.shape
     group = resolve_group_size(group_size, n)
-    h = hessian.float().clone()
-    dead = h.diagonal() == 0  # inputs that never fire: any value works; zero them as the paper does
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
     n_groups = -(-n // group)
+    # with act-order the columns are visited out of order, so the grids come from the original weight
+    # ("static groups") and the result stays a plain int format
     static = act_order or group >= n
     if static:
         scale, zero = rtn_parameters(grouped(w, group), bits, symmetric)
     else:
-        scale = torch.empty(out_f, n_groups)
-        zero = torch.empty(out_f, n_groups)
+        scale, zero = torch.empty(out_f, n_groups), torch.empty(out_f, n_groups)
     perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(n)
-    w = w[:, perm]
-    hinv = inverse_hessian_factor(h[perm][:, perm], percdamp)
     group_of = (perm // group).tolist()
     codes = torch.empty(out_f, n)
-    for i1 in range(0, n, block_size):
-        i2 = min(i1 + block_size, n)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            j = i1 + i
-            if not static and j % group == 0:  # a group starts: its scale from its current (updated) columns
-                cols = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :group]
-                s, z = rtn_parameters(cols.unsqueeze(1), bits, symmetric)
-                scale[:, j // group], zero[:, j // group] = s[:, 0], z[:, 0]
-            g = group_of[j]
-            q = quantize_codes(w1[:, i], scale[:, g], zero[:, g], bits)
-            codes[:, j] = q
-            e = (w1[:, i] - (q - zero[:, g]) * scale[:, g]) / hinv1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    codes = codes[:, torch.argsort(perm)]
-    return IntFormat.from_codes(codes, scale, zero, bits, group_size, symmetric)
+
+    def start_column(j: int, current: torch.Tensor) -> None:
+        if not static and j % group == 0:  # a group starts: its grid from its current (updated) columns
+            s, z = rtn_parameters(current[:, j : j + group].unsqueeze(1), bits, symmetric)
+            scale[:, j // group], zero[:, j // group] = s[:, 0], z[:, 0]
+
+    def round_column(j: int, col: torch.Tensor) -> torch.Tensor:
+        g = group_of[j]
+        codes[:, j] = quantize_codes(col, scale[:, g], zero[:, g], bits)
+        return (codes[:, j] - zero[:, g]) * scale[:, g]
+
+    hinv = inverse_hessian_factor(h[perm][:, perm], percdamp)
+    obs_sweep(w[:, perm], hinv, round_column, blocksize=block_size, start_column=start_column)
+    return IntFormat.from_codes(codes[:, torch.argsort(perm)], scale, zero, bits, group_size, symmetric)
 
 
 @register_method("gptq", GPTQParams, needs_calibration=True)

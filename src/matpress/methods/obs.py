@@ -19,19 +19,25 @@ from matpress.methods.base import LayerStats
 
 
 def live_inputs(stats: LayerStats, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The input second moment ``H = E[x x^T]`` and the weight, with dead inputs (never non-zero in
-    calibration) given ``H_ii = 1`` and zero weight columns, as they cannot affect the output.
-    Returns ``(H, W)``."""
+    """The input second moment ``H = E[x x^T]`` and the weight, checked, with dead inputs dropped
+    (:func:`drop_dead_inputs`). Returns ``(H, W)``."""
     if stats is None:
         raise CalibrationError("this method needs calibration statistics of the layer's inputs")
-    h = stats.hessian.to(device=weight.device, dtype=torch.float32).clone()
+    h = stats.hessian.to(device=weight.device, dtype=torch.float32)
     if h.shape != (weight.shape[1], weight.shape[1]):
         raise CalibrationError(
             f"calibration statistics are for {h.shape[0]} inputs but the weight has {weight.shape[1]}"
         )
     if not torch.isfinite(h).all():
         raise CalibrationError("calibration statistics contain NaN/Inf; check the calibration data and model")
-    w = weight.float().clone()
+    return drop_dead_inputs(h, weight)
+
+
+def drop_dead_inputs(h: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of ``h`` and ``weight`` (fp32) in which inputs never non-zero in calibration get
+    ``H_ii = 1`` and zero weight columns: they cannot affect the output, and this keeps H invertible."""
+    h = h.float().clone()
+    w = weight.detach().float().clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -49,12 +55,15 @@ def obs_sweep(
     round_column: Callable[[int, torch.Tensor], torch.Tensor],
     start_block: Optional[Callable[[int, int, torch.Tensor, torch.Tensor], None]] = None,
     blocksize: int = 128,
+    start_column: Optional[Callable[[int, torch.Tensor], None]] = None,
 ) -> torch.Tensor:
     """Round ``weight`` column by column with OBS error feedback; returns the rounded matrix.
 
     ``round_column(j, w)`` gives the rounded value of column ``j`` (current, error-updated values ``w``).
     ``start_block(i1, i2, W1, Hinv1)`` runs before each lazy block of columns ``[i1, i2)`` (e.g. to pick
-    that block's pruning mask or quantization grid from the updated weights ``W1``).
+    that block's pruning mask or quantization grid from the updated weights ``W1``). ``start_column(j, W)``
+    runs before column ``j`` with the whole current matrix (columns of the current block updated, later
+    ones as of the block's start), e.g. to pick a quantization group's grid where the group begins.
     """
     w = weight.float().clone()
     rounded = torch.zeros_like(w)
@@ -67,6 +76,8 @@ def obs_sweep(
             start_block(i1, i2, w1, hinv1)
         err1 = torch.zeros_like(w1)
         for j in range(i2 - i1):
+            if start_column is not None:
+                start_column(i1 + j, w)
             col = w1[:, j]
             q = round_column(i1 + j, col)
             rounded[:, i1 + j] = q
