@@ -170,3 +170,50 @@ def test_cli_budget_and_report(tiny_causal_dir, tmp_path, capsys):
     assert "budget of 3.5bpw" in text
     assert main(["compress", str(path), "--budget", "1bpw", "--out", str(out), "--quiet"]) == 2
     assert "smallest reachable size" in capsys.readouterr().err
+
+
+def _tiny_llama_for_text(minilm):
+    return tiny_llama(hidden=64, vocab=minilm.tokenizer.vocab_size)
+
+
+SMALL_CALIBRATION = {"samples": 8, "seq_len": 32, "batch_size": 4}
+
+
+@pytest.mark.parametrize("preset", ["quant", "all"])
+def test_calibrated_budget_uses_the_best_quantizer_and_fits(minilm, preset):
+    import matpress
+    from matpress.budget import CALIBRATED_INT
+
+    model = _tiny_llama_for_text(minilm)
+    recipe = {"budget": "3.5bpw", "candidates": preset, "calibration": SMALL_CALIBRATION}
+    report = matpress.compress(model, recipe, tokenizer=minilm.tokenizer, progress=False)
+    table, choice, budget = report.allocation
+    assert report.bits_per_weight <= 3.5
+    assert table.probe is not None and all(w >= 0 for w in table.weight)
+    # with calibration text the integer candidates come from the calibrated quantizer, not RTN
+    assert any(c.startswith(CALIBRATED_INT["method"]) for c in table.candidates)
+    assert not any(c.startswith("rtn") for c in table.candidates)
+    for i, name in enumerate(table.layers):
+        # the sequential re-encoding never exceeds the size the allocator gave each layer
+        assert model.get_submodule(name).fmt.nbytes <= table.nbytes[i][choice[i]]
+
+
+def test_calibrated_candidates_without_calibration_text_are_refused():
+    import matpress
+
+    recipe = {"budget": "4bpw", "candidates": [{"method": "gptq", "bits": 4}, {"method": "rtn", "bits": 8}]}
+    with pytest.raises(RecipeError, match=r"need calibration statistics: pass tokenizer="):
+        matpress.compress(tiny_llama(), recipe, progress=False)
+
+
+def test_candidates_a_layer_shape_cannot_take_are_skipped_for_that_layer():
+    import matpress
+
+    # monarch with 7 blocks divides no dimension of the tiny Llama: every layer falls back to the int candidates
+    recipe = {"budget": "6bpw", "candidates": [{"method": "monarch", "nblocks": 7}, {"method": "rtn", "bits": 4}]}
+    report = matpress.compress(tiny_llama(), recipe, progress=False)
+    table, choice, _ = report.allocation
+    assert all(table.candidates[c] == "rtn-4b-g128" for c in choice)
+    only_monarch = {"budget": "6bpw", "candidates": [{"method": "monarch", "nblocks": 7}]}
+    with pytest.raises(BudgetError, match="none of its candidates can encode"):
+        matpress.compress(tiny_llama(), only_monarch, progress=False)

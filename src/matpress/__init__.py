@@ -1,6 +1,7 @@
 """matpress: compress the weight matrices of neural networks.
 
-Public API: :func:`compress`, :func:`save`, :func:`load`, :func:`evaluate`, :class:`Recipe`.
+Public API: :func:`compress`, :func:`save`, :func:`load`, :func:`evaluate`, :class:`Recipe`,
+:class:`CalibrationData`.
 """
 
 __version__ = "0.1.0"
@@ -11,8 +12,10 @@ from matpress.io import load, save  # noqa: E402
 from matpress.layer import CompressedLinear  # noqa: E402
 from matpress.model_pass import CompressionReport, compress  # noqa: E402
 from matpress.recipe import Recipe, Rule  # noqa: E402
+from matpress.calibration import CalibrationData  # noqa: E402
 
 __all__ = [
+    "CalibrationData",
     "CalibrationError",
     "CheckpointError",
     "CompressedLinear",

@@ -39,9 +39,20 @@ def _recipe_from_args(args: argparse.Namespace):
     if args.method is not None and args.method != default.get("method"):
         default.clear()
         default["method"] = args.method
-    for key, value in (("bits", args.bits), ("group_size", args.group), ("symmetric", args.symmetric)):
+    flags = (
+        ("bits", args.bits), ("group_size", args.group), ("symmetric", args.symmetric),
+        ("act_order", args.act_order), ("rotate", args.rotate),
+    )
+    for key, value in flags:
         if value is not None:
             default[key] = None if value == PER_CHANNEL else value
+    calibration = {
+        key: value
+        for key, value in (("text", args.calib), ("samples", args.samples), ("seq_len", args.seq_len), ("batch_size", args.batch_size))
+        if value is not None
+    }
+    if calibration:
+        data["calibration"] = {**data.get("calibration", {}), **calibration}
     if args.exclude is not None:
         data["exclude"] = args.exclude
     if args.budget is not None:
@@ -57,7 +68,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
     recipe = _recipe_from_args(args)
     loaded = load_pretrained(args.model)
-    report = matpress.compress(loaded.model, recipe, progress=not args.quiet)
+    report = matpress.compress(loaded.model, recipe, progress=not args.quiet, tokenizer=loaded.tokenizer)
     out = matpress.save(loaded.model, args.out, tokenizer=loaded.tokenizer, recipe=recipe, source=loaded.source)
     if report.allocation is not None:
         from matpress.budget import SENSITIVITY, save_allocation
@@ -136,9 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, help="bits per weight of the default rule (2-8)")
     p.add_argument("--group", type=_group, help="input columns per scale, or 'channel' for one scale per output channel")
     p.add_argument("--symmetric", action="store_true", default=None, help="symmetric quantization (no zero points)")
+    p.add_argument("--act-order", action="store_true", default=None, help="gptq: quantize columns in order of decreasing activation energy")
+    p.add_argument("--rotate", action="store_true", default=None, help="gptq: randomized Hadamard rotation of each layer's inputs")
+    p.add_argument("--calib", help="calibration text for gptq/awq: 'builtin' (default; the calibration split of pydoc_data.topics) or a text file")
+    p.add_argument("--samples", type=int, help="calibration samples: sentences for encoders, token windows for causal LMs (default 128)")
+    p.add_argument("--seq-len", type=int, help="tokens per calibration window / longest calibration sentence (default 128)")
+    p.add_argument("--batch-size", type=int, help="calibration samples per forward pass (default 8)")
     p.add_argument("--exclude", nargs="*", help="layer-name patterns to leave dense (default: *lm_head *embed*)")
     p.add_argument("--budget", help="choose each layer's format automatically within a size: '3.2bpw', '40MB', '12MiB'")
-    p.add_argument("--candidates", choices=sorted(PRESETS), help="candidate set for --budget (default: quant)")
+    p.add_argument("--candidates", choices=sorted(PRESETS), help="candidate set for --budget (default: quant): quant = mixed integer bits and groups; quant+lowrank adds int + low-rank (EoRA) pairs; all adds sparse, ternary, low-rank and Monarch")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compress)
 

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from matpress.errors import FormatError, RecipeError
+from matpress.errors import CalibrationError, FormatError, RecipeError
 from matpress.layer import CompressedLinear
 from matpress.methods import LayerStats, get_method
-from matpress.recipe import RecipeLike, as_recipe
+from matpress.recipe import RecipeLike, Rule, as_recipe
+
+if TYPE_CHECKING:
+    from matpress.calibration import CalibrationData
 
 try:  # Hugging Face GPT-2 style layers store the weight transposed (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -106,21 +109,44 @@ def report_of(model: nn.Module) -> CompressionReport:
     )
 
 
+def compress_layer(
+    model: nn.Module, name: str, rule: Rule, layer_stats: Optional[LayerStats] = None
+) -> LayerReport:
+    """Replace linear layer ``name`` of ``model`` by its compressed form under ``rule``; report it."""
+    module = model.get_submodule(name)
+    method = get_method(rule.method)
+    if method.needs_calibration and layer_stats is None:
+        raise RecipeError(f"layer {name}: method '{rule.method}' needs calibration statistics; none were given")
+    weight = linear_weight(module).float()
+    try:
+        fmt = method.run(weight, rule.params, layer_stats)
+    except (FormatError, CalibrationError) as e:
+        raise type(e)(f"layer {name}: {e}") from None
+    bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
+    set_submodule(model, name, CompressedLinear(fmt, bias).to(weight.device))
+    return LayerReport(name, fmt.shape, fmt.describe(), fmt.bits_per_weight, fmt.nbytes, relative_error(weight, fmt.decode()))
+
+
 def compress(
     model: nn.Module,
     recipe: RecipeLike = None,
     stats: Optional[dict[str, LayerStats]] = None,
     progress: bool = True,
+    calibration: Optional["CalibrationData"] = None,
+    tokenizer: Any = None,
 ) -> CompressionReport:
     """Replace the linear layers of ``model`` that ``recipe`` selects with :class:`CompressedLinear`
     layers, in place, and report what each one became.
 
     ``recipe``: a :class:`~matpress.recipe.Recipe`, a dict, a YAML/JSON path, or None (4-bit RTN,
-    g=128). ``stats``: per-layer calibration statistics for methods that need them.
+    g=128). Methods that need calibration (gptq, awq) take ``stats`` (per-layer statistics) when given;
+    otherwise the model is compressed block by block on ``calibration`` (a
+    :class:`~matpress.calibration.CalibrationData`), or on text drawn with ``tokenizer`` as the recipe's
+    ``calibration`` settings say (see :mod:`matpress.calibration`).
     """
     recipe = as_recipe(recipe)
     layers = find_linear_layers(model)
-    chosen = {name: rule for name, m in layers.items() if (rule := recipe.rule_for(name)) is not None}
+    chosen = {name: rule for name in layers if (rule := recipe.rule_for(name)) is not None}
     if not chosen:
         sample = ", ".join(list(layers)[:5]) or "none"
         raise RecipeError(
@@ -130,23 +156,14 @@ def compress(
     if recipe.budget is not None:
         from matpress.budget import compress_budgeted
 
-        return compress_budgeted(model, recipe, chosen, stats, progress=progress)
-    reports = []
-    for name, rule in tqdm(chosen.items(), desc="compressing", unit="layer", disable=not progress):
-        module = layers[name]
-        method = get_method(rule.method)
-        layer_stats = (stats or {}).get(name)
-        if method.needs_calibration and layer_stats is None:
-            raise RecipeError(f"layer {name}: method '{rule.method}' needs calibration statistics; none were given")
-        weight = linear_weight(module).float()
-        try:
-            fmt = method.run(weight, rule.params, layer_stats)
-        except FormatError as e:
-            raise FormatError(f"layer {name}: {e}") from None
-        bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-        new = CompressedLinear(fmt, bias).to(weight.device)
-        set_submodule(model, name, new)
-        reports.append(
-            LayerReport(name, fmt.shape, fmt.describe(), fmt.bits_per_weight, fmt.nbytes, relative_error(weight, fmt.decode()))
-        )
+        return compress_budgeted(model, recipe, chosen, stats, progress=progress, calibration=calibration, tokenizer=tokenizer)
+    if stats is None and any(get_method(rule.method).needs_calibration for rule in chosen.values()):
+        from matpress.calibration import compress_sequential
+
+        data = calibration if calibration is not None else recipe.calibration_data(tokenizer, model)
+        return CompressionReport(compress_sequential(model, chosen, data, progress=progress))
+    reports = [
+        compress_layer(model, name, rule, (stats or {}).get(name))
+        for name, rule in tqdm(chosen.items(), desc="compressing", unit="layer", disable=not progress)
+    ]
     return CompressionReport(reports)

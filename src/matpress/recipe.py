@@ -22,6 +22,12 @@ Under a size budget the default rule gives way to an automatic choice per layer 
     candidates: quant             # a preset name, or a list of rules: [{method: rtn, bits: 3}, ...]
     allow:                        # optional: restrict the candidates of some layers (label globs)
       - {pattern: "*.value", candidates: ["*-8b-*"]}
+
+Calibrated methods (gptq, awq) run on calibration text, described by plain data (all keys optional;
+``unit`` defaults to ``sentence`` for encoders and ``window`` for causal LMs)::
+
+    default: {method: gptq, bits: 4, group_size: 128, act_order: true, rotate: true}
+    calibration: {text: builtin, samples: 128, seq_len: 128, batch_size: 8}   # text: or a file path
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from matpress.errors import RecipeError
 from matpress.methods import get_method
 
 DEFAULT_EXCLUDE = ("*lm_head", "*embed*")
-RECIPE_KEYS = {"default", "rules", "include", "exclude", "budget", "candidates", "allow"}
+RECIPE_KEYS = {"default", "rules", "include", "exclude", "budget", "candidates", "allow", "calibration"}
 
 
 def name_matches(pattern: str, name: str) -> bool:
@@ -87,6 +93,7 @@ class Recipe:
     budget: Optional[str] = None
     candidates: Union[str, tuple[dict, ...]] = "quant"
     allow: tuple[dict, ...] = ()
+    calibration: Optional[Any] = None  # matpress.calibration.CalibrationSettings
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "recipe") -> "Recipe":
@@ -109,7 +116,12 @@ class Recipe:
         include = _patterns(data.get("include", ["*"]), f"{source}: include")
         exclude = _patterns(data.get("exclude", list(DEFAULT_EXCLUDE)), f"{source}: exclude")
         budget, candidates, allow = _budget_fields(data, source)
-        return cls(default, tuple(rules), include, exclude, budget, candidates, allow)
+        calibration = None
+        if "calibration" in data:
+            from matpress.calibration import CalibrationSettings
+
+            calibration = CalibrationSettings.from_dict(data["calibration"], f"{source}: calibration")
+        return cls(default, tuple(rules), include, exclude, budget, candidates, allow, calibration)
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "Recipe":
@@ -145,7 +157,16 @@ class Recipe:
             data["budget"] = self.budget
             data["candidates"] = self.candidates if isinstance(self.candidates, str) else list(self.candidates)
             data["allow"] = list(self.allow)
+        if self.calibration is not None:
+            data["calibration"] = self.calibration.to_dict()
         return data
+
+    def calibration_data(self, tokenizer: Any, model: Any) -> Any:
+        """Calibration batches for ``model`` as this recipe's ``calibration`` settings (or the
+        defaults) describe them, drawn with ``tokenizer``."""
+        from matpress.calibration import CalibrationSettings
+
+        return (self.calibration or CalibrationSettings()).data(tokenizer, model)
 
     def pinned_rule(self, name: str) -> Optional[Rule]:
         """Under a budget: the explicit rule that fixes layer ``name``'s method, if any."""

@@ -13,7 +13,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 from torch import nn
 
@@ -37,6 +37,9 @@ from matpress.model_pass import (
     set_submodule,
 )
 from matpress.recipe import Recipe, Rule, name_matches
+
+if TYPE_CHECKING:
+    from matpress.calibration import CalibrationData
 
 _BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(bpw|b|kb|mb|gb|kib|mib|gib)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -87,7 +90,7 @@ def candidate_label(rule: Rule) -> str:
         elif f.name == "dtype":
             parts.append(str(v))
         elif v != f.default:
-            parts.append(f"{f.name}={v}")
+            parts.append(f.name if v is True else f"{f.name}={v}")
     return "-".join(parts)
 
 
@@ -106,19 +109,58 @@ def candidate_rules(specs: Sequence[dict[str, Any]], where: str = "candidates") 
     return rules
 
 
-# Candidate sets by name. Every entry is a rule, as in a recipe.
-PRESETS: dict[str, list[dict[str, Any]]] = {
-    "quant": [{"method": "rtn", "bits": b, "group_size": g} for b in (2, 3, 4, 5, 6, 8) for g in (64, 128, None)]
-    + [{"method": "dense", "dtype": "fp16"}],
+# The integer quantizer each preset uses: GPTQ with act-order and randomized Hadamard rotation when
+# calibration text is at hand (the best 3- and 4-bit method in benchmarks/results/quality.md), RTN otherwise.
+CALIBRATED_INT: dict[str, Any] = {"method": "gptq", "act_order": True, "rotate": True}
+PLAIN_INT: dict[str, Any] = {"method": "rtn"}
+
+
+def _quant(calibrated: bool) -> list[dict[str, Any]]:
+    base = CALIBRATED_INT if calibrated else PLAIN_INT
+    return [{**base, "bits": b, "group_size": g} for b in (2, 3, 4, 5, 6, 8) for g in (64, 128, None)] + [
+        {"method": "dense", "dtype": "fp16"}
+    ]
+
+
+def _quant_lowrank(calibrated: bool) -> list[dict[str, Any]]:
+    # EoRA: a low-bit int part plus an int8 low-rank correction fitted in the activation eigenspace,
+    # its rank set by the bits per weight the factors may take (so one entry fits every layer shape)
+    quantizer = {"quantizer": CALIBRATED_INT["method"]} if calibrated else {}
+    return _quant(calibrated) + [
+        {"method": "eora", "bits": b, "group_size": 128, "rank_bits": r, "factor_bits": 8, **quantizer}
+        for b in (2, 3, 4)
+        for r in (0.25, 0.5)
+    ]
+
+
+def _all(calibrated: bool) -> list[dict[str, Any]]:
+    return (
+        _quant_lowrank(calibrated)
+        + [{"method": "sparsegpt", "sparsity": 0.5, "value_bits": b} for b in (4, 8)]
+        + [{"method": "sparsegpt", "nm": "2:4", "value_bits": b} for b in (4, 8)]
+        + [{"method": "ternary_calibrated", "group_size": g} for g in (64, 128)]
+        + [{"method": "svd_llm", "rank_bits": b, "factor_bits": 8} for b in (2, 3, 4)]
+        + [{"method": "monarch_aw", "nblocks": n} for n in (8, 16)]
+    )
+
+
+# Candidate sets by name; each gives a list of rules (as in a recipe), with or without calibration.
+PRESETS: dict[str, Callable[[bool], list[dict[str, Any]]]] = {
+    "quant": _quant,
+    "quant+lowrank": _quant_lowrank,
+    "all": _all,
 }
 
 
-def resolve_candidates(spec: Union[str, Sequence[dict[str, Any]]], where: str = "candidates") -> dict[str, Rule]:
-    """Candidate rules from a preset name or a list of rule dicts."""
+def resolve_candidates(
+    spec: Union[str, Sequence[dict[str, Any]]], where: str = "candidates", calibrated: bool = False
+) -> dict[str, Rule]:
+    """Candidate rules from a preset name (``calibrated``: with calibration statistics at hand) or a
+    list of rule dicts."""
     if isinstance(spec, str):
         if spec not in PRESETS:
             raise RecipeError(f"{where}: unknown candidate preset {spec!r}; presets: {sorted(PRESETS)}")
-        spec = PRESETS[spec]
+        spec = PRESETS[spec](calibrated)
     if not isinstance(spec, (list, tuple)):
         raise RecipeError(f"{where}: give a preset name {sorted(PRESETS)} or a list of rules")
     return candidate_rules(spec, where)
@@ -139,18 +181,45 @@ def choose(table: SensitivityTable, budget: Budget, resolution: int = 20000) -> 
     return [table.allowed[i][k] for i, k in enumerate(picks)]
 
 
-def apply_choice(model: nn.Module, layers: dict[str, nn.Module], table: SensitivityTable, choice: Sequence[int]) -> CompressionReport:
-    """Replace each layer with its chosen candidate's format (encoded during the sensitivity pass)."""
+def apply_choice(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    table: SensitivityTable,
+    choice: Sequence[int],
+    candidates: Optional[dict[str, Rule]] = None,
+    calibration: Optional["CalibrationData"] = None,
+    progress: bool = True,
+) -> CompressionReport:
+    """Replace each layer with its chosen candidate.
+
+    Without ``calibration`` the formats encoded during the sensitivity pass are used as they are. With
+    it (and the ``candidates`` rules), the chosen rules are re-run by the sequential block-by-block pass,
+    so calibrated methods see the inputs of the already-compressed earlier layers, as GPTQ intends; a
+    layer whose re-encoding came out larger than the size it was allocated (a rank picked by energy,
+    say) takes back its measured format, so the budget holds.
+    """
+    if calibration is not None and candidates is not None:
+        from matpress.calibration import compress_sequential
+
+        chosen = {name: candidates[table.candidates[choice[i]]] for i, name in enumerate(table.layers)}
+        compress_sequential(model, chosen, calibration, progress=progress)
+        for i, name in enumerate(table.layers):
+            if model.get_submodule(name).fmt.nbytes > table.nbytes[i][choice[i]]:
+                _replace(model, name, layers[name], table.formats[(i, choice[i])])
+    else:
+        for i, name in enumerate(table.layers):
+            _replace(model, name, layers[name], table.formats[(i, choice[i])])
     reports = []
-    for i, name in enumerate(table.layers):
-        j = choice[i]
-        fmt = table.formats[(i, j)]
-        module = layers[name]
-        weight = linear_weight(module).float()
-        bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-        set_submodule(model, name, CompressedLinear(fmt, bias).to(weight.device))
+    for name in table.layers:
+        fmt = model.get_submodule(name).fmt
+        weight = linear_weight(layers[name]).float()
         reports.append(LayerReport(name, fmt.shape, fmt.describe(), fmt.bits_per_weight, fmt.nbytes, relative_error(weight, fmt.decode())))
     return CompressionReport(reports)
+
+
+def _replace(model: nn.Module, name: str, original: nn.Module, fmt) -> None:
+    bias = original.bias.detach() if getattr(original, "bias", None) is not None else None
+    set_submodule(model, name, CompressedLinear(fmt, bias).to(linear_weight(original).device))
 
 
 def allowed_candidates(
@@ -194,6 +263,7 @@ def compress_to_budget(
     distortion: Optional[Callable[[nn.Module], float]] = None,
     probe: Optional[str] = None,
     progress: bool = True,
+    calibration: Optional["CalibrationData"] = None,
 ) -> tuple[CompressionReport, SensitivityTable, list[int]]:
     """Measure, allocate and apply; returns the report, the sensitivity table and the choice."""
     allowed = allowed or {name: list(candidates) for name in layers}
@@ -201,7 +271,7 @@ def compress_to_budget(
     if distortion is not None:
         weigh_end_to_end(table, model, layers, distortion, probe, progress)
     choice = choose(table, budget)
-    report = apply_choice(model, layers, table, choice)
+    report = apply_choice(model, layers, table, choice, candidates, calibration, progress)
     return report, table, choice
 
 
@@ -212,11 +282,20 @@ def compress_budgeted(
     stats: Optional[dict[str, LayerStats]] = None,
     distortion: Optional[Callable[[nn.Module], float]] = None,
     progress: bool = True,
+    calibration: Optional["CalibrationData"] = None,
+    tokenizer: Any = None,
 ) -> CompressionReport:
     """The budget path of :func:`matpress.compress`: layers matched by an explicit recipe rule keep it;
     every other selected layer gets the best of the recipe's candidates within ``recipe.budget``.
-    The report's ``allocation`` holds the sensitivity table, the choice and the budget."""
-    candidates = resolve_candidates(recipe.candidates)
+
+    With calibration text (``calibration``, or ``tokenizer`` and the recipe's calibration settings),
+    errors are measured on the layers' real inputs (statistics of the uncompressed model), each layer's
+    weight end to end is measured on the model's output, and the chosen rules are applied by the
+    sequential calibrated pass. Without it, errors are plain weight errors. The report's ``allocation``
+    holds the sensitivity table, the choice and the budget."""
+    if calibration is None and tokenizer is not None:
+        calibration = recipe.calibration_data(tokenizer, model)
+    candidates = resolve_candidates(recipe.candidates, calibrated=calibration is not None or stats is not None)
     names = list(chosen)
     allowed = allowed_candidates(names, list(candidates), recipe.allow)
     for name in names:
@@ -225,10 +304,24 @@ def compress_budgeted(
             label = "pinned-" + candidate_label(pinned)
             candidates.setdefault(label, Rule(pinned.method, pinned.params))
             allowed[name] = [label]
+    if stats is None and calibration is not None:
+        from matpress.calibration import collect_stats
+
+        stats = collect_stats(model, calibration, names, progress=progress)
+    calibrated = sorted({candidates[c].method for n in names for c in allowed[n] if get_method(candidates[c].method).needs_calibration})
+    if calibrated and stats is None:
+        raise RecipeError(
+            f"candidates using {calibrated} need calibration statistics: pass tokenizer= (or calibration=) to "
+            "compress, or choose a calibration-free candidate set"
+        )
+    if distortion is None and tokenizer is not None:
+        from matpress.evaluation import distortion_measure
+
+        distortion = distortion_measure(model, tokenizer)
     all_layers = find_linear_layers(model)
     budget = Budget.parse(recipe.budget)
     report, table, choice = compress_to_budget(
-        model, {n: all_layers[n] for n in names}, candidates, budget, allowed, stats, distortion, None, progress
+        model, {n: all_layers[n] for n in names}, candidates, budget, allowed, stats, distortion, None, progress, calibration
     )
     report.allocation = (table, choice, budget)
     return report

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from matpress.errors import BudgetError, FormatError
 from matpress.formats import Format
 from matpress.layer import CompressedLinear
 from matpress.methods import LayerStats
@@ -88,10 +89,20 @@ def measure_sensitivity(
         rule = candidates[names[j]]
         weight = linear_weight(layers[name]).float()
         layer_stats = (stats or {}).get(name)
-        fmt = get_method(rule.method).run(weight, rule.params, layer_stats)
+        try:
+            fmt = get_method(rule.method).run(weight, rule.params, layer_stats)
+        except FormatError:  # a candidate this layer's shape cannot take (e.g. blocks that do not divide it)
+            table.allowed[i].remove(j)
+            continue
         table.formats[(i, j)] = fmt
         table.nbytes[i][j] = fmt.nbytes
         table.error[i][j] = relative_output_error(weight, fmt, layer_stats)
+    for i, name in enumerate(table.layers):
+        if not table.allowed[i]:
+            rows, cols = linear_weight(layers[name]).shape
+            raise BudgetError(
+                f"layer {name}: none of its candidates can encode a {rows}x{cols} weight; add a candidate such as dense fp16"
+            )
     return table
 
 

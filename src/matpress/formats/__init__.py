@@ -6,9 +6,19 @@ from matpress.errors import FormatError
 from matpress.formats.base import Format
 from matpress.formats.dense import DenseFormat
 from matpress.formats.integer import IntFormat
+from matpress.formats.composite import LowRankFormat, SumFormat
+from matpress.formats.monarch import BlockDiagFormat, MonarchFormat
+from matpress.formats.sparse import NMSparseFormat, SparseFormat
 from matpress.formats.ternary import TernaryFormat
+from matpress.formats.transformed import TransformedFormat  # after Format: it imports the kernels
 
-FORMATS: dict[str, type[Format]] = {cls.name: cls for cls in (DenseFormat, IntFormat, TernaryFormat)}
+FORMATS: dict[str, type[Format]] = {
+    cls.name: cls
+    for cls in (
+        DenseFormat, IntFormat, TernaryFormat, LowRankFormat, SumFormat, SparseFormat, NMSparseFormat,
+        MonarchFormat, BlockDiagFormat, TransformedFormat,
+    )
+}
 
 
 def register_format(cls: type[Format]) -> type[Format]:
@@ -26,4 +36,8 @@ def format_class(name: str) -> type[Format]:
         raise FormatError(f"unknown format {name!r}; known formats: {sorted(FORMATS)}") from None
 
 
-__all__ = ["FORMATS", "DenseFormat", "Format", "IntFormat", "TernaryFormat", "format_class", "register_format"]
+__all__ = [
+    "FORMATS", "BlockDiagFormat", "DenseFormat", "Format", "IntFormat", "LowRankFormat", "MonarchFormat",
+    "NMSparseFormat", "SparseFormat", "SumFormat", "TernaryFormat", "TransformedFormat", "format_class",
+    "register_format",
+]

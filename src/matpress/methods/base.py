@@ -22,16 +22,23 @@ class LayerStats:
     """Statistics of one linear layer's inputs, gathered on calibration data.
 
     ``xtx`` is the sum over calibration tokens of ``x x^T`` (``(in, in)``, fp32); ``n_tokens`` how many
-    tokens contributed. Padding tokens are masked out before they are added.
+    tokens contributed; ``abs_sum`` (optional) the sum of ``|x|`` per input channel (``(in,)``), the
+    activation magnitude AWQ scales by. Padding tokens are masked out before they are added.
     """
 
     xtx: torch.Tensor
     n_tokens: int
+    abs_sum: Optional[torch.Tensor] = None
 
     @property
     def hessian(self) -> torch.Tensor:
         """Mean second moment ``E[x x^T]`` (the layer-wise quantization Hessian up to a factor 2)."""
         return self.xtx / max(self.n_tokens, 1)
+
+    @property
+    def mean_abs(self) -> Optional[torch.Tensor]:
+        """Mean ``|x|`` per input channel, when ``abs_sum`` was collected."""
+        return None if self.abs_sum is None else self.abs_sum / max(self.n_tokens, 1)
 
 
 MethodFn = Callable[[torch.Tensor, Any, Optional[LayerStats]], Format]

@@ -30,8 +30,12 @@ class IntParams:
         g = self.group_size
         if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g <= 0):
             raise ValueError(f"group_size must be a positive integer or null (per channel), got {g!r}")
-        if not isinstance(self.symmetric, bool):
-            raise ValueError(f"symmetric must be true or false, got {self.symmetric!r}")
+        check_flag("symmetric", self.symmetric)
+
+
+def check_flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
 @dataclass(frozen=True)

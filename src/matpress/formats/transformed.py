@@ -1,0 +1,174 @@
+"""An input transform in front of a child format: per-channel scales (AWQ) and/or a randomized
+Hadamard rotation (incoherence processing, QuaRot / QuIP#).
+
+The layer ``y = x W^T`` is stored as ``y = T(x) W'^T`` with ``T(x) = ((x / s) * d) H`` and
+``W' = ((W * s) * d) H``, where ``s`` is a positive per-input-channel scale (Lin et al. 2023, AWQ:
+https://arxiv.org/abs/2306.00978), ``d`` a random +-1 vector and ``H`` the normalized block-diagonal
+Walsh-Hadamard matrix (Ashkboos et al. 2024, QuaRot: https://arxiv.org/abs/2404.00456; Tseng et al. 2024,
+QuIP#: https://arxiv.org/abs/2402.04396). ``H`` is symmetric and orthonormal, so ``T`` preserves the
+product exactly, while the rotated weight's entries are spread evenly (no outlier columns), which is
+what a low-bit grid quantizes best. The child (an ``int`` format) holds ``W'``; the product applies ``T``
+to ``x`` online with the fast O(n log n) transform, then the child's kernel.
+
+``in_features`` need not be a power of two: ``H`` is block diagonal with blocks of the largest power of
+two dividing ``in_features`` (384 = 3 x 128, 1536 = 3 x 512). The signs are stored bit-packed and the
+scales in fp16, so save/load is exact and both count in ``nbytes``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+
+from matpress import kernels
+from matpress.errors import FormatError
+from matpress.formats.base import Format, check_weight, child_config, child_from_tensors, child_tensors, expect_tensor
+from matpress.formats.packing import pack_rows, packed_row_bytes, unpack_rows
+
+CHILD = "child"
+
+
+def hadamard_block(n: int) -> int:
+    """Size of the Hadamard blocks used for ``n`` columns: the largest power of two dividing ``n``."""
+    return n & (-n)
+
+
+def fwht(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Normalized fast Walsh-Hadamard transform of the last dimension of ``x``, in independent blocks
+    of ``block`` (a power of two) consecutive entries: ``x @ H`` for the block-diagonal ``H``.
+    ``H`` is symmetric and orthonormal, so this is its own inverse."""
+    n = x.shape[-1]
+    if block <= 0 or block & (block - 1) or n % block:
+        raise FormatError(f"Hadamard block {block} must be a power of two dividing the size {n}")
+    lead = x.shape[:-1]
+    y = x.reshape(-1, n // block, block)
+    h = 1
+    while h < block:  # butterfly stage: pairs (j, j + h) within runs of 2h become (a + b, a - b)
+        y = y.reshape(y.shape[0], -1, 2, h)
+        y = torch.stack((y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]), dim=2)
+        h *= 2
+    return (y.reshape(*lead, n) / math.sqrt(block)).to(x.dtype)
+
+
+def random_signs(n: int, seed: int) -> torch.Tensor:
+    """A reproducible random +-1 vector of length ``n`` (fp32)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2, (n,), generator=gen).float() * 2 - 1
+
+
+class InputTransform:
+    """``T(x) = ((x / scale) * signs) H``: either part may be absent (None)."""
+
+    def __init__(self, n: int, scale: Optional[torch.Tensor] = None, signs: Optional[torch.Tensor] = None):
+        if scale is None and signs is None:
+            raise FormatError("an input transform needs scales, a rotation, or both")
+        self.n = n
+        self.scale = scale
+        self.signs = signs
+        self.block = hadamard_block(n)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """``T`` on activations ``(..., n)``."""
+        if self.scale is not None:
+            x = x / self.scale.to(x)
+        if self.signs is not None:
+            x = fwht(x * self.signs.to(x), self.block)
+        return x
+
+    def weight(self, w: torch.Tensor) -> torch.Tensor:
+        """``W -> W'`` with ``T(x) W'^T = x W^T``: scale the columns up, then rotate the rows."""
+        if self.scale is not None:
+            w = w * self.scale.to(w)
+        if self.signs is not None:
+            w = fwht(w * self.signs.to(w), self.block)
+        return w
+
+    def unweight(self, w: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`weight`."""
+        if self.signs is not None:
+            w = fwht(w, self.block) * self.signs.to(w)
+        if self.scale is not None:
+            w = w / self.scale.to(w)
+        return w
+
+    def hessian(self, h: torch.Tensor) -> torch.Tensor:
+        """The second moment of ``T(x)`` from that of ``x``: ``T^T H T`` (``T`` linear)."""
+        return self.apply(self.apply(h).T).T
+
+
+class TransformedFormat(Format):
+    """``x -> child(T(x))``: a child format (usually ``int``) holding the transformed weight."""
+
+    name = "transformed"
+
+    def __init__(self, child: Format, transform: InputTransform):
+        super().__init__(child.shape)
+        if transform.n != child.in_features:
+            raise FormatError(f"transformed: transform size {transform.n} != child in_features {child.in_features}")
+        self.child = child
+        self.transform = transform
+
+    @classmethod
+    def encode(
+        cls, weight: torch.Tensor, rotate: bool = True, seed: int = 0, scale: Optional[torch.Tensor] = None,
+        child: str = "int", **child_params: Any,
+    ) -> "TransformedFormat":
+        """Transform ``weight`` (rotation with signs from ``seed``, and/or the given input scales) and
+        encode the result directly in format ``child`` (round-to-nearest for ``int``)."""
+        from matpress.formats import format_class
+
+        check_weight(weight)
+        transform = make_transform(weight.shape[1], rotate, seed, scale)
+        return cls(format_class(child).encode(transform.weight(weight.float()), **child_params), transform)
+
+    def decode(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.transform.unweight(self.child.decode(torch.float32)).to(dtype)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.matmul(self.child, self.transform.apply(x))
+
+    def config(self) -> dict[str, Any]:
+        return {
+            CHILD: child_config(self.child),
+            "scaled": self.transform.scale is not None,
+            "rotated": self.transform.signs is not None,
+        }
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = child_tensors(CHILD, self.child)
+        if self.transform.scale is not None:
+            tensors["scale"] = self.transform.scale.to(torch.float16)
+        if self.transform.signs is not None:
+            tensors["signs"] = pack_rows((self.transform.signs > 0).long().unsqueeze(0), 1)
+        return tensors
+
+    @classmethod
+    def from_tensors(
+        cls, shape: tuple[int, int], config: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> "TransformedFormat":
+        child = child_from_tensors(CHILD, config, tensors, cls.name)
+        n = shape[1]
+        if tuple(child.shape) != tuple(shape):
+            raise FormatError(f"transformed: child shape {child.shape} differs from the layer's {tuple(shape)}")
+        scale = signs = None
+        if config.get("scaled"):
+            scale = expect_tensor(tensors, "scale", (n,), torch.float16, cls.name).float()
+        if config.get("rotated"):
+            packed = expect_tensor(tensors, "signs", (1, packed_row_bytes(n, 1)), torch.uint8, cls.name)
+            signs = unpack_rows(packed, 1, n)[0].float() * 2 - 1
+        return cls(child, InputTransform(n, scale, signs))
+
+    def describe(self) -> str:
+        parts = [p for p, on in (("scaled", self.transform.scale is not None), ("rotated", self.transform.signs is not None)) if on]
+        return f"{'+'.join(parts)} {self.child.describe()}"
+
+
+def make_transform(n: int, rotate: bool, seed: int, scale: Optional[torch.Tensor]) -> InputTransform:
+    """The transform of an ``n``-column weight; scales are rounded to fp16 first, as they are stored."""
+    if scale is not None:
+        if scale.shape != (n,) or not bool((scale > 0).all()) or not bool(torch.isfinite(scale).all()):
+            raise FormatError(f"input scales must be {n} positive finite values")
+        scale = scale.float().clamp(1e-4, 1e4).half().float()
+    return InputTransform(n, scale, random_signs(n, seed) if rotate else None)

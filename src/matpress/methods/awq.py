@@ -1,0 +1,127 @@
+"""AWQ: activation-aware weight quantization (Lin et al. 2023, "AWQ: Activation-aware Weight
+Quantization for LLM Compression and Acceleration", https://arxiv.org/abs/2306.00978).
+
+Input channels that carry large activations matter most to the output. AWQ scales each input column of
+``W`` up by ``s_j = mean|x_j|^alpha`` before quantizing (so salient columns get a relatively finer grid)
+and divides the activations by ``s``, which leaves the product unchanged. ``alpha`` is found by a grid
+search over ``[0, 1]`` minimising the layer's output error ``||X W^T - X Q^T||^2 = tr(E H E^T)``
+(``E = W - Q``, ``H = E[x x^T]``), computed exactly from the calibration statistics. Then, as in the
+paper, each group's clipping range is shrunk by the ratio that minimises that group's output error.
+
+Where the architecture allows, the calibration pass folds ``1/s`` into the operation producing the
+layer's input (a LayerNorm/RMSNorm before q/k/v or gate/up, v_proj before o_proj, up_proj before
+down_proj), with one scale searched jointly for the layers sharing that input, and checks that the
+block's output is unchanged (see :func:`matpress.calibration.fold_awq_scales`); those layers are then
+stored as plain ``int``. Elsewhere ``1/s`` stays in front of the layer, stored (fp16) in a
+``transformed`` format around the ``int`` child. ``alpha = 0`` (no scaling) gives the plain ``int``
+format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from matpress.errors import CalibrationError
+from matpress.formats import Format, IntFormat
+from matpress.formats.integer import grouped, quantize_codes, resolve_group_size, rtn_parameters, ungrouped
+from matpress.formats.transformed import TransformedFormat, make_transform
+from matpress.methods.base import LayerStats, register_method
+from matpress.methods.obs import output_error
+from matpress.methods.rtn import IntParams, check_flag
+
+
+@dataclass(frozen=True)
+class AWQParams(IntParams):
+    """Integer parameters (bits, group_size, symmetric) plus: grid (alpha values tried: grid + 1 points
+    from 0 to 1; 0 means no input scaling), clip (search each group's clipping ratio), fold (fold the
+    scales into the preceding operation where the architecture allows)."""
+
+    grid: int = 20
+    clip: bool = True
+    fold: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.grid, int) or isinstance(self.grid, bool) or self.grid < 0:
+            raise ValueError(f"grid must be a non-negative integer, got {self.grid!r}")
+        check_flag("clip", self.clip)
+        check_flag("fold", self.fold)
+
+
+def rtn_decode(weight: torch.Tensor, bits: int, group_size: Optional[int], symmetric: bool) -> torch.Tensor:
+    return IntFormat.encode(weight, bits=bits, group_size=group_size, symmetric=symmetric).decode()
+
+
+def search_input_scale(
+    weights: Sequence[torch.Tensor], stats: LayerStats, bits: int, group_size: Optional[int], symmetric: bool,
+    grid: int = 20,
+) -> Optional[torch.Tensor]:
+    """AWQ's per-input-channel scale ``mean|x|^alpha`` (normalised, fp16-exact) with the ``alpha`` that
+    minimises the summed output error of round-to-nearest over ``weights`` (layers reading the same
+    input); None when ``alpha = 0`` (no scaling) wins."""
+    if stats.mean_abs is None:
+        raise CalibrationError("AWQ input scales need the mean |x| per input channel (LayerStats.abs_sum)")
+    hessian = stats.hessian
+    magnitude = stats.mean_abs.float().clamp(min=1e-6)
+    best_err = sum(output_error(w, rtn_decode(w, bits, group_size, symmetric), hessian) for w in weights)
+    best = None
+    for k in range(1, grid + 1):
+        s = magnitude ** (k / grid)
+        s = s / (s.max() * s.min()).sqrt()  # centre the scales on 1 in log space, as the paper does
+        transform = make_transform(hessian.shape[0], False, 0, s)
+        err = sum(
+            output_error(w, transform.unweight(rtn_decode(transform.weight(w), bits, group_size, symmetric)), hessian)
+            for w in weights
+        )
+        if err < best_err:
+            best_err, best = err, transform.scale
+    return best
+
+
+def clipped_quantize(
+    weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: Optional[int], symmetric: bool,
+    ratios: torch.Tensor,
+) -> IntFormat:
+    """Per-group min-max quantization with each group's range shrunk by the ratio in ``ratios`` that
+    minimises the group's output error ``e_g H_gg e_g^T`` (AWQ's weight clipping)."""
+    out_f, n = weight.shape
+    group = resolve_group_size(group_size, n)
+    g = grouped(weight, group)
+    n_groups = g.shape[1]
+    pad = n_groups * group - n
+    h = torch.nn.functional.pad(hessian, (0, pad, 0, pad))  # padded columns get zero weight in the error
+    blocks = torch.stack([h[k * group : (k + 1) * group, k * group : (k + 1) * group] for k in range(n_groups)])
+    best_err = torch.full((out_f, n_groups), float("inf"))
+    best_scale = torch.empty(out_f, n_groups)
+    best_zero = torch.empty(out_f, n_groups)
+    for r in ratios.tolist():
+        scale, zero = rtn_parameters(g * r, bits, symmetric)
+        e = g - (quantize_codes(g, scale.unsqueeze(-1), zero.unsqueeze(-1), bits) - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+        err = torch.einsum("okg,kgh,okh->ok", e, blocks, e)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    codes = quantize_codes(g, best_scale.unsqueeze(-1), best_zero.unsqueeze(-1), bits)
+    return IntFormat.from_codes(ungrouped(codes, n), best_scale, best_zero, bits, group_size, symmetric)
+
+
+CLIP_RATIOS = torch.linspace(1.0, 0.5, 11)
+
+
+@register_method("awq", AWQParams, needs_calibration=True)
+def awq(weight: torch.Tensor, params: AWQParams, stats: Optional[LayerStats] = None) -> Format:
+    """AWQ (Lin et al. 2023): activation-aware input scales and clipping searched on the output error."""
+    if stats is None:
+        raise CalibrationError("awq needs calibration statistics of the layer's inputs")
+    w = weight.float()
+    scale = search_input_scale([w], stats, params.bits, params.group_size, params.symmetric, params.grid)
+    transform = None if scale is None else make_transform(w.shape[1], False, 0, scale)
+    w_t = w if transform is None else transform.weight(w)
+    h_t = stats.hessian if transform is None else transform.hessian(stats.hessian)
+    ratios = CLIP_RATIOS if params.clip else torch.ones(1)
+    child = clipped_quantize(w_t, h_t, params.bits, params.group_size, params.symmetric, ratios)
+    return child if transform is None else TransformedFormat(child, transform)

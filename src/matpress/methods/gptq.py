@@ -1,0 +1,136 @@
+"""GPTQ: layer-wise quantization with second-order error compensation (Frantar et al. 2022, "GPTQ:
+Accurate Post-Training Quantization for Generative Pre-trained Transformers",
+https://arxiv.org/abs/2210.17323).
+
+Columns of ``W`` are quantized one at a time; the rounding error of each is spread over the columns
+not yet quantized through the inverse Hessian ``H^-1`` of the layer-wise objective
+``||X W^T - X Q^T||^2`` (``H = E[x x^T]``), which makes the output error far smaller than rounding each
+weight on its own. As in the paper: ``H^-1`` comes from a Cholesky factorisation of the damped Hessian
+(``percdamp`` times its mean diagonal added), updates to later columns are applied lazily per block of
+``block_size`` columns, and ``act_order`` quantizes columns in order of decreasing ``H_ii`` (the most
+active inputs first, while most columns are still free to absorb their error). With act-order the
+groups keep their original column ranges and their scales are computed before the pass ("static
+groups"), so the result is the plain ``int`` format.
+
+Options: ``rotate`` (randomized Hadamard incoherence processing, QuaRot / QuIP#: GPTQ runs on ``W R``
+with ``H' = R^T H R``) and ``scale_inputs`` (AWQ's activation-aware per-channel scales, searched first;
+GPTQ then runs on ``W diag(s)``); either gives a ``transformed`` format around the ``int`` child.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from matpress.errors import CalibrationError
+from matpress.formats import Format, IntFormat
+from matpress.formats.integer import grouped, quantize_codes, resolve_group_size, rtn_parameters
+from matpress.formats.transformed import TransformedFormat, make_transform
+from matpress.methods.awq import search_input_scale
+from matpress.methods.base import LayerStats, register_method
+from matpress.methods.obs import drop_dead_inputs, obs_sweep
+from matpress.methods.rtn import IntParams, check_flag
+
+
+@dataclass(frozen=True)
+class GPTQParams(IntParams):
+    """Integer parameters (bits, group_size, symmetric) plus: percdamp (damping as a fraction of the
+    mean Hessian diagonal, > 0), block_size (columns per lazy update), act_order (quantize columns in
+    order of decreasing activation energy), rotate (randomized Hadamard rotation of the inputs, signs
+    from ``seed``), scale_inputs (AWQ input scales before GPTQ)."""
+
+    percdamp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    rotate: bool = False
+    scale_inputs: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.percdamp, (int, float)) or isinstance(self.percdamp, bool) or not 0 < self.percdamp < 1:
+            raise ValueError(f"percdamp must be a number in (0, 1), got {self.percdamp!r}")
+        if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size <= 0:
+            raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+        for name in ("act_order", "rotate", "scale_inputs"):
+            check_flag(name, getattr(self, name))
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp I)^-1``, in fp64 for stability; its rows give the error
+    propagation coefficients GPTQ uses."""
+    h = hessian.double().clone()
+    damp = percdamp * float(h.diagonal().mean().clamp(min=1e-12))
+    h.diagonal().add_(damp)
+    for attempt in range(4):  # an ill-conditioned Hessian (few tokens) gets more damping
+        factor, info = torch.linalg.cholesky_ex(h)
+        if int(info) == 0:
+            return torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True).float()
+        h.diagonal().add_(damp * 10**attempt)
+    raise CalibrationError("the layer's input Hessian is not positive definite even after damping; use more calibration data")
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: Optional[int],
+    symmetric: bool,
+    percdamp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+) -> IntFormat:
+    """Quantize ``weight`` ``(out, in)`` by GPTQ with input second moment ``hessian`` ``(in, in)``: the
+    OBS column sweep (:func:`matpress.methods.obs.obs_sweep`) with round-to-nearest on each group's grid."""
+    h, w = drop_dead_inputs(hessian, weight)
+    out_f, n = w.shape
+    group = resolve_group_size(group_size, n)
+    n_groups = -(-n // group)
+    # with act-order the columns are visited out of order, so the grids come from the original weight
+    # ("static groups") and the result stays a plain int format
+    static = act_order or group >= n
+    if static:
+        scale, zero = rtn_parameters(grouped(w, group), bits, symmetric)
+    else:
+        scale, zero = torch.empty(out_f, n_groups), torch.empty(out_f, n_groups)
+    perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(n)
+    group_of = (perm // group).tolist()
+    codes = torch.empty(out_f, n)
+
+    def start_column(j: int, current: torch.Tensor) -> None:
+        if not static and j % group == 0:  # a group starts: its grid from its current (updated) columns
+            s, z = rtn_parameters(current[:, j : j + group].unsqueeze(1), bits, symmetric)
+            scale[:, j // group], zero[:, j // group] = s[:, 0], z[:, 0]
+
+    def round_column(j: int, col: torch.Tensor) -> torch.Tensor:
+        g = group_of[j]
+        codes[:, j] = quantize_codes(col, scale[:, g], zero[:, g], bits)
+        return (codes[:, j] - zero[:, g]) * scale[:, g]
+
+    hinv = inverse_hessian_factor(h[perm][:, perm], percdamp)
+    obs_sweep(w[:, perm], hinv, round_column, blocksize=block_size, start_column=start_column)
+    return IntFormat.from_codes(codes[:, torch.argsort(perm)], scale, zero, bits, group_size, symmetric)
+
+
+@register_method("gptq", GPTQParams, needs_calibration=True)
+def gptq(weight: torch.Tensor, params: GPTQParams, stats: Optional[LayerStats] = None) -> Format:
+    """GPTQ (Frantar et al. 2022): second-order error compensation, optional act-order, rotation, AWQ scales."""
+    if stats is None:
+        raise CalibrationError("gptq needs calibration statistics of the layer's inputs")
+    w = weight.float()
+    hessian = stats.hessian
+    scale = None
+    if params.scale_inputs:
+        scale = search_input_scale([w], stats, params.bits, params.group_size, params.symmetric)
+    if scale is None and not params.rotate:
+        return gptq_quantize(w, hessian, params.bits, params.group_size, params.symmetric, params.percdamp, params.block_size, params.act_order)
+    transform = make_transform(w.shape[1], params.rotate, params.seed, scale)
+    child = gptq_quantize(
+        transform.weight(w), transform.hessian(hessian), params.bits, params.group_size, params.symmetric,
+        params.percdamp, params.block_size, params.act_order,
+    )
+    return TransformedFormat(child, transform)

@@ -1,0 +1,94 @@
+"""The Optimal Brain Surgeon column sweep shared by Hessian-aware methods.
+
+Minimising the layer-output error ``||X W^T - X Q^T||^2 = tr((W - Q) H (W - Q)^T)`` (``H = X^T X``) one
+input column at a time: after column ``j`` is rounded (pruned, quantized, made ternary), the error it
+leaves is spread over the columns not yet rounded through the inverse Hessian (OBS, Hassibi & Stork
+1993), processed in lazy blocks so most of the update is one matrix product (GPTQ, Frantar et al. 2023;
+SparseGPT, Frantar & Alistarh 2023). The rows of the upper Cholesky factor of ``H^-1`` give each
+step's update directly, without re-inverting ``H`` (:func:`matpress.methods.gptq.inverse_hessian_factor`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from matpress.errors import CalibrationError
+from matpress.methods.base import LayerStats
+
+
+def live_inputs(stats: LayerStats, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input second moment ``H = E[x x^T]`` and the weight, checked, with dead inputs dropped
+    (:func:`drop_dead_inputs`). Returns ``(H, W)``."""
+    if stats is None:
+        raise CalibrationError("this method needs calibration statistics of the layer's inputs")
+    h = stats.hessian.to(device=weight.device, dtype=torch.float32)
+    if h.shape != (weight.shape[1], weight.shape[1]):
+        raise CalibrationError(
+            f"calibration statistics are for {h.shape[0]} inputs but the weight has {weight.shape[1]}"
+        )
+    if not torch.isfinite(h).all():
+        raise CalibrationError("calibration statistics contain NaN/Inf; check the calibration data and model")
+    return drop_dead_inputs(h, weight)
+
+
+def drop_dead_inputs(h: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of ``h`` and ``weight`` (fp32) in which inputs never non-zero in calibration get
+    ``H_ii = 1`` and zero weight columns: they cannot affect the output, and this keeps H invertible."""
+    h = h.float().clone()
+    w = weight.detach().float().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    return h, w
+
+
+def damped(h: torch.Tensor, damping: float) -> torch.Tensor:
+    """``h`` plus ``damping`` times its mean diagonal on the diagonal (positive definite for damping > 0)."""
+    return h + damping * float(torch.diagonal(h).mean()) * torch.eye(h.shape[0], device=h.device)
+
+
+def obs_sweep(
+    weight: torch.Tensor,
+    hinv: torch.Tensor,
+    round_column: Callable[[int, torch.Tensor], torch.Tensor],
+    start_block: Optional[Callable[[int, int, torch.Tensor, torch.Tensor], None]] = None,
+    blocksize: int = 128,
+    start_column: Optional[Callable[[int, torch.Tensor], None]] = None,
+) -> torch.Tensor:
+    """Round ``weight`` column by column with OBS error feedback; returns the rounded matrix.
+
+    ``round_column(j, w)`` gives the rounded value of column ``j`` (current, error-updated values ``w``).
+    ``start_block(i1, i2, W1, Hinv1)`` runs before each lazy block of columns ``[i1, i2)`` (e.g. to pick
+    that block's pruning mask or quantization grid from the updated weights ``W1``). ``start_column(j, W)``
+    runs before column ``j`` with the whole current matrix (columns of the current block updated, later
+    ones as of the block's start), e.g. to pick a quantization group's grid where the group begins.
+    """
+    w = weight.float().clone()
+    rounded = torch.zeros_like(w)
+    cols = w.shape[1]
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        w1 = w[:, i1:i2]  # a view: updates land in w
+        hinv1 = hinv[i1:i2, i1:i2]
+        if start_block is not None:
+            start_block(i1, i2, w1, hinv1)
+        err1 = torch.zeros_like(w1)
+        for j in range(i2 - i1):
+            if start_column is not None:
+                start_column(i1 + j, w)
+            col = w1[:, j]
+            q = round_column(i1 + j, col)
+            rounded[:, i1 + j] = q
+            err = (col - q) / hinv1[j, j]
+            w1[:, j:] -= err.unsqueeze(1) * hinv1[j, j:].unsqueeze(0)
+            err1[:, j] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return rounded
+
+
+def output_error(weight: torch.Tensor, approx: torch.Tensor, h: torch.Tensor) -> float:
+    """``tr((W - A) H (W - A)^T)``: the layer-output error per token under the second moment ``h``."""
+    d = (weight - approx).float()
+    return float(((d @ h) * d).sum())
