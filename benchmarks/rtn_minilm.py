@@ -71,7 +71,7 @@ def main() -> None:
     lines = [
         "# RTN on all-MiniLM-L6-v2 (all 36 linear layers)",
         "",
-        f"Command: `python benchmarks/rtn_minilm.py --out benchmarks/results/rtn_minilm.md`  ",
+        f"Command: `python benchmarks/rtn_minilm.py {' '.join(sys.argv[1:])}`  ",
         f"Machine: {machine_description()}  ",
         f"Quality on {len(texts)} evaluation-split sentences of `pydoc_data.topics` (mean-pooled, normalised "
         "embeddings); latency ratio = compressed / original fp32 forward, same input, median of "
