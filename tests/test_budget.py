@@ -9,6 +9,7 @@ from matpress.budget import (
     compress_to_budget,
     measure_sensitivity,
     relative_output_error,
+    weigh_end_to_end,
 )
 from matpress.errors import BudgetError, RecipeError
 from matpress.formats import IntFormat
@@ -25,14 +26,14 @@ CANDIDATES = [{"method": "rtn", "bits": b, "group_size": g} for b in (2, 3, 4, 8
 
 @pytest.mark.parametrize(
     "text,bpw,nbytes",
-    [("3.2bpw", 3.2, None), ("40MB", None, 40_000_000), ("12MiB", None, 12 * 2**20), ("123456", None, 123456), (" 2.5 BPW", 2.5, None)],
+    [("3.2bpw", 3.2, None), ("40MB", None, 40_000_000), ("12MiB", None, 12 * 2**20), ("123456B", None, 123456), (" 2.5 BPW", 2.5, None)],
 )
 def test_budget_parsing(text, bpw, nbytes):
     b = Budget.parse(text)
     assert b.bits_per_weight == bpw and b.nbytes == nbytes
 
 
-@pytest.mark.parametrize("text", ["", "3.2 bits", "-1MB", "0bpw", "MB"])
+@pytest.mark.parametrize("text", ["", "3.2 bits", "-1MB", "0bpw", "MB", "3.5", "3b"])
 def test_bad_budgets_are_refused(text):
     with pytest.raises(BudgetError, match="budget"):
         Budget.parse(text)
@@ -189,13 +190,18 @@ def test_calibrated_budget_uses_the_best_quantizer_and_fits(minilm, preset):
     report = matpress.compress(model, recipe, tokenizer=minilm.tokenizer, progress=False)
     table, choice, budget = report.allocation
     assert report.bits_per_weight <= 3.5
-    assert table.probe is not None and all(w >= 0 for w in table.weight)
+    assert table.probe is not None and any(w != 1.0 for w in table.weight)  # end-to-end weights measured
     # with calibration text the integer candidates come from the calibrated quantizer, not RTN
     assert any(c.startswith(CALIBRATED_INT["method"]) for c in table.candidates)
     assert not any(c.startswith("rtn") for c in table.candidates)
+    re_encoded = 0
     for i, name in enumerate(table.layers):
         # the sequential re-encoding never exceeds the size the allocator gave each layer
-        assert model.get_submodule(name).fmt.nbytes <= table.nbytes[i][choice[i]]
+        fmt = model.get_submodule(name).fmt
+        assert fmt.nbytes <= table.nbytes[i][choice[i]]
+        re_encoded += not torch.equal(fmt.decode(), table.formats[(i, choice[i])].decode())
+    # later layers were re-encoded on the inputs of the already compressed earlier ones
+    assert re_encoded > 0
 
 
 def test_calibrated_candidates_without_calibration_text_are_refused():
@@ -217,3 +223,41 @@ def test_candidates_a_layer_shape_cannot_take_are_skipped_for_that_layer():
     only_monarch = {"budget": "6bpw", "candidates": [{"method": "monarch", "nblocks": 7}]}
     with pytest.raises(BudgetError, match="none of its candidates can encode"):
         matpress.compress(tiny_llama(), only_monarch, progress=False)
+
+
+def test_pinned_layer_is_not_subject_to_allow_entries():
+    import matpress
+
+    recipe = {
+        "budget": "7bpw",
+        "rules": [{"pattern": "*.v_proj", "method": "dense", "dtype": "fp16"}],
+        "allow": [{"pattern": "*.v_proj", "candidates": ["rtn-8b-*"]}, {"pattern": "*", "candidates": ["rtn-4b-*"]}],
+    }
+    report = matpress.compress(tiny_llama(), recipe, progress=False)
+    assert all(r.format == "dense fp16" for r in report.layers if r.name.endswith("v_proj"))
+
+
+def test_layers_the_probe_cannot_encode_take_the_typical_end_to_end_weight():
+    model = tiny_llama()
+    layers = {n: m for n, m in find_linear_layers(model).items() if n != "lm_head"}
+    cands = candidate_rules([{"method": "rtn", "bits": 3, "group_size": 32}, {"method": "rtn", "bits": 8, "group_size": 32}])
+    allowed = allowed_candidates(list(layers), list(cands), [{"pattern": "*.0.mlp.down_proj", "candidates": ["rtn-8b-*"]}])
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        ref = model(ids).logits
+
+    def distortion(m):
+        with torch.no_grad():
+            return float((m(ids).logits - ref).square().mean())
+
+    table = measure_sensitivity(layers, cands, allowed, progress=False)
+    weigh_end_to_end(table, model, layers, distortion, probe="rtn-3b-g32", progress=False)
+    others = sorted(w for n, w in zip(table.layers, table.weight) if n != "model.layers.0.mlp.down_proj")
+    assert table.weight[table.layers.index("model.layers.0.mlp.down_proj")] == others[len(others) // 2]
+
+
+def test_cli_refuses_single_rule_flags_with_a_budget(tmp_path, capsys):
+    from matpress.cli import main
+
+    assert main(["compress", "minilm", "--budget", "3bpw", "--bits", "4", "--out", str(tmp_path / "x")]) == 2
+    assert "--bits describe one rule for every layer" in capsys.readouterr().err

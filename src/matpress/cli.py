@@ -28,6 +28,7 @@ def _group(value: str):
 
 
 def _recipe_from_args(args: argparse.Namespace):
+    from matpress.errors import RecipeError
     from matpress.recipe import Recipe
 
     data = {}
@@ -35,6 +36,12 @@ def _recipe_from_args(args: argparse.Namespace):
         recipe = Recipe.load(args.recipe)
         data = recipe.to_dict()
     default = data.setdefault("default", {})
+    given = [f"--{k.replace('_', '-')}" for k in ("method", "bits", "group", "symmetric", "act_order", "rotate") if getattr(args, k) is not None]
+    if args.budget is not None and given:
+        raise RecipeError(
+            f"{', '.join(given)} describe one rule for every layer, but --budget chooses each layer's format "
+            "from --candidates; drop them, or pin layers with rules in a --recipe file"
+        )
     # the flags are shorthands for the default rule and override the recipe file's default
     if args.method is not None and args.method != default.get("method"):
         default.clear()
@@ -149,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--symmetric", action="store_true", default=None, help="symmetric quantization (no zero points)")
     p.add_argument("--act-order", action="store_true", default=None, help="gptq: quantize columns in order of decreasing activation energy")
     p.add_argument("--rotate", action="store_true", default=None, help="gptq: randomized Hadamard rotation of each layer's inputs")
-    p.add_argument("--calib", help="calibration text for gptq/awq: 'builtin' (default; the calibration split of pydoc_data.topics) or a text file")
+    p.add_argument("--calib", help="calibration text for calibrated methods (gptq, awq, sparsegpt, wanda, svd_llm, eora, ...) and budgets: 'builtin' (default; the calibration split of pydoc_data.topics) or a text file")
     p.add_argument("--samples", type=int, help="calibration samples: sentences for encoders, token windows for causal LMs (default 128)")
     p.add_argument("--seq-len", type=int, help="tokens per calibration window / longest calibration sentence (default 128)")
     p.add_argument("--batch-size", type=int, help="calibration samples per forward pass (default 8)")

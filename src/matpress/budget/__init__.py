@@ -41,32 +41,37 @@ from matpress.recipe import Recipe, Rule, name_matches
 if TYPE_CHECKING:
     from matpress.calibration import CalibrationData
 
-_BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(bpw|b|kb|mb|gb|kib|mib|gib)?\s*$", re.IGNORECASE)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+_BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(bpw|bytes|b|kb|mb|gb|kib|mib|gib)\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "bytes": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
 @dataclass(frozen=True)
 class Budget:
-    """A size budget: average bits per weight (``3.2bpw``) or bytes (``40MB``, ``12MiB``, ``500000``)."""
+    """A size budget for the selected linear layers' weights (embeddings, biases and excluded layers
+    are not counted): average bits per weight (``3.2bpw``) or bytes (``4MB``, ``12MiB``, ``500000B``)."""
 
     bits_per_weight: Optional[float] = None
     nbytes: Optional[int] = None
 
     @classmethod
-    def parse(cls, text: Union[str, float, int, "Budget"]) -> "Budget":
+    def parse(cls, text: Union[str, "Budget"]) -> "Budget":
         if isinstance(text, Budget):
             return text
-        if isinstance(text, (int, float)) and not isinstance(text, bool):
-            return cls(nbytes=int(text))
         m = _BUDGET.match(str(text))
         if not m:
-            raise BudgetError(f"cannot read the budget {text!r}: write e.g. '3.2bpw', '40MB', '12MiB' or a byte count")
-        value, unit = float(m.group(1)), (m.group(2) or "b").lower()
+            raise BudgetError(
+                f"cannot read the budget {text!r}: give a number with its unit, e.g. '3.2bpw', '4MB', '12MiB' "
+                "or '500000B'"
+            )
+        value, unit = float(m.group(1)), m.group(2).lower()
         if value <= 0:
             raise BudgetError(f"the budget must be positive, got {text!r}")
         if unit == "bpw":
             return cls(bits_per_weight=value)
-        return cls(nbytes=int(value * _UNITS[unit]))
+        nbytes = int(value * _UNITS[unit])
+        if nbytes < 1000:
+            raise BudgetError(f"a budget of {nbytes} bytes is too small for any layer; did you mean '{m.group(1)}bpw'?")
+        return cls(nbytes=nbytes)
 
     def bytes_for(self, n_weights: int) -> int:
         return self.nbytes if self.nbytes is not None else int(self.bits_per_weight * n_weights / 8)
@@ -176,7 +181,8 @@ def choose(table: SensitivityTable, budget: Budget, resolution: int = 20000) -> 
         minimum = cheapest_total(options)
         raise BudgetError(
             f"the budget {budget} ({total / 1e6:.3f} MB) is below the smallest reachable size "
-            f"{minimum / 1e6:.3f} MB ({8 * minimum / sum(table.n_weights):.3f} bits per weight) with these candidates"
+            f"{minimum / 1e6:.3f} MB ({8 * minimum / sum(table.n_weights):.3f} bits per weight) with these candidates; "
+            "raise the budget to at least that, or allow smaller candidates (e.g. --candidates all)"
         ) from None
     return [table.allowed[i][k] for i, k in enumerate(picks)]
 
@@ -296,14 +302,20 @@ def compress_budgeted(
     if calibration is None and tokenizer is not None:
         calibration = recipe.calibration_data(tokenizer, model)
     candidates = resolve_candidates(recipe.candidates, calibrated=calibration is not None or stats is not None)
+    # AWQ folds its scales into neighbouring layers during the pass; a layer that later falls back to
+    # its measured format (see apply_choice) must not see such a change, so scales stay in the format
+    candidates = {
+        label: Rule(r.method, dataclasses.replace(r.params, fold=False)) if hasattr(r.params, "fold") else r
+        for label, r in candidates.items()
+    }
     names = list(chosen)
-    allowed = allowed_candidates(names, list(candidates), recipe.allow)
-    for name in names:
-        pinned = recipe.pinned_rule(name)
-        if pinned is not None:
-            label = "pinned-" + candidate_label(pinned)
-            candidates.setdefault(label, Rule(pinned.method, pinned.params))
-            allowed[name] = [label]
+    pinned = {name: rule for name in names if (rule := recipe.pinned_rule(name)) is not None}
+    allowed = allowed_candidates([n for n in names if n not in pinned], list(candidates), recipe.allow)
+    for name, rule in pinned.items():  # explicit recipe rules win over allow entries
+        label = "pinned-" + candidate_label(rule)
+        candidates.setdefault(label, Rule(rule.method, rule.params))
+        allowed[name] = [label]
+    allowed = {name: allowed[name] for name in names}
     if stats is None and calibration is not None:
         from matpress.calibration import collect_stats
 
@@ -312,12 +324,14 @@ def compress_budgeted(
     if calibrated and stats is None:
         raise RecipeError(
             f"candidates using {calibrated} need calibration statistics: pass tokenizer= (or calibration=) to "
-            "compress, or choose a calibration-free candidate set"
+            "compress, or use the calibration-free preset 'quant'"
         )
     if distortion is None and tokenizer is not None:
         from matpress.evaluation import distortion_measure
 
-        distortion = distortion_measure(model, tokenizer)
+        text = recipe.calibration.text if recipe.calibration is not None else None
+        text_file = text if isinstance(text, str) and text != "builtin" else None  # a file; else the built-in text
+        distortion = distortion_measure(model, tokenizer, text_file=text_file)
     all_layers = find_linear_layers(model)
     budget = Budget.parse(recipe.budget)
     report, table, choice = compress_to_budget(

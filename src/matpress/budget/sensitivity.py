@@ -136,13 +136,19 @@ def weigh_end_to_end(
         return
     table.probe = probe
     p = table.candidates.index(probe)
+    measured = []
     for i, name in enumerate(tqdm(table.layers, desc="end-to-end", unit="layer", disable=not progress)):
         if (i, p) not in table.formats or table.error[i][p] <= 0:
             continue
         original = layers[name]
         bias = original.bias.detach() if getattr(original, "bias", None) is not None else None
-        set_submodule(model, name, CompressedLinear(table.formats[(i, p)], bias))
+        set_submodule(model, name, CompressedLinear(table.formats[(i, p)], bias).to(linear_weight(original).device))
         try:
             table.weight[i] = max(distortion(model), 0.0) / table.error[i][p]
+            measured.append(i)
         finally:
             set_submodule(model, name, original)
+    if measured:  # layers the probe cannot encode (shape, allow list) take the typical measured weight
+        typical = sorted(table.weight[i] for i in measured)[len(measured) // 2]
+        for i in set(range(len(table.layers))) - set(measured):
+            table.weight[i] = typical
