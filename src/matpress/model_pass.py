@@ -10,6 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from matpress.errors import CalibrationError, FormatError, RecipeError
+from matpress.formats import Format
 from matpress.layer import CompressedLinear
 from matpress.methods import LayerStats, get_method
 from matpress.recipe import RecipeLike, Rule, as_recipe
@@ -43,6 +44,12 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def install_format(model: nn.Module, name: str, original: nn.Module, fmt: Format) -> None:
+    """Put ``fmt`` in place of linear layer ``name`` (``original``), keeping its bias and device."""
+    bias = original.bias.detach() if getattr(original, "bias", None) is not None else None
+    set_submodule(model, name, CompressedLinear(fmt, bias).to(linear_weight(original).device))
 
 
 @dataclass
@@ -122,8 +129,7 @@ def compress_layer(
         fmt = method.run(weight, rule.params, layer_stats)
     except (FormatError, CalibrationError) as e:
         raise type(e)(f"layer {name}: {e}") from None
-    bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-    set_submodule(model, name, CompressedLinear(fmt, bias).to(weight.device))
+    install_format(model, name, module, fmt)
     return LayerReport(name, fmt.shape, fmt.describe(), fmt.bits_per_weight, fmt.nbytes, relative_error(weight, fmt.decode()))
 
 

@@ -26,15 +26,14 @@ from matpress.budget.sensitivity import (
     weigh_end_to_end,
 )
 from matpress.errors import BudgetError, RecipeError
-from matpress.layer import CompressedLinear
 from matpress.methods import LayerStats, get_method
 from matpress.model_pass import (
     CompressionReport,
     LayerReport,
     find_linear_layers,
+    install_format,
     linear_weight,
     relative_error,
-    set_submodule,
 )
 from matpress.recipe import Recipe, Rule, name_matches
 
@@ -211,21 +210,16 @@ def apply_choice(
         compress_sequential(model, chosen, calibration, progress=progress)
         for i, name in enumerate(table.layers):
             if model.get_submodule(name).fmt.nbytes > table.nbytes[i][choice[i]]:
-                _replace(model, name, layers[name], table.formats[(i, choice[i])])
+                install_format(model, name, layers[name], table.formats[(i, choice[i])])
     else:
         for i, name in enumerate(table.layers):
-            _replace(model, name, layers[name], table.formats[(i, choice[i])])
+            install_format(model, name, layers[name], table.formats[(i, choice[i])])
     reports = []
     for name in table.layers:
         fmt = model.get_submodule(name).fmt
         weight = linear_weight(layers[name]).float()
         reports.append(LayerReport(name, fmt.shape, fmt.describe(), fmt.bits_per_weight, fmt.nbytes, relative_error(weight, fmt.decode())))
     return CompressionReport(reports)
-
-
-def _replace(model: nn.Module, name: str, original: nn.Module, fmt) -> None:
-    bias = original.bias.detach() if getattr(original, "bias", None) is not None else None
-    set_submodule(model, name, CompressedLinear(fmt, bias).to(linear_weight(original).device))
 
 
 def allowed_candidates(
@@ -327,10 +321,11 @@ def compress_budgeted(
             "compress, or use the calibration-free preset 'quant'"
         )
     if distortion is None and tokenizer is not None:
+        from matpress.calibration import BUILTIN
         from matpress.evaluation import distortion_measure
 
         text = recipe.calibration.text if recipe.calibration is not None else None
-        text_file = text if isinstance(text, str) and text != "builtin" else None  # a file; else the built-in text
+        text_file = text if isinstance(text, str) and text != BUILTIN else None  # a file; else the built-in text
         distortion = distortion_measure(model, tokenizer, text_file=text_file)
     all_layers = find_linear_layers(model)
     budget = Budget.parse(recipe.budget)

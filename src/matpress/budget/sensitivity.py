@@ -21,9 +21,8 @@ from tqdm.auto import tqdm
 
 from matpress.errors import BudgetError, FormatError
 from matpress.formats import Format
-from matpress.layer import CompressedLinear
 from matpress.methods import LayerStats
-from matpress.model_pass import linear_weight, set_submodule
+from matpress.model_pass import install_format, linear_weight, set_submodule
 from matpress.recipe import Rule
 
 
@@ -141,8 +140,7 @@ def weigh_end_to_end(
         if (i, p) not in table.formats or table.error[i][p] <= 0:
             continue
         original = layers[name]
-        bias = original.bias.detach() if getattr(original, "bias", None) is not None else None
-        set_submodule(model, name, CompressedLinear(table.formats[(i, p)], bias).to(linear_weight(original).device))
+        install_format(model, name, original, table.formats[(i, p)])
         try:
             table.weight[i] = max(distortion(model), 0.0) / table.error[i][p]
             measured.append(i)
