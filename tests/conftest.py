@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
-import transformers
+
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels run on the CPU under Triton's interpreter. Triton reads the switch
+    # when it is first imported (its own helpers such as tl.zeros are jit functions too), so set it here,
+    # before anything imports triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import transformers  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 

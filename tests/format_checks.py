@@ -17,6 +17,15 @@ from matpress.io import read_manifest, stored_nbytes
 from matpress.layer import CompressedLinear
 
 
+def outlier_weight(seed: int, out_features: int, in_features: int) -> torch.Tensor:
+    """A random weight whose rows have different scales, with an outlier region far from zero in row 0
+    (its groups need a zero point far from the middle): a hard case for kernels' scales and zeros."""
+    torch.manual_seed(seed)
+    w = torch.randn(out_features, in_features) * torch.rand(out_features, 1)
+    w[0, :50] += 2.0
+    return w
+
+
 def kernel_error_bound(w: torch.Tensor, x: torch.Tensor, group: int) -> torch.Tensor:
     """Bound on ``|kernel(x) - x @ w.T|`` ``(tokens, out)`` for a kernel that rounds each activation
     block (never spanning two groups of ``group`` columns) to int8 with step ``a = max|x_block| / 127``

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import matpress
-from format_checks import kernel_error_bound
+from format_checks import kernel_error_bound, outlier_weight
 from matpress import kernels
 from matpress.formats import IntFormat, TernaryFormat
 from matpress.kernels import build, lowbit
@@ -37,10 +37,7 @@ def assert_within_bound(y: torch.Tensor, fmt, x: torch.Tensor, group: int) -> No
 
 
 def weight(seed: int) -> torch.Tensor:
-    torch.manual_seed(seed)
-    w = torch.randn(OUT, IN) * torch.rand(OUT, 1)
-    w[0, :50] += 2.0  # an outlier region, far from zero
-    return w
+    return outlier_weight(seed, OUT, IN)
 
 
 def test_native_build_uses_the_widest_path_the_cpu_has(native):

@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
+from matpress.errors import FormatError
 from matpress.formats import Format
 
 KernelFn = Callable[[Format, torch.Tensor], Optional[torch.Tensor]]
@@ -31,6 +32,11 @@ def register_kernel(format_cls: type) -> Callable[[KernelFn], KernelFn]:
 
 def matmul(fmt: Format, x: torch.Tensor) -> torch.Tensor:
     """``x @ W.T`` by the first registered kernel that takes it, else by the format itself."""
+    if x.shape[-1:] != (fmt.in_features,):
+        raise FormatError(
+            f"matmul: the input's last dimension is {tuple(x.shape[-1:])} but the {fmt.describe()} weight "
+            f"({fmt.out_features}x{fmt.in_features}) takes {fmt.in_features} features; check the input shape"
+        )
     for fn in KERNELS.get(type(fmt), ()):
         y = fn(fmt, x)
         if y is not None:
@@ -38,7 +44,8 @@ def matmul(fmt: Format, x: torch.Tensor) -> torch.Tensor:
     return fmt.matmul(x)
 
 
-# Registers the compiled CPU kernels for the int and ternary formats (kernels/lowbit.py).
-from matpress.kernels import lowbit  # noqa: E402,F401
+# Register the compiled CPU kernels (kernels/lowbit.py) and the Triton GPU kernels (kernels/cuda.py)
+# for the int and ternary formats; each declines inputs on the other's device.
+from matpress.kernels import cuda, lowbit  # noqa: E402,F401
 
 __all__ = ["KERNELS", "matmul", "register_kernel"]

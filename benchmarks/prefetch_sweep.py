@@ -1,0 +1,87 @@
+"""Software-prefetch distances of the CPU kernel (lowbit.cpp), swept side by side on cold 4-bit GEMV.
+
+Builds the kernel library once per variant (``-DMP_PREFETCH_NEAR=...`` L1 distance,
+``-DMP_PREFETCH_FAR=...`` L2 distance, bytes ahead of the chunk being read; near = far reproduces a
+single L1 distance) and times ``x @ W.T`` for one activation row against dense fp32 torch, every
+variant and the dense baseline interleaved in one run, each rotating through > 1 GB of weight copies so
+that the weights come from memory; medians of repeats.
+
+    flock /tmp/matpress-heavy.lock python benchmarks/prefetch_sweep.py --out benchmarks/results/prefetch_sweep.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from matpress.evaluation.timing import machine_description
+from matpress.formats import IntFormat
+from matpress.kernels import build, lowbit
+
+SHAPES = [(4096, 4096), (4096, 14336)]
+# (near, far) bytes; the first is the earlier kernel's single 2 KB distance, the second the default
+VARIANTS = [(2048, 2048), (1024, 3072), (1024, 1024), (512, 3072), (1024, 6144)]
+POOL_BYTES = 1.2e9
+PASS_SECONDS = 0.3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    libs = {
+        v: build.load_library(build.DEFAULT_FLAGS + (f"-DMP_PREFETCH_NEAR={v[0]}", f"-DMP_PREFETCH_FAR={v[1]}"))
+        for v in VARIANTS
+    }
+    names = {v: f"L1 {v[0]} B" if v[0] == v[1] else f"L1 {v[0]} B + L2 {v[1]} B" for v in VARIANTS}
+    lines = [
+        "# Prefetch distances of the CPU kernel, 4-bit g128 GEMV, weights cold",
+        "",
+        f"Command: `python benchmarks/prefetch_sweep.py --out {args.out}`  ",
+        f"Machine: {machine_description()}  ",
+        f"Median of {args.repeats} interleaved passes; speed-up over dense fp32 torch in the same run.",
+        "",
+        "| shape (out x in) | dense fp32 ms | " + " | ".join(names[v] for v in VARIANTS) + " |",
+        "|---|---:|" + "---:|" * len(VARIANTS),
+    ]
+    for out_f, in_f in SHAPES:
+        w = torch.randn(out_f, in_f)
+        layout = lowbit.layout_of(IntFormat.encode(w, bits=4, group_size=128))
+        layout_bytes = sum(t.numel() * t.element_size() for t in (layout.codes, layout.scales, layout.zeros))
+        copies = [
+            lowbit.LowbitLayout(layout.bits, layout.out_features, layout.geometry, layout.codes.clone(),
+                                layout.scales.clone(), layout.zeros.clone())
+            for _ in range(math.ceil(POOL_BYTES / layout_bytes))
+        ]
+        dense = [w.clone() for _ in range(math.ceil(POOL_BYTES / (w.numel() * 4)))]
+        x = torch.randn(1, in_f)
+        calls = {"dense": lambda i: torch.nn.functional.linear(x, dense[i % len(dense)])}
+        for v in VARIANTS:
+            calls[v] = lambda i, lib=libs[v]: lowbit.lowbit_matmul(copies[i % len(copies)], x, lib)
+        times: dict = {k: [] for k in calls}
+        for _ in range(args.repeats):
+            for key, call in calls.items():
+                start, i = time.perf_counter(), 0
+                while time.perf_counter() - start < PASS_SECONDS:
+                    call(i)
+                    i += 1
+                times[key].append((time.perf_counter() - start) / i)
+        base = statistics.median(times["dense"])
+        ratios = " | ".join(f"{base / statistics.median(times[v]):.2f}x" for v in VARIANTS)
+        lines.append(f"| {out_f}x{in_f} | {base * 1e3:.3f} | {ratios} |")
+        print(lines[-1], flush=True)
+        del copies, dense
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

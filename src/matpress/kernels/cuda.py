@@ -1,0 +1,52 @@
+"""Registers the Triton kernels (``kernels/triton_lowbit.py``) for ``int`` and ``ternary`` weights on
+CUDA devices. Triton is imported at the first CUDA call, so CPU-only installs never need it; without
+Triton the GPU falls back, after one warning, to the formats' own (decode-then-matmul) ``matmul``.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+from matpress.formats import Format, IntFormat, TernaryFormat
+from matpress.kernels import register_kernel
+from matpress.kernels.build import disabled
+
+
+@functools.lru_cache(maxsize=None)
+def triton_kernels() -> Optional[ModuleType]:
+    """The Triton kernel module, or None after one warning when Triton cannot be imported."""
+    try:
+        from matpress.kernels import triton_lowbit
+    except ImportError as e:
+        warnings.warn(
+            f"matpress: Triton is not available ({e}); low-bit layers on the GPU decode their weights "
+            "for every matmul. `pip install triton` enables the packed GPU kernels.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    return triton_lowbit
+
+
+def takes(fmt: Format, x: torch.Tensor) -> bool:
+    """Whether the Triton kernel handles ``x``: floating CUDA input on the format's device, no autograd."""
+    return (
+        x.is_cuda
+        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and fmt.packed.device == x.device
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and not disabled()
+    )
+
+
+@register_kernel(IntFormat)
+@register_kernel(TernaryFormat)
+def triton_kernel(fmt: Format, x: torch.Tensor) -> torch.Tensor | None:
+    """The registered fast path for ``int`` and ``ternary`` formats on CUDA GPUs."""
+    module = triton_kernels() if takes(fmt, x) else None
+    return None if module is None else module.packed_matmul(fmt, x)
