@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
+from format_checks import check_format
 from matpress.errors import FormatError
-from matpress.formats import DenseFormat, IntFormat
+from matpress.formats import DenseFormat, IntFormat, TransformedFormat
 from matpress.formats.integer import grouped
 
 
@@ -131,3 +132,22 @@ def test_dense_format_keeps_the_weight(dtype):
     assert torch.allclose(fmt.decode(), w, rtol=eps, atol=0)
     assert fmt.nbytes == w.numel() * {"fp32": 4, "fp16": 2, "bf16": 2}[dtype]
     assert math.isclose(fmt.bits_per_weight, {"fp32": 32, "fp16": 16, "bf16": 16}[dtype])
+
+
+def _weight(out_features: int = 24, in_features: int = 100) -> torch.Tensor:
+    torch.manual_seed(3)
+    return torch.randn(out_features, in_features)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: IntFormat.encode(_weight(), bits=4, group_size=64),
+    lambda: IntFormat.encode(_weight(), bits=3, group_size=None, symmetric=True),
+    lambda: IntFormat.encode(_weight(), bits=8, group_size=32),
+    lambda: DenseFormat.encode(_weight(), dtype="fp16"),
+    lambda: DenseFormat.encode(_weight()),
+    lambda: TransformedFormat.encode(_weight(), rotate=True, seed=1, bits=4, group_size=64),
+    lambda: TransformedFormat.encode(_weight(), rotate=False, scale=torch.linspace(0.5, 2, 100), bits=4),
+], ids=["int4-g64", "int3-ch-sym", "int8-g32", "dense-fp16", "dense-fp32", "rotated-int4", "scaled-int4"])
+def test_format_contract(make, tmp_path):
+    # matmul against decode, nbytes against the stored bytes, exact save/load (tests/format_checks.py)
+    check_format(make(), tmp_path)

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from format_checks import outlier_weight
+from format_checks import kernel_error_bound, outlier_weight
 from matpress import kernels
 from matpress.errors import FormatError
 from matpress.formats import IntFormat, TernaryFormat
-from matpress.kernels import cuda
+from matpress.kernels import gpu
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Odd shapes: 37 outputs is not a multiple of the 16-row tiles, 300 columns not a multiple of the groups.
@@ -37,8 +37,10 @@ ROUNDOFF = {torch.float32: 0.0, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8
 def triton_lowbit():
     """The kernel module: compiled for the GPU, or run by Triton's interpreter (set up in conftest.py)."""
     pytest.importorskip("triton")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    return importlib.import_module("matpress.kernels.triton_lowbit")
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 tl.dot in full fp32, as the bounds assume
+    yield importlib.import_module("matpress.kernels.triton_lowbit")
+    torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def weight(seed: int) -> torch.Tensor:
@@ -131,13 +133,16 @@ COMPILE_CHECK = textwrap.dedent("""
     w = torch.randn(37, 300)
     formats = [IntFormat.encode(w, bits=b, group_size=g, symmetric=sym) for b, g, sym in
                [(4, 128, False), (3, 100, False), (2, 64, True), (8, None, False), (6, 64, False)]]
-    formats.append(TernaryFormat.encode(w, group_size=64))
-    cases = [(f, rows, dtype) for f in formats for rows, dtype in
+    formats += [TernaryFormat.encode(w, group_size=64), TernaryFormat.encode(w)]
+    whole = IntFormat.encode(torch.randn(64, 512), bits=4, group_size=128)  # whole steps: vector loads
+    cases = [(f, rows, dtype, False) for f in formats + [whole] for rows, dtype in
              [(1, torch.float16), (5, torch.float32), (64, torch.bfloat16)]]
-    cases += [(formats[0], 20, torch.float32), (formats[0], 20, torch.float16)]
+    cases += [(formats[0], 12, torch.float16, False), (formats[0], 16, torch.float16, False),
+              (formats[0], 20, torch.float32, False), (formats[0], 20, torch.float32, True)]
     # sm_80 differs from sm_90 in how tl.dot lowers (mma against wgmma): the tl.dot cases only
     targets = [(90, case) for case in cases] + [(80, case) for case in cases if case[1] >= T.DOT_ROWS]
-    for arch, (fmt, rows, dtype) in targets:
+    for arch, (fmt, rows, dtype, tf32) in targets:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
         _, constants = T.launch_plan(fmt, rows, dtype)
         signature = {"x_ptr": POINTER[dtype], "y_ptr": POINTER[dtype], "packed_ptr": "*u8",
                      "scales_ptr": "*fp16", "zeros_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32",
@@ -155,7 +160,35 @@ def test_every_variant_compiles_for_real_gpus(tmp_path, triton_lowbit):
     run = subprocess.run([sys.executable, "-c", COMPILE_CHECK], capture_output=True, text=True, env=env,
                          cwd=Path(__file__).parent, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.split() == ["compiled", "28"]
+    assert run.stdout.split() == ["compiled", "39"]  # 28 cases for sm_90, the 11 tl.dot ones for sm_80
+
+
+def test_the_plans_cover_every_way_of_reading_scales(triton_lowbit):
+    T = triton_lowbit
+    plans = {
+        "int4 g128, 512 columns": (IntFormat.encode(torch.randn(8, 512), bits=4, group_size=128), T.PER_STEP, True),
+        "int4 g100": (IntFormat.encode(weight(1), bits=4, group_size=100), T.PER_UNIT, False),
+        "int3 g100": (IntFormat.encode(weight(1), bits=3, group_size=100), T.PER_COLUMN, False),
+    }
+    for name, (fmt, scales_at, even) in plans.items():
+        for rows in (1, 20):
+            _, constants = T.launch_plan(fmt, rows, torch.float32)
+            assert (constants["SCALES_AT"], constants["EVEN_UNITS"]) == (scales_at, even), (name, rows)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [128, None])
+@pytest.mark.parametrize("batch", [1, 12, 20])
+def test_whole_steps_read_one_scale_per_step(bits, group_size, batch, triton_lowbit):
+    # 512 columns: every loop step is whole (unmasked loads) and lies in one group
+    torch.manual_seed(bits)
+    fmt = on_device(IntFormat.encode(torch.randn(24, 512), bits=bits, group_size=group_size))
+    x = torch.randn(batch, 512, device=DEVICE)
+    y = triton_lowbit.packed_matmul(fmt, x)
+    w = fmt.decode().double()
+    exact = x.double().cpu() @ w.T
+    bound = (x.double().abs().cpu() @ w.abs().T) * (514 * 2.0**-24)
+    assert bool(((y.double().cpu() - exact).abs() <= bound).all())
 
 
 def test_empty_batch(triton_lowbit):
@@ -165,13 +198,13 @@ def test_empty_batch(triton_lowbit):
 
 def test_the_gpu_path_declines_cpu_inputs_and_gradients():
     fmt = IntFormat.encode(weight(5), bits=4, group_size=64)
-    assert not cuda.takes(fmt, torch.randn(2, IN))
-    assert cuda.triton_kernel(fmt, torch.randn(2, IN)) is None
+    assert not gpu.takes(fmt, torch.randn(2, IN))
+    assert gpu.triton_kernel(fmt, torch.randn(2, IN)) is None
     if DEVICE == "cuda":
-        gpu = fmt.to("cuda")
-        assert cuda.takes(gpu, torch.randn(2, IN, device="cuda"))
-        assert not cuda.takes(gpu, torch.randn(2, IN, device="cuda", requires_grad=True))
-        assert not cuda.takes(fmt, torch.randn(2, IN, device="cuda"))  # weights left on the CPU
+        on_gpu = fmt.to("cuda")
+        assert gpu.takes(on_gpu, torch.randn(2, IN, device="cuda"))
+        assert not gpu.takes(on_gpu, torch.randn(2, IN, device="cuda", requires_grad=True))
+        assert not gpu.takes(fmt, torch.randn(2, IN, device="cuda"))  # weights left on the CPU
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
@@ -187,7 +220,7 @@ def test_compressed_layers_on_the_gpu_take_the_triton_kernel(monkeypatch, triton
 
 
 def test_without_triton_the_gpu_path_warns_once_and_declines(monkeypatch):
-    cuda.triton_kernels.cache_clear()
+    gpu.triton_kernels.cache_clear()
     # as on a machine without triton: the import of the kernel module fails
     monkeypatch.setitem(sys.modules, "triton", None)
     monkeypatch.setitem(sys.modules, "matpress.kernels.triton_lowbit", None)
@@ -195,11 +228,11 @@ def test_without_triton_the_gpu_path_warns_once_and_declines(monkeypatch):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            assert cuda.triton_kernels() is None
-            assert cuda.triton_kernels() is None
+            assert gpu.triton_kernels() is None
+            assert gpu.triton_kernels() is None
         assert len(caught) == 1 and "pip install triton" in str(caught[0].message)
     finally:
-        cuda.triton_kernels.cache_clear()
+        gpu.triton_kernels.cache_clear()
 
 
 def test_wrong_input_width_is_refused_before_any_kernel():
@@ -207,3 +240,25 @@ def test_wrong_input_width_is_refused_before_any_kernel():
     # 2 x 150 has as many elements as one 300-wide row: a reshape would silently accept it
     with pytest.raises(FormatError, match="takes 300 features"):
         kernels.matmul(fmt, torch.randn(2, 150))
+
+
+def test_a_kernel_that_fails_to_compile_or_launch_falls_back_after_one_warning(monkeypatch, triton_lowbit):
+    fmt = IntFormat.encode(weight(8), bits=4, group_size=64)
+    calls = []
+
+    def broken(f, x):
+        calls.append(1)
+        raise RuntimeError("Failed to find C compiler")
+
+    monkeypatch.setattr(gpu, "takes", lambda f, x: True)  # as for a CUDA input
+    monkeypatch.setattr(triton_lowbit, "packed_matmul", broken)
+    monkeypatch.setattr(gpu, "_failure", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert gpu.triton_kernel(fmt, torch.randn(2, IN)) is None
+        assert gpu.triton_kernel(fmt, torch.randn(2, IN)) is None  # off from now on: not tried again
+    assert calls == [1]
+    assert len(caught) == 1 and "Failed to find C compiler" in str(caught[0].message)
+    x = torch.randn(2, IN)  # the CPU path is unaffected
+    err = (kernels.matmul(fmt, x).double() - x.double() @ fmt.decode().double().T).abs()
+    assert bool((err <= kernel_error_bound(fmt.decode(), x, 64)).all())

@@ -44,8 +44,8 @@ def matmul(fmt: Format, x: torch.Tensor) -> torch.Tensor:
     return fmt.matmul(x)
 
 
-# Register the compiled CPU kernels (kernels/lowbit.py) and the Triton GPU kernels (kernels/cuda.py)
+# Register the compiled CPU kernels (kernels/lowbit.py) and the Triton GPU kernels (kernels/gpu.py)
 # for the int and ternary formats; each declines inputs on the other's device.
-from matpress.kernels import cuda, lowbit  # noqa: E402,F401
+from matpress.kernels import gpu, lowbit  # noqa: E402,F401
 
 __all__ = ["KERNELS", "matmul", "register_kernel"]

@@ -10,10 +10,11 @@ in fp32, as :meth:`~matpress.formats.Format.decode` computes them.
 
 Two ways to accumulate, chosen per call by the number of activation rows:
 
-- few rows (decoding): products summed in fp32 on the CUDA cores, exact up to fp32 rounding;
-- from ``DOT_ROWS`` rows on: ``tl.dot`` on the tensor cores in the activations' dtype (fp16 / bf16; fp32
-  activations as tf32 when ``torch.backends.cuda.matmul.allow_tf32`` is set, else full fp32), with fp32
-  accumulation -- the error is the rounding of the weights to that dtype.
+- few rows (decoding): products accumulated elementwise in fp32 on the CUDA cores and summed once after
+  the loop, exact up to fp32 rounding;
+- from ``DOT_ROWS`` rows on: ``tl.dot`` in the activations' dtype with fp32 accumulation -- tensor cores
+  for fp16 / bf16 (the error is the rounding of the weights to that dtype) and for fp32 as tf32 when
+  ``torch.backends.cuda.matmul.allow_tf32`` is set; otherwise fp32 multiply-adds at full precision.
 
 The same kernel runs on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``); the tests use it to
 check the arithmetic on machines without a GPU.
@@ -22,6 +23,7 @@ check the arithmetic on machines without a GPU.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import triton
@@ -29,13 +31,19 @@ import triton.language as tl
 
 from matpress.formats import Format, IntFormat, TernaryFormat
 
-# From this many activation rows on, the tensor-core (tl.dot) variant runs (its smallest tile is 16 rows).
+# From this many activation rows on, the tl.dot variant runs (its smallest tile is 16 rows).
 DOT_ROWS = 16
-# Products the decode variant forms per program and slot (rows x outputs x units): bounds registers.
-DECODE_TILE = 4096
+# The decode variant takes at most this many activation rows per program (more rows: more programs).
+DECODE_ROWS = 8
+# Products the decode variant forms per program and loop step, over all slots of a unit
+# (rows x outputs x units x codes per unit): bounds its registers.
+DECODE_TILE = 8192
 # Fused multiply-adds round once where a multiply then an add round twice: never less accurate. Said
 # explicitly, as Triton 3.9 warns that its default will change.
 COMPILE_OPTIONS = {"enable_fp_fusion": True}
+# Where the kernel reads scales and zero points: once per loop step (a step's columns lie in one group),
+# once per unit (a unit's codes lie in one group), or per column.
+PER_STEP, PER_UNIT, PER_COLUMN = 2, 1, 0
 
 
 @triton.jit
@@ -48,7 +56,8 @@ def _packed_matmul(
     GROUP: tl.constexpr,
     STORED_ZEROS: tl.constexpr,  # one zero point per group in zeros_ptr, else the fixed ZERO
     ZERO: tl.constexpr,
-    SCALE_PER_UNIT: tl.constexpr,  # GROUP is a multiple of CODES_PER_UNIT: a unit never spans two groups
+    SCALES_AT: tl.constexpr,  # PER_STEP, PER_UNIT or PER_COLUMN
+    EVEN_UNITS: tl.constexpr,  # every loop step is whole: no mask along the units (vector loads)
     WIDE_WORD: tl.constexpr,  # units of 4 bytes or more need 64-bit words (int32 keeps 31 value bits)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -64,13 +73,20 @@ def _packed_matmul(
     row_ok = rows < N
     m_ok = ms < M
     row_start = rows.to(tl.int64) * row_bytes
-    group_start = rows.to(tl.int64) * n_groups
+    group_start = rows.to(tl.int64)[:, None] * n_groups
     x_rows = x_ptr + ms.to(tl.int64)[:, None] * K
     n_units = (K + CODES_PER_UNIT - 1) // CODES_PER_UNIT
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        # summed over the units once, after the loop: no reduction inside it
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_U), dtype=tl.float32)
     for u0 in range(0, n_units, BLOCK_U):
         units = u0 + tl.arange(0, BLOCK_U)
-        tile_ok = row_ok[:, None] & (units < n_units)[None, :]
+        if EVEN_UNITS:
+            tile_ok = row_ok[:, None]
+        else:
+            tile_ok = row_ok[:, None] & (units < n_units)[None, :]
         # the unit's bytes, little-endian, in one integer
         if WIDE_WORD:
             word = tl.zeros((BLOCK_N, BLOCK_U), dtype=tl.int64)
@@ -79,8 +95,10 @@ def _packed_matmul(
         for b in tl.static_range(UNIT_BYTES):
             byte = tl.load(packed_ptr + row_start[:, None] + (units * UNIT_BYTES + b)[None, :], mask=tile_ok, other=0)
             word = word | (byte.to(word.dtype) << (8 * b))
-        if SCALE_PER_UNIT:
-            scale, zero = _group_params(scales_ptr, zeros_ptr, group_start, units * CODES_PER_UNIT // GROUP, tile_ok, STORED_ZEROS, ZERO)
+        if SCALES_AT == 2:  # PER_STEP
+            scale, zero = _group_params(scales_ptr, zeros_ptr, group_start + u0 * CODES_PER_UNIT // GROUP, row_ok[:, None], STORED_ZEROS, ZERO)
+        elif SCALES_AT == 1:  # PER_UNIT
+            scale, zero = _group_params(scales_ptr, zeros_ptr, group_start + (units * CODES_PER_UNIT // GROUP)[None, :], tile_ok, STORED_ZEROS, ZERO)
         for j in tl.static_range(CODES_PER_UNIT):
             cols = units * CODES_PER_UNIT + j
             if BITS == 0:
@@ -89,23 +107,25 @@ def _packed_matmul(
             else:
                 code = word & ((1 << BITS) - 1)
                 word = word >> BITS
-            if not SCALE_PER_UNIT:
+            if SCALES_AT == 0:  # PER_COLUMN
                 col_ok = row_ok[:, None] & (cols < K)[None, :]
-                scale, zero = _group_params(scales_ptr, zeros_ptr, group_start, cols // GROUP, col_ok, STORED_ZEROS, ZERO)
+                scale, zero = _group_params(scales_ptr, zeros_ptr, group_start + (cols // GROUP)[None, :], col_ok, STORED_ZEROS, ZERO)
             w = (code.to(tl.float32) - zero) * scale  # (BLOCK_N, BLOCK_U); columns past K meet x = 0
             x = tl.load(x_rows + cols[None, :], mask=m_ok[:, None] & (cols < K)[None, :], other=0.0)
             if USE_DOT:
                 acc += tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
             else:
-                acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
+                acc += x.to(tl.float32)[:, None, :] * w[None, :, :]
+    if not USE_DOT:
+        acc = tl.sum(acc, axis=2)
     y = y_ptr + ms.to(tl.int64)[:, None] * N + rows[None, :]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & row_ok[None, :])
 
 
 @triton.jit
-def _group_params(scales_ptr, zeros_ptr, group_start, groups, ok, STORED_ZEROS: tl.constexpr, ZERO: tl.constexpr):
-    """Scale and zero point of each ``(row, group)`` as fp32 (0 where ``ok`` is false)."""
-    at = group_start[:, None] + groups[None, :]
+def _group_params(scales_ptr, zeros_ptr, at, ok, STORED_ZEROS: tl.constexpr, ZERO: tl.constexpr):
+    """Scale and zero point at offsets ``at`` of the ``(rows, groups)`` tables, as fp32 (0 where not
+    ``ok``)."""
     scale = tl.load(scales_ptr + at, mask=ok, other=0.0).to(tl.float32)
     if STORED_ZEROS:
         zero = tl.load(zeros_ptr + at, mask=ok, other=0.0).to(tl.float32)
@@ -114,47 +134,58 @@ def _group_params(scales_ptr, zeros_ptr, group_start, groups, ok, STORED_ZEROS: 
     return scale, zero
 
 
-def _packing(fmt: Format) -> tuple[int, int, int, int, float]:
-    """``(bits, unit_bytes, codes_per_unit, group, fixed zero point)`` of an int or ternary format (a
-    trit t is the digit t + 1 with zero point 1; asymmetric int formats store their zero points)."""
+def _packing(fmt: Format) -> tuple[int, int, int, int, float, bool]:
+    """``(bits, unit_bytes, codes_per_unit, group, fixed zero point, stores zeros)`` of an int or
+    ternary format (a trit t is the digit t + 1 with zero point 1)."""
     if isinstance(fmt, TernaryFormat):
-        return 0, 1, 5, fmt.group_size, 1.0
+        return 0, 1, 5, fmt.group_size, 1.0, False
     if 8 % fmt.bits == 0:
         unit_bytes, per_unit = 1, 8 // fmt.bits
     else:
         unit_bytes, per_unit = fmt.bits, 8
-    return fmt.bits, unit_bytes, per_unit, fmt.group, float(1 << (fmt.bits - 1))
+    return fmt.bits, unit_bytes, per_unit, fmt.group, float(1 << (fmt.bits - 1)), fmt.zeros is not None
 
 
-def _dot_dtype(dtype: torch.dtype) -> tuple[tl.dtype, str]:
-    if dtype == torch.float16:
-        return tl.float16, "ieee"
-    if dtype == torch.bfloat16:
-        return tl.bfloat16, "ieee"
-    return tl.float32, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+def _power_of_two_at_most(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+@functools.lru_cache(maxsize=1024)
+def _constants(packing: tuple, in_features: int, block_m: int, dtype: torch.dtype, tf32: bool) -> dict:
+    bits, unit_bytes, per_unit, group, zero, stored_zeros = packing
+    use_dot = block_m >= DOT_ROWS
+    if use_dot:
+        block_n, block_u = 64, max(16, 64 // per_unit)
+        dot_dtype, precision = {torch.float16: (tl.float16, "ieee"), torch.bfloat16: (tl.bfloat16, "ieee")}.get(
+            dtype, (tl.float32, "tf32" if tf32 else "ieee"))
+    else:
+        block_n = 16
+        budget = _power_of_two_at_most(DECODE_TILE // (block_m * block_n * per_unit))
+        # a smaller step whose columns lie in one group reads one scale per row and step
+        in_group = next((u for u in (budget >> i for i in range(3)) if u and group % (u * per_unit) == 0), None)
+        block_u = in_group or budget
+        dot_dtype, precision = tl.float32, "ieee"  # unused: fixed, so that no setting recompiles this variant
+    if group % (block_u * per_unit) == 0:
+        scales_at = PER_STEP
+    else:
+        scales_at = PER_UNIT if group % per_unit == 0 else PER_COLUMN
+    n_units = -(-in_features // per_unit)
+    return dict(
+        BITS=bits, UNIT_BYTES=unit_bytes, CODES_PER_UNIT=per_unit, GROUP=group,
+        STORED_ZEROS=stored_zeros, ZERO=zero, SCALES_AT=scales_at, EVEN_UNITS=n_units % block_u == 0,
+        WIDE_WORD=unit_bytes > 3, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_U=block_u,
+        USE_DOT=use_dot, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
+    )
 
 
 def launch_plan(fmt: IntFormat | TernaryFormat, rows: int, dtype: torch.dtype) -> tuple[tuple[int, int], dict]:
     """The grid and the compile-time constants of the kernel for ``rows`` activation rows of ``dtype``."""
-    bits, unit_bytes, per_unit, group, zero = _packing(fmt)
-    use_dot = rows >= DOT_ROWS
-    if use_dot:
+    if rows >= DOT_ROWS:
         block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
-        block_n, block_u = 64, max(16, 64 // per_unit)
     else:
-        block_m = triton.next_power_of_2(rows)
-        block_n = 16
-        # the largest power of two that keeps rows x outputs x units within DECODE_TILE
-        block_u = max(1, 1 << ((DECODE_TILE // (block_m * block_n * per_unit)).bit_length() - 1))
-    dot_dtype, precision = _dot_dtype(dtype)
-    constants = dict(
-        BITS=bits, UNIT_BYTES=unit_bytes, CODES_PER_UNIT=per_unit, GROUP=group,
-        STORED_ZEROS=getattr(fmt, "zeros", None) is not None, ZERO=zero,
-        SCALE_PER_UNIT=group % per_unit == 0, WIDE_WORD=unit_bytes > 3,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_U=block_u,
-        USE_DOT=use_dot, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
-    )
-    return (triton.cdiv(fmt.out_features, block_n), triton.cdiv(rows, block_m)), constants
+        block_m = min(triton.next_power_of_2(rows), DECODE_ROWS)
+    constants = _constants(_packing(fmt), fmt.in_features, block_m, dtype, torch.backends.cuda.matmul.allow_tf32)
+    return (triton.cdiv(fmt.out_features, constants["BLOCK_N"]), triton.cdiv(rows, block_m)), constants
 
 
 def packed_matmul(fmt: IntFormat | TernaryFormat, x: torch.Tensor) -> torch.Tensor:
@@ -166,12 +197,13 @@ def packed_matmul(fmt: IntFormat | TernaryFormat, x: torch.Tensor) -> torch.Tens
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
     grid, constants = launch_plan(fmt, m, x.dtype)
-    zeros = getattr(fmt, "zeros", None)
+    # The kernel reads rows at a stride of their length: contiguous tensors (a no-op when they are).
+    packed, scales = fmt.packed.contiguous(), fmt.scales.contiguous()
+    zeros = scales if getattr(fmt, "zeros", None) is None else fmt.zeros.contiguous()  # unread then
     # Triton launches on the current CUDA device: make it x's (a model may live on another GPU)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _packed_matmul[grid](
-            x2, y, fmt.packed, fmt.scales, fmt.scales if zeros is None else zeros,  # unread without zeros
-            m, n, k, fmt.packed.shape[1], fmt.scales.shape[1],
+            x2, y, packed, scales, zeros, m, n, k, packed.shape[1], scales.shape[1],
             **constants, **COMPILE_OPTIONS,
         )
     return y.reshape(*x.shape[:-1], n)

@@ -1,6 +1,8 @@
 """Registers the Triton kernels (``kernels/triton_lowbit.py``) for ``int`` and ``ternary`` weights on
-CUDA devices. Triton is imported at the first CUDA call, so CPU-only installs never need it; without
-Triton the GPU falls back, after one warning, to the formats' own (decode-then-matmul) ``matmul``.
+CUDA devices. Triton is imported at the first CUDA call, so CPU-only installs never need it. Without
+Triton, or when a kernel fails to compile or launch (no C compiler for Triton's launcher, a ptxas or
+driver mismatch), the GPU falls back after one warning to the formats' own (decode-then-matmul)
+``matmul``; running out of GPU memory is raised as it is.
 """
 
 from __future__ import annotations
@@ -44,9 +46,28 @@ def takes(fmt: Format, x: torch.Tensor) -> bool:
     )
 
 
+# The first compile or launch error, after which the Triton path stays off in this process.
+_failure: Optional[str] = None
+
+
 @register_kernel(IntFormat)
 @register_kernel(TernaryFormat)
 def triton_kernel(fmt: Format, x: torch.Tensor) -> torch.Tensor | None:
     """The registered fast path for ``int`` and ``ternary`` formats on CUDA GPUs."""
-    module = triton_kernels() if takes(fmt, x) else None
-    return None if module is None else module.packed_matmul(fmt, x)
+    global _failure
+    module = triton_kernels() if _failure is None and takes(fmt, x) else None
+    if module is None:
+        return None
+    try:
+        return module.packed_matmul(fmt, x)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:  # Triton's compile and launch errors share no base class
+        _failure = f"{type(e).__name__}: {e}"
+        warnings.warn(
+            f"matpress: the Triton kernel failed on a {fmt.describe()} layer ({_failure[:500]}); low-bit "
+            "layers on the GPU now decode their weights for every matmul. Please report this error.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
