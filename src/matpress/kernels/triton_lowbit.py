@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from types import MappingProxyType
 
 import torch
 import triton
@@ -151,7 +152,9 @@ def _power_of_two_at_most(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def _constants(packing: tuple, in_features: int, block_m: int, dtype: torch.dtype, tf32: bool) -> dict:
+def _constants(
+    packing: tuple, in_features: int, block_m: int, dtype: torch.dtype, tf32: bool
+) -> MappingProxyType:
     bits, unit_bytes, per_unit, group, zero, stored_zeros = packing
     use_dot = block_m >= DOT_ROWS
     if use_dot:
@@ -161,24 +164,26 @@ def _constants(packing: tuple, in_features: int, block_m: int, dtype: torch.dtyp
     else:
         block_n = 16
         budget = _power_of_two_at_most(DECODE_TILE // (block_m * block_n * per_unit))
-        # a smaller step whose columns lie in one group reads one scale per row and step
-        in_group = next((u for u in (budget >> i for i in range(3)) if u and group % (u * per_unit) == 0), None)
-        block_u = in_group or budget
+        # a step of up to 4x fewer units whose columns lie in one group reads one scale per row and step
+        shorter = [budget >> i for i in range(3) if budget >> i]
+        block_u = next((u for u in shorter if group % (u * per_unit) == 0), budget)
         dot_dtype, precision = tl.float32, "ieee"  # unused: fixed, so that no setting recompiles this variant
     if group % (block_u * per_unit) == 0:
         scales_at = PER_STEP
     else:
         scales_at = PER_UNIT if group % per_unit == 0 else PER_COLUMN
     n_units = -(-in_features // per_unit)
-    return dict(
+    return MappingProxyType(dict(  # cached: read-only
         BITS=bits, UNIT_BYTES=unit_bytes, CODES_PER_UNIT=per_unit, GROUP=group,
         STORED_ZEROS=stored_zeros, ZERO=zero, SCALES_AT=scales_at, EVEN_UNITS=n_units % block_u == 0,
         WIDE_WORD=unit_bytes > 3, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_U=block_u,
         USE_DOT=use_dot, DOT_DTYPE=dot_dtype, DOT_PRECISION=precision,
-    )
+    ))
 
 
-def launch_plan(fmt: IntFormat | TernaryFormat, rows: int, dtype: torch.dtype) -> tuple[tuple[int, int], dict]:
+def launch_plan(
+    fmt: IntFormat | TernaryFormat, rows: int, dtype: torch.dtype
+) -> tuple[tuple[int, int], MappingProxyType]:
     """The grid and the compile-time constants of the kernel for ``rows`` activation rows of ``dtype``."""
     if rows >= DOT_ROWS:
         block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
