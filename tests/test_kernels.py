@@ -125,6 +125,15 @@ def test_large_batches_take_the_bf16_matmul(monkeypatch, native):
     assert bool(((y.double() - x.double() @ w.T).abs() <= bound).all())
 
 
+def test_fractional_zero_points_take_the_formats_own_matmul(native):
+    # HQQ-style zero points that are not integers: the layout's int16 zeros cannot hold them
+    fmt = IntFormat.encode(weight(12), bits=4, group_size=64)
+    fmt = IntFormat(fmt.shape, 4, 64, False, fmt.packed, fmt.scales, fmt.zeros + 0.5)
+    x = torch.randn(3, IN)
+    assert lowbit.layout_of(fmt) is None
+    assert torch.equal(kernels.matmul(fmt, x), fmt.matmul(x))
+
+
 def test_fallback_equals_fast_path(monkeypatch, native):
     fmt = IntFormat.encode(weight(2), bits=3, group_size=64)
     x = torch.randn(4, IN)

@@ -14,6 +14,7 @@ import torch
 
 from matpress.errors import FormatError
 from matpress.formats import Format
+from matpress.kernels.build import disabled
 
 KernelFn = Callable[[Format, torch.Tensor], Optional[torch.Tensor]]
 
@@ -28,6 +29,16 @@ def register_kernel(format_cls: type) -> Callable[[KernelFn], KernelFn]:
         return fn
 
     return wrap
+
+
+def kernels_may_take(x: torch.Tensor) -> bool:
+    """What every fast kernel asks of its input, on any device: fp32, bf16 or fp16, no gradient to
+    track (kernels have no backward), and kernels not switched off by ``MATPRESS_KERNELS=0``."""
+    return (
+        x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and not disabled()
+    )
 
 
 def matmul(fmt: Format, x: torch.Tensor) -> torch.Tensor:
@@ -48,4 +59,4 @@ def matmul(fmt: Format, x: torch.Tensor) -> torch.Tensor:
 # for the int and ternary formats; each declines inputs on the other's device.
 from matpress.kernels import gpu, lowbit  # noqa: E402,F401
 
-__all__ = ["KERNELS", "matmul", "register_kernel"]
+__all__ = ["KERNELS", "kernels_may_take", "matmul", "register_kernel"]

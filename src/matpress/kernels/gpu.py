@@ -15,8 +15,7 @@ from typing import Optional
 import torch
 
 from matpress.formats import Format, IntFormat, TernaryFormat
-from matpress.kernels import register_kernel
-from matpress.kernels.build import disabled
+from matpress.kernels import kernels_may_take, register_kernel
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,14 +35,8 @@ def triton_kernels() -> Optional[ModuleType]:
 
 
 def takes(fmt: Format, x: torch.Tensor) -> bool:
-    """Whether the Triton kernel handles ``x``: floating CUDA input on the format's device, no autograd."""
-    return (
-        x.is_cuda
-        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        and fmt.packed.device == x.device
-        and not (x.requires_grad and torch.is_grad_enabled())
-        and not disabled()
-    )
+    """Whether the Triton kernel handles ``x``: a CUDA input any kernel may take, on the format's device."""
+    return x.is_cuda and fmt.packed.device == x.device and kernels_may_take(x)
 
 
 # The first compile or launch error, after which the Triton path stays off in this process.

@@ -99,8 +99,20 @@ static void quantize_block(const float* x, int n, int8_t* q, int Bp, float* scal
 }
 #endif
 
-static inline int chunk_bytes(int bits) {
+// Bytes of one chunk (64 columns of a 4-row tile) in the layout of `bits`-bit codes.
+static constexpr int chunk_bytes(int bits) {
     return bits == 8 ? 256 : bits == 4 ? 128 : bits == 3 ? 96 : 64;
+}
+
+// Columns [start, start + n) of block b: block b is part j of group g (b = g * sub + j), at most Bo
+// columns, never past the group's end or K (n is 0 for the empty padding blocks).
+static inline void block_columns(int b, int K, int G, int sub, int Bo, int* start, int* n) {
+    const int g = b / sub, j = b % sub;
+    *start = g * G + j * Bo;
+    int end = *start + Bo;
+    if (end > (g + 1) * G) end = (g + 1) * G;
+    if (end > K) end = K;
+    *n = end > *start ? end - *start : 0;
 }
 
 extern "C" {
@@ -126,12 +138,8 @@ void mp_quantize(const float* x, int M, int K, int G, int sub, int Bo, int Bp, i
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (total * Bp > (1 << 18))
     for (long mb = 0; mb < total; ++mb) {
         const int m = (int)(mb / NB), b = (int)(mb % NB);
-        const int g = b / sub, j = b % sub;
-        int start = g * G + j * Bo;
-        int end = start + Bo;
-        if (end > (g + 1) * G) end = (g + 1) * G;
-        if (end > K) end = K;
-        const int n = end > start ? end - start : 0;
+        int start, n;
+        block_columns(b, K, G, sub, Bo, &start, &n);
         quantize_block(x + (long)m * K + start, n, xq + (long)m * NB * Bp + (long)b * Bp, Bp, xscale + mb,
                        xsum + mb);
     }
@@ -207,7 +215,7 @@ template <int BITS, int MB>
 static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* wzt, int NB, int Bp,
                         const int8_t* xq, long xstride, const float* xscale, const int32_t* xsum,
                         float* y, long ystride, int rows) {
-    constexpr int CB = BITS == 8 ? 256 : BITS == 4 ? 128 : BITS == 3 ? 96 : 64;
+    constexpr int CB = chunk_bytes(BITS);
     const int nc = Bp / 64;
     __m512 yv[MB];
     for (int m = 0; m < MB; ++m) yv[m] = _mm512_setzero_ps();
@@ -299,7 +307,7 @@ template <int BITS, int MB>
 static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* wzt, int NB, int Bp,
                         const int8_t* xq, long xstride, const float* xscale, const int32_t* xsum,
                         float* y, long ystride, int rows) {
-    constexpr int CB = BITS == 8 ? 256 : BITS == 4 ? 128 : BITS == 3 ? 96 : 64;
+    constexpr int CB = chunk_bytes(BITS);
     const int nc = Bp / 64;
     const __m256i ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16), m4 = _mm256_set1_epi8(0x0F);
     __m256 yv[MB][2];
@@ -466,12 +474,9 @@ static void decode_bits(const uint8_t* w, const uint16_t* ws, const int16_t* wz,
     for (int t = 0; t < T; ++t) {
         const int rows = N - 4 * t < 4 ? N - 4 * t : 4;
         for (int b = 0; b < real_blocks; ++b) {
-            const int g = b / sub, j = b % sub;
-            const int start = g * G + j * Bo;  // first column of the block
-            int end = start + Bo;
-            if (end > (g + 1) * G) end = (g + 1) * G;
-            if (end > K) end = K;
-            for (int c = 0; c < nc && 64 * c < end - start; ++c) {
+            int start, cols;
+            block_columns(b, K, G, sub, Bo, &start, &cols);
+            for (int c = 0; c < nc && 64 * c < cols; ++c) {
                 uint8_t codes[4][64];
                 unpack_chunk_scalar<BITS>(w + t * tile_bytes + ((long)b * nc + c) * CB, codes);
                 for (int r = 0; r < rows; ++r) {
@@ -479,7 +484,7 @@ static void decode_bits(const uint8_t* w, const uint16_t* ws, const int16_t* wz,
                     const float scale = half_to_float(ws[at]);
                     const int zero = wz[at];
                     uint16_t* o = out + (long)(4 * t + r) * K + start + 64 * c;
-                    const int n = end - start - 64 * c < 64 ? end - start - 64 * c : 64;
+                    const int n = cols - 64 * c < 64 ? cols - 64 * c : 64;
                     for (int s = 0; s < 4 && 16 * s < n; ++s) {
                         if (n - 16 * s >= 16) {  // whole step: a fixed-length loop the compiler vectorizes
                             for (int i = 0; i < 16; ++i)

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from matpress.formats import Format, IntFormat, TernaryFormat
-from matpress.kernels import register_kernel
-from matpress.kernels.build import cpu_flags, disabled, load_library
+from matpress.kernels import kernels_may_take, register_kernel
+from matpress.kernels.build import cpu_flags, load_library
 
 # Widest block of one int8 dot product: 255 * 127 * 256 < 2**24, so block sums convert to fp32 exactly.
 MAX_BLOCK = 256
@@ -169,9 +169,12 @@ def bf16_matmul_is_fast() -> bool:
     return "amx_bf16" in cpu_flags().split()
 
 
-def int_layout(fmt: IntFormat) -> LowbitLayout:
-    """The kernel layout of an ``int`` format."""
+def int_layout(fmt: IntFormat) -> LowbitLayout | None:
+    """The kernel layout of an ``int`` format; None when a zero point is not an int16 integer (e.g.
+    HQQ's fractional zeros). Scales are stored as fp16, as the layout keeps them."""
     scale, zero = fmt.scale_zero()
+    if not torch.equal(zero, zero.round().clamp(-(2**15), 2**15 - 1)):
+        return None
     return pack_layout(fmt.codes(), scale, zero, fmt.group, fmt.bits)
 
 
@@ -182,35 +185,17 @@ def ternary_layout(fmt: TernaryFormat) -> LowbitLayout:
     return pack_layout(codes, scale, torch.ones_like(scale), fmt.group_size, 2)
 
 
-def fits_layout(scale: torch.Tensor, zero: torch.Tensor) -> bool:
-    """Whether scales are fp16 values and zero points int16 integers, as the layout stores them."""
-    return torch.equal(scale.half().float(), scale.float()) and torch.equal(
-        zero.float(), zero.float().round().clamp(-(2**15), 2**15 - 1)
-    )
-
-
 def layout_of(fmt: Format) -> LowbitLayout | None:
     """The format's kernel layout, built at first use and kept on the format object; None when its
-    scales or zero points do not fit the layout (then the format's own matmul runs)."""
+    zero points do not fit the layout (then the format's own matmul runs)."""
     if LAYOUT_ATTR not in fmt.__dict__:
-        if isinstance(fmt, IntFormat):
-            layout = int_layout(fmt) if fits_layout(*fmt.scale_zero()) else None
-        else:
-            scale = fmt.group_scales()
-            layout = ternary_layout(fmt) if fits_layout(scale, torch.ones_like(scale)) else None
-        setattr(fmt, LAYOUT_ATTR, layout)
+        setattr(fmt, LAYOUT_ATTR, int_layout(fmt) if isinstance(fmt, IntFormat) else ternary_layout(fmt))
     return fmt.__dict__[LAYOUT_ATTR]
 
 
 def takes(x: torch.Tensor) -> bool:
-    """Whether the compiled kernel handles ``x``: CPU floating input, no autograd, kernels built."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        and not (x.requires_grad and torch.is_grad_enabled())
-        and not disabled()
-        and load_library() is not None
-    )
+    """Whether the compiled kernel handles ``x``: a CPU input any kernel may take, kernels built."""
+    return x.device.type == "cpu" and kernels_may_take(x) and load_library() is not None
 
 
 @register_kernel(IntFormat)
