@@ -261,3 +261,19 @@ def test_cli_refuses_single_rule_flags_with_a_budget(tmp_path, capsys):
 
     assert main(["compress", "minilm", "--budget", "3bpw", "--bits", "4", "--out", str(tmp_path / "x")]) == 2
     assert "--bits describe one rule for every layer" in capsys.readouterr().err
+
+
+def test_pinned_awq_keeps_its_scales_in_the_format_on_the_budget_path(minilm):
+    # AWQ folding would divide up_proj's rows by the scale found for down_proj; a budget-chosen up_proj
+    # that falls back to its measured format would then no longer match the folded down_proj
+    import matpress
+
+    model = _tiny_llama_for_text(minilm)
+    up = model.model.layers[0].mlp.up_proj
+    before = up.weight.detach().clone()
+    recipe = {
+        "budget": "6bpw", "candidates": "quant", "calibration": SMALL_CALIBRATION,
+        "rules": [{"pattern": "*.down_proj", "method": "awq", "bits": 4, "group_size": 32}],
+    }
+    matpress.compress(model, recipe, tokenizer=minilm.tokenizer, progress=False)
+    assert torch.equal(up.weight, before)

@@ -206,7 +206,7 @@ def apply_choice(
     if calibration is not None and candidates is not None:
         from matpress.calibration import compress_sequential
 
-        chosen = {name: candidates[table.candidates[choice[i]]] for i, name in enumerate(table.layers)}
+        chosen = {name: scales_in_format(candidates[table.candidates[choice[i]]]) for i, name in enumerate(table.layers)}
         compress_sequential(model, chosen, calibration, progress=progress)
         for i, name in enumerate(table.layers):
             if model.get_submodule(name).fmt.nbytes > table.nbytes[i][choice[i]]:
@@ -220,6 +220,13 @@ def apply_choice(
         weight = linear_weight(layers[name]).float()
         reports.append(LayerReport(name, fmt.shape, fmt.describe(), fmt.bits_per_weight, fmt.nbytes, relative_error(weight, fmt.decode())))
     return CompressionReport(reports)
+
+
+def scales_in_format(rule: Rule) -> Rule:
+    """``rule`` with AWQ's input scales kept in the format instead of folded into a neighbouring layer
+    during the pass: a neighbour that falls back to its measured format (see apply_choice) was measured
+    unscaled, so it must not be changed. Sensitivity is measured without folding either way."""
+    return Rule(rule.method, dataclasses.replace(rule.params, fold=False)) if hasattr(rule.params, "fold") else rule
 
 
 def allowed_candidates(
@@ -296,12 +303,6 @@ def compress_budgeted(
     if calibration is None and tokenizer is not None:
         calibration = recipe.calibration_data(tokenizer, model)
     candidates = resolve_candidates(recipe.candidates, calibrated=calibration is not None or stats is not None)
-    # AWQ folds its scales into neighbouring layers during the pass; a layer that later falls back to
-    # its measured format (see apply_choice) must not see such a change, so scales stay in the format
-    candidates = {
-        label: Rule(r.method, dataclasses.replace(r.params, fold=False)) if hasattr(r.params, "fold") else r
-        for label, r in candidates.items()
-    }
     names = list(chosen)
     pinned = {name: rule for name in names if (rule := recipe.pinned_rule(name)) is not None}
     allowed = allowed_candidates([n for n in names if n not in pinned], list(candidates), recipe.allow)
@@ -309,7 +310,6 @@ def compress_budgeted(
         label = "pinned-" + candidate_label(rule)
         candidates.setdefault(label, Rule(rule.method, rule.params))
         allowed[name] = [label]
-    allowed = {name: allowed[name] for name in names}
     if stats is None and calibration is not None:
         from matpress.calibration import collect_stats
 
