@@ -130,6 +130,11 @@ def compress_layer(
     except (FormatError, CalibrationError) as e:
         raise type(e)(f"layer {name}: {e}") from None
     install_format(model, name, module, fmt)
+    return layer_report(name, weight, fmt)
+
+
+def layer_report(name: str, weight: torch.Tensor, fmt: Format) -> LayerReport:
+    """The report of layer ``name``, whose dense ``weight`` is now stored as ``fmt``."""
     return LayerReport(name, fmt.shape, fmt.describe(), fmt.bits_per_weight, fmt.nbytes, relative_error(weight, fmt.decode()))
 
 

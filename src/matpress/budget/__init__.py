@@ -27,14 +27,7 @@ from matpress.budget.sensitivity import (
 )
 from matpress.errors import BudgetError, RecipeError
 from matpress.methods import LayerStats, get_method
-from matpress.model_pass import (
-    CompressionReport,
-    LayerReport,
-    find_linear_layers,
-    install_format,
-    linear_weight,
-    relative_error,
-)
+from matpress.model_pass import CompressionReport, find_linear_layers, install_format, layer_report, linear_weight
 from matpress.recipe import Recipe, Rule, name_matches
 
 if TYPE_CHECKING:
@@ -207,18 +200,14 @@ def apply_choice(
         from matpress.calibration import compress_sequential
 
         chosen = {name: scales_in_format(candidates[table.candidates[choice[i]]]) for i, name in enumerate(table.layers)}
-        compress_sequential(model, chosen, calibration, progress=progress)
-        for i, name in enumerate(table.layers):
-            if model.get_submodule(name).fmt.nbytes > table.nbytes[i][choice[i]]:
-                install_format(model, name, layers[name], table.formats[(i, choice[i])])
+        reports = compress_sequential(model, chosen, calibration, progress=progress)
     else:
-        for i, name in enumerate(table.layers):
-            install_format(model, name, layers[name], table.formats[(i, choice[i])])
-    reports = []
-    for name in table.layers:
-        fmt = model.get_submodule(name).fmt
-        weight = linear_weight(layers[name]).float()
-        reports.append(LayerReport(name, fmt.shape, fmt.describe(), fmt.bits_per_weight, fmt.nbytes, relative_error(weight, fmt.decode())))
+        reports = [None] * len(table.layers)
+    for i, name in enumerate(table.layers):
+        measured = table.formats[(i, choice[i])]
+        if reports[i] is None or reports[i].nbytes > measured.nbytes:
+            install_format(model, name, layers[name], measured)
+            reports[i] = layer_report(name, linear_weight(layers[name]).float(), measured)
     return CompressionReport(reports)
 
 
