@@ -92,6 +92,13 @@ def quantize_codes(
     return torch.clamp(torch.round(w / scale + zero), 0, (1 << bits) - 1)
 
 
+def fake_quantize(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """``(q - zero) * scale`` for the nearest codes ``q`` of ``groups`` ``(..., group)`` on the grid of
+    the per-group ``scale`` and ``zero`` ``(...)``: what the ``int`` format would decode, without packing."""
+    s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    return (quantize_codes(groups, s, z, bits) - z) * s
+
+
 class IntFormat(Format):
     """Grouped affine integer quantization with real bit-packing and fp16 scales/zeros."""
 

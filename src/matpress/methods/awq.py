@@ -26,7 +26,7 @@ import torch
 
 from matpress.errors import CalibrationError
 from matpress.formats import Format, IntFormat
-from matpress.formats.integer import grouped, quantize_codes, resolve_group_size, rtn_parameters, ungrouped
+from matpress.formats.integer import fake_quantize, grouped, quantize_codes, resolve_group_size, rtn_parameters, ungrouped
 from matpress.formats.transformed import TransformedFormat, make_transform
 from matpress.methods.base import LayerStats, register_method
 from matpress.methods.obs import output_error
@@ -52,7 +52,10 @@ class AWQParams(IntParams):
 
 
 def rtn_decode(weight: torch.Tensor, bits: int, group_size: Optional[int], symmetric: bool) -> torch.Tensor:
-    return IntFormat.encode(weight, bits=bits, group_size=group_size, symmetric=symmetric).decode()
+    """``IntFormat.encode(weight, ...).decode()`` without packing the codes (the scale search runs it
+    ``grid + 1`` times per layer)."""
+    g = grouped(weight, resolve_group_size(group_size, weight.shape[1]))
+    return ungrouped(fake_quantize(g, *rtn_parameters(g, bits, symmetric), bits), weight.shape[1])
 
 
 def search_input_scale(
@@ -64,6 +67,8 @@ def search_input_scale(
     input); None when ``alpha = 0`` (no scaling) wins."""
     if stats.mean_abs is None:
         raise CalibrationError("AWQ input scales need the mean |x| per input channel (LayerStats.abs_sum)")
+    if grid == 0:  # no scale to try (e.g. a layer whose scale was folded into its input's producer)
+        return None
     hessian = stats.hessian
     magnitude = stats.mean_abs.float().clamp(min=1e-6)
     best_err = sum(output_error(w, rtn_decode(w, bits, group_size, symmetric), hessian) for w in weights)
@@ -99,7 +104,7 @@ def clipped_quantize(
     best_zero = torch.empty(out_f, n_groups)
     for r in ratios.tolist():
         scale, zero = rtn_parameters(g * r, bits, symmetric)
-        e = g - (quantize_codes(g, scale.unsqueeze(-1), zero.unsqueeze(-1), bits) - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+        e = g - fake_quantize(g, scale, zero, bits)
         err = torch.einsum("okg,kgh,okh->ok", e, blocks, e)
         better = err < best_err
         best_err = torch.where(better, err, best_err)

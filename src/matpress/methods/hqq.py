@@ -24,7 +24,9 @@ from typing import Optional
 import torch
 
 from matpress.formats import IntFormat
-from matpress.formats.integer import FP16_MIN_NORMAL, grouped, quantize_codes, resolve_group_size, rtn_parameters, ungrouped
+from matpress.formats.integer import (
+    FP16_MIN_NORMAL, fake_quantize, grouped, quantize_codes, resolve_group_size, rtn_parameters, ungrouped,
+)
 from matpress.methods.base import LayerStats, register_method
 from matpress.methods.rtn import IntParams, check_flag
 
@@ -79,8 +81,7 @@ def hqq_quantize(weight: torch.Tensor, params: HQQParams) -> IntFormat:
     scale, zero = rtn_parameters(g, bits, params.symmetric)
 
     def decoded(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        s, z = s.unsqueeze(-1), z.unsqueeze(-1)
-        return ungrouped((quantize_codes(g, s, z, bits) - z) * s, n)
+        return ungrouped(fake_quantize(g, s, z, bits), n)
 
     best_err, best = lp_error(w, decoded(scale, zero), p), (scale, zero)
     beta = params.beta
