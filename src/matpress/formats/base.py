@@ -108,6 +108,13 @@ def expect_tensor(
     return t
 
 
+def fp16_factor(t: torch.Tensor, what: str) -> torch.Tensor:
+    """``t`` stored as fp16, refused (naming ``what``) where a value would overflow to infinity."""
+    if t.numel() and float(t.abs().max()) > torch.finfo(torch.float16).max:
+        raise FormatError(f"{what} overflows fp16; the weight's range is too large for this format")
+    return t.to(torch.float16).contiguous()
+
+
 def check_weight(weight: torch.Tensor, what: str = "weight") -> torch.Tensor:
     """Validate a dense weight before encoding: 2-D, floating point, finite."""
     if not isinstance(weight, torch.Tensor):

@@ -99,6 +99,15 @@ class CompositeFormat(Format):
         return cls.from_parts(shape, config, own, children)
 
 
+def balanced_factors(
+    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U_r sqrt(S_r), sqrt(S_r) V_r^T)`` from an SVD truncated to ``rank``: the singular values split
+    evenly between the factors, which balances their ranges for storage."""
+    root = s[:rank].sqrt()
+    return u[:, :rank] * root, root[:, None] * vh[:rank]
+
+
 class LowRankFormat(CompositeFormat):
     """``W ~ U V`` with ``U`` ``(out, r)`` and ``V`` ``(r, in)`` held as child formats; ``x @ W.T`` is
     computed as ``(x @ V.T) @ U.T``, ``r (out + in)`` multiply-adds per token instead of ``out * in``."""
@@ -132,8 +141,7 @@ class LowRankFormat(CompositeFormat):
         check_weight(weight)
         check_rank(rank, tuple(weight.shape))
         u, s, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
-        root = s[:rank].sqrt()
-        return cls.from_factors(u[:, :rank] * root, root[:, None] * vh[:rank], factors)
+        return cls.from_factors(*balanced_factors(u, s, vh, rank), factors)
 
     def decode(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.u.decode() @ self.v.decode()).to(dtype)

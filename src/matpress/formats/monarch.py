@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 
 from matpress.errors import FormatError
-from matpress.formats.base import Format, check_weight, expect_tensor
+from matpress.formats.base import Format, check_weight, expect_tensor, fp16_factor
 
 
 def check_blocks(nblocks: Any, dim: int, what: str) -> int:
@@ -59,12 +59,6 @@ def monarch_project(
     return right.permute(1, 0, 2).contiguous(), left.permute(0, 2, 1).contiguous()
 
 
-def fp16_factor(t: torch.Tensor, what: str) -> torch.Tensor:
-    if float(t.abs().max()) > torch.finfo(torch.float16).max:
-        raise FormatError(f"{what} overflows fp16; the weight's range is too large for this format")
-    return t.to(torch.float16).contiguous()
-
-
 class MonarchFormat(Format):
     """``W = P L P^T R``: ``R`` ``(b, q, p)`` and ``L`` ``(q, s, b)`` block-diagonal factors in fp16."""
 
@@ -83,14 +77,18 @@ class MonarchFormat(Format):
         self.nblocks, self.out_blocks = b, q
 
     @classmethod
-    def encode(cls, weight: torch.Tensor, nblocks: int = 4, out_blocks: Optional[int] = None) -> "MonarchFormat":
+    def encode(
+        cls, weight: torch.Tensor, nblocks: int = 4, out_blocks: Optional[int] = None,
+        input_roots: Optional[torch.Tensor] = None,
+    ) -> "MonarchFormat":
         """Closed-form Frobenius projection; ``nblocks`` input blocks, ``out_blocks`` output blocks
-        (default ``nblocks``)."""
+        (default ``nblocks``); with ``input_roots`` (Cholesky factors of each input block's Hessian,
+        ``(nblocks, p, p)``) the projection is weighted by the inputs (see :func:`monarch_project`)."""
         check_weight(weight)
         q = nblocks if out_blocks is None else out_blocks
         check_blocks(nblocks, weight.shape[1], "monarch: nblocks")
         check_blocks(q, weight.shape[0], "monarch: out_blocks")
-        right, left = monarch_project(weight.detach(), nblocks, q)
+        right, left = monarch_project(weight.detach().float(), nblocks, q, input_roots)
         return cls.from_factors(tuple(weight.shape), right, left)
 
     @classmethod

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 
 from matpress.errors import FormatError
-from matpress.formats.base import Format, check_weight, expect_tensor
+from matpress.formats.base import Format, check_weight, expect_tensor, fp16_factor
 from matpress.formats.integer import resolve_group_size, to_fp16_scale
 from matpress.formats.packing import pack_trits, packed_trit_row_bytes, unpack_trits
 
@@ -70,9 +70,7 @@ class TernaryFormat(Format):
     @classmethod
     def from_trits(cls, trits: torch.Tensor, scales: torch.Tensor, group_size: int) -> "TernaryFormat":
         """Build from trits ``(out, in)`` in {-1, 0, 1} and per-group scales ``(out, n_groups)``."""
-        if scales.numel() and float(scales.float().abs().max()) > torch.finfo(torch.float16).max:
-            raise FormatError("ternary format: a scale overflows fp16; the weight's range is too large")
-        return cls(tuple(trits.shape), group_size, pack_trits(trits), scales.to(torch.float16))
+        return cls(tuple(trits.shape), group_size, pack_trits(trits), fp16_factor(scales, "ternary format: a scale"))
 
     @classmethod
     def encode(cls, weight: torch.Tensor, group_size: Optional[int] = None) -> "TernaryFormat":

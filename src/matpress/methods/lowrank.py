@@ -24,7 +24,7 @@ import torch
 
 from matpress.errors import CalibrationError, FormatError
 from matpress.formats import Format, LowRankFormat, SumFormat
-from matpress.formats.composite import ChildSpec, check_rank, encode_child
+from matpress.formats.composite import ChildSpec, balanced_factors, check_rank, encode_child
 from matpress.methods.base import LayerStats, get_method, register_method
 from matpress.methods.obs import damped, live_inputs
 from matpress.methods.rtn import IntParams
@@ -112,11 +112,9 @@ def whitened_lowrank(
     (plain truncated SVD without a root). The singular values are split evenly between the factors
     (``sqrt(S)`` each) to balance their ranges."""
     u, s, vh = torch.linalg.svd(weight if root is None else weight @ root, full_matrices=False)
-    rank = choose_rank(s, tuple(weight.shape), params)
-    scale = s[:rank].sqrt()
-    v = scale[:, None] * vh[:rank]
+    left, right = balanced_factors(u, s, vh, choose_rank(s, tuple(weight.shape), params))
     return LowRankFormat.from_factors(
-        u[:, :rank] * scale, v if root_inverse is None else v @ root_inverse, factor_spec(params.factor_bits)
+        left, right if root_inverse is None else right @ root_inverse, factor_spec(params.factor_bits)
     )
 
 

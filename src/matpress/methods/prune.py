@@ -22,10 +22,10 @@ from typing import Optional, Union
 import torch
 
 from matpress.errors import FormatError
-from matpress.formats import IntFormat, NMSparseFormat, SparseFormat
+from matpress.formats import Format, IntFormat, NMSparseFormat, SparseFormat
 from matpress.formats.composite import ChildSpec
 from matpress.formats.integer import quantize_codes, rtn_parameters
-from matpress.formats.sparse import check_sparsity, magnitude_mask, nm_mask
+from matpress.formats.sparse import check_nm, check_sparsity, magnitude_mask, nm_mask
 from matpress.methods.base import LayerStats, register_method
 from matpress.methods.gptq import inverse_hessian_factor
 from matpress.methods.obs import live_inputs, obs_sweep
@@ -104,11 +104,16 @@ def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return mask
 
 
-def from_mask(weight: torch.Tensor, mask: torch.Tensor, params: PruneParams) -> SparseResult:
+def from_mask(
+    weight: torch.Tensor, mask: torch.Tensor, params: PruneParams, values: Optional[Format] = None
+) -> SparseResult:
+    """The sparse format (unstructured or n:m, as ``params`` say) keeping ``weight[mask]``, its values
+    encoded per ``params`` or given already built as ``values``."""
     nm = params.n_m()
+    values = params.value_spec() if values is None else values
     if nm is None:
-        return SparseFormat.from_mask(weight, mask, params.value_spec())
-    return NMSparseFormat.from_mask(weight, mask, nm[0], nm[1], params.value_spec())
+        return SparseFormat.from_mask(weight, mask, values)
+    return NMSparseFormat.from_mask(weight, mask, nm[0], nm[1], values)
 
 
 @register_method("magnitude", PruneParams)
@@ -136,8 +141,8 @@ def sparsegpt(weight: torch.Tensor, params: SparseGPTParams, stats: Optional[Lay
     h, w = live_inputs(stats, weight)
     out_f, in_f = w.shape
     nm = params.n_m()
-    if nm is not None and in_f % nm[1]:
-        raise FormatError(f"n:m sparsity: in_features={in_f} is not a multiple of m={nm[1]}")
+    if nm is not None:
+        check_nm(*nm, in_f)
     quantize = params.value_bits != 16
     if quantize and nm is None and in_f % params.group_size:
         raise FormatError(
@@ -179,6 +184,4 @@ def sparsegpt(weight: torch.Tensor, params: SparseGPTParams, stats: Optional[Lay
     values = IntFormat.from_codes(
         codes[mask].view(rows, -1), scales.view(rows, -1), zeros.view(rows, -1), params.value_bits, kept, params.symmetric
     )
-    if nm is None:
-        return SparseFormat.from_mask(pruned, mask, values)
-    return NMSparseFormat.from_mask(pruned, mask, nm[0], nm[1], values)
+    return from_mask(pruned, mask, params, values)

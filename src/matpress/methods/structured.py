@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from matpress.formats import BlockDiagFormat, MonarchFormat
-from matpress.formats.monarch import check_blocks, monarch_project
+from matpress.formats.monarch import check_blocks
 from matpress.methods.base import LayerStats, register_method
 from matpress.methods.obs import damped, live_inputs
 
@@ -38,18 +38,10 @@ class MonarchParams:
             raise ValueError(f"damping must be non-negative, got {self.damping!r}")
 
 
-def monarch_fit(weight: torch.Tensor, params: MonarchParams, roots: Optional[torch.Tensor] = None) -> MonarchFormat:
-    q = params.nblocks if params.out_blocks is None else params.out_blocks
-    check_blocks(params.nblocks, weight.shape[1], "monarch: nblocks")
-    check_blocks(q, weight.shape[0], "monarch: out_blocks")
-    right, left = monarch_project(weight.float(), params.nblocks, q, roots)
-    return MonarchFormat.from_factors(tuple(weight.shape), right, left)
-
-
 @register_method("monarch", MonarchParams)
 def monarch(weight: torch.Tensor, params: MonarchParams, stats: Optional[LayerStats] = None) -> MonarchFormat:
     """Monarch projection: closed-form rank-1 SVD of every sub-block."""
-    return monarch_fit(weight, params)
+    return MonarchFormat.encode(weight, params.nblocks, params.out_blocks)
 
 
 @register_method("monarch_aw", MonarchParams, needs_calibration=True)
@@ -60,7 +52,7 @@ def monarch_aw(weight: torch.Tensor, params: MonarchParams, stats: Optional[Laye
     h = damped(h, params.damping)
     b, p = params.nblocks, weight.shape[1] // params.nblocks
     diagonal_blocks = h.reshape(b, p, b, p)[torch.arange(b), :, torch.arange(b)]  # (b, p, p)
-    return monarch_fit(w, params, torch.linalg.cholesky(diagonal_blocks))
+    return MonarchFormat.encode(w, params.nblocks, params.out_blocks, torch.linalg.cholesky(diagonal_blocks))
 
 
 @dataclass(frozen=True)
