@@ -18,6 +18,14 @@ import transformers  # noqa: E402
 transformers.logging.set_verbosity_error()
 
 
+def random_data(vocab: int, n: int = 8, seq: int = 16, batch_size: int = 4, seed: int = 0):
+    """Calibration data of ``n`` random token sequences of length ``seq``."""
+    from matpress.calibration import CalibrationData
+
+    gen = torch.Generator().manual_seed(seed)
+    return CalibrationData.from_token_ids(torch.randint(0, vocab, (n, seq), generator=gen), batch_size)
+
+
 def tiny_llama(layers: int = 2, hidden: int = 64, vocab: int = 128) -> torch.nn.Module:
     cfg = transformers.LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden + 16, num_hidden_layers=layers,

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, ContextManager, Optional
+from unittest import mock
 
 import torch
 from torch import nn
@@ -15,6 +15,16 @@ from matpress import kernels
 from matpress.formats import Format, format_class
 from matpress.io import read_manifest, stored_nbytes
 from matpress.layer import CompressedLinear
+from matpress.methods import LayerStats, get_method
+
+
+def assert_within_kernel_bound(y: torch.Tensor, fmt: Format, x: torch.Tensor, group: int) -> None:
+    """``y`` equals decode-then-matmul within :func:`kernel_error_bound`, element by element."""
+    w = fmt.decode()
+    expected = x.double().reshape(-1, fmt.in_features) @ w.double().T
+    err = (y.double().reshape(expected.shape) - expected).abs()
+    bound = kernel_error_bound(w, x, group)
+    assert bool((err <= bound).all()), float((err - bound).max())
 
 
 def outlier_weight(seed: int, out_features: int, in_features: int) -> torch.Tensor:
@@ -40,18 +50,15 @@ def kernel_error_bound(w: torch.Tensor, x: torch.Tensor, group: int) -> torch.Te
     return (amax @ w.abs().T) * per_unit
 
 
-@contextmanager
-def exact_matmul() -> Iterator[None]:
+def exact_matmul() -> ContextManager:
     """Switch the compiled kernels off (``MATPRESS_KERNELS=0``) for the duration."""
-    before = os.environ.get("MATPRESS_KERNELS")
-    os.environ["MATPRESS_KERNELS"] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["MATPRESS_KERNELS"]
-        else:
-            os.environ["MATPRESS_KERNELS"] = before
+    return mock.patch.dict(os.environ, {"MATPRESS_KERNELS": "0"})
+
+
+def run_method(method: str, weight: torch.Tensor, stats: Optional[LayerStats], **params: Any) -> Format:
+    """Run compression method ``method`` with recipe-style ``params`` on one weight."""
+    m = get_method(method)
+    return m.run(weight, m.make_params(params, "test"), stats)
 
 
 def check_format(fmt: Format, tmp_path: Path, n_tokens: int = 5) -> None:

@@ -173,10 +173,6 @@ def test_cli_budget_and_report(tiny_causal_dir, tmp_path, capsys):
     assert "smallest reachable size" in capsys.readouterr().err
 
 
-def _tiny_llama_for_text(minilm):
-    return tiny_llama(hidden=64, vocab=minilm.tokenizer.vocab_size)
-
-
 SMALL_CALIBRATION = {"samples": 8, "seq_len": 32, "batch_size": 4}
 
 
@@ -185,7 +181,7 @@ def test_calibrated_budget_uses_the_best_quantizer_and_fits(minilm, preset):
     import matpress
     from matpress.budget import CALIBRATED_INT
 
-    model = _tiny_llama_for_text(minilm)
+    model = tiny_llama(vocab=minilm.tokenizer.vocab_size)
     recipe = {"budget": "3.5bpw", "candidates": preset, "calibration": SMALL_CALIBRATION}
     report = matpress.compress(model, recipe, tokenizer=minilm.tokenizer, progress=False)
     table, choice, budget = report.allocation
@@ -268,7 +264,7 @@ def test_pinned_awq_keeps_its_scales_in_the_format_on_the_budget_path(minilm):
     # that falls back to its measured format would then no longer match the folded down_proj
     import matpress
 
-    model = _tiny_llama_for_text(minilm)
+    model = tiny_llama(vocab=minilm.tokenizer.vocab_size)
     up = model.model.layers[0].mlp.up_proj
     before = up.weight.detach().clone()
     recipe = {

@@ -15,24 +15,23 @@ from matpress.calibration import (
     find_blocks,
 )
 from matpress.errors import CalibrationError, RecipeError
+from matpress.evaluation.text import CALIBRATION, corpus
 from matpress.layer import CompressedLinear
 from matpress.model_pass import find_linear_layers
 from matpress.recipe import Recipe
 
-from conftest import tiny_bert, tiny_llama
-
-
-def random_data(vocab: int, n: int = 8, seq: int = 16, batch_size: int = 4, seed: int = 0) -> CalibrationData:
-    gen = torch.Generator().manual_seed(seed)
-    return CalibrationData.from_token_ids(torch.randint(0, vocab, (n, seq), generator=gen), batch_size)
+from conftest import random_data, tiny_bert, tiny_llama
 
 
 def test_windows_from_builtin_text(minilm):
     data = CalibrationData.from_text(minilm.tokenizer, "builtin", n_samples=10, seq_len=32, batch_size=4)
     assert [b["input_ids"].shape for b in data.batches] == [(4, 32), (4, 32), (2, 32)]
     assert data.n_tokens == 10 * 32
-    # windows are spread over the whole calibration split, not its first 320 tokens
-    assert data.batches[-1]["input_ids"][-1].tolist() != data.batches[0]["input_ids"][1].tolist()
+    # windows are spread over the whole calibration split: the first and the last whole window of it
+    ids = minilm.tokenizer(corpus(CALIBRATION), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    last = len(ids) // 32 - 1
+    assert data.batches[0]["input_ids"][0].tolist() == ids[:32].tolist()
+    assert data.batches[-1]["input_ids"][-1].tolist() == ids[last * 32 : (last + 1) * 32].tolist()
 
 
 def test_sentences_are_padded_with_mask(minilm, tmp_path):
