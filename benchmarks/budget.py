@@ -43,7 +43,7 @@ from matpress.budget import (
 )
 from matpress.calibration import CalibrationSettings, collect_stats
 from matpress.evaluation import distortion_measure, evaluate
-from matpress.evaluation.timing import machine_description
+from matpress.evaluation.timing import command_line, machine_description
 from matpress.model_pass import compress, find_linear_layers, linear_weight
 from matpress.models import CAUSAL_LM, load_pretrained, model_kind
 from matpress.recipe import as_recipe
@@ -69,7 +69,9 @@ def quality(model: torch.nn.Module, tokenizer: object, reference: torch.nn.Modul
     return evaluate(model, tokenizer, reference=reference, n_sentences=n_sentences, progress=False)
 
 
-def run_model(name: str, budgets: tuple[float, ...], n_sentences: int, samples: int) -> tuple[str, list[dict]]:
+def run_model(
+    name: str, budgets: tuple[float, ...], n_sentences: int, samples: int
+) -> tuple[str, list[dict], list[dict]]:
     original, tokenizer, description = load(name)
     kind = model_kind(original)
     settings = CalibrationSettings(samples=samples)
@@ -191,9 +193,8 @@ def main() -> None:
         )
     png = args.out.with_suffix(".png")
     plot(results, png)
-    command = "python benchmarks/budget.py " + " ".join(sys.argv[1:])
     text = (
-        f"# Budgeted mixed compression vs uniform\n\n`{command}`\n\nMachine: {machine_description()}; "
+        f"# Budgeted mixed compression vs uniform\n\n`{command_line()}`\n\nMachine: {machine_description()}; "
         f"total {time.perf_counter() - start:.0f} s.\n\n"
         "For each budget: the best uniform configuration (one quantizer, bit width and grouping for every "
         "layer) whose size is within the budget, the mixed-bits allocation and the full-set allocation. "

@@ -33,7 +33,7 @@ import matpress
 from matpress.calibration import CalibrationData
 from matpress.evaluation import embedding_fidelity, language_model_quality, sentence_embeddings, token_windows
 from matpress.evaluation.text import EVALUATION, corpus, sentences
-from matpress.evaluation.timing import machine_description
+from matpress.evaluation.timing import command_line, machine_description
 from matpress.methods import METHODS
 from matpress.models import load_pretrained
 
@@ -224,7 +224,7 @@ def main() -> None:
     lines = [
         "# Formats: quality against storage",
         "",
-        f"Command: `{' '.join(['python', *sys.argv])}`  ",
+        f"Command: `{command_line()}`  ",
         f"Machine: {machine_description()}  ",
         "Every linear layer compressed with one recipe; bits/weight = stored bytes of those layers (codes, "
         "scales, zeros, indices, masks, factors) x 8 / weights. Calibrated methods run block by block on the "

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import transformers
@@ -32,7 +33,7 @@ import transformers
 import matpress
 from matpress import kernels
 from matpress.evaluation.text import sentences
-from matpress.evaluation.timing import machine_description
+from matpress.evaluation.timing import command_line, interleaved_medians, machine_description
 from matpress.formats import Format, IntFormat, TernaryFormat
 from matpress.kernels import lowbit
 from matpress.models import load_pretrained
@@ -43,8 +44,16 @@ GROUP = 128
 PASS_SECONDS = 0.25
 
 
-def weight_copies(tensors: list[torch.Tensor], pool_bytes: float) -> int:
+def weight_copies(tensors: Iterable[torch.Tensor], pool_bytes: float) -> int:
+    """How many copies of ``tensors`` fill ``pool_bytes`` (at least 2, so that calls alternate)."""
     return max(2, math.ceil(pool_bytes / sum(t.numel() * t.element_size() for t in tensors)))
+
+
+def layout_copy(layout: lowbit.LowbitLayout) -> lowbit.LowbitLayout:
+    """The kernel layout with its own copies of its tensors, to be read from memory apart from the others."""
+    return dataclasses.replace(
+        layout, codes=layout.codes.clone(), scales=layout.scales.clone(), zeros=layout.zeros.clone()
+    )
 
 
 class Contender:
@@ -90,8 +99,7 @@ def ours(name: str, fmt: Format, pool_bytes: float) -> Contender:
     for _ in range(weight_copies(parts, pool_bytes)):
         # the format object is shared state-free; each copy gets its own kernel layout in memory
         f = copy.copy(fmt)
-        setattr(f, lowbit.LAYOUT_ATTR, lowbit.LowbitLayout(
-            layout.bits, layout.out_features, layout.geometry, *(t.clone() for t in parts)))
+        setattr(f, lowbit.LAYOUT_ATTR, layout_copy(layout))
         pool.append(f)
     return Contender(name, sum(t.numel() * t.element_size() for t in parts), len(pool),
                      lambda i, x: kernels.matmul(pool[i], x))
@@ -100,12 +108,7 @@ def ours(name: str, fmt: Format, pool_bytes: float) -> Contender:
 def streaming_bandwidth(repeats: int) -> float:
     """Read bandwidth in GB/s: torch sum over 1 GiB of fp32 (well above the last-level cache)."""
     big = torch.ones(2**28)
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        big.sum()
-        times.append(time.perf_counter() - start)
-    return big.numel() * 4 / statistics.median(times[1:]) / 1e9
+    return big.numel() * 4 / interleaved_medians({"sum": big.sum}, repeats, warmup=1)["sum"] / 1e9
 
 
 def time_contenders(contenders: list[Contender], x: torch.Tensor, repeats: int) -> dict[str, float]:
@@ -269,7 +272,7 @@ def main() -> None:
         rows += kernel_rows(shape, BATCHES, args.repeats, args.pool_gb * 1e9)
         print(f"{shape} done", file=sys.stderr, flush=True)
     e2e = [] if args.no_e2e else end_to_end(args.repeats, args.llama_hidden)
-    text = markdown(rows, BATCHES, bandwidth, e2e, args.pool_gb, "python " + " ".join(sys.argv))
+    text = markdown(rows, BATCHES, bandwidth, e2e, args.pool_gb, command_line())
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,21 +17,23 @@ on tiny shapes under Triton's interpreter (``TRITON_INTERPRET=1``) to check the 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
+from matpress.evaluation.timing import command_line
 from matpress.formats import Format, IntFormat, TernaryFormat
 from matpress.kernels.triton_lowbit import packed_matmul
 
-SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (4096, 14336)]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernels import GROUP, SHAPES, weight_copies  # noqa: E402  (benchmarks/kernels.py: the same shapes and pools)
+
 BATCHES = [1, 4, 16, 64]
-GROUP = 128
 
 
 def formats(w: torch.Tensor) -> dict[str, Format]:
@@ -40,8 +42,8 @@ def formats(w: torch.Tensor) -> dict[str, Format]:
     return out
 
 
-def pool_of(make: Callable[[], object], nbytes: int, pool_bytes: float) -> list:
-    return [make() for _ in range(max(2, math.ceil(pool_bytes / nbytes)))]
+def pool_of(make: Callable[[], object], tensors: Iterable[torch.Tensor], pool_bytes: float) -> list:
+    return [make() for _ in range(weight_copies(tensors, pool_bytes))]
 
 
 def copy_of(fmt: Format) -> Format:
@@ -86,7 +88,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if dev == "cuda" else "CPU (Triton interpreter: timings meaningless)"
     lines = [
         "# Packed low-bit matmul on the GPU (Triton)", "",
-        f"Command: `python benchmarks/kernels_gpu.py --out {args.out}`  ",
+        f"Command: `{command_line()}`  ",
         f"Device: {name}, torch {torch.__version__}; fp16 activations; weights from HBM (pools of "
         f"{args.pool_gb:g} GB per contender); median of {args.repeats} interleaved passes.", "",
         "| shape (out x in) | kernel | weight MB | " + " | ".join(f"batch {b} ms | x fp16" for b in batches)
@@ -100,12 +102,12 @@ def main() -> None:
         for dtype, label in ((torch.float16, "dense fp16"), (torch.bfloat16, "dense bf16")):
             dense_w = w.to(dev, dtype)
             nbytes = dense_w.numel() * dense_w.element_size()
-            contenders[label] = (nbytes, pool_of(dense_w.clone, nbytes, args.pool_gb * 1e9),
+            contenders[label] = (nbytes, pool_of(dense_w.clone, [dense_w], args.pool_gb * 1e9),
                                  lambda f, x, dt=dtype: torch.nn.functional.linear(x.to(dt), f))
         errors = {}
         for label, fmt in formats(w).items():
             fmt = fmt.to(dev)
-            contenders[label] = (fmt.nbytes, pool_of(lambda f=fmt: copy_of(f), fmt.nbytes, args.pool_gb * 1e9),
+            contenders[label] = (fmt.nbytes, pool_of(lambda f=fmt: copy_of(f), fmt.to_tensors().values(), args.pool_gb * 1e9),
                                  packed_matmul)
             x = torch.randn(4, in_f, device=dev, dtype=torch.float16)
             exact = x.float() @ fmt.decode().to(dev).T

@@ -12,16 +12,19 @@ that the weights come from memory; medians of repeats.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from matpress.evaluation.timing import machine_description
+from matpress.evaluation.timing import command_line, machine_description
 from matpress.formats import IntFormat
 from matpress.kernels import build, lowbit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernels import layout_copy, weight_copies  # noqa: E402  (benchmarks/kernels.py: the same pools)
 
 SHAPES = [(4096, 4096), (4096, 14336)]
 # (near, far) bytes; the first is the earlier kernel's single 2 KB distance, the second the default
@@ -45,7 +48,7 @@ def main() -> None:
     lines = [
         "# Prefetch distances of the CPU kernel, 4-bit g128 GEMV, weights cold",
         "",
-        f"Command: `python benchmarks/prefetch_sweep.py --out {args.out}`  ",
+        f"Command: `{command_line()}`  ",
         f"Machine: {machine_description()}  ",
         f"Median of {args.repeats} interleaved passes; speed-up over dense fp32 torch in the same run.",
         "",
@@ -55,13 +58,9 @@ def main() -> None:
     for out_f, in_f in SHAPES:
         w = torch.randn(out_f, in_f)
         layout = lowbit.layout_of(IntFormat.encode(w, bits=4, group_size=128))
-        layout_bytes = sum(t.numel() * t.element_size() for t in (layout.codes, layout.scales, layout.zeros))
-        copies = [
-            lowbit.LowbitLayout(layout.bits, layout.out_features, layout.geometry, layout.codes.clone(),
-                                layout.scales.clone(), layout.zeros.clone())
-            for _ in range(math.ceil(POOL_BYTES / layout_bytes))
-        ]
-        dense = [w.clone() for _ in range(math.ceil(POOL_BYTES / (w.numel() * 4)))]
+        parts = (layout.codes, layout.scales, layout.zeros)
+        copies = [layout_copy(layout) for _ in range(weight_copies(parts, POOL_BYTES))]
+        dense = [w.clone() for _ in range(weight_copies([w], POOL_BYTES))]
         x = torch.randn(1, in_f)
         calls = {"dense": lambda i: torch.nn.functional.linear(x, dense[i % len(dense)])}
         for v in VARIANTS:

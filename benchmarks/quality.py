@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ import matpress
 from matpress.calibration import SENTENCE, WINDOW, CalibrationData
 from matpress.evaluation import embedding_fidelity, language_model_quality, sentence_embeddings, token_windows
 from matpress.evaluation.text import EVALUATION, corpus, sentences
-from matpress.evaluation.timing import machine_description
+from matpress.evaluation.timing import command_line, machine_description
 from matpress.models import load_pretrained
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -128,7 +127,6 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     lm, tokenizer = load_or_train()
     windows = token_windows(tokenizer, corpus(EVALUATION), 128, 32)
-    lm_reference = language_model_quality(lm, windows)
 
     def lm_score(model: torch.nn.Module) -> dict[str, float]:
         return language_model_quality(model, windows, reference=lm)
@@ -136,11 +134,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     lm_data = CalibrationData.from_text(tokenizer, "builtin", args.samples, 128, 8, unit=WINDOW)
     lm_rows = sweep(lm, lm_data, lm_score, "causal-lm")
 
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     text = "\n".join([
         "# Quality against bits per weight: rtn, hqq, awq, gptq",
         "",
-        f"Command: `{command}`  ",
+        f"Command: `{command_line(argv)}`  ",
         f"Machine: {machine_description()}",
         "",
         f"Calibration: {minilm_data.source} (MiniLM); {lm_data.source} (causal LM). Evaluation: held-out split.",
@@ -151,8 +148,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         "",
         f"## Causal LM: {DESCRIPTION}",
         "",
-        f"A briefly trained model, not a real LM. Original fp32 perplexity {lm_reference['perplexity']:.2f} on "
-        f"{lm_reference['n_tokens']} evaluation tokens.",
+        f"A briefly trained model, not a real LM. Original fp32 perplexity {lm_rows[0]['reference_perplexity']:.2f} on "
+        f"{lm_rows[0]['n_tokens']} evaluation tokens.",
         "",
         table(lm_rows, [("perplexity", "perplexity", ".2f"), ("kl_mean", "KL to original", ".4f")]),
         "",

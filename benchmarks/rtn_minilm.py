@@ -21,7 +21,7 @@ import torch
 import matpress
 from matpress.evaluation import embedding_fidelity, sentence_embeddings
 from matpress.evaluation.text import sentences
-from matpress.evaluation.timing import interleaved_medians, machine_description
+from matpress.evaluation.timing import command_line, interleaved_medians, machine_description
 from matpress.model_pass import find_linear_layers, linear_weight
 from matpress.models import load_pretrained
 
@@ -71,7 +71,7 @@ def main() -> None:
     lines = [
         "# RTN on all-MiniLM-L6-v2 (all 36 linear layers)",
         "",
-        f"Command: `python benchmarks/rtn_minilm.py {' '.join(sys.argv[1:])}`  ",
+        f"Command: `{command_line()}`  ",
         f"Machine: {machine_description()}  ",
         f"Quality on {len(texts)} evaluation-split sentences of `pydoc_data.topics` (mean-pooled, normalised "
         "embeddings); latency ratio = compressed / original fp32 forward, same input, median of "

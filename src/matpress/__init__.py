@@ -23,6 +23,7 @@ __all__ = [
     "FormatError",
     "MatpressError",
     "Recipe",
+    "RecipeError",
     "Rule",
     "compress",
     "evaluate",

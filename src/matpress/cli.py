@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
 from matpress.errors import MatpressError

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import platform
+import shlex
 import statistics
+import sys
 import time
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -24,6 +26,13 @@ def machine_description() -> str:
     import os
 
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def command_line(argv: Optional[Sequence[str]] = None) -> str:
+    """How this benchmark was run, for its header: ``python``, the script and its arguments (``argv``,
+    default the command line's), shell-quoted."""
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(shlex.quote(a) for a in ["python", sys.argv[0], *args])
 
 
 def interleaved_medians(
