@@ -10,7 +10,7 @@ from matpress.formats.composite import LowRankFormat, SumFormat
 from matpress.formats.monarch import BlockDiagFormat, MonarchFormat
 from matpress.formats.sparse import NMSparseFormat, SparseFormat
 from matpress.formats.ternary import TernaryFormat
-from matpress.formats.transformed import TransformedFormat  # after Format: it imports the kernels
+from matpress.formats.transformed import TransformedFormat
 
 FORMATS: dict[str, type[Format]] = {
     cls.name: cls

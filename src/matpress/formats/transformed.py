@@ -22,12 +22,10 @@ from typing import Any, Optional
 
 import torch
 
-from matpress import kernels
 from matpress.errors import FormatError
-from matpress.formats.base import Format, check_weight, child_config, child_from_tensors, child_tensors, expect_tensor
+from matpress.formats.base import Format, check_weight, expect_tensor
+from matpress.formats.composite import CompositeFormat, child_matmul
 from matpress.formats.packing import pack_rows, packed_row_bytes, unpack_rows
-
-CHILD = "child"
 
 
 def hadamard_block(n: int) -> int:
@@ -98,13 +96,15 @@ class InputTransform:
         return self.apply(self.apply(h).T).T
 
 
-class TransformedFormat(Format):
-    """``x -> child(T(x))``: a child format (usually ``int``) holding the transformed weight."""
+class TransformedFormat(CompositeFormat):
+    """``x -> child(T(x))``: a child format (usually ``int``) holding the transformed weight, plus the
+    transform's own tensors (fp16 scales, bit-packed signs)."""
 
     name = "transformed"
+    slots = ("child",)
 
     def __init__(self, child: Format, transform: InputTransform):
-        super().__init__(child.shape)
+        super().__init__(child.shape, {"child": child})
         if transform.n != child.in_features:
             raise FormatError(f"transformed: transform size {transform.n} != child in_features {child.in_features}")
         self.child = child
@@ -127,17 +127,13 @@ class TransformedFormat(Format):
         return self.transform.unweight(self.child.decode(torch.float32)).to(dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.matmul(self.child, self.transform.apply(x))
+        return child_matmul(self.child, self.transform.apply(x))
 
-    def config(self) -> dict[str, Any]:
-        return {
-            CHILD: child_config(self.child),
-            "scaled": self.transform.scale is not None,
-            "rotated": self.transform.signs is not None,
-        }
+    def own_config(self) -> dict[str, Any]:
+        return {"scaled": self.transform.scale is not None, "rotated": self.transform.signs is not None}
 
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = child_tensors(CHILD, self.child)
+    def own_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {}
         if self.transform.scale is not None:
             tensors["scale"] = self.transform.scale.to(torch.float16)
         if self.transform.signs is not None:
@@ -145,18 +141,17 @@ class TransformedFormat(Format):
         return tensors
 
     @classmethod
-    def from_tensors(
-        cls, shape: tuple[int, int], config: dict[str, Any], tensors: dict[str, torch.Tensor]
+    def from_parts(
+        cls, shape: tuple[int, int], config: dict[str, Any], own: dict[str, torch.Tensor], children: dict[str, Format]
     ) -> "TransformedFormat":
-        child = child_from_tensors(CHILD, config, tensors, cls.name)
-        n = shape[1]
+        child, n = children["child"], shape[1]
         if tuple(child.shape) != tuple(shape):
             raise FormatError(f"transformed: child shape {child.shape} differs from the layer's {tuple(shape)}")
         scale = signs = None
         if config.get("scaled"):
-            scale = expect_tensor(tensors, "scale", (n,), torch.float16, cls.name).float()
+            scale = expect_tensor(own, "scale", (n,), torch.float16, cls.name).float()
         if config.get("rotated"):
-            packed = expect_tensor(tensors, "signs", (1, packed_row_bytes(n, 1)), torch.uint8, cls.name)
+            packed = expect_tensor(own, "signs", (1, packed_row_bytes(n, 1)), torch.uint8, cls.name)
             signs = unpack_rows(packed, 1, n)[0].float() * 2 - 1
         return cls(child, InputTransform(n, scale, signs))
 
