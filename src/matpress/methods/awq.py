@@ -28,9 +28,9 @@ from matpress.errors import CalibrationError
 from matpress.formats import Format, IntFormat
 from matpress.formats.integer import fake_quantize, grouped, quantize_codes, resolve_group_size, rtn_parameters, ungrouped
 from matpress.formats.transformed import TransformedFormat, make_transform
-from matpress.methods.base import LayerStats, register_method
+from matpress.methods.base import LayerStats, check_flag, check_int, register_method
 from matpress.methods.obs import output_error
-from matpress.methods.rtn import IntParams, check_flag
+from matpress.methods.rtn import IntParams
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,7 @@ class AWQParams(IntParams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.grid, int) or isinstance(self.grid, bool) or self.grid < 0:
-            raise ValueError(f"grid must be a non-negative integer, got {self.grid!r}")
+        check_int("grid", self.grid, minimum=0)
         check_flag("clip", self.clip)
         check_flag("fold", self.fold)
 

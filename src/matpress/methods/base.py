@@ -17,6 +17,22 @@ from matpress.errors import RecipeError
 from matpress.formats import Format
 
 
+def check_int(name: str, value: object, minimum: int = 1, null: Optional[str] = None) -> None:
+    """Refuse anything but an integer of at least ``minimum`` for parameter ``name`` (``True`` is not an
+    integer here); ``null`` says what None means where None is allowed."""
+    if null is not None and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        kind = "positive integer" if minimum == 1 else f"integer >= {minimum}" if minimum else "non-negative integer"
+        raise ValueError(f"{name} must be a {kind}{f' or null ({null})' if null else ''}, got {value!r}")
+
+
+def check_flag(name: str, value: object) -> None:
+    """Refuse anything but ``true`` or ``false`` for parameter ``name``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
 @dataclass
 class LayerStats:
     """Statistics of one linear layer's inputs, gathered on calibration data.

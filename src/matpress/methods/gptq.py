@@ -29,9 +29,9 @@ from matpress.formats import Format, IntFormat
 from matpress.formats.integer import grouped, quantize_codes, resolve_group_size, rtn_parameters
 from matpress.formats.transformed import TransformedFormat, make_transform
 from matpress.methods.awq import search_input_scale
-from matpress.methods.base import LayerStats, register_method
+from matpress.methods.base import LayerStats, check_flag, check_int, register_method
 from matpress.methods.obs import drop_dead_inputs, obs_sweep
-from matpress.methods.rtn import IntParams, check_flag
+from matpress.methods.rtn import IntParams
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,7 @@ class GPTQParams(IntParams):
         super().__post_init__()
         if not isinstance(self.percdamp, (int, float)) or isinstance(self.percdamp, bool) or not 0 < self.percdamp < 1:
             raise ValueError(f"percdamp must be a number in (0, 1), got {self.percdamp!r}")
-        if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size <= 0:
-            raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+        check_int("block_size", self.block_size)
         for name in ("act_order", "rotate", "scale_inputs"):
             check_flag(name, getattr(self, name))
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):

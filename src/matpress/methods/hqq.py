@@ -27,8 +27,8 @@ from matpress.formats import IntFormat
 from matpress.formats.integer import (
     FP16_MIN_NORMAL, fake_quantize, grouped, quantize_codes, resolve_group_size, rtn_parameters, ungrouped,
 )
-from matpress.methods.base import LayerStats, register_method
-from matpress.methods.rtn import IntParams, check_flag
+from matpress.methods.base import LayerStats, check_flag, check_int, register_method
+from matpress.methods.rtn import IntParams
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,7 @@ class HQQParams(IntParams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.iters, int) or isinstance(self.iters, bool) or self.iters <= 0:
-            raise ValueError(f"iters must be a positive integer, got {self.iters!r}")
+        check_int("iters", self.iters)
         number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
         if not (number(self.lp_norm) and 0 < self.lp_norm <= 1):
             raise ValueError(f"lp_norm must be a number in (0, 1], got {self.lp_norm!r}")

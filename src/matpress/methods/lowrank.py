@@ -25,7 +25,7 @@ import torch
 from matpress.errors import CalibrationError, FormatError
 from matpress.formats import Format, LowRankFormat, SumFormat
 from matpress.formats.composite import ChildSpec, balanced_factors, check_rank, encode_child
-from matpress.methods.base import LayerStats, get_method, register_method
+from matpress.methods.base import LayerStats, check_int, get_method, register_method
 from matpress.methods.obs import damped, live_inputs
 from matpress.methods.rtn import IntParams
 
@@ -50,8 +50,7 @@ class RankParams:
         given = [k for k in ("rank", "energy", "rank_bits") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of rank, energy or rank_bits, got {given or 'none'}")
-        if self.rank is not None and (not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1):
-            raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
+        check_int("rank", self.rank, null="rank from energy or rank_bits")
         if self.energy is not None and not 0 < self.energy <= 1:
             raise ValueError(f"energy must be a fraction in (0, 1], got {self.energy!r}")
         if self.rank_bits is not None and not self.rank_bits > 0:

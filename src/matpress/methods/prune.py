@@ -26,7 +26,7 @@ from matpress.formats import Format, IntFormat, NMSparseFormat, SparseFormat
 from matpress.formats.composite import ChildSpec
 from matpress.formats.integer import quantize_codes, rtn_parameters
 from matpress.formats.sparse import check_nm, check_sparsity, magnitude_mask, nm_mask
-from matpress.methods.base import LayerStats, register_method
+from matpress.methods.base import LayerStats, check_int, register_method
 from matpress.methods.gptq import inverse_hessian_factor
 from matpress.methods.obs import live_inputs, obs_sweep
 
@@ -50,8 +50,7 @@ class PruneParams:
         check_sparsity(self.sparsity)
         if self.value_bits not in (16, *range(2, 9)):
             raise ValueError(f"value_bits must be 16 (fp16) or 2 to 8, got {self.value_bits!r}")
-        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1:
-            raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
+        check_int("group_size", self.group_size)
         nm = self.n_m()
         if nm is not None and self.group_size % nm[1]:
             raise ValueError(f"group_size={self.group_size} must be a multiple of m={nm[1]} for n:m sparsity")

@@ -9,7 +9,7 @@ import torch
 
 from matpress.formats import DenseFormat, IntFormat
 from matpress.formats.dense import DTYPES
-from matpress.methods.base import LayerStats, register_method
+from matpress.methods.base import LayerStats, check_flag, check_int, register_method
 
 
 @dataclass(frozen=True)
@@ -27,15 +27,8 @@ class IntParams:
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 8:
             raise ValueError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
-        g = self.group_size
-        if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g <= 0):
-            raise ValueError(f"group_size must be a positive integer or null (per channel), got {g!r}")
+        check_int("group_size", self.group_size, null="per channel")
         check_flag("symmetric", self.symmetric)
-
-
-def check_flag(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
 @dataclass(frozen=True)

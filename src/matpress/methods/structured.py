@@ -16,7 +16,7 @@ import torch
 
 from matpress.formats import BlockDiagFormat, MonarchFormat
 from matpress.formats.monarch import check_blocks
-from matpress.methods.base import LayerStats, register_method
+from matpress.methods.base import LayerStats, check_int, register_method
 from matpress.methods.obs import damped, live_inputs
 
 
@@ -30,10 +30,8 @@ class MonarchParams:
     damping: float = 0.01
 
     def __post_init__(self) -> None:
-        for key in ("nblocks", "out_blocks"):
-            v = getattr(self, key)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise ValueError(f"{key} must be a positive integer, got {v!r}")
+        check_int("nblocks", self.nblocks)
+        check_int("out_blocks", self.out_blocks, null="as many as nblocks")
         if not self.damping >= 0:
             raise ValueError(f"damping must be non-negative, got {self.damping!r}")
 
@@ -62,8 +60,7 @@ class BlockDiagParams:
     nblocks: int = 4
 
     def __post_init__(self) -> None:
-        if not isinstance(self.nblocks, int) or isinstance(self.nblocks, bool) or self.nblocks < 1:
-            raise ValueError(f"nblocks must be a positive integer, got {self.nblocks!r}")
+        check_int("nblocks", self.nblocks)
 
 
 @register_method("blockdiag", BlockDiagParams)

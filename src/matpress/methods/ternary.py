@@ -19,7 +19,7 @@ import torch
 from matpress.formats import TernaryFormat
 from matpress.formats.integer import resolve_group_size, to_fp16_scale
 from matpress.formats.ternary import absmean_trits, expand_groups
-from matpress.methods.base import LayerStats, register_method
+from matpress.methods.base import LayerStats, check_int, register_method
 from matpress.methods.gptq import inverse_hessian_factor
 from matpress.methods.obs import live_inputs, obs_sweep, output_error
 
@@ -34,11 +34,8 @@ class TernaryParams:
     damping: float = 0.01
 
     def __post_init__(self) -> None:
-        g = self.group_size
-        if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g <= 0):
-            raise ValueError(f"group_size must be a positive integer or null (per channel), got {g!r}")
-        if not isinstance(self.iterations, int) or self.iterations < 1:
-            raise ValueError(f"iterations must be a positive integer, got {self.iterations!r}")
+        check_int("group_size", self.group_size, null="per channel")
+        check_int("iterations", self.iterations)
         if not 0 < self.damping < 1:
             raise ValueError(f"damping must be a fraction in (0, 1), got {self.damping!r}")
 
