@@ -28,7 +28,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/quality.py --out benchmarks/results/quality.md
 	$(PY) benchmarks/formats.py --out benchmarks/results
 	$(PY) benchmarks/kernels.py --out benchmarks/results/kernels.md
+	$(PY) benchmarks/prefetch_sweep.py --out benchmarks/results/prefetch_sweep.md
 	$(PY) benchmarks/budget.py --out benchmarks/results/budget.md
+	$(VENV)/bin/matpress compress minilm --budget 3bpw --candidates all --out out/minilm-3bpw --quiet
+	$(VENV)/bin/matpress report out/minilm-3bpw --out benchmarks/results/report
 
 clean:
 	rm -rf $(VENV) out build *.egg-info src/*.egg-info

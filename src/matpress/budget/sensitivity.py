@@ -12,6 +12,7 @@ distortions of several layers add up, which is what the allocator assumes.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -113,7 +114,7 @@ def default_probe(table: SensitivityTable, target_error: float = 0.01) -> Option
         errors = [table.error[i][j] for i in range(len(table.layers)) if j in table.allowed[i] and table.error[i][j] > 0]
         if not errors:
             continue
-        typical = sorted(errors)[len(errors) // 2]
+        typical = statistics.median_high(errors)
         key = (-len(errors), abs(math.log(typical / target_error)))
         if best_key is None or key < best_key:
             best, best_key = label, key
@@ -147,6 +148,6 @@ def weigh_end_to_end(
         finally:
             set_submodule(model, name, original)
     if measured:  # layers the probe cannot encode (shape, allow list) take the typical measured weight
-        typical = sorted(table.weight[i] for i in measured)[len(measured) // 2]
+        typical = statistics.median_high(table.weight[i] for i in measured)
         for i in set(range(len(table.layers))) - set(measured):
             table.weight[i] = typical

@@ -69,6 +69,11 @@ def check_nm(n: Any, m: Any, in_features: int) -> None:
         raise FormatError(f"n:m sparsity: in_features={in_features} is not a multiple of m={m}")
 
 
+def nm_index_bits(m: int) -> int:
+    """Bits of one kept entry's position within its group of ``m`` columns."""
+    return max(1, math.ceil(math.log2(m)))
+
+
 class SparseFormat(CompositeFormat):
     """Unstructured sparsity: kept values (child format, ``(1, nnz)``) and their positions."""
 
@@ -176,7 +181,7 @@ class NMSparseFormat(CompositeFormat):
         super().__init__(shape, {"values": values})
         check_nm(n, m, self.in_features)
         self.n, self.m = n, m
-        self.index_bits = max(1, math.ceil(math.log2(m)))
+        self.index_bits = nm_index_bits(m)
         kept = self.in_features // m * n
         if values.shape != (self.out_features, kept):
             raise FormatError(f"nm_sparse format: kept values have shape {values.shape}, expected {(self.out_features, kept)}")
@@ -201,7 +206,7 @@ class NMSparseFormat(CompositeFormat):
         # positions of the kept entries within each group, in increasing order
         order = torch.arange(m, device=mask.device).expand_as(groups)
         pos = order[groups].view(out_f, -1)
-        indices = pack_rows(pos.to(torch.int64), max(1, math.ceil(math.log2(m))))
+        indices = pack_rows(pos.to(torch.int64), nm_index_bits(m))
         if not isinstance(values, Format):
             values = encode_child(weight.detach().float()[mask].view(out_f, -1), values, cls.name)
         return cls((out_f, in_f), n, m, indices, values)
