@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import dataclasses
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -542,9 +543,10 @@ def compress_sequential(
             calls = trace_block(block, inputs[0])
             stages = execution_stages(calls, names)
             folded = fold_awq_scales(model, block, head, stages, chosen, inputs, calls)
+            called = Counter(head + call.name for call in calls)
             del calls
             for stage in stages:
-                stats = _block_stats(block, head, [n for n in stage if get_method(chosen[n].method).needs_calibration], inputs)
+                stats = _stage_stats(block, head, [n for n in stage if get_method(chosen[n].method).needs_calibration], inputs, called)
                 for name in stage:
                     rule = chosen[name]
                     if name in folded:  # the input scale now lives in the preceding operation
@@ -561,6 +563,18 @@ def compress_sequential(
     for name in rest:  # layers outside the blocks (e.g. a pooler or an included lm_head), on the compressed model
         reports[name] = compress_layer(model, name, chosen[name], stats.get(name))
     return [reports[n] for n in chosen]
+
+
+def _stage_stats(
+    block: nn.Module, head: str, names: list[str], inputs: list[BlockInput], called: Counter
+) -> dict[str, LayerStats]:
+    """Statistics of the layers ``names`` of one stage. They read the very same input tensor, so one
+    layer's statistics serve them all, collected once; a layer called more than once per forward sums
+    several inputs, and then each layer is collected on its own."""
+    if len(names) > 1 and all(called[n] == 1 for n in names):
+        first = _block_stats(block, head, names[:1], inputs)
+        return {n: first[names[0]] for n in names} if first else {}
+    return _block_stats(block, head, names, inputs)
 
 
 @torch.inference_mode()
