@@ -473,13 +473,14 @@ def _scale_inputs(module: nn.Module, s: torch.Tensor) -> None:
 def fold_awq_scales(
     model: nn.Module, block: nn.Module, head: str, stages: list[list[str]], chosen: dict[str, Rule],
     inputs: list[BlockInput], calls: list[_Call],
-) -> set[str]:
+) -> dict[str, Rule]:
     """AWQ with folding (Lin et al. 2023): for each stage of ``awq`` layers sharing an input, search one
     scale ``s`` on the uncompressed block, multiply the layers' input columns by ``s`` and divide the
     producer of their input by ``s``: a norm whose output they read, or else the nearest earlier linear
     layer of the block with that many outputs (v_proj for o_proj, up_proj for down_proj). A fold is kept
     only if the block's output stays the same (so a norm also feeding a residual, or a linear followed
-    by a nonlinearity, is left alone). Returns the layers whose scales were folded."""
+    by a nonlinearity, is left alone). Returns the rules of the folded layers from now on: their scale
+    lives in the producer, so their own AWQ pass searches none (``grid=0``)."""
     from matpress.methods.awq import search_input_scale
     from matpress.model_pass import linear_weight
 
@@ -492,40 +493,43 @@ def fold_awq_scales(
             continue
         n = first.input.shape[-1]
         position = calls.index(first)
-        stage_modules = [model.get_submodule(name) for name in stage]
+        modules = [model.get_submodule(name) for name in stage]
         producers = [  # a norm whose output the stage reads, then earlier linear layers, nearest first
             c.module for c in calls[:position]
             if c.output is first.input and getattr(c.module, "weight", None) is not None
             and c.module.weight.dim() == 1 and c.module.weight.numel() == n
         ] + [
             c.module for c in reversed(calls[:position])
-            if is_linear(c.module) and c.module not in stage_modules and linear_weight(c.module).shape[0] == n
+            if is_linear(c.module) and c.module not in modules and linear_weight(c.module).shape[0] == n
         ]
         if producers:
-            candidates[k] = (stage, producers)
+            candidates[k] = (stage, modules, producers)
     if not candidates:
-        return set()
-    stats = _block_stats(block, head, [stage[0] for stage, _ in candidates.values()], inputs)
+        return {}
+    stats = _block_stats(block, head, [stage[0] for stage, _, _ in candidates.values()], inputs)
     reference = inputs[0].run(block)
-    folded: set[str] = set()
-    for stage, producers in candidates.values():
-        params = chosen[stage[0]].params
-        modules = [model.get_submodule(name) for name in stage]
+    folded: dict[str, Rule] = {}
+    for stage, modules, producers in candidates.values():
+        rule = chosen[stage[0]]
+        params = rule.params
         weights = [linear_weight(m).float() for m in modules]
         s = search_input_scale(weights, stats[stage[0]], params.bits, params.group_size, params.symmetric, params.grid)
         if s is None:
             continue
-        for producer in producers:
-            _scale_rows(producer, s)
+
+        def fold(producer: nn.Module, factor: torch.Tensor) -> None:
+            _scale_rows(producer, factor)
             for m in modules:
-                _scale_inputs(m, s)
+                _scale_inputs(m, factor)
+
+        for producer in producers:
+            fold(producer, s)
             out = inputs[0].run(block)
             if float((out - reference).norm()) <= 1e-4 * float(reference.norm()):
-                folded.update(stage)
+                after = dataclasses.replace(rule, params=dataclasses.replace(params, grid=0))
+                folded.update({name: after for name in stage})
                 break
-            _scale_rows(producer, 1 / s)  # undo: the block computes something else now
-            for m in modules:
-                _scale_inputs(m, 1 / s)
+            fold(producer, 1 / s)  # undo: the block computes something else now
     return folded
 
 
@@ -548,10 +552,7 @@ def compress_sequential(
             for stage in stages:
                 stats = _stage_stats(block, head, [n for n in stage if get_method(chosen[n].method).needs_calibration], inputs, called)
                 for name in stage:
-                    rule = chosen[name]
-                    if name in folded:  # the input scale now lives in the preceding operation
-                        rule = dataclasses.replace(rule, params=dataclasses.replace(rule.params, grid=0))
-                    reports[name] = compress_layer(model, name, rule, stats.get(name))
+                    reports[name] = compress_layer(model, name, folded.get(name, chosen[name]), stats.get(name))
         if i + 1 < len(blocks):
             with torch.inference_mode():
                 for inp in inputs:  # in place: the previous block's activations are dropped as we go
