@@ -18,7 +18,7 @@ scales in fp16, so save/load is exact and both count in ``nbytes``.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -158,6 +158,17 @@ class TransformedFormat(CompositeFormat):
     def describe(self) -> str:
         parts = [p for p, on in (("scaled", self.transform.scale is not None), ("rotated", self.transform.signs is not None)) if on]
         return f"{'+'.join(parts)} {self.child.describe()}"
+
+
+def quantize_transformed(
+    weight: torch.Tensor, hessian: torch.Tensor, transform: Optional[InputTransform],
+    quantize: Callable[[torch.Tensor, torch.Tensor], Format],
+) -> Format:
+    """``quantize(W', H')`` on the transformed weight and input Hessian, wrapped with the transform;
+    plain ``quantize(W, H)`` when there is no transform."""
+    if transform is None:
+        return quantize(weight, hessian)
+    return TransformedFormat(quantize(transform.weight(weight), transform.hessian(hessian)), transform)
 
 
 def make_transform(n: int, rotate: bool, seed: int, scale: Optional[torch.Tensor]) -> InputTransform:

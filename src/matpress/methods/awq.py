@@ -27,7 +27,7 @@ import torch
 from matpress.errors import CalibrationError
 from matpress.formats import Format, IntFormat
 from matpress.formats.integer import fake_quantize, grouped, quantize_codes, resolve_group_size, rtn_parameters, ungrouped
-from matpress.formats.transformed import TransformedFormat, make_transform
+from matpress.formats.transformed import make_transform, quantize_transformed
 from matpress.methods.base import LayerStats, check_flag, check_int, register_method
 from matpress.methods.obs import output_error
 from matpress.methods.rtn import IntParams
@@ -124,8 +124,7 @@ def awq(weight: torch.Tensor, params: AWQParams, stats: Optional[LayerStats] = N
     w = weight.float()
     scale = search_input_scale([w], stats, params.bits, params.group_size, params.symmetric, params.grid)
     transform = None if scale is None else make_transform(w.shape[1], False, 0, scale)
-    w_t = w if transform is None else transform.weight(w)
-    h_t = stats.hessian if transform is None else transform.hessian(stats.hessian)
     ratios = CLIP_RATIOS if params.clip else torch.ones(1)
-    child = clipped_quantize(w_t, h_t, params.bits, params.group_size, params.symmetric, ratios)
-    return child if transform is None else TransformedFormat(child, transform)
+    return quantize_transformed(w, stats.hessian, transform, lambda w_t, h_t: clipped_quantize(
+        w_t, h_t, params.bits, params.group_size, params.symmetric, ratios
+    ))

@@ -27,7 +27,7 @@ import torch
 from matpress.errors import CalibrationError
 from matpress.formats import Format, IntFormat
 from matpress.formats.integer import grouped, quantize_codes, resolve_group_size, rtn_parameters
-from matpress.formats.transformed import TransformedFormat, make_transform
+from matpress.formats.transformed import make_transform, quantize_transformed
 from matpress.methods.awq import search_input_scale
 from matpress.methods.base import LayerStats, check_flag, check_int, register_method
 from matpress.methods.obs import drop_dead_inputs, obs_sweep
@@ -121,15 +121,10 @@ def gptq(weight: torch.Tensor, params: GPTQParams, stats: Optional[LayerStats] =
     if stats is None:
         raise CalibrationError("gptq needs calibration statistics of the layer's inputs")
     w = weight.float()
-    hessian = stats.hessian
     scale = None
     if params.scale_inputs:
         scale = search_input_scale([w], stats, params.bits, params.group_size, params.symmetric)
-    if scale is None and not params.rotate:
-        return gptq_quantize(w, hessian, params.bits, params.group_size, params.symmetric, params.percdamp, params.block_size, params.act_order)
-    transform = make_transform(w.shape[1], params.rotate, params.seed, scale)
-    child = gptq_quantize(
-        transform.weight(w), transform.hessian(hessian), params.bits, params.group_size, params.symmetric,
-        params.percdamp, params.block_size, params.act_order,
-    )
-    return TransformedFormat(child, transform)
+    transform = None if scale is None and not params.rotate else make_transform(w.shape[1], params.rotate, params.seed, scale)
+    return quantize_transformed(w, stats.hessian, transform, lambda w_t, h_t: gptq_quantize(
+        w_t, h_t, params.bits, params.group_size, params.symmetric, params.percdamp, params.block_size, params.act_order
+    ))
