@@ -42,7 +42,7 @@ from matpress.budget import (
     weigh_end_to_end,
 )
 from matpress.calibration import CalibrationSettings, collect_stats
-from matpress.evaluation import distortion_measure, evaluate
+from matpress.evaluation import distortion_measure, evaluator
 from matpress.evaluation.timing import command_line, machine_description
 from matpress.model_pass import compress, find_linear_layers, linear_weight
 from matpress.models import CAUSAL_LM, load_pretrained, model_kind
@@ -65,10 +65,6 @@ def load(name: str) -> tuple[torch.nn.Module, object, str]:
     return model, tokenizer, DESCRIPTION
 
 
-def quality(model: torch.nn.Module, tokenizer: object, reference: torch.nn.Module, n_sentences: int) -> dict[str, float]:
-    return evaluate(model, tokenizer, reference=reference, n_sentences=n_sentences, progress=False)
-
-
 def run_model(
     name: str, budgets: tuple[float, ...], n_sentences: int, samples: int
 ) -> tuple[str, list[dict], list[dict]]:
@@ -82,6 +78,7 @@ def run_model(
     start = time.perf_counter()
     stats = collect_stats(original, data, list(layers), progress=False)
     distortion = distortion_measure(original, tokenizer)
+    quality = evaluator(original, tokenizer, n_sentences=n_sentences, progress=False)  # reference scored once
     setup_s = time.perf_counter() - start
     rows: list[dict] = []
 
@@ -95,7 +92,7 @@ def run_model(
         seconds = time.perf_counter() - start
         label = f"uniform {bits}-bit {'per channel' if group is None else f'g{group}'}"
         uniform.append({"approach": label, "bpw": report.bits_per_weight, "seconds": seconds,
-                        **quality(model, tokenizer, original, n_sentences), "mix": "-"})
+                        **quality(model), "mix": "-"})
     key = "kl_mean" if kind == CAUSAL_LM else "cosine_mean"
     better = min if kind == CAUSAL_LM else max
     for budget in budgets:
@@ -123,7 +120,7 @@ def run_model(
                 family = table.candidates[j].split("-")[0]
                 used[family] = used.get(family, 0) + 1
             mix = ", ".join(f"{k} {v}" for k, v in sorted(used.items(), key=lambda kv: -kv[1]))
-            q = quality(model, tokenizer, original, n_sentences)
+            q = quality(model)
             rows.append({"budget": budget, "approach": label, "bpw": report.bits_per_weight,
                          "seconds": seconds + measure_s, **q, "mix": mix})
         print(f"{name}: {label} done", flush=True)
@@ -191,6 +188,7 @@ def main() -> None:
             header + "\n\n" + table_markdown(kind, rows)
             + "\n\nUniform baselines (every layer the same):\n\n" + table_markdown(kind, uniform, with_budget=False)
         )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     png = args.out.with_suffix(".png")
     plot(results, png)
     text = (

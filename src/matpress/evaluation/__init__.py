@@ -32,19 +32,34 @@ def evaluate(
     KL divergence of next-token distributions. Text: ``text_file``, else the evaluation split of
     ``pydoc_data.topics`` (never used for calibration).
     """
-    kind = kind or model_kind(model)
+    score = evaluator(reference, tokenizer, kind or model_kind(model), text_file, n_sentences, seq_len, max_windows, progress)
+    return score(model)
+
+
+def evaluator(
+    reference: Optional[nn.Module],
+    tokenizer: Any,
+    kind: Optional[str] = None,
+    text_file: Union[str, Path, None] = None,
+    n_sentences: int = 600,
+    seq_len: int = 256,
+    max_windows: int = 32,
+    progress: bool = True,
+) -> Callable[[nn.Module], dict[str, float]]:
+    """:func:`evaluate` as a function of the model, for scoring many compressed copies of one
+    ``reference``: its sentence embeddings are computed once, here (``kind`` defaults to the reference's)."""
     if tokenizer is None:
         raise MatpressError("evaluation needs the model's tokenizer; none was found beside the model")
+    kind = kind or model_kind(reference)
     if kind == ENCODER:
         if reference is None:
             raise MatpressError("encoder evaluation compares embeddings with the original: pass reference=")
         texts = sentences(n_sentences, EVALUATION, text_file)
         ref = sentence_embeddings(reference, tokenizer, texts, progress=progress)
-        cand = sentence_embeddings(model, tokenizer, texts, progress=progress)
-        return embedding_fidelity(ref, cand)
+        return lambda model: embedding_fidelity(ref, sentence_embeddings(model, tokenizer, texts, progress=progress))
     if kind == CAUSAL_LM:
         windows = token_windows(tokenizer, corpus(EVALUATION, text_file), seq_len, max_windows)
-        return language_model_quality(model, windows, reference, progress=progress)
+        return lambda model: language_model_quality(model, windows, reference, progress=progress)
     raise MatpressError(f"unknown model kind {kind!r}; expected {ENCODER!r} or {CAUSAL_LM!r}")
 
 
@@ -81,4 +96,6 @@ def distortion_measure(
 
 
 __all__ = [
-    "distortion_measure","embedding_fidelity", "evaluate", "language_model_quality", "sentence_embeddings", "token_windows"]
+    "distortion_measure", "embedding_fidelity", "evaluate", "evaluator", "language_model_quality", "sentence_embeddings",
+    "token_windows",
+]
