@@ -50,6 +50,14 @@ def kernel_error_bound(w: torch.Tensor, x: torch.Tensor, group: int) -> torch.Te
     return (amax @ w.abs().T) * per_unit
 
 
+def kernel_library(march: str):
+    """The compiled CPU kernels built with ``-march=march`` instead of ``-march=native`` (cached), to run
+    a narrower instruction-set path of ``lowbit.cpp`` on this machine."""
+    from matpress.kernels import build
+
+    return build.load_library(tuple(f if f != "-march=native" else f"-march={march}" for f in build.DEFAULT_FLAGS))
+
+
 def exact_matmul() -> ContextManager:
     """Switch the compiled kernels off (``MATPRESS_KERNELS=0``) for the duration."""
     return mock.patch.dict(os.environ, {"MATPRESS_KERNELS": "0"})

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import matpress
-from format_checks import assert_within_kernel_bound, kernel_error_bound, outlier_weight
+from format_checks import assert_within_kernel_bound, kernel_error_bound, kernel_library, outlier_weight
 from matpress import kernels
 from matpress.formats import IntFormat, TernaryFormat
 from matpress.kernels import build, lowbit
@@ -163,7 +163,7 @@ def test_autograd_inputs_take_the_differentiable_path(native):
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 build flags")
 @pytest.mark.parametrize("march, isa", [("x86-64-v2", 0), ("x86-64-v3", 2)], ids=["portable", "avx2"])
 def test_other_paths_equal_the_native_one(march, isa, native):
-    other = build.load_library(tuple(f if f != "-march=native" else f"-march={march}" for f in build.DEFAULT_FLAGS))
+    other = kernel_library(march)
     assert other.mp_isa() == isa
     torch.manual_seed(5)
     for fmt in (

@@ -62,7 +62,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.mp_isa.restype = i
     lib.mp_isa.argtypes = []
     lib.mp_matmul.restype = i
-    lib.mp_matmul.argtypes = [i, p, p, p, i, i, i, p, i, i, i, i, i, p, i, i]
+    lib.mp_matmul.argtypes = [i, p, p, p, i, i, i, p, i, i, i, i, i, p, i, i, i]
     lib.mp_decode_bf16.restype = i
     lib.mp_decode_bf16.argtypes = [i, p, p, p, i, i, i, i, i, i, i, p, i, i]
     return lib

@@ -20,6 +20,12 @@
 // 16-byte broadcast. Per tile and quad of blocks: 16 fp16 scales and 16 int16 zero points, ordered
 // (row, block).
 //
+// Non-finite values: int8 activations and integer sums cannot carry a NaN or an infinity, so a block
+// whose activations hold one gets the scale NaN in mp_quantize (one compare per 16 values while the
+// block maximum is taken), and every output such a block or a weight block with a NaN or infinite scale
+// reaches is recomputed in fp32 afterwards (fix_nonfinite): the same NaN and signed infinities as x @ W^T
+// of the decoded weights, on every path.
+//
 // Build: compiled at first use with -O3 -march=native (see matpress/kernels/build.py); the AVX-512 VNNI
 // path is used where the compiler targets it, a portable C++ path elsewhere (same layout, same results).
 
@@ -63,10 +69,14 @@ static inline void prefetch_ahead(const uint8_t* p) {
 #ifdef MP_AVX512_VNNI
 // One activation block: n real values, Bp outputs (zeros past n).
 static void quantize_block(const float* x, int n, int8_t* q, int Bp, float* scale, int32_t* sum) {
+    const __m512 inf = _mm512_set1_ps(INFINITY);
     __m512 mx = _mm512_setzero_ps();
+    __mmask16 nonfinite = 0;
     for (int i = 0; i < n; i += 16) {
         const __mmask16 k = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
-        mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps(k, x + i)));
+        const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(k, x + i));
+        nonfinite |= _mm512_cmp_ps_mask(a, inf, _CMP_NLT_UQ);  // NaN or infinite (max would drop a NaN)
+        mx = _mm512_max_ps(mx, a);
     }
     const float amax = _mm512_reduce_max_ps(mx);
     const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
@@ -79,13 +89,17 @@ static void quantize_block(const float* x, int n, int8_t* q, int Bp, float* scal
         s = _mm512_add_epi32(s, v);
         _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtepi32_epi8(v));
     }
-    *scale = amax / 127.f;
+    *scale = nonfinite ? NAN : amax / 127.f;
     *sum = _mm512_reduce_add_epi32(s);
 }
 #else
 static void quantize_block(const float* x, int n, int8_t* q, int Bp, float* scale, int32_t* sum) {
     float amax = 0.f;
-    for (int i = 0; i < n; ++i) amax = fmaxf(amax, fabsf(x[i]));
+    bool nonfinite = false;
+    for (int i = 0; i < n; ++i) {
+        nonfinite |= !(fabsf(x[i]) < INFINITY);  // NaN or infinite (fmaxf drops a NaN)
+        amax = fmaxf(amax, fabsf(x[i]));
+    }
     const float inv = amax > 0.f ? 127.f / amax : 0.f;
     int32_t s = 0;
     for (int i = 0; i < n; ++i) {
@@ -94,7 +108,7 @@ static void quantize_block(const float* x, int n, int8_t* q, int Bp, float* scal
         s += (int32_t)v;
     }
     memset(q + n, 0, Bp - n);
-    *scale = amax / 127.f;
+    *scale = nonfinite ? NAN : amax / 127.f;
     *sum = s;
 }
 #endif
@@ -115,6 +129,9 @@ static inline void block_columns(int b, int K, int G, int sub, int Bo, int* star
     *n = end > *start ? end - *start : 0;
 }
 
+// Weight rows in tile t of a matrix of N rows (4, fewer in the last tile).
+static inline int tile_rows(int t, int N) { return N - 4 * t < 4 ? N - 4 * t : 4; }
+
 extern "C" {
 
 // Which path was compiled in: 1 AVX-512 VNNI, 2 AVX2, 0 portable C++.
@@ -130,8 +147,9 @@ int mp_isa(void) {
 
 // Quantize activations x (M, K) fp32 to int8 per block. Column k lies in group k / G; each group is
 // split into `sub` blocks of Bo columns (the last one may be shorter), block b = group * sub + j, padded
-// to Bp columns with zeros. Outputs xq (M, NB * Bp), scale a (M, NB) and sum of xq (M, NB). Rounding is
-// to nearest (ties to even) in both paths, so they give the same xq.
+// to Bp columns with zeros. Outputs xq (M, NB * Bp), scale a (M, NB) and sum of xq (M, NB); a is NaN for
+// a block holding a NaN or an infinity. Rounding is to nearest (ties to even) in both paths, so they give
+// the same xq.
 void mp_quantize(const float* x, int M, int K, int G, int sub, int Bo, int Bp, int NB, int8_t* xq,
                  float* xscale, int32_t* xsum, int nthreads) {
     const long total = (long)M * NB;
@@ -159,23 +177,29 @@ static inline float half_to_float(uint16_t h) {
     return (h & 0x8000) ? -v : v;
 }
 
+static inline bool half_is_nonfinite(uint16_t h) { return (h & 0x7C00) == 0x7C00; }
+
+// Index of the scale and zero point of row r, block b of tile t: (tile, quad, row, block of the quad).
+static inline long scale_index(int t, int NB, int r, int b) { return 4 * ((long)t * NB + b - b % 4) + 4 * r + b % 4; }
+
+// The code in byte k (row k / 16, column 16 * s + k % 16) of step s of the chunk at p.
+template <int BITS>
+static inline uint8_t code_at(const uint8_t* p, int s, int k) {
+    if (BITS == 8) return p[64 * s + k];
+    if (BITS == 4) return (p[64 * (s / 2) + k] >> (4 * (s % 2))) & 0x0F;
+    uint8_t v = (p[k] >> (2 * s)) & 0x03;
+    if (BITS == 3) {
+        uint64_t hi;
+        memcpy(&hi, p + 64 + 8 * s, 8);
+        v |= ((hi >> k) & 1) << 2;
+    }
+    return v;
+}
+
 template <int BITS>
 static inline void unpack_chunk_scalar(const uint8_t* p, uint8_t w[4][64]) {
     for (int s = 0; s < 4; ++s)
-        for (int k = 0; k < 64; ++k) {
-            uint8_t v;
-            if (BITS == 8) v = p[64 * s + k];
-            else if (BITS == 4) v = (p[64 * (s / 2) + k] >> (4 * (s % 2))) & 0x0F;
-            else {
-                v = (p[k] >> (2 * s)) & 0x03;
-                if (BITS == 3) {
-                    uint64_t hi;
-                    memcpy(&hi, p + 64 + 8 * s, 8);
-                    v |= ((hi >> k) & 1) << 2;
-                }
-            }
-            w[s][k] = v;
-        }
+        for (int k = 0; k < 64; ++k) w[s][k] = code_at<BITS>(p, s, k);
 }
 
 #ifdef MP_AVX512_VNNI
@@ -416,7 +440,7 @@ static void gemm_bits(const uint8_t* w, const uint16_t* ws, const int16_t* wz, i
         const uint8_t* wt = w + t * tile_bytes;
         const uint16_t* wst = ws + (long)t * NB * 4;
         const int16_t* wzt = wz + (long)t * NB * 4;
-        const int rows = N - 4 * t < 4 ? N - 4 * t : 4;
+        const int rows = tile_rows(t, N);
         int m = 0;
         // Activation rows in runs of 4, then 2, 1: each run reuses the tile's unpacked codes.
         for (; m + 4 <= M; m += 4)
@@ -431,12 +455,68 @@ static void gemm_bits(const uint8_t* w, const uint16_t* ws, const int16_t* wz, i
     }
 }
 
+// Recompute in fp32 every output y[m, n] that a non-finite value reaches: over the blocks b where the
+// activations of row m hold one (xscale NaN) or, when `scales_nonfinite`, where row n's scale is NaN or
+// infinite. Such a block's sum is NaN or infinite, and finite blocks cannot change that, so the sum over
+// these blocks alone is the NaN or signed infinity of x @ W^T.
+template <int BITS>
+static void fix_nonfinite(const uint8_t* w, const uint16_t* ws, const int16_t* wz, int T, int NB, int Bp,
+                          const float* x, int M, int K, int G, int sub, int Bo, const float* xscale,
+                          bool scales_nonfinite, float* y, int N, int nthreads) {
+    const long total = (long)M * NB;
+    bool any = scales_nonfinite;
+    for (long mb = 0; mb < total && !any; ++mb) any = xscale[mb] != xscale[mb];
+    if (!any) return;
+    const int CB = chunk_bytes(BITS), nc = Bp / 64;
+    const long tile_bytes = (long)NB * nc * CB;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic)
+    for (int t = 0; t < T; ++t) {
+        const int rows = tile_rows(t, N);
+        for (int r = 0; r < rows; ++r)
+            for (int m = 0; m < M; ++m) {
+                float sum = 0.f;
+                bool reached = false;
+                for (int b = 0; b < (K + G - 1) / G * sub; ++b) {
+                    const long at = scale_index(t, NB, r, b);
+                    const float a = xscale[(long)m * NB + b];
+                    if (a == a && !(scales_nonfinite && half_is_nonfinite(ws[at]))) continue;
+                    reached = true;
+                    int start, cols;
+                    block_columns(b, K, G, sub, Bo, &start, &cols);
+                    const float scale = half_to_float(ws[at]);
+                    const uint8_t* pb = w + t * tile_bytes + (long)b * nc * CB;
+                    for (int i = 0; i < cols; ++i) {
+                        const int code = code_at<BITS>(pb + (i / 64) * CB, (i % 64) / 16, 16 * r + i % 16);
+                        sum += (float)(code - wz[at]) * scale * x[(long)m * K + start + i];
+                    }
+                }
+                if (reached) y[(long)m * N + 4 * t + r] = sum;
+            }
+    }
+}
+
+struct MatmulArgs {
+    const uint8_t* w; const uint16_t* ws; const int16_t* wz; int T, NB, Bp;
+    const float* x; int M, K, G, sub, Bo;
+    const int8_t* xq; const float* xscale; const int32_t* xsum;
+    float* y; int N; bool scales_nonfinite; int nthreads;
+};
+
+template <int BITS>
+static void matmul_bits(const MatmulArgs& a) {
+    gemm_bits<BITS>(a.w, a.ws, a.wz, a.T, a.NB, a.Bp, a.xq, a.xscale, a.xsum, a.M, a.y, a.N, a.nthreads);
+    fix_nonfinite<BITS>(a.w, a.ws, a.wz, a.T, a.NB, a.Bp, a.x, a.M, a.K, a.G, a.sub, a.Bo, a.xscale,
+                        a.scales_nonfinite, a.y, a.N, a.nthreads);
+}
+
 extern "C" {
 
 // y (M, N) = x (M, K) @ W^T for a packed layout of T = ceil(N / 4) tiles, block geometry as in
-// mp_quantize; returns 0, -1 when `bits` has no layout, -2 when scratch memory is short.
+// mp_quantize; `scales_nonfinite` says whether a scale of the layout is NaN or infinite. Returns 0, -1
+// when `bits` has no layout, -2 when scratch memory is short.
 int mp_matmul(int bits, const uint8_t* w, const uint16_t* ws, const int16_t* wz, int T, int NB, int Bp,
-              const float* x, int M, int K, int G, int sub, int Bo, float* y, int N, int nthreads) {
+              const float* x, int M, int K, int G, int sub, int Bo, float* y, int N, int scales_nonfinite,
+              int nthreads) {
     if (bits != 2 && bits != 3 && bits != 4 && bits != 8) return -1;
     const size_t nq = (size_t)M * NB * Bp, ns = (size_t)M * NB;
     char* scratch = static_cast<char*>(malloc(nq + 8 * ns + 64));
@@ -445,11 +525,12 @@ int mp_matmul(int bits, const uint8_t* w, const uint16_t* ws, const int16_t* wz,
     float* xscale = reinterpret_cast<float*>(scratch + ((nq + 63) & ~(size_t)63));
     int32_t* xsum = reinterpret_cast<int32_t*>(xscale + ns);
     mp_quantize(x, M, K, G, sub, Bo, Bp, NB, xq, xscale, xsum, nthreads);
+    const MatmulArgs a{w, ws, wz, T, NB, Bp, x, M, K, G, sub, Bo, xq, xscale, xsum, y, N, scales_nonfinite != 0, nthreads};
     switch (bits) {
-        case 2: gemm_bits<2>(w, ws, wz, T, NB, Bp, xq, xscale, xsum, M, y, N, nthreads); break;
-        case 3: gemm_bits<3>(w, ws, wz, T, NB, Bp, xq, xscale, xsum, M, y, N, nthreads); break;
-        case 4: gemm_bits<4>(w, ws, wz, T, NB, Bp, xq, xscale, xsum, M, y, N, nthreads); break;
-        case 8: gemm_bits<8>(w, ws, wz, T, NB, Bp, xq, xscale, xsum, M, y, N, nthreads); break;
+        case 2: matmul_bits<2>(a); break;
+        case 3: matmul_bits<3>(a); break;
+        case 4: matmul_bits<4>(a); break;
+        case 8: matmul_bits<8>(a); break;
     }
     free(scratch);
     return 0;
@@ -457,8 +538,9 @@ int mp_matmul(int bits, const uint8_t* w, const uint16_t* ws, const int16_t* wz,
 
 }  // extern "C"
 
-// Round to nearest even, as torch's conversion does (the values here are finite).
+// Round to nearest even as torch's conversion does; a NaN stays a (quiet) NaN, infinities stay as they are.
 static inline uint16_t float_to_bf16(float v) {
+    if (v != v) return 0x7FC0;
     uint32_t u;
     memcpy(&u, &v, 4);
     return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
@@ -469,18 +551,17 @@ static void decode_bits(const uint8_t* w, const uint16_t* ws, const int16_t* wz,
                         int G, int sub, int Bo, uint16_t* out, int N, int nthreads) {
     const int CB = chunk_bytes(BITS), nc = Bp / 64;
     const long tile_bytes = (long)NB * nc * CB;
-    const int real_blocks = (K + G - 1) / G * sub;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int t = 0; t < T; ++t) {
-        const int rows = N - 4 * t < 4 ? N - 4 * t : 4;
-        for (int b = 0; b < real_blocks; ++b) {
+        const int rows = tile_rows(t, N);
+        for (int b = 0; b < (K + G - 1) / G * sub; ++b) {
             int start, cols;
             block_columns(b, K, G, sub, Bo, &start, &cols);
             for (int c = 0; c < nc && 64 * c < cols; ++c) {
                 uint8_t codes[4][64];
                 unpack_chunk_scalar<BITS>(w + t * tile_bytes + ((long)b * nc + c) * CB, codes);
                 for (int r = 0; r < rows; ++r) {
-                    const int at = 4 * (t * NB + b - b % 4) + 4 * r + b % 4;  // (tile, quad, row, block)
+                    const long at = scale_index(t, NB, r, b);
                     const float scale = half_to_float(ws[at]);
                     const int zero = wz[at];
                     uint16_t* o = out + (long)(4 * t + r) * K + start + 64 * c;

@@ -6,6 +6,10 @@ by integer dot products (AVX-512 VNNI, else AVX2, else portable C++), the group 
 applied once per block. From ``LARGE_BATCH`` rows on, CPUs with AMX decode the weights to bf16 and use
 torch's matmul instead. See ``docs/kernels.md`` for the layout and the measured speed.
 
+Non-finite values propagate as in ``x @ W.T`` of the decoded weights: the kernel flags activation
+blocks that hold a NaN or an infinity (and the layout records whether a scale is one) and recomputes
+the outputs they reach in fp32, so those outputs are the same NaN and signed infinities.
+
 Accuracy: the only error beyond fp32 rounding is the activation rounding, at most half a step
 ``a = max|x_block| / 127`` per element, so ``|y - x @ W.T| <= sum_k |W[n, k]| * a(k) / 2`` (plus fp32
 rounding); a block never spans two weight groups, so ``a(k) <= max|x over k's group| / 127``.
@@ -83,6 +87,7 @@ class LowbitLayout:
     codes: torch.Tensor  # uint8, (tiles, tile bytes)
     scales: torch.Tensor  # float16, (tiles, n_blocks / QUAD, TILE, QUAD)
     zeros: torch.Tensor  # int16, (tiles, n_blocks / QUAD, TILE, QUAD)
+    scales_finite: bool  # no scale is NaN or infinite (else the kernel recomputes the outputs they reach)
 
 
 def _interleave(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -122,13 +127,15 @@ def pack_layout(
 
     blocked = torch.nn.functional.pad(geo.blocked(codes.to(torch.uint8)), (0, 0, 0, 0, 0, pad_rows))
     packed = _interleave(blocked.view(tiles, TILE, geo.n_blocks, geo.padded), layout_bits)
+    scales = tiled(scale.half())
     return LowbitLayout(
         bits=layout_bits,
         out_features=out_f,
         geometry=geo,
         codes=packed,
-        scales=tiled(scale.half()),
+        scales=scales,
         zeros=tiled(zero.to(torch.int16)),
+        scales_finite=bool(torch.isfinite(scales).all()),
     )
 
 
@@ -143,7 +150,7 @@ def lowbit_matmul(layout: LowbitLayout, x: torch.Tensor, lib=None) -> torch.Tens
         status = lib.mp_matmul(
             layout.bits, layout.codes.data_ptr(), layout.scales.data_ptr(), layout.zeros.data_ptr(),
             layout.codes.shape[0], geo.n_blocks, geo.padded, xf.data_ptr(), m, geo.in_features, geo.group,
-            geo.sub, geo.width, y.data_ptr(), n, torch.get_num_threads(),
+            geo.sub, geo.width, y.data_ptr(), n, int(not layout.scales_finite), torch.get_num_threads(),
         )
         if status != 0:
             raise MemoryError(f"low-bit kernel: no scratch memory for {m} x {geo.in_features} activations")
