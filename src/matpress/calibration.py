@@ -27,8 +27,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from matpress.errors import CalibrationError
+from matpress.errors import CalibrationError, quote
 from matpress.evaluation.text import CALIBRATION, corpus, read_text_file, sentences
+from matpress.inputs import check_text
 from matpress.methods import LayerStats, get_method
 from matpress.model_pass import LayerReport, compress_layer, find_linear_layers, is_linear
 from matpress.models import ENCODER, model_kind
@@ -95,7 +96,7 @@ class CalibrationData:
         """
         _check_positive(n_samples=n_samples, seq_len=seq_len, batch_size=batch_size)
         if unit not in UNITS:
-            raise CalibrationError(f"calibration unit must be one of {list(UNITS)}, got {unit!r}")
+            raise CalibrationError(f"calibration unit must be one of {list(UNITS)}, got {quote(unit)}")
         if tokenizer is None:
             raise CalibrationError("calibration needs the model's tokenizer; none was given")
         if unit == WINDOW:
@@ -125,7 +126,7 @@ class CalibrationData:
 def _check_positive(**values: int) -> None:
     for key, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise CalibrationError(f"calibration {key} must be a positive integer, got {value!r}")
+            raise CalibrationError(f"calibration {key} must be a positive integer, got {quote(value)}")
 
 
 def _spread(available: int, wanted: int) -> torch.Tensor:
@@ -139,6 +140,8 @@ def _user_texts(text: Sequence[str]) -> list[str]:
     texts = [t for t in text if isinstance(t, str) and t.strip()]
     if len(texts) != len(text):
         raise CalibrationError("calibration texts must all be non-empty strings")
+    for i, t in enumerate(texts):
+        check_text(t, f"calibration text [{i}]", CalibrationError)
     if not texts:
         raise CalibrationError("calibration text is empty: pass 'builtin', a text file, or non-empty strings")
     return texts
@@ -166,7 +169,7 @@ def _existing_file(text: Union[str, Path]) -> Path:
     path = Path(text)
     if not path.is_file():
         raise CalibrationError(
-            f"calibration text {str(text)[:80]!r} is not an existing file; pass '{BUILTIN}', a path to a "
+            f"calibration text {quote(str(text))} is not an existing file; pass '{BUILTIN}', a path to a "
             "text file, or a list of strings"
         )
     return path
@@ -277,19 +280,19 @@ class CalibrationSettings:
         if not (isinstance(self.text, str) and self.text.strip()) and not (
             isinstance(self.text, tuple) and self.text and all(isinstance(t, str) for t in self.text)
         ):
-            raise CalibrationError(f"calibration text must be '{BUILTIN}', a file path or a list of strings, got {self.text!r}")
+            raise CalibrationError(f"calibration text must be '{BUILTIN}', a file path or a list of strings, got {quote(self.text)}")
         _check_positive(samples=self.samples, seq_len=self.seq_len, batch_size=self.batch_size)
         if self.unit is not None and self.unit not in UNITS:
-            raise CalibrationError(f"calibration unit must be one of {list(UNITS)}, got {self.unit!r}")
+            raise CalibrationError(f"calibration unit must be one of {list(UNITS)}, got {quote(self.unit)}")
 
     @classmethod
     def from_dict(cls, values: Any, where: str = "calibration") -> "CalibrationSettings":
         if not isinstance(values, dict):
             raise CalibrationError(f"{where}: must be a mapping such as {{text: builtin, samples: 128}}")
         fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - fields)
+        unknown = sorted(set(values) - fields, key=str)
         if unknown:
-            raise CalibrationError(f"{where}: unknown key(s) {unknown}; it takes {sorted(fields)}")
+            raise CalibrationError(f"{where}: unknown key(s) {quote(unknown)}; it takes {sorted(fields)}")
         values = dict(values)
         if isinstance(values.get("text"), list):
             values["text"] = tuple(values["text"])

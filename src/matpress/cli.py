@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
-from matpress.errors import MatpressError
+from matpress.errors import MatpressError, RemoteCodeError
 
 
 PER_CHANNEL = "channel"
+TRUST_HELP = "let transformers run the Python code a model or tokenizer directory ships (auto_map); off by default: such a directory is refused"
 
 
 def _group(value: str):
@@ -23,6 +24,13 @@ def _group(value: str):
     if g <= 0:
         raise argparse.ArgumentTypeError(f"--group takes a positive integer or 'channel', got {value!r}")
     return g
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad flags end as every refused input does: exit 2 and one line on stderr (usage is in --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
 
 
 def _recipe_from_args(args: argparse.Namespace):
@@ -72,7 +80,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     from matpress.models import load_pretrained
 
     recipe = _recipe_from_args(args)
-    loaded = load_pretrained(args.model)
+    loaded = load_pretrained(args.model, args.trust_remote_code)
     report = matpress.compress(loaded.model, recipe, progress=not args.quiet, tokenizer=loaded.tokenizer)
     out = matpress.save(loaded.model, args.out, tokenizer=loaded.tokenizer, recipe=recipe, source=loaded.source)
     if report.allocation is not None:
@@ -115,12 +123,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     manifest = read_manifest(args.dir)
     model = matpress.load(args.dir)
-    tokenizer = load_tokenizer(args.dir)
+    tokenizer = load_tokenizer(args.dir, args.trust_remote_code)
     source = args.reference or manifest["base_model"].get("source")
     reference = None
     if source:
         try:
-            reference = load_pretrained(source).model
+            reference = load_pretrained(source, args.trust_remote_code).model
+        except RemoteCodeError:
+            raise  # a refusal to run code is not a missing original: the user must decide
         except MatpressError as e:
             print(f"note: the original model could not be loaded ({e}); comparing without it", file=sys.stderr)
     result = matpress.evaluate(
@@ -141,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     from matpress.budget import PRESETS
     from matpress.methods import METHODS
 
-    parser = argparse.ArgumentParser(prog="matpress", description="Compress the linear layers of a model.")
+    parser = OneLineParser(prog="matpress", description="Compress the linear layers of a model.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("compress", help="compress a model and save it", description="Compress MODEL's linear layers and save the result.")
@@ -162,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", help="choose each layer's format automatically within a size: '3.2bpw', '40MB', '12MiB'")
     p.add_argument("--candidates", choices=sorted(PRESETS), help="candidate set for --budget (default: quant): quant = mixed integer bits and groups; quant+lowrank adds int + low-rank (EoRA) pairs; all adds sparse, ternary, low-rank and Monarch")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("eval", help="measure a compressed checkpoint against its original", description="Evaluate a compressed checkpoint on held-out text.")
@@ -170,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", help="text file to evaluate on (default: built-in pydoc_data.topics, evaluation split)")
     p.add_argument("--sentences", type=int, default=600, help="sentences for encoder evaluation (default 600)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("info", help="per-layer table of a compressed checkpoint", description="Show a checkpoint's per-layer formats and sizes.")

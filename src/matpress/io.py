@@ -24,6 +24,7 @@ from matpress.errors import CheckpointError, FormatError
 from matpress.formats import format_class
 from matpress.layer import CompressedLinear
 from matpress.model_pass import find_linear_layers, linear_weight, set_submodule
+from matpress.models import from_pretrained
 
 FORMAT_VERSION = 1
 MANIFEST = "matpress.json"
@@ -238,11 +239,12 @@ def load(directory: Union[str, Path], model: Optional[nn.Module] = None) -> nn.M
     return model
 
 
-def load_tokenizer(directory: Union[str, Path]) -> Any:
-    """The tokenizer saved beside a checkpoint, or None."""
+def load_tokenizer(directory: Union[str, Path], trust_remote_code: bool = False) -> Any:
+    """The tokenizer saved beside a checkpoint, or None. A tokenizer that ships code is refused unless
+    ``trust_remote_code``."""
     import transformers
 
     try:
-        return transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        return from_pretrained(transformers.AutoTokenizer, Path(directory), trust_remote_code)
     except (OSError, ValueError):
         return None

@@ -40,10 +40,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from matpress.errors import RecipeError
+from matpress.errors import RecipeError, quote
+from matpress.inputs import check_plain_data, read_file
 from matpress.methods import get_method
 
 DEFAULT_EXCLUDE = ("*lm_head", "*embed*")
+# Bounds on what a recipe may be: far above any real recipe, far below what could exhaust memory
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_VALUES = 100_000  # every list item, key and value, a YAML alias counted each time it is used
+MAX_RECIPE_DEPTH = 16
 RECIPE_KEYS = {"default", "rules", "include", "exclude", "budget", "candidates", "allow", "calibration"}
 
 
@@ -99,9 +104,10 @@ class Recipe:
     def from_dict(cls, data: dict[str, Any], source: str = "recipe") -> "Recipe":
         if not isinstance(data, dict):
             raise RecipeError(f"{source}: a recipe must be a mapping, got {type(data).__name__}")
-        unknown = sorted(set(data) - RECIPE_KEYS)
+        check_plain_data(data, source, RecipeError, MAX_RECIPE_VALUES, MAX_RECIPE_DEPTH)
+        unknown = sorted(set(data) - RECIPE_KEYS, key=str)
         if unknown:
-            raise RecipeError(f"{source}: unknown recipe key(s) {unknown}; allowed keys are {sorted(RECIPE_KEYS)}")
+            raise RecipeError(f"{source}: unknown recipe key(s) {quote(unknown)}; allowed keys are {sorted(RECIPE_KEYS)}")
         default = _build_rule(data.get("default", {}), None, f"{source}: default")
         if default.pattern != "*":
             raise RecipeError(f"{source}: the default rule applies to every layer and takes no 'pattern'")
@@ -125,21 +131,23 @@ class Recipe:
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "Recipe":
-        """Read a recipe from a .yaml/.yml or .json file."""
+        """Read a recipe from a .yaml/.yml or .json file (UTF-8, at most :data:`MAX_RECIPE_BYTES`)."""
         path = Path(path)
-        if not path.is_file():
-            raise RecipeError(f"recipe file {path} does not exist")
-        text = path.read_text()
+        data = read_file(path, "recipe file", MAX_RECIPE_BYTES, RecipeError)
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise RecipeError(f"recipe file {path} is not UTF-8 text (bad byte at offset {e.start}); save it as UTF-8") from None
         try:
             if path.suffix in (".yaml", ".yml"):
                 import yaml
 
-                data = yaml.safe_load(text)
+                parsed = yaml.safe_load(text)
             else:
-                data = json.loads(text)
-        except Exception as e:  # parser errors differ by library; report them uniformly
-            raise RecipeError(f"recipe file {path} could not be parsed: {e}") from None
-        return cls.from_dict(data or {}, source=str(path))
+                parsed = json.loads(text)
+        except Exception as e:  # parser errors differ by library (and deep nesting is a RecursionError)
+            raise RecipeError(f"recipe file {path} could not be parsed: {quote(str(e), 400)}") from None
+        return cls.from_dict(parsed or {}, source=str(path))
 
     @classmethod
     def simple(cls, method: str = "rtn", **params: Any) -> "Recipe":
@@ -222,7 +230,7 @@ def _patterns(value: Any, where: str) -> tuple[str, ...]:
             try:
                 re.compile(p[3:])
             except re.error as e:
-                raise RecipeError(f"{where}: bad regular expression {p!r}: {e}") from None
+                raise RecipeError(f"{where}: bad regular expression {quote(p)}: {e}") from None
     return tuple(value)
 
 

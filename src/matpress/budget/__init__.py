@@ -25,7 +25,7 @@ from matpress.budget.sensitivity import (
     relative_output_error,
     weigh_end_to_end,
 )
-from matpress.errors import BudgetError, RecipeError
+from matpress.errors import BudgetError, RecipeError, quote
 from matpress.methods import LayerStats, get_method
 from matpress.model_pass import CompressionReport, find_linear_layers, install_format, layer_report, linear_weight
 from matpress.recipe import Recipe, Rule, name_matches
@@ -52,12 +52,12 @@ class Budget:
         m = _BUDGET.match(str(text))
         if not m:
             raise BudgetError(
-                f"cannot read the budget {text!r}: give a number with its unit, e.g. '3.2bpw', '4MB', '12MiB' "
+                f"cannot read the budget {quote(text)}: give a number with its unit, e.g. '3.2bpw', '4MB', '12MiB' "
                 "or '500000B'"
             )
         value, unit = float(m.group(1)), m.group(2).lower()
         if value <= 0:
-            raise BudgetError(f"the budget must be positive, got {text!r}")
+            raise BudgetError(f"the budget must be positive, got {quote(text)}")
         if unit == "bpw":
             return cls(bits_per_weight=value)
         nbytes = int(value * _UNITS[unit])
@@ -156,7 +156,7 @@ def resolve_candidates(
     list of rule dicts."""
     if isinstance(spec, str):
         if spec not in PRESETS:
-            raise RecipeError(f"{where}: unknown candidate preset {spec!r}; presets: {sorted(PRESETS)}")
+            raise RecipeError(f"{where}: unknown candidate preset {quote(spec)}; presets: {sorted(PRESETS)}")
         spec = PRESETS[spec](calibrated)
     if not isinstance(spec, (list, tuple)):
         raise RecipeError(f"{where}: give a preset name {sorted(PRESETS)} or a list of rules")

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Optional, Union
 
 from matpress.errors import CalibrationError
+from matpress.inputs import decode_text, read_file
 
+MAX_TEXT_BYTES = 64 << 20  # far more text than calibration or evaluation uses
 CALIBRATION = "calibration"
 EVALUATION = "evaluation"
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
@@ -50,10 +52,10 @@ def prose_sentences(text: str, min_words: int = 6, max_chars: int = 400) -> list
 
 
 def read_text_file(path: Union[str, Path]) -> str:
+    """The UTF-8 text of a user's file (at most :data:`MAX_TEXT_BYTES`); binary files, other encodings
+    and empty files are refused (rules in :mod:`matpress.inputs`)."""
     path = Path(path)
-    if not path.is_file():
-        raise CalibrationError(f"text file {path} does not exist")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = decode_text(read_file(path, "text file", MAX_TEXT_BYTES, CalibrationError), f"text file {path}", CalibrationError)
     if not text.strip():
         raise CalibrationError(f"text file {path} is empty")
     return text
@@ -64,9 +66,10 @@ def sentences(
 ) -> list[str]:
     """Up to ``n`` sentences: from ``text_file`` if given, else the built-in corpus's ``split``."""
     if text_file is not None:
-        found = prose_sentences(read_text_file(text_file))
+        text = read_text_file(text_file)
+        found = prose_sentences(text)
         if not found:  # a file of one sentence per line, without paragraph structure
-            found = [line.strip() for line in read_text_file(text_file).splitlines() if line.strip()]
+            found = [line.strip() for line in text.splitlines() if line.strip()]
         source = str(text_file)
     else:
         found = _split_sentences(split)

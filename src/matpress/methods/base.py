@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from matpress.errors import RecipeError
+from matpress.errors import RecipeError, quote
 from matpress.formats import Format
 
 
@@ -24,13 +24,13 @@ def check_int(name: str, value: object, minimum: int = 1, null: Optional[str] = 
         return
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         kind = "positive integer" if minimum == 1 else f"integer >= {minimum}" if minimum else "non-negative integer"
-        raise ValueError(f"{name} must be a {kind}{f' or null ({null})' if null else ''}, got {value!r}")
+        raise ValueError(f"{name} must be a {kind}{f' or null ({null})' if null else ''}, got {quote(value)}")
 
 
 def check_flag(name: str, value: object) -> None:
     """Refuse anything but ``true`` or ``false`` for parameter ``name``."""
     if not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false, got {value!r}")
+        raise ValueError(f"{name} must be true or false, got {quote(value)}")
 
 
 @dataclass
@@ -71,10 +71,10 @@ class Method:
     def make_params(self, values: dict[str, Any], where: str) -> Any:
         """Build (and validate) this method's parameter dataclass from plain data."""
         fields = {f.name for f in dataclasses.fields(self.params_type)}
-        unknown = sorted(set(values) - fields)
+        unknown = sorted(set(values) - fields, key=str)
         if unknown:
             raise RecipeError(
-                f"{where}: unknown parameter(s) {unknown} for method '{self.name}'; "
+                f"{where}: unknown parameter(s) {quote(unknown)} for method '{self.name}'; "
                 f"it takes {sorted(fields)}"
             )
         try:
@@ -104,5 +104,5 @@ def register_method(
 def get_method(name: str) -> Method:
     try:
         return METHODS[name]
-    except KeyError:
-        raise RecipeError(f"unknown method {name!r}; known methods: {sorted(METHODS)}") from None
+    except (KeyError, TypeError):  # TypeError: an unhashable value (a list) given as the name
+        raise RecipeError(f"unknown method {quote(name)}; known methods: {sorted(METHODS)}") from None

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from matpress.errors import CalibrationError
+from matpress.errors import CalibrationError, quote
 from matpress.formats import Format, IntFormat
 from matpress.formats.integer import grouped, quantize_codes, resolve_group_size, rtn_parameters
 from matpress.formats.transformed import make_transform, quantize_transformed
@@ -51,12 +51,12 @@ class GPTQParams(IntParams):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.percdamp, (int, float)) or isinstance(self.percdamp, bool) or not 0 < self.percdamp < 1:
-            raise ValueError(f"percdamp must be a number in (0, 1), got {self.percdamp!r}")
+            raise ValueError(f"percdamp must be a number in (0, 1), got {quote(self.percdamp)}")
         check_int("block_size", self.block_size)
         for name in ("act_order", "rotate", "scale_inputs"):
             check_flag(name, getattr(self, name))
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+            raise ValueError(f"seed must be an integer, got {quote(self.seed)}")
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:

@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from matpress.errors import quote
 from matpress.formats import IntFormat
 from matpress.formats.integer import (
     FP16_MIN_NORMAL, fake_quantize, grouped, quantize_codes, resolve_group_size, rtn_parameters, ungrouped,
@@ -48,11 +49,11 @@ class HQQParams(IntParams):
         check_int("iters", self.iters)
         number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
         if not (number(self.lp_norm) and 0 < self.lp_norm <= 1):
-            raise ValueError(f"lp_norm must be a number in (0, 1], got {self.lp_norm!r}")
+            raise ValueError(f"lp_norm must be a number in (0, 1], got {quote(self.lp_norm)}")
         if not (number(self.beta) and self.beta > 0):
-            raise ValueError(f"beta must be a positive number, got {self.beta!r}")
+            raise ValueError(f"beta must be a positive number, got {quote(self.beta)}")
         if not (number(self.kappa) and self.kappa >= 1):
-            raise ValueError(f"kappa must be a number >= 1, got {self.kappa!r}")
+            raise ValueError(f"kappa must be a number >= 1, got {quote(self.kappa)}")
         check_flag("optimize_scale", self.optimize_scale)
         if self.symmetric and not self.optimize_scale:
             raise ValueError("symmetric HQQ has a fixed zero point: set optimize_scale: true (or symmetric: false)")

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from matpress.errors import CalibrationError, FormatError
+from matpress.errors import CalibrationError, FormatError, quote
 from matpress.formats import Format, LowRankFormat, SumFormat
 from matpress.formats.composite import ChildSpec, balanced_factors, check_rank, encode_child
 from matpress.methods.base import LayerStats, check_int, get_method, register_method
@@ -52,11 +52,11 @@ class RankParams:
             raise ValueError(f"give exactly one of rank, energy or rank_bits, got {given or 'none'}")
         check_int("rank", self.rank, null="rank from energy or rank_bits")
         if self.energy is not None and not 0 < self.energy <= 1:
-            raise ValueError(f"energy must be a fraction in (0, 1], got {self.energy!r}")
+            raise ValueError(f"energy must be a fraction in (0, 1], got {quote(self.energy)}")
         if self.rank_bits is not None and not self.rank_bits > 0:
-            raise ValueError(f"rank_bits must be positive, got {self.rank_bits!r}")
+            raise ValueError(f"rank_bits must be positive, got {quote(self.rank_bits)}")
         if self.factor_bits not in (16, *range(2, 9)):
-            raise ValueError(f"factor_bits must be 16 (fp16) or 2 to 8, got {self.factor_bits!r}")
+            raise ValueError(f"factor_bits must be 16 (fp16) or 2 to 8, got {quote(self.factor_bits)}")
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class WhitenedRankParams(RankParams):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.damping >= 0:
-            raise ValueError(f"damping must be non-negative, got {self.damping!r}")
+            raise ValueError(f"damping must be non-negative, got {quote(self.damping)}")
 
 
 def factor_nbytes(shape: tuple[int, int], rank: int, spec: ChildSpec) -> int:
@@ -161,7 +161,7 @@ class EoraParams(WhitenedRankParams):
         super().__post_init__()
         IntParams(self.bits, self.group_size, self.symmetric)
         if not isinstance(self.quantizer, str) or self.quantizer in ("eora", "svd", "svd_llm"):
-            raise ValueError(f"quantizer must name an int quantization method such as 'rtn', got {self.quantizer!r}")
+            raise ValueError(f"quantizer must name an int quantization method such as 'rtn', got {quote(self.quantizer)}")
 
 
 @register_method("eora", EoraParams, needs_calibration=True)

@@ -21,7 +21,7 @@ from typing import Optional, Union
 
 import torch
 
-from matpress.errors import FormatError
+from matpress.errors import FormatError, quote
 from matpress.formats import Format, IntFormat, NMSparseFormat, SparseFormat
 from matpress.formats.composite import ChildSpec
 from matpress.formats.integer import quantize_codes, rtn_parameters
@@ -49,7 +49,7 @@ class PruneParams:
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity)
         if self.value_bits not in (16, *range(2, 9)):
-            raise ValueError(f"value_bits must be 16 (fp16) or 2 to 8, got {self.value_bits!r}")
+            raise ValueError(f"value_bits must be 16 (fp16) or 2 to 8, got {quote(self.value_bits)}")
         check_int("group_size", self.group_size)
         nm = self.n_m()
         if nm is not None and self.group_size % nm[1]:
@@ -62,9 +62,9 @@ class PruneParams:
         try:
             n, m = (int(v) for v in self.nm.split(":"))
         except (ValueError, AttributeError):
-            raise ValueError(f"nm must be null (unstructured) or 'n:m' such as '2:4', got {self.nm!r}") from None
+            raise ValueError(f"nm must be null (unstructured) or 'n:m' such as '2:4', got {quote(self.nm)}") from None
         if not 1 <= n <= m:
-            raise ValueError(f"nm={self.nm!r}: need 1 <= n <= m")
+            raise ValueError(f"nm={quote(self.nm)}: need 1 <= n <= m")
         return n, m
 
     @property
@@ -91,7 +91,7 @@ class SparseGPTParams(PruneParams):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 < self.damping < 1:
-            raise ValueError(f"damping must be a fraction in (0, 1), got {self.damping!r}")
+            raise ValueError(f"damping must be a fraction in (0, 1), got {quote(self.damping)}")
 
 
 def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:

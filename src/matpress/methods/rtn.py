@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from matpress.errors import quote
 from matpress.formats import DenseFormat, IntFormat
 from matpress.formats.dense import DTYPES
 from matpress.methods.base import LayerStats, check_flag, check_int, register_method
@@ -26,7 +27,7 @@ class IntParams:
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 8:
-            raise ValueError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
+            raise ValueError(f"bits must be an integer from 2 to 8, got {quote(self.bits)}")
         check_int("group_size", self.group_size, null="per channel")
         check_flag("symmetric", self.symmetric)
 
@@ -39,7 +40,7 @@ class DenseParams:
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {quote(self.dtype)}")
 
 
 @register_method("rtn", IntParams)

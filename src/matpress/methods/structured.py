@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from matpress.errors import quote
 from matpress.formats import BlockDiagFormat, MonarchFormat
 from matpress.formats.monarch import check_blocks
 from matpress.methods.base import LayerStats, check_int, register_method
@@ -33,7 +34,7 @@ class MonarchParams:
         check_int("nblocks", self.nblocks)
         check_int("out_blocks", self.out_blocks, null="as many as nblocks")
         if not self.damping >= 0:
-            raise ValueError(f"damping must be non-negative, got {self.damping!r}")
+            raise ValueError(f"damping must be non-negative, got {quote(self.damping)}")
 
 
 @register_method("monarch", MonarchParams)

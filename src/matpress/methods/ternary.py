@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from matpress.errors import quote
 from matpress.formats import TernaryFormat
 from matpress.formats.integer import resolve_group_size, to_fp16_scale
 from matpress.formats.ternary import absmean_trits, expand_groups
@@ -37,7 +38,7 @@ class TernaryParams:
         check_int("group_size", self.group_size, null="per channel")
         check_int("iterations", self.iterations)
         if not 0 < self.damping < 1:
-            raise ValueError(f"damping must be a fraction in (0, 1), got {self.damping!r}")
+            raise ValueError(f"damping must be a fraction in (0, 1), got {quote(self.damping)}")
 
 
 @register_method("ternary", TernaryParams)
