@@ -86,6 +86,8 @@ def check_format(fmt: Format, tmp_path: Path, n_tokens: int = 5) -> None:
         kernel_tol = tol + float(kernel_error_bound(w, x, fmt.in_features).max())
         assert float((kernels.matmul(fmt, x) - expected).abs().max()) <= kernel_tol
 
+    rows = torch.tensor([fmt.out_features - 1, 0, fmt.out_features // 2, 0])  # out of order, repeated
+    assert torch.equal(fmt.decode_rows(rows), w[rows])
     rebuilt = format_class(fmt.name).from_tensors(fmt.shape, fmt.config(), fmt.to_tensors())
     assert torch.equal(rebuilt.decode(), w) and rebuilt.describe() == fmt.describe()
 

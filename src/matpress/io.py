@@ -2,7 +2,8 @@
 
 A checkpoint directory holds ``model.safetensors`` (every tensor of the model; a compressed layer's
 stored tensors under ``<layer>.<key>``) and ``matpress.json``, the manifest: format version, the
-recipe, each compressed layer's format, shape, config and tensor shapes, the base model's class and
+recipe, each compressed layer's format, shape, config and tensor shapes (a compressed embedding's
+entry also has ``kind: embedding``, its padding index and the LM heads tied to it, which store nothing), the base model's class and
 config and where it came from, and the size and SHA-256 of the tensor file. Loading checks all of it
 and fails with the file and layer named rather than build a silently wrong model.
 """
@@ -21,9 +22,9 @@ from torch import nn
 
 from matpress import __version__
 from matpress.errors import CheckpointError, FormatError
-from matpress.formats import format_class
-from matpress.layer import CompressedLinear
-from matpress.model_pass import find_linear_layers, linear_weight, set_submodule
+from matpress.formats import Format, format_class
+from matpress.layer import CompressedEmbedding, CompressedLinear, FormatModule, TiedLinear
+from matpress.model_pass import find_embeddings, find_linear_layers, linear_weight, set_submodule, tied_to
 from matpress.models import from_pretrained
 
 FORMAT_VERSION = 1
@@ -70,17 +71,21 @@ def save(
     directory.mkdir(parents=True, exist_ok=True)
     state, aliases = _dedupe_shared(model.state_dict())
     layers = {}
+    heads = tied_to(model)
     for name, m in model.named_modules():
-        if isinstance(m, CompressedLinear):
+        if isinstance(m, FormatModule) and not isinstance(m, TiedLinear):
             stored = m.fmt.to_tensors()
             layers[name] = {
                 "format": m.format_name,
                 "description": m.fmt.describe(),
                 "shape": list(m.fmt.shape),
                 "config": m.format_config,
-                "bias": m.bias is not None,
                 "tensors": {k: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for k, t in stored.items()},
             }
+            if isinstance(m, CompressedEmbedding):
+                layers[name].update(embedding_entry(m, heads.get(name, [])))
+            else:
+                layers[name]["bias"] = m.bias is not None
     save_file(state, str(directory / TENSORS), metadata={"producer": f"matpress {__version__}"})
     config = getattr(model, "config", None)
     manifest = {
@@ -172,6 +177,33 @@ def _build_base_model(manifest: dict[str, Any], path: Path) -> nn.Module:
     return model
 
 
+def embedding_entry(embedding: CompressedEmbedding, heads: list[str]) -> dict[str, Any]:
+    """What the manifest records for a compressed embedding beyond its format: its kind, padding
+    index, and the LM heads that share its stored matrix (which store nothing of their own)."""
+    return {"kind": "embedding", "padding_idx": embedding.padding_idx, "tied_heads": list(heads)}
+
+
+def install_embedding(
+    model: nn.Module, name: str, fmt: Format, entry: dict[str, Any], where: str, linears: dict[str, nn.Module]
+) -> None:
+    """Put the stored embedding ``name`` and the LM heads tied to it (among the model's ``linears``) in place."""
+    heads = entry.get("tied_heads", [])
+    if not isinstance(heads, list) or not all(isinstance(h, str) for h in heads):
+        raise CheckpointError(f"{where}: 'tied_heads' must be a list of layer names, got {heads!r}")
+    padding_idx = entry.get("padding_idx")
+    if padding_idx is not None and (not isinstance(padding_idx, int) or not 0 <= padding_idx < fmt.out_features):
+        raise CheckpointError(f"{where}: padding_idx {padding_idx!r} is not a row of the {fmt.out_features}-row embedding")
+    embedding = CompressedEmbedding(fmt, padding_idx)
+    set_submodule(model, name, embedding)
+    for head in heads:
+        layer = linears.get(head)
+        if layer is None or tuple(linear_weight(layer).shape) != fmt.shape or getattr(layer, "bias", None) is not None:
+            raise CheckpointError(
+                f"{where}: tied head {head} is not a bias-free linear layer of shape {fmt.shape} in the model"
+            )
+        set_submodule(model, head, TiedLinear(embedding))
+
+
 def load(directory: Union[str, Path], model: Optional[nn.Module] = None) -> nn.Module:
     """Rebuild a model saved with :func:`save`.
 
@@ -185,6 +217,7 @@ def load(directory: Union[str, Path], model: Optional[nn.Module] = None) -> nn.M
     if model is None:
         model = _build_base_model(manifest, mpath)
     linears = find_linear_layers(model)
+    embeddings = find_embeddings(model)
     consumed: set[str] = set()
     for name, entry in manifest["layers"].items():
         where = f"{mpath}, layer {name}"
@@ -192,11 +225,15 @@ def load(directory: Union[str, Path], model: Optional[nn.Module] = None) -> nn.M
             shape = tuple(int(s) for s in entry["shape"])
             fmt_cls = format_class(entry["format"])
             config = entry["config"]
-        except (KeyError, TypeError, ValueError, FormatError) as e:
+            kind = entry.get("kind", "linear")
+        except (KeyError, TypeError, ValueError, FormatError, AttributeError) as e:
             raise CheckpointError(f"{where}: malformed layer entry ({e})") from None
-        if name not in linears:
-            raise CheckpointError(f"{where}: the model has no linear layer of that name")
-        model_shape = tuple(linear_weight(linears[name]).shape)
+        if kind not in ("linear", "embedding"):
+            raise CheckpointError(f"{where}: unknown layer kind {kind!r}; this matpress reads 'linear' and 'embedding'")
+        layer = (linears if kind == "linear" else embeddings).get(name)
+        if layer is None:
+            raise CheckpointError(f"{where}: the model has no {kind} layer of that name")
+        model_shape = tuple((linear_weight(layer) if kind == "linear" else layer.weight).shape)
         if model_shape != shape:
             raise CheckpointError(f"{where}: manifest shape {shape} does not match the model's layer {model_shape}")
         stored = {}
@@ -216,6 +253,9 @@ def load(directory: Union[str, Path], model: Optional[nn.Module] = None) -> nn.M
             fmt = fmt_cls.from_tensors(shape, config, stored)
         except FormatError as e:
             raise CheckpointError(f"{where}: {e}") from None
+        if kind == "embedding":
+            install_embedding(model, name, fmt, entry, where, linears)
+            continue
         bias = None
         if entry.get("bias"):
             bias = tensors.get(f"{name}.bias")

@@ -11,7 +11,14 @@ As YAML or JSON::
       - {pattern: "*.value", bits: 8}
       - {pattern: "*.output.dense", method: dense, dtype: fp16}
     include: ["*"]
-    exclude: ["*lm_head", "*embed*"]   # the defaults; embeddings and lm_head stay dense unless asked
+    exclude: ["*lm_head", "*embed*"]   # the defaults; embeddings and lm_head stay dense unless a rule names them
+
+Embeddings (``nn.Embedding``) are compressed only by a rule naming them, never by the default rule, and
+with a calibration-free method (rtn, hqq, dense, ...): their inputs are token ids, so there are no
+input statistics. An LM head tied to a compressed embedding shares its stored format::
+
+    rules:
+      - {pattern: "*embed_tokens", method: rtn, bits: 8, group_size: 64}
 
 A rule that names a different method than the default starts from that method's own defaults.
 
@@ -177,19 +184,21 @@ class Recipe:
         return (self.calibration or CalibrationSettings()).data(tokenizer, model)
 
     def pinned_rule(self, name: str) -> Optional[Rule]:
-        """Under a budget: the explicit rule that fixes layer ``name``'s method, if any."""
+        """The explicit rule (not the default) naming layer ``name``, if any; under a budget it fixes the
+        layer's method."""
         return next((r for r in self.rules if name_matches(r.pattern, name)), None)
 
-    def rule_for(self, name: str) -> Optional[Rule]:
-        """The rule for layer ``name``, or None when the layer is not to be compressed."""
+    def rule_for(self, name: str, use_default: bool = True) -> Optional[Rule]:
+        """The rule for layer ``name``, or None when the layer is not to be compressed. The default
+        exclude patterns (embeddings, lm_head) give way to a rule that names the layer; other exclude
+        patterns always win. ``use_default=False`` (embeddings) accepts only a rule naming the layer."""
         if not any(name_matches(p, name) for p in self.include):
             return None
-        if any(name_matches(p, name) for p in self.exclude):
+        rule = self.pinned_rule(name)
+        excluded = {p for p in self.exclude if name_matches(p, name)}
+        if excluded and (rule is None or not excluded <= set(DEFAULT_EXCLUDE)):
             return None
-        for rule in self.rules:
-            if name_matches(rule.pattern, name):
-                return rule
-        return self.default
+        return rule if rule is not None or not use_default else self.default
 
 
 def _budget_fields(data: dict[str, Any], source: str) -> tuple[Optional[str], Any, tuple[dict, ...]]:

@@ -6,7 +6,8 @@ knows how to multiply by it. Every format, simple or composite, answers the same
 - ``encode(weight, **params)``: the format's own direct encoding of a dense weight (round-to-nearest
   for quantized formats); calibrated algorithms live in :mod:`matpress.methods` and build formats
   through the formats' constructors instead.
-- ``decode()``: the dense matrix it represents.
+- ``decode()``: the dense matrix it represents; ``decode_rows(index)`` only the rows ``index`` of it
+  (an embedding's lookup).
 - ``matmul(x)``: ``x @ W.T`` (the semantics of ``nn.Linear`` without bias).
 - ``nbytes``: exact bytes of what is stored.
 - ``to_tensors()`` / ``from_tensors(config, tensors)``: serialization as a flat dict of tensors plus a
@@ -47,6 +48,13 @@ class Format(ABC):
     @abstractmethod
     def decode(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Return the dense ``(out_features, in_features)`` matrix this format represents."""
+
+    def decode_rows(self, index: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``decode(dtype)[index]`` for a 1-D integer ``index`` of rows (in range; repeats and any order
+        allowed). This default decodes the whole matrix; formats that can read single rows override it
+        with an exact shortcut."""
+        weight = self.decode(dtype)
+        return weight[index.to(weight.device)]
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T``; formats with a cheaper product override this."""

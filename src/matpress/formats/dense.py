@@ -42,6 +42,9 @@ class DenseFormat(Format):
     def decode(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.weight.to(dtype)
 
+    def decode_rows(self, index: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.weight[index.to(self.weight.device)].to(dtype)
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
         return torch.nn.functional.linear(x, w)

@@ -188,6 +188,19 @@ class IntFormat(Format):
         w = (q - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
         return ungrouped(w, self.in_features).to(dtype)
 
+    def decode_rows(self, index: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Unpack only the rows looked up: each row's codes, scales and zeros are its own, so the rows
+        decode to exactly the values of :meth:`decode`."""
+        index = index.to(self.packed.device)
+        if index.numel() == 0:
+            return torch.empty(0, self.in_features, dtype=dtype, device=self.packed.device)
+        zeros = None if self.zeros is None else self.zeros[index]
+        rows = IntFormat(
+            (index.numel(), self.in_features), self.bits, self.group_size, self.symmetric,
+            self.packed[index], self.scales[index], zeros,
+        )
+        return rows.decode(dtype)
+
     # -- storage --------------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
         return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
