@@ -1,13 +1,29 @@
 """Compile the C++ kernels at first use, for the CPU that runs them, and load them with ctypes.
 
 The library is built with the system C++ compiler (``$CXX``, else ``c++``/``g++``) as
-``-O3 -march=native -fopenmp`` into a cache directory (``$MATPRESS_CACHE`` or ``~/.cache/matpress``)
-under a name keyed by the source, the flags, the compiler and the CPU's feature flags, so a machine
-builds once and a different CPU never loads a library built for another. OpenMP resolves to the
-``libgomp`` that torch has already loaded, so kernels and torch share one thread pool.
+``-O3 -march=native -fopenmp`` into a cache directory (``$MATPRESS_CACHE/kernels`` or
+``~/.cache/matpress/kernels``) under a name keyed by the source, the flags, the compiler and the CPU's
+feature flags, so a machine builds once and a different CPU never loads a library built for another.
+OpenMP resolves to the ``libgomp`` that torch has already loaded, so kernels and torch share one thread
+pool.
 
-When no compiler is found or the build fails, :func:`load_library` warns once and returns None; the
-kernels then decline and every format uses its own (pure PyTorch, exact) ``matmul``.
+Loading a shared library runs its code, so the cache is checked before anything is loaded:
+
+- the directory is created with mode 0700, and a directory, library or digest record that is not
+  owned by the current user, is writable by group or others, or is not a plain file (a link) is
+  refused: no one else can have put or changed anything in it;
+- each build is compiled under a fresh temporary name, then renamed into place, its SHA-256 digest and
+  size written beside it (``lowbit-<key>.sha256``, also renamed into place) and the library named by
+  that digest (``lowbit-<key>-<digest>.so``), so concurrent builds never mix a library with another's
+  record; a library is loaded only when its size and digest match the record, so a damaged, truncated
+  or planted file (one with no record, or another file's) is never loaded, and a compiler that exits 0
+  without writing a library leaves nothing cached;
+- a freshly built library must export the kernels' symbols, else it is deleted.
+
+A cached entry that fails a check is rebuilt once, with one warning saying what was wrong and where;
+when no library can be built or loaded, one warning, and every format uses its own (pure PyTorch,
+exact) ``matmul``; nothing here crashes the process. Not covered: someone who runs as the same user
+can write a matching record beside a planted library (they can run code as that user anyway).
 """
 
 from __future__ import annotations
@@ -15,7 +31,9 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import shutil
+import stat
 import subprocess
 import tempfile
 import warnings
@@ -57,6 +75,14 @@ def compiler() -> Optional[str]:
     return None
 
 
+SYMBOLS = ("mp_isa", "mp_matmul", "mp_decode_bf16")
+RECORD_BYTES = 200  # a digest record is one short line; anything longer is not one
+
+
+class KernelCacheError(RuntimeError):
+    """A file or directory of the kernel cache that is refused, and why."""
+
+
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.mp_isa.restype = i
@@ -68,40 +94,141 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
-def build(flags: tuple[str, ...] = DEFAULT_FLAGS) -> Path:
-    """Compile the kernels with ``flags`` (cached) and return the shared library's path."""
-    cxx = compiler()
-    if cxx is None:
-        raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
+def check_private(path: Path, directory: bool = False) -> None:
+    """Raise :class:`KernelCacheError` unless ``path`` is a plain file (or a directory) of the current
+    user that group and others cannot write."""
+    st = os.lstat(path)
+    kind = "directory" if directory else "file"
+    if not (stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)):
+        raise KernelCacheError(f"{path} is not a plain {kind} (a link or a special file)")
+    if st.st_uid != os.geteuid():
+        raise KernelCacheError(f"{path} is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise KernelCacheError(f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})")
+
+
+def private_cache_dir() -> Path:
+    """:func:`cache_dir`, created with mode 0700 if absent, checked to be private."""
+    directory = cache_dir()
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        check_private(directory, directory=True)
+    except KernelCacheError as e:
+        raise KernelCacheError(
+            f"the kernel cache is refused: {e}; make it private (chown it to you, chmod 700) or set "
+            "$MATPRESS_CACHE to a private directory"
+        ) from None
+    return directory
+
+
+def record_path(flags: tuple[str, ...], cxx: str) -> Path:
+    """The digest record of the library built from this source with ``flags`` by ``cxx`` for this CPU."""
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), cxx.encode(), cpu_flags().encode()]))
-    target = cache_dir() / f"lowbit-{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build under a temporary name and rename: concurrent processes never load a half-written file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    return private_cache_dir() / f"lowbit-{key.hexdigest()[:16]}.sha256"
+
+
+def library_path(record: Path, digest: str) -> Path:
+    return record.with_name(f"{record.stem}-{digest[:16]}.so")
+
+
+def verified_library(record: Path) -> Optional[Path]:
+    """The library that ``record`` describes, once its owner, mode, size and digest are checked; None
+    when nothing is cached yet. Raises :class:`KernelCacheError` naming what is off."""
+    if not os.path.lexists(record):
+        return None
+    check_private(record)
+    with open(record, "rb") as f:
+        fields = f.read(RECORD_BYTES).split()
+    if len(fields) != 2 or not re.fullmatch(rb"[0-9a-f]{64}", fields[0]) or not fields[1].isdigit():
+        raise KernelCacheError(f"{record} is not a digest record ('<sha256> <size>')")
+    digest, size = fields[0].decode(), int(fields[1])
+    library = library_path(record, digest)
+    if not os.path.lexists(library):
+        raise KernelCacheError(f"{library}, recorded in {record}, is missing")
+    check_private(library)
+    data = library.read_bytes()
+    if len(data) != size or hashlib.sha256(data).hexdigest() != digest:
+        raise KernelCacheError(
+            f"{library} ({len(data)} bytes) does not match the size ({size}) and SHA-256 digest recorded in {record}"
+        )
+    return library
+
+
+def _replace_with(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` through a fresh temporary file renamed into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def build(cxx: str, flags: tuple[str, ...], record: Path) -> Path:
+    """Compile the kernels with ``flags`` into a fresh temporary file, rename it into the cache under
+    its digest, write ``record``, and return the library's path."""
+    fd, tmp = tempfile.mkstemp(prefix=".lowbit-", suffix=".so", dir=record.parent)
     os.close(fd)
     try:
         run = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
         if run.returncode != 0:
             raise RuntimeError(f"{cxx} failed on {SOURCE}:\n{run.stderr[-2000:]}")
-        os.replace(tmp, target)
+        data = Path(tmp).read_bytes()
+        if not data:
+            raise RuntimeError(f"{cxx} exited 0 but wrote no library for {SOURCE}")
+        digest = hashlib.sha256(data).hexdigest()
+        library = library_path(record, digest)
+        os.chmod(tmp, 0o700)  # the linker may have created it under the umask
+        os.replace(tmp, library)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return target
+    _replace_with(record, f"{digest} {len(data)}\n".encode())
+    return library
+
+
+def _open(flags: tuple[str, ...]) -> tuple[ctypes.CDLL, Optional[str]]:
+    """The loaded kernels, and why the cached entry was refused and rebuilt (None if it was not)."""
+    cxx = compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
+    record = record_path(flags, cxx)
+    refused = None
+    try:
+        library = verified_library(record)
+    except KernelCacheError as e:
+        refused, library = str(e), None
+    if library is None:
+        library = build(cxx, flags, record)
+    try:
+        lib = ctypes.CDLL(str(library))  # safe: checked above to be the library we built
+        missing = [name for name in SYMBOLS if not hasattr(lib, name)]
+        if missing:
+            raise KernelCacheError(f"{library}, built by {cxx}, lacks the kernels' symbols {missing}")
+    except (OSError, KernelCacheError) as e:
+        os.unlink(record)  # what this compiler makes is not the kernels: do not keep it
+        os.unlink(library)
+        raise KernelCacheError(f"{e}; deleted it") from None
+    return _declare(lib), refused
 
 
 def load_library(flags: tuple[str, ...] = DEFAULT_FLAGS) -> Optional[ctypes.CDLL]:
     """The compiled kernels (built on first call), or None after one warning when they cannot be built."""
     if flags not in _LOADED:
         try:
-            _LOADED[flags] = _declare(ctypes.CDLL(str(build(flags))))
+            _LOADED[flags], refused = _open(flags)
+            if refused:
+                warnings.warn(
+                    f"matpress: refused a cached kernel library: {refused}; rebuilt it", RuntimeWarning, stacklevel=2
+                )
         except (OSError, RuntimeError) as e:
+            hint = "" if isinstance(e, KernelCacheError) else " Install a C++ compiler with OpenMP (e.g. g++) to enable them."
             warnings.warn(
-                f"matpress: the fast CPU kernels could not be built ({e}); using the slower pure-PyTorch "
-                "matmul. Install a C++ compiler with OpenMP (e.g. g++) to enable them.",
+                f"matpress: the fast CPU kernels could not be built or loaded ({e}); using the slower "
+                f"pure-PyTorch matmul.{hint}",
                 RuntimeWarning,
                 stacklevel=2,
             )
