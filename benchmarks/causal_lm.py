@@ -88,9 +88,10 @@ def train(model: torch.nn.Module, ids: torch.Tensor, steps: int = STEPS) -> list
 def load_or_train(cache_dir: Union[str, Path] = "out/causal-lm") -> tuple[torch.nn.Module, Any]:
     """The benchmark causal LM and its tokenizer: loaded from ``cache_dir`` if saved there, else trained
     (a few minutes on 2 cores; run under ``flock /tmp/matpress-heavy.lock``) and saved there."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from matpress.evaluation.text import CALIBRATION, corpus
+    from matpress.models import from_pretrained, load_tokenizer_from
 
     cache_dir = Path(cache_dir)
     if not (cache_dir / "config.json").is_file():
@@ -104,9 +105,8 @@ def load_or_train(cache_dir: Union[str, Path] = "out/causal-lm") -> tuple[torch.
         cache_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(cache_dir)
         tokenizer.save_pretrained(cache_dir)
-    model = LlamaForCausalLM.from_pretrained(str(cache_dir), local_files_only=True, dtype="float32").eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(cache_dir), local_files_only=True)
-    return model, tokenizer
+    # through matpress's loader: out/ is a directory anyone could have written into
+    return from_pretrained(LlamaForCausalLM, cache_dir, dtype="float32").eval(), load_tokenizer_from(cache_dir)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,14 @@ def paths(tiny_causal_dir, tmp_path_factory) -> dict[str, Path]:
         p[name].mkdir()
         if config is not None:
             (p[name] / "config.json").write_text(config)
+    for name, file, damage in (
+        ("truncated-weights", "model.safetensors", lambda b: b[:1000]),
+        ("broken-tokenizer", "tokenizer.json", lambda b: b"garbage{"),
+        ("bad-hidden-size", "config.json", lambda b: b.replace(b'"hidden_size": 64', b'"hidden_size": -5')),
+    ):
+        p[name] = root / name
+        shutil.copytree(tiny_causal_dir, p[name])
+        (p[name] / file).write_bytes(damage((p[name] / file).read_bytes()))
     p["auto-map"] = root / "auto-map"
     shutil.copytree(tiny_causal_dir, p["auto-map"])
     add_auto_map(p["auto-map"], root / "MARKER")
@@ -47,6 +55,15 @@ def paths(tiny_causal_dir, tmp_path_factory) -> dict[str, Path]:
     loaded = load_pretrained(str(tiny_causal_dir))
     matpress.compress(loaded.model, matpress.Recipe.simple("rtn", bits=8, group_size=32), progress=False)
     p["ckpt"] = matpress.save(loaded.model, root / "ckpt", tokenizer=loaded.tokenizer, source=loaded.source)
+    for name, content in (
+        ("junk-sensitivity", b"\xff\xfe{"),
+        ("bad-sensitivity", json.dumps({"budget": "3bpw", "choice": [0], "table": {
+            "layers": ["a", "b"], "n_weights": [1], "candidates": ["c"], "nbytes": [[1]], "error": [[0.1]],
+            "weight": [1.0], "allowed": [[0]]}}).encode()),
+    ):
+        p[name] = root / name
+        shutil.copytree(p["ckpt"], p[name])
+        (p[name] / "sensitivity.json").write_bytes(content)
     return p
 
 
@@ -60,6 +77,9 @@ CASES = [
     (["compress", "{list-config}", *OUT], "config.json holds list, not a JSON object"),
     (["compress", "{unknown-type}", *OUT], "{unknown-type}: transformers could not load the model"),
     (["compress", "{auto-map}", *OUT], "pass --trust-remote-code"),
+    (["compress", "{truncated-weights}", *OUT], "{truncated-weights}: transformers could not load the model"),
+    (["compress", "{broken-tokenizer}", *OUT], "{broken-tokenizer}: its tokenizer files could not be loaded"),
+    (["compress", "{bad-hidden-size}", *OUT], "hidden size (-5) is not a multiple"),
     (["compress", "{model}", "--recipe", "{missing}", *OUT], "recipe file {missing} does not exist"),
     (["compress", "{model}", "--recipe", "{root}", *OUT], "recipe file {root} is a directory"),
     (["compress", "{model}", "--recipe", "{file}/x.yaml", *OUT], "recipe file {file}/x.yaml cannot be read"),
@@ -88,6 +108,9 @@ CASES = [
     (["eval", "{ckpt}", "--sentences", "many"], "argument --sentences: invalid int value"),
     (["info", "{missing}"], "{missing} is not a matpress checkpoint"),
     (["report", "{file}"], "{file} is not a matpress checkpoint"),
+    (["report", "{junk-sensitivity}", "--out", "{out}"], "{junk-sensitivity}/sensitivity.json is damaged"),
+    (["report", "{bad-sensitivity}", "--out", "{out}"], "n_weights has 1 entries, expected 2"),
+    (["report", "{ckpt}", "--out", "{file}"], "cannot create the report directory {file}"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ]
 

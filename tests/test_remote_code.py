@@ -136,3 +136,23 @@ def test_with_the_flag_the_shipped_code_is_allowed_to_run(evil_dir, marker, tmp_
     assert marker.exists(), run.stderr
     assert run.returncode == 0, run.stderr
     assert (out / "matpress.json").is_file()
+
+
+def test_every_from_pretrained_call_goes_through_models_from_pretrained():
+    """The check above guards one function; a direct ``X.from_pretrained(...)`` elsewhere would bypass it."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    direct = []
+    for path in sorted([*(root / "src").rglob("*.py"), *(root / "benchmarks").rglob("*.py")]):
+        tree = ast.parse(path.read_text())
+        allowed = {
+            id(node) for fn in ast.walk(tree) if isinstance(fn, ast.FunctionDef) and fn.name == "from_pretrained"
+            and path.name == "models.py" for node in ast.walk(fn)
+        }
+        direct += [
+            f"{path.relative_to(root)}:{node.lineno}" for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("from_pretrained", "pipeline") and id(node) not in allowed
+        ]
+    assert direct == []

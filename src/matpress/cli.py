@@ -7,7 +7,7 @@ import json
 import sys
 from typing import NoReturn, Optional, Sequence
 
-from matpress.errors import MatpressError, RemoteCodeError
+from matpress.errors import MatpressError, RemoteCodeError, quote
 
 
 PER_CHANNEL = "channel"
@@ -20,9 +20,9 @@ def _group(value: str):
     try:
         g = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--group takes a positive integer or 'channel', got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"--group takes a positive integer or 'channel', got {quote(value)}") from None
     if g <= 0:
-        raise argparse.ArgumentTypeError(f"--group takes a positive integer or 'channel', got {value!r}")
+        raise argparse.ArgumentTypeError(f"--group takes a positive integer or 'channel', got {quote(value)}")
     return g
 
 

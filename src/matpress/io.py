@@ -25,7 +25,7 @@ from matpress.errors import CheckpointError, FormatError
 from matpress.formats import Format, format_class
 from matpress.layer import CompressedEmbedding, CompressedLinear, FormatModule, TiedLinear
 from matpress.model_pass import find_embeddings, find_linear_layers, linear_weight, set_submodule, tied_to
-from matpress.models import from_pretrained
+from matpress.models import load_tokenizer_from
 
 FORMAT_VERSION = 1
 MANIFEST = "matpress.json"
@@ -282,9 +282,4 @@ def load(directory: Union[str, Path], model: Optional[nn.Module] = None) -> nn.M
 def load_tokenizer(directory: Union[str, Path], trust_remote_code: bool = False) -> Any:
     """The tokenizer saved beside a checkpoint, or None. A tokenizer that ships code is refused unless
     ``trust_remote_code``."""
-    import transformers
-
-    try:
-        return from_pretrained(transformers.AutoTokenizer, Path(directory), trust_remote_code)
-    except (OSError, ValueError):
-        return None
+    return load_tokenizer_from(Path(directory), trust_remote_code)

@@ -94,6 +94,33 @@ def from_pretrained(loader: Any, directory: Path, trust_remote_code: bool = Fals
     return loader.from_pretrained(str(directory), local_files_only=True, trust_remote_code=bool(trust_remote_code), **kwargs)
 
 
+# Files of a saved tokenizer: a directory without any of them has no tokenizer (not an error)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.txt", "vocab.json")
+
+
+def load_errors() -> tuple[type[Exception], ...]:
+    """What transformers raises when a directory's files are damaged, truncated or inconsistent."""
+    from huggingface_hub.errors import StrictDataclassError
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, KeyError, TypeError, SafetensorError, StrictDataclassError
+
+
+def load_tokenizer_from(directory: Path, trust_remote_code: bool = False) -> Any:
+    """The tokenizer saved in ``directory``, or None when it holds no tokenizer files; damaged ones are
+    a MatpressError rather than a silently missing tokenizer."""
+    import transformers
+
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    try:
+        return from_pretrained(transformers.AutoTokenizer, directory, trust_remote_code)
+    except load_errors() as e:
+        raise MatpressError(
+            f"{directory}: its tokenizer files could not be loaded ({quote(str(e))}); repair or remove them"
+        ) from None
+
+
 def load_pretrained(spec: str, trust_remote_code: bool = False) -> LoadedModel:
     """Load ``spec`` (``minilm`` or a local Hugging Face model directory) in eval mode, fp32.
     ``trust_remote_code``: allow a directory whose configuration names Python code to run it."""
@@ -116,16 +143,13 @@ def load_pretrained(spec: str, trust_remote_code: bool = False) -> LoadedModel:
     transformers.logging.disable_progress_bar()  # a bar per weight file is noise for small models
     try:
         model = from_pretrained(auto, path, trust_remote_code, dtype="float32", **init_kwargs)
-    except (OSError, ValueError, KeyError, TypeError) as e:  # transformers' ways of saying the directory is unusable
+    except load_errors() as e:
         raise MatpressError(f"{path}: transformers could not load the model ({quote(str(e))}); check the directory") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
         transformers.logging.enable_progress_bar()
     model.matpress_init_kwargs = init_kwargs  # recorded in checkpoints so load() rebuilds the same modules
     model.eval()
-    try:
-        tokenizer = from_pretrained(transformers.AutoTokenizer, path, trust_remote_code)
-    except (OSError, ValueError):
-        tokenizer = None
+    tokenizer = load_tokenizer_from(path, trust_remote_code)
     source = MINILM if spec == MINILM else str(path.resolve())
     return LoadedModel(model, tokenizer, CAUSAL_LM if causal else ENCODER, source)

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from matpress.budget import SENSITIVITY, Budget, SensitivityTable, choose, load_allocation  # noqa: E402
-from matpress.errors import BudgetError  # noqa: E402
+from matpress.errors import BudgetError, MatpressError  # noqa: E402
 from matpress.io import read_manifest, stored_nbytes  # noqa: E402
 
 
@@ -108,7 +108,12 @@ def write_report(directory: Union[str, Path], out: Union[str, Path, None] = None
     directory = Path(directory)
     manifest = read_manifest(directory)
     out = Path(out) if out else directory
-    out.mkdir(parents=True, exist_ok=True)
+    sensitivity = directory / SENSITIVITY
+    allocation = load_allocation(sensitivity) if sensitivity.is_file() else None  # checked before anything is written
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MatpressError(f"cannot create the report directory {out} ({e.strerror or e}); pass another --out") from None
     rows = _layer_rows(manifest)
     total_n = sum(r["n"] for r in rows)
     total_bytes = sum(r["nbytes"] for r in rows)
@@ -127,9 +132,8 @@ def write_report(directory: Union[str, Path], out: Union[str, Path, None] = None
         lines += [f"Compressed under a budget of {budget}.", ""]
     _bar_chart(rows, out / "layers.png")
     lines += ["## Format by layer", "", "![bits per weight by layer](layers.png)", ""]
-    sensitivity = directory / SENSITIVITY
-    if sensitivity.is_file():
-        table, choice, _ = load_allocation(sensitivity)
+    if allocation is not None:
+        table, choice, _ = allocation
         _heat_map(table, choice, out / "sensitivity.png")
         curve = damage_curve(table)
         chosen_damage = sum(table.damage(i, j) for i, j in enumerate(choice))

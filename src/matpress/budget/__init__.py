@@ -25,7 +25,8 @@ from matpress.budget.sensitivity import (
     relative_output_error,
     weigh_end_to_end,
 )
-from matpress.errors import BudgetError, RecipeError, quote
+from matpress.errors import BudgetError, CheckpointError, RecipeError, quote
+from matpress.inputs import read_file
 from matpress.methods import LayerStats, get_method
 from matpress.model_pass import CompressionReport, find_linear_layers, install_format, layer_report, linear_weight
 from matpress.recipe import Recipe, Rule, name_matches
@@ -237,6 +238,7 @@ def allowed_candidates(
 
 
 SENSITIVITY = "sensitivity.json"
+MAX_ALLOCATION_BYTES = 64 << 20  # a table of 10,000 layers by 100 candidates is about 20 MB
 
 
 def save_allocation(path: Union[str, Path], table: SensitivityTable, choice: Sequence[int], budget: Budget) -> None:
@@ -245,8 +247,24 @@ def save_allocation(path: Union[str, Path], table: SensitivityTable, choice: Seq
 
 
 def load_allocation(path: Union[str, Path]) -> tuple[SensitivityTable, list[int], str]:
-    data = json.loads(Path(path).read_text())
-    return SensitivityTable.from_dict(data["table"]), data["choice"], data["budget"]
+    """What :func:`save_allocation` wrote; a damaged file is a CheckpointError naming it."""
+    path = Path(path)
+    raw = read_file(path, "sensitivity table", MAX_ALLOCATION_BYTES, CheckpointError)
+    try:
+        data = json.loads(raw)
+        if not isinstance(data, dict) or set(data) != {"budget", "choice", "table"}:
+            raise ValueError("expected the keys budget, choice and table")
+        table = SensitivityTable.from_dict(data["table"])
+        choice = data["choice"]
+        if not isinstance(choice, list) or len(choice) != len(table.layers) or any(
+            not isinstance(j, int) or j not in allowed for j, allowed in zip(choice, table.allowed)
+        ):
+            raise ValueError("choice must give one allowed candidate index per layer")
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(
+            f"{path} is damaged ({quote(str(e))}); delete it (the checkpoint loads without it) or compress again"
+        ) from None
+    return table, choice, str(data["budget"])
 
 
 def compress_to_budget(

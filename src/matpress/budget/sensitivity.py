@@ -59,8 +59,32 @@ class SensitivityTable:
         return {k: getattr(self, k) for k in ("layers", "n_weights", "candidates", "nbytes", "error", "weight", "allowed", "probe")}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SensitivityTable":
+    def from_dict(cls, data: Any) -> "SensitivityTable":
+        """The table :meth:`to_dict` wrote; ValueError naming the first field that does not fit."""
+        fields = ("layers", "n_weights", "candidates", "nbytes", "error", "weight", "allowed")
+        if not isinstance(data, dict) or any(k not in data for k in fields) or set(data) - {*fields, "probe"}:
+            raise ValueError(f"a sensitivity table has the fields {list(fields)} and optionally probe")
+        n = _check_list(data["layers"], str, None, "layers")
+        m = _check_list(data["candidates"], str, None, "candidates")
+        _check_list(data["n_weights"], int, n, "n_weights")
+        _check_list(data["weight"], float, n, "weight")
+        for key, kind in (("nbytes", int), ("error", float), ("allowed", int)):
+            _check_list(data[key], list, n, key)
+            for i, row in enumerate(data[key]):
+                _check_list(row, kind, None if key == "allowed" else m, f"{key}[{i}]")
+        if any(not 0 <= j < m for row in data["allowed"] for j in row):
+            raise ValueError(f"allowed holds a candidate index outside 0..{m - 1}")
         return cls(**data)
+
+
+def _check_list(value: Any, kind: type, length: Optional[int], name: str) -> int:
+    """The length of ``value``, a list of ``length`` items of ``kind`` (int for float; bool is neither)."""
+    kinds = (int, float) if kind is float else (kind,)
+    if not isinstance(value, list) or any(not isinstance(v, kinds) or isinstance(v, bool) for v in value):
+        raise ValueError(f"{name} must be a list of {kind.__name__}")
+    if length is not None and len(value) != length:
+        raise ValueError(f"{name} has {len(value)} entries, expected {length}")
+    return len(value)
 
 
 def measure_sensitivity(
