@@ -21,7 +21,7 @@ import torch
 import matpress
 from matpress.evaluation import embedding_fidelity, sentence_embeddings
 from matpress.evaluation.text import sentences
-from matpress.evaluation.timing import command_line, interleaved_medians, machine_description
+from matpress.evaluation.timing import command_line, interleaved_medians, machine_description, publish
 from matpress.model_pass import find_linear_layers, linear_weight
 from matpress.models import load_pretrained
 
@@ -84,11 +84,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|",
         *rows,
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    publish("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

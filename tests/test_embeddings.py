@@ -18,7 +18,7 @@ from matpress.io import MANIFEST, TENSORS, read_manifest
 from matpress.layer import CompressedEmbedding, CompressedLinear, TiedLinear
 from matpress.recipe import Recipe
 
-from conftest import tiny_gpt2, tiny_llama
+from conftest import tiny_bert, tiny_gpt2, tiny_llama
 from format_checks import assert_within_kernel_bound, exact_matmul
 
 ROWS = torch.tensor([5, 0, 36, 5, 17, 0, 1])  # repeated and out of order, the last row (36) of 37
@@ -162,7 +162,7 @@ def test_padding_idx_is_kept_and_reloaded(tmp_path):
 
     model = make()
     matpress.compress(model, {"rules": [{"pattern": "0", "method": "rtn", "bits": 8, "group_size": 32}]}, progress=False)
-    assert model[0].padding_idx == 3
+    assert isinstance(model[0], CompressedEmbedding) and model[0].padding_idx == 3
     assert torch.equal(model[0](torch.tensor([3])), torch.zeros(1, 32))  # a zero row quantizes exactly
     matpress.save(model, tmp_path / "ckpt")
     loaded = matpress.load(tmp_path / "ckpt", model=make())
@@ -221,6 +221,7 @@ def test_no_warning_when_everything_big_is_compressed():
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         matpress.compress(model, recipe, progress=False)
+    assert isinstance(model.model.embed_tokens, CompressedEmbedding) and type(model.lm_head) is CompressedLinear
     assert uncompressed_warnings(record) == []
 
 
@@ -278,6 +279,17 @@ def test_bad_embedding_recipes_fail_clearly_before_changing_the_model(model, rec
     with pytest.raises(RecipeError, match=match):
         matpress.compress(model, recipe, progress=False)
     assert type(model.model.embed_tokens) is nn.Embedding and type(model.lm_head) is nn.Linear
+
+
+def test_every_embedding_rule_is_checked_before_any_embedding_changes():
+    model = tiny_bert()
+    rules = [
+        {"pattern": "*word_embeddings", "method": "rtn", "bits": 8},
+        {"pattern": "*position_embeddings", "method": "awq", "bits": 8},
+    ]
+    with pytest.raises(RecipeError, match="embedding embeddings.position_embeddings: method 'awq'"):
+        matpress.compress(model, {"rules": rules}, progress=False)
+    assert type(model.embeddings.word_embeddings) is nn.Embedding
 
 
 def test_a_tampered_embedding_entry_is_refused(tmp_path):

@@ -170,10 +170,8 @@ def compress_layer(
     return layer_report(name, weight, fmt)
 
 
-def compress_embedding(model: nn.Module, name: str, rule: Rule, heads: list[str]) -> LayerReport:
-    """Replace embedding ``name`` of ``model`` by a :class:`CompressedEmbedding` under ``rule``, and the
-    LM ``heads`` tied to it by :class:`TiedLinear` layers sharing its one stored format; report it."""
-    module = model.get_submodule(name)
+def check_embedding_rule(module: nn.Module, name: str, rule: Rule) -> None:
+    """Refuse an embedding that cannot be compressed exactly, or a method that needs input statistics."""
     check_plain_embedding(module, name)
     if get_method(rule.method).needs_calibration:
         raise RecipeError(
@@ -181,6 +179,13 @@ def compress_embedding(model: nn.Module, name: str, rule: Rule, heads: list[str]
             "an embedding (a row lookup by token id) does not have; use a calibration-free method for it, "
             "such as rtn, hqq or dense"
         )
+
+
+def compress_embedding(model: nn.Module, name: str, rule: Rule, heads: list[str]) -> LayerReport:
+    """Replace embedding ``name`` of ``model`` by a :class:`CompressedEmbedding` under ``rule`` (checked
+    with :func:`check_embedding_rule`), and the LM ``heads`` tied to it by :class:`TiedLinear` layers
+    sharing its one stored format; report it."""
+    module = model.get_submodule(name)
     weight = module.weight.detach().float()
     fmt = run_method(name, rule, weight, None)
     embedding = CompressedEmbedding(fmt, module.padding_idx).to(module.weight.device)
@@ -288,9 +293,11 @@ def compress_embeddings(model: nn.Module, recipe: Recipe, progress: bool = True)
         rule = recipe.rule_for(head, use_default=False)
         if rule is not None and chosen.get(embedding) != rule:
             raise RecipeError(
-                f"layer {head} is tied to the embedding {embedding} (one shared weight), and a rule names the head "
-                f"but not the embedding: name {embedding} in the rule instead; the head then shares its stored format"
+                f"layer {head} is tied to the embedding {embedding} (one shared weight), so it is stored as the "
+                f"embedding is: name {embedding} in the rule instead of {head}; the head then shares its stored format"
             )
+    for name, rule in chosen.items():
+        check_embedding_rule(embeddings[name], name, rule)
     if chosen and recipe.budget is not None:
         raise RecipeError(
             f"a size budget does not cover embeddings yet, and a rule names {sorted(chosen)}: drop that rule "

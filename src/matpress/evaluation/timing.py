@@ -7,7 +7,8 @@ import shlex
 import statistics
 import sys
 import time
-from typing import Callable, Optional, Sequence
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -33,6 +34,14 @@ def command_line(argv: Optional[Sequence[str]] = None) -> str:
     default the command line's), shell-quoted."""
     args = sys.argv[1:] if argv is None else argv
     return " ".join(shlex.quote(a) for a in ["python", sys.argv[0], *args])
+
+
+def publish(text: str, out: Optional[Union[str, Path]]) -> None:
+    """Print a benchmark's Markdown result and, when ``out`` is given, write it there (creating the folder)."""
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
 
 
 def interleaved_medians(
