@@ -79,3 +79,10 @@ def test_missing_or_unparsable_recipe_files(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(RecipeError, match="could not be parsed"):
         Recipe.load(tmp_path / "bad.json")
+
+
+def test_a_rule_for_every_layer_survives_to_dict():
+    """Found by the recipe fuzz test: a rule with pattern '*' lost its pattern in to_dict, so the CLI
+    (which reads a --recipe file back through to_dict) and a checkpoint's recorded recipe refused it."""
+    recipe = Recipe.from_dict({"default": {"bits": 4}, "rules": [{"pattern": "*", "bits": 8}]})
+    assert Recipe.from_dict(recipe.to_dict()) == recipe

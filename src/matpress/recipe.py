@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from matpress.errors import RecipeError, quote
+from matpress.errors import BudgetError, RecipeError, quote
 from matpress.inputs import check_plain_data, read_file
 from matpress.methods import get_method
 
@@ -88,7 +88,7 @@ def _build_rule(values: dict[str, Any], base: Optional[Rule], where: str) -> Rul
     if not isinstance(pattern, str) or not pattern:
         raise RecipeError(f"{where}: 'pattern' must be a non-empty string")
     method_name = values.pop("method", base.method if base else "rtn")
-    method = get_method(method_name)
+    method = get_method(method_name, where)
     merged: dict[str, Any] = {}
     if base is not None and base.method == method_name:
         merged.update(dataclasses.asdict(base.params))
@@ -164,7 +164,7 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         data = {
             "default": self.default.to_dict(),
-            "rules": [r.to_dict() for r in self.rules],
+            "rules": [{"pattern": r.pattern, **r.to_dict()} for r in self.rules],  # a rule's pattern may be "*"
             "include": list(self.include),
             "exclude": list(self.exclude),
         }
@@ -210,8 +210,14 @@ def _budget_fields(data: dict[str, Any], source: str) -> tuple[Optional[str], An
         if stray:
             raise RecipeError(f"{source}: {stray} only apply under a 'budget' (e.g. budget: 3.2bpw)")
         return None, "quant", ()
-    budget = str(data["budget"])
-    Budget.parse(budget)
+    budget = data["budget"]
+    if not isinstance(budget, (str, int, float)) or isinstance(budget, bool):
+        raise RecipeError(f"{source}: budget must be a size such as 3.2bpw or 40MB, got {quote(budget)}")
+    budget = str(budget)
+    try:
+        Budget.parse(budget)
+    except BudgetError as e:
+        raise BudgetError(f"{source}: {e}") from None
     candidates = data.get("candidates", "quant")
     resolve_candidates(candidates, f"{source}: candidates")
     raw_allow = data.get("allow", [])

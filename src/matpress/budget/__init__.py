@@ -99,7 +99,7 @@ def candidate_rules(specs: Sequence[dict[str, Any]], where: str = "candidates") 
         if not isinstance(spec, dict):
             raise RecipeError(f"{where}[{i}] must be a mapping with a 'method'")
         spec = dict(spec)
-        method = get_method(spec.pop("method", "rtn"))
+        method = get_method(spec.pop("method", "rtn"), f"{where}[{i}]")
         rule = Rule(method.name, method.make_params(spec, f"{where}[{i}]"))
         rules[candidate_label(rule)] = rule
     if not rules:

@@ -101,8 +101,10 @@ def register_method(
     return wrap
 
 
-def get_method(name: str) -> Method:
+def get_method(name: str, where: Optional[str] = None) -> Method:
+    """The method registered as ``name``; ``where`` (a recipe and its rule) prefixes the error."""
     try:
         return METHODS[name]
     except (KeyError, TypeError):  # TypeError: an unhashable value (a list) given as the name
-        raise RecipeError(f"unknown method {quote(name)}; known methods: {sorted(METHODS)}") from None
+        prefix = f"{where}: " if where else ""
+        raise RecipeError(f"{prefix}unknown method {quote(name)}; known methods: {sorted(METHODS)}") from None
