@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 import torch
-import transformers
 from safetensors import safe_open
 from torch import nn
 
@@ -223,25 +222,6 @@ def test_no_warning_when_everything_big_is_compressed():
         matpress.compress(model, recipe, progress=False)
     assert isinstance(model.model.embed_tokens, CompressedEmbedding) and type(model.lm_head) is CompressedLinear
     assert uncompressed_warnings(record) == []
-
-
-def tiny_mixtral() -> nn.Module:
-    cfg = transformers.MixtralConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    return transformers.MixtralForCausalLM(cfg).eval()
-
-
-def test_fused_moe_experts_are_named_in_the_warning():
-    model = tiny_mixtral()
-    with pytest.warns(UserWarning, match="left uncompressed") as record:
-        matpress.compress(model, None, progress=False)
-    message = uncompressed_warnings(record)[0]
-    for i in range(2):
-        assert f"model.layers.{i}.mlp.experts.gate_up_proj 4x192x64" in message
-        assert f"model.layers.{i}.mlp.experts.down_proj 4x64x96" in message
 
 
 class ScaledEmbedding(nn.Embedding):

@@ -3,7 +3,9 @@
 A checkpoint directory holds ``model.safetensors`` (every tensor of the model; a compressed layer's
 stored tensors under ``<layer>.<key>``) and ``matpress.json``, the manifest: format version, the
 recipe, each compressed layer's format, shape, config and tensor shapes (a compressed embedding's
-entry also has ``kind: embedding``, its padding index and the LM heads tied to it, which store nothing), the base model's class and
+entry also has ``kind: embedding``, its padding index and the LM heads tied to it, which store nothing), the
+fused MoE experts modules stored unfused (``experts``: name -> class; their expert matrices are linear
+layers ``<module>.gate_up_proj.<e>``, see :mod:`matpress.experts`), the base model's class and
 config and where it came from, and the size and SHA-256 of the tensor file. Loading checks all of it
 and fails with the file and layer named rather than build a silently wrong model.
 """
@@ -22,6 +24,7 @@ from torch import nn
 
 from matpress import __version__
 from matpress.errors import CheckpointError, FormatError
+from matpress.experts import unfuse_recorded, unfused_experts
 from matpress.formats import Format, format_class
 from matpress.layer import CompressedEmbedding, CompressedLinear, FormatModule, TiedLinear
 from matpress.model_pass import find_embeddings, find_linear_layers, linear_weight, set_submodule, tied_to
@@ -99,6 +102,7 @@ def save(
         },
         "recipe": recipe.to_dict() if hasattr(recipe, "to_dict") else recipe,
         "layers": layers,
+        "experts": unfused_experts(model),
         "tied": aliases,
         "files": {TENSORS: {"bytes": (directory / TENSORS).stat().st_size, "sha256": _sha256(directory / TENSORS)}},
     }
@@ -216,6 +220,7 @@ def load(directory: Union[str, Path], model: Optional[nn.Module] = None) -> nn.M
     tensors = _read_tensors(directory, manifest)
     if model is None:
         model = _build_base_model(manifest, mpath)
+    unfuse_recorded(model, manifest.get("experts", {}), str(mpath))
     linears = find_linear_layers(model)
     embeddings = find_embeddings(model)
     consumed: set[str] = set()

@@ -12,6 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from matpress.errors import CalibrationError, FormatError, RecipeError
+from matpress.experts import SUPPORTED_EXPERTS, expert_rule, unfuse_experts
 from matpress.formats import Format
 from matpress.layer import CompressedEmbedding, CompressedLinear, FormatModule, TiedLinear, check_plain_embedding
 from matpress.methods import LayerStats, get_method
@@ -74,6 +75,7 @@ class LayerReport:
     nbytes: int
     relative_error: float
     shared_with: tuple[str, ...] = ()  # layers using this one's stored matrix (a tied LM head)
+    note: str = ""  # e.g. an expert's fallback to a calibration-free method
 
     @property
     def label(self) -> str:
@@ -108,7 +110,7 @@ class CompressionReport:
         for r in self.layers:
             err = "" if r.relative_error != r.relative_error else f"{r.relative_error:.4f}"
             rows.append(
-                f"| {r.label} | {r.shape[0]}x{r.shape[1]} | {r.format} | {r.bits_per_weight:.3f} "
+                f"| {r.label} | {r.shape[0]}x{r.shape[1]} | {r.format}{f' ({r.note})' if r.note else ''} | {r.bits_per_weight:.3f} "
                 f"| {r.nbytes / 1024:.1f} | {err} |"
             )
         dense = 4 * self.n_weights
@@ -162,12 +164,16 @@ def run_method(name: str, rule: Rule, weight: torch.Tensor, layer_stats: Optiona
 def compress_layer(
     model: nn.Module, name: str, rule: Rule, layer_stats: Optional[LayerStats] = None
 ) -> LayerReport:
-    """Replace linear layer ``name`` of ``model`` by its compressed form under ``rule``; report it."""
+    """Replace linear layer ``name`` of ``model`` by its compressed form under ``rule`` (an expert short
+    of calibration tokens under its fallback, see :func:`matpress.experts.expert_rule`); report it."""
     module = model.get_submodule(name)
     weight = linear_weight(module).float()
+    rule, note = expert_rule(model, name, rule, layer_stats)
     fmt = run_method(name, rule, weight, layer_stats)
     install_format(model, name, module, fmt)
-    return layer_report(name, weight, fmt)
+    report = layer_report(name, weight, fmt)
+    report.note = note
+    return report
 
 
 def check_embedding_rule(module: nn.Module, name: str, rule: Rule) -> None:
@@ -231,7 +237,8 @@ def warn_uncompressed(model: nn.Module) -> None:
         warnings.warn(
             f"left uncompressed (each at least {100 * UNCOMPRESSED_SHARE:g}% of the model's weights): {listed}. "
             "Embeddings and LM heads are compressed only when a rule names them; other layers only when "
-            "matpress knows their kind (nn.Linear, Conv1D, nn.Embedding).",
+            "matpress knows their kind (nn.Linear, Conv1D, nn.Embedding, the fused experts of "
+            f"{', '.join(sorted(SUPPORTED_EXPERTS))}).",
             stacklevel=3,
         )
 
@@ -253,11 +260,16 @@ def compress(
     :class:`~matpress.calibration.CalibrationData`), or on text drawn with ``tokenizer`` as the recipe's
     ``calibration`` settings say (see :mod:`matpress.calibration`).
 
+    The fused experts of a mixture-of-experts layer (Mixtral, Qwen-MoE, ...) are first unfused into one
+    linear layer per expert matrix, ``<experts>.gate_up_proj.<e>`` and ``<experts>.down_proj.<e>``
+    (:mod:`matpress.experts`), and compressed like any other linear layer.
+
     Embeddings that a rule names become :class:`~matpress.layer.CompressedEmbedding` layers (with a
     calibration-free method), and an LM head tied to one shares its stored format. Afterwards one
     warning lists every parameter of at least 1 % of the model's weights that is still dense.
     """
     recipe = as_recipe(recipe)
+    unfuse_experts(model, recipe)
     embedded = compress_embeddings(model, recipe, progress)
     layers = find_linear_layers(model)
     heads = tied_heads(layers, find_embeddings(model))
