@@ -13,7 +13,7 @@ from torch import nn
 import matpress
 from matpress import kernels
 from matpress.formats import Format, format_class
-from matpress.io import read_manifest, stored_nbytes
+from matpress.io import read_checkpoint, stored_nbytes
 from matpress.layer import CompressedLinear
 from matpress.methods import LayerStats, get_method
 
@@ -98,7 +98,7 @@ def check_format(fmt: Format, tmp_path: Path, n_tokens: int = 5) -> None:
     model[0] = CompressedLinear(fmt, torch.linspace(-1, 1, fmt.out_features))
     y = model(x)
     directory = matpress.save(model, tmp_path / f"ckpt-{fmt.name}")
-    entry = read_manifest(directory)["layers"]["0"]
+    entry = read_checkpoint(directory).manifest["layers"]["0"]
     assert entry["description"] == fmt.describe()
     assert stored_nbytes(entry) == fmt.nbytes
     loaded = matpress.load(directory, model=make())

@@ -2,7 +2,6 @@
 weights left uncompressed."""
 
 import copy
-import json
 import warnings
 
 import pytest
@@ -13,10 +12,11 @@ from torch import nn
 import matpress
 from matpress.errors import RecipeError
 from matpress.formats import FORMATS, DenseFormat, IntFormat, format_class
-from matpress.io import MANIFEST, TENSORS, read_manifest
+from matpress.io import TENSORS, read_checkpoint
 from matpress.layer import CompressedEmbedding, CompressedLinear, TiedLinear
 from matpress.recipe import Recipe
 
+from checkpoint_edits import edit_manifest
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
 from format_checks import assert_within_kernel_bound, exact_matmul
 
@@ -146,7 +146,7 @@ def test_a_tied_head_shares_the_one_stored_format(tmp_path):
     matpress.save(fp32_embedding, tmp_path / "fp32")
     # the file shrinks by exactly the fp32 embedding less its int8 form: the head stores nothing
     assert tensor_bytes(tmp_path / "fp32") - tensor_bytes(tmp_path / "int8") == 4 * vocab * dim - fmt.nbytes
-    entry = read_manifest(tmp_path / "int8")["layers"]["transformer.wte"]
+    entry = read_checkpoint(tmp_path / "int8").manifest["layers"]["transformer.wte"]
     assert entry["kind"] == "embedding" and entry["tied_heads"] == ["lm_head"]
     loaded = matpress.load(tmp_path / "int8")
     assert loaded.lm_head.fmt is loaded.transformer.wte.fmt
@@ -275,12 +275,11 @@ def test_every_embedding_rule_is_checked_before_any_embedding_changes():
 def test_a_tampered_embedding_entry_is_refused(tmp_path):
     model = tiny_llama_tied()
     matpress.compress(model, {"rules": [embed_rule(8)]}, progress=False)
-    directory = matpress.save(model, tmp_path / "ckpt")
-    manifest = read_manifest(directory)
-    for key, value, match in (("kind", "conv", "unknown layer kind 'conv'"), ("tied_heads", ["model.norm"], "tied head model.norm"),
-                              ("padding_idx", 500, "padding_idx 500")):
-        bad = json.loads(json.dumps(manifest))
-        bad["layers"]["model.embed_tokens"][key] = value
-        (directory / MANIFEST).write_text(json.dumps(bad))
+    for key, value, match in (("kind", "conv", r"kind must be one of \['embedding', 'linear'\], got 'conv'"),
+                              ("tied_heads", ["model.norm"], "tied head model.norm"),
+                              ("padding_idx", 500, "padding_idx is not a row of the 128-row embedding, got 500")):
+        directory = matpress.save(model, tmp_path / "ckpt")
+        # re-signed (the digests recomputed), so the edit reaches the checks behind them
+        edit_manifest(directory, lambda m: m["layers"]["model.embed_tokens"].update({key: value}))
         with pytest.raises(matpress.CheckpointError, match=match):
             matpress.load(directory)

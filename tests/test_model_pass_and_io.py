@@ -1,5 +1,3 @@
-import json
-
 import pytest
 import torch
 from torch import nn
@@ -10,6 +8,7 @@ from matpress.io import MANIFEST, TENSORS
 from matpress.layer import CompressedLinear
 from matpress.model_pass import find_linear_layers, linear_weight
 
+from checkpoint_edits import edit_manifest
 from conftest import tiny_gpt2, tiny_llama
 
 
@@ -121,16 +120,10 @@ def checkpoint(tmp_path):
     return matpress.save(model, tmp_path / "ckpt")
 
 
-def edit_manifest(path, change):
-    manifest = json.loads((path / MANIFEST).read_text())
-    change(manifest)
-    (path / MANIFEST).write_text(json.dumps(manifest))
-
-
 def test_truncated_tensor_file_is_refused(checkpoint):
     data = (checkpoint / TENSORS).read_bytes()
     (checkpoint / TENSORS).write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=f"{TENSORS} holds .* truncated"):
+    with pytest.raises(CheckpointError, match=f"{TENSORS} is not a readable safetensors file .* truncated"):
         matpress.load(checkpoint)
 
 

@@ -17,10 +17,11 @@ from matpress import model_pass
 from matpress.errors import CheckpointError, RecipeError
 from matpress.experts import CALIBRATION_FREE, MIN_EXPERT_TOKENS, SUPPORTED_EXPERTS, UnfusedExperts, find_fused_experts
 from matpress.formats import IntFormat
-from matpress.io import MANIFEST, read_manifest
+from matpress.io import read_checkpoint
 from matpress.layer import CompressedLinear
 from matpress.methods import METHODS
 
+from checkpoint_edits import edit_manifest
 from conftest import random_data
 from format_checks import assert_within_kernel_bound, exact_matmul, kernel_error_bound
 
@@ -107,7 +108,7 @@ def test_every_expert_is_compressed_and_computes_with_its_decoded_weight(family,
     expected = logits(model, ids())
     assert_within_kernel_bound(seen["y"], layer.fmt, seen["x"], 32)
     matpress.save(model, tmp_path / "ckpt")
-    assert read_manifest(tmp_path / "ckpt")["experts"] == {
+    assert read_checkpoint(tmp_path / "ckpt").manifest["experts"] == {
         f"model.layers.{i}.mlp.experts": type(experts_of(reference)[i]).__name__ for i in range(LAYERS)
     }
     loaded = matpress.load(tmp_path / "ckpt")
@@ -247,9 +248,8 @@ def test_a_checkpoint_naming_experts_the_model_lacks_is_refused(tmp_path):
     model = build("olmoe")
     matpress.compress(model, RTN4, progress=False)
     matpress.save(model, tmp_path / "ckpt")
-    path = tmp_path / "ckpt" / MANIFEST
-    manifest = path.read_text()
-    path.write_text(manifest.replace('"model.layers.1.mlp.experts": "OlmoeExperts"', '"model.layers.1.mlp.experts": "MixtralExperts"'))
+    # re-signed (the digests recomputed), so the edit reaches the checks behind them
+    edit_manifest(tmp_path / "ckpt", lambda m: m["experts"].update({"model.layers.1.mlp.experts": "MixtralExperts"}))
     with pytest.raises(CheckpointError, match="no fused MixtralExperts experts module model.layers.1.mlp.experts"):
         matpress.load(tmp_path / "ckpt")
     assert find_fused_experts(build("olmoe"))  # a fresh model is fused until a checkpoint says otherwise

@@ -21,6 +21,8 @@ from matpress.errors import RemoteCodeError
 from matpress.io import load_tokenizer
 from matpress.models import load_pretrained
 
+from checkpoint_edits import resign
+
 EVIL_CODE = """from pathlib import Path
 Path({marker!r}).write_text("code from the model directory ran")
 from transformers import BertTokenizerFast, LlamaConfig, LlamaForCausalLM
@@ -119,6 +121,7 @@ def test_cli_eval_refuses_code_in_the_checkpoint_or_its_source(where, checkpoint
     if where == "checkpoint tokenizer":
         (checkpoint / "evil.py").write_text(EVIL_CODE.format(marker=str(marker)))
         add_tokenizer_auto_map(checkpoint)
+        resign(checkpoint)  # else the digests refuse the edited tokenizer_config.json first
         args = ["eval", str(checkpoint), "--quiet"]
     else:  # the original, as the manifest (or --reference) names it, now ships code
         args = ["eval", str(checkpoint), "--reference", str(evil_dir), "--quiet"]

@@ -12,6 +12,7 @@ from matpress.errors import MatpressError, RemoteCodeError, quote
 
 PER_CHANNEL = "channel"
 TRUST_HELP = "let transformers run the Python code a model or tokenizer directory ships (auto_map); off by default: such a directory is refused"
+EXPECT_DIGEST_HELP = "refuse the checkpoint unless its digest (printed by 'matpress info') is this one"
 
 
 def _group(value: str):
@@ -77,26 +78,31 @@ def _recipe_from_args(args: argparse.Namespace):
 
 def cmd_compress(args: argparse.Namespace) -> None:
     import matpress
+    from matpress.budget import SENSITIVITY, save_allocation
+    from matpress.io import check_output_location
     from matpress.models import load_pretrained
 
+    check_output_location(args.out, args.force)  # fail now, not after the compression
     recipe = _recipe_from_args(args)
     loaded = load_pretrained(args.model, args.trust_remote_code)
     report = matpress.compress(loaded.model, recipe, progress=not args.quiet, tokenizer=loaded.tokenizer)
-    out = matpress.save(loaded.model, args.out, tokenizer=loaded.tokenizer, recipe=recipe, source=loaded.source)
-    if report.allocation is not None:
-        from matpress.budget import SENSITIVITY, save_allocation
-
-        save_allocation(out / SENSITIVITY, *report.allocation)
+    allocation = report.allocation
+    out = matpress.save(
+        loaded.model, args.out, tokenizer=loaded.tokenizer, recipe=recipe, source=loaded.source, force=args.force,
+        extra_files=None if allocation is None else lambda staging: save_allocation(staging / SENSITIVITY, *allocation),
+    )
     print(report.table())
     print(f"\nsaved to {out}")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from matpress.io import read_manifest, stored_nbytes
+    from matpress.io import read_checkpoint, stored_nbytes
 
-    manifest = read_manifest(args.dir)
+    checkpoint = read_checkpoint(args.dir, args.expect_digest)
+    manifest = checkpoint.manifest
     base = manifest["base_model"]
     print(f"checkpoint: {args.dir}")
+    print(f"checkpoint digest: sha256:{checkpoint.digest}")
     print(f"base model: {base.get('class')} from {base.get('source')}")
     if manifest.get("recipe"):
         print(f"recipe: {json.dumps(manifest['recipe'])}")
@@ -118,11 +124,12 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     import matpress
-    from matpress.io import load_tokenizer, read_manifest
+    from matpress.io import load_tokenizer, read_checkpoint
     from matpress.models import load_pretrained
 
-    manifest = read_manifest(args.dir)
-    model = matpress.load(args.dir)
+    checkpoint = read_checkpoint(args.dir, args.expect_digest)
+    manifest = checkpoint.manifest
+    model = matpress.load(args.dir, expect_digest=checkpoint.digest)
     tokenizer = load_tokenizer(args.dir, args.trust_remote_code)
     source = args.reference or manifest["base_model"].get("source")
     reference = None
@@ -171,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", nargs="*", help="layer-name patterns to leave dense (default: *lm_head *embed*)")
     p.add_argument("--budget", help="choose each layer's format automatically within a size: '3.2bpw', '40MB', '12MiB'")
     p.add_argument("--candidates", choices=sorted(PRESETS), help="candidate set for --budget (default: quant): quant = mixed integer bits and groups; quant+lowrank adds int + low-rank (EoRA) pairs; all adds sparse, ternary, low-rank and Monarch")
+    p.add_argument("--force", action="store_true", help="replace --out even if it is a non-empty directory that is not a matpress checkpoint (its contents are deleted)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_compress)
@@ -180,12 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", help="original model (default: the source recorded in the checkpoint)")
     p.add_argument("--text", help="text file to evaluate on (default: built-in pydoc_data.topics, evaluation split)")
     p.add_argument("--sentences", type=int, default=600, help="sentences for encoder evaluation (default 600)")
+    p.add_argument("--expect-digest", help=EXPECT_DIGEST_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("info", help="per-layer table of a compressed checkpoint", description="Show a checkpoint's per-layer formats and sizes.")
     p.add_argument("dir", help="checkpoint directory")
+    p.add_argument("--expect-digest", help=EXPECT_DIGEST_HELP)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("report", help="write a Markdown report with plots", description="Write report.md and PNG plots for a checkpoint.")

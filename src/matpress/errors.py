@@ -16,7 +16,8 @@ class RecipeError(MatpressError, ValueError):
 
 
 class CheckpointError(MatpressError, ValueError):
-    """A saved checkpoint is missing, truncated, tampered with, or of an unknown version."""
+    """A saved checkpoint is missing, truncated, malformed, tampered with, or of an unknown version, or
+    cannot be written where asked."""
 
 
 class CalibrationError(MatpressError, ValueError):

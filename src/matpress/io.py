@@ -1,42 +1,103 @@
-"""Checkpoints: ``save(model, dir)`` / ``load(dir)``.
+"""Checkpoints: ``save(model, dir)``, ``load(dir)`` and ``read_checkpoint(dir)``.
 
 A checkpoint directory holds ``model.safetensors`` (every tensor of the model; a compressed layer's
-stored tensors under ``<layer>.<key>``) and ``matpress.json``, the manifest: format version, the
-recipe, each compressed layer's format, shape, config and tensor shapes (a compressed embedding's
-entry also has ``kind: embedding``, its padding index and the LM heads tied to it, which store nothing), the
-fused MoE experts modules stored unfused (``experts``: name -> class; their expert matrices are linear
-layers ``<module>.gate_up_proj.<e>``, see :mod:`matpress.experts`), the base model's class and
-config and where it came from, and the size and SHA-256 of the tensor file. Loading checks all of it
-and fails with the file and layer named rather than build a silently wrong model.
+stored tensors under ``<layer>.<key>``), ``matpress.json`` (the manifest, see
+:mod:`matpress.manifest`: format version, recipe, each compressed layer's kind, format, shape, config
+and tensor shapes (a compressed embedding's entry also has its padding index and the LM heads tied to
+it, which store nothing), the fused MoE experts modules stored unfused (``experts``: name -> class, see
+:mod:`matpress.experts`), the base model's class, config and source, and the size and SHA-256 of every
+other file), and optionally the tokenizer's files and ``sensitivity.json``.
+
+What reading verifies (:func:`read_checkpoint`, used by ``load``, ``matpress info`` and ``report``):
+
+1. the manifest is a regular file no larger than a checkpoint of this many tensors needs, valid
+   UTF-8 JSON without duplicate keys, at most 32 levels deep, and fits the schema;
+2. the tensor file is a readable safetensors file whose metadata records the manifest's *body
+   digest* (SHA-256 of the canonical manifest without ``files``), and that digest matches: an edit
+   of the manifest alone is detected;
+3. every file under ``files`` (the tensor file included) has the recorded size and SHA-256: an edit
+   of any other file alone is detected. There is no chicken-and-egg: the tensor file records a digest
+   of the manifest *without* ``files``, and only ``files`` records digests of the other files;
+4. every tensor the manifest lists is in the tensor file with that shape and dtype;
+5. with ``expect_digest``, the *checkpoint digest* (SHA-256 of the canonical whole manifest, which
+   through ``files`` covers every byte of every file) equals the published one. Editing several files
+   consistently (re-signing them) is only detected this way: a digest proves a checkpoint is the one
+   that was published, not who made it.
+
+``load`` then builds the base model's skeleton on the meta device (bounded: it stops once the model
+registers more modules and tensors than the checkpoint can account for), compares every parameter's
+and buffer's shape with the stored tensors before anything is allocated, builds it again with its
+parameters on the meta device and its buffers real, and assigns the stored tensors (no random init,
+no copy). Formats validate their index tensors in ``from_tensors``.
+
+``save`` is a transaction: everything is written into a fresh directory beside the target, which is
+renamed into place only when complete (an earlier checkpoint there is renamed aside first and deleted
+after); any failure, KeyboardInterrupt included, removes the new directory and leaves the target as it
+was. The target must be absent, empty or an earlier matpress checkpoint (which is replaced whole),
+unless ``force=True``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import secrets
+import shutil
+import stat
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from matpress import __version__
-from matpress.errors import CheckpointError, FormatError
+from matpress.errors import CheckpointError, FormatError, quote
 from matpress.experts import unfuse_recorded, unfused_experts
 from matpress.formats import Format, format_class
 from matpress.layer import CompressedEmbedding, CompressedLinear, FormatModule, TiedLinear
+from matpress.manifest import (
+    BODY_DIGEST_KEY, FORMAT_VERSION, MANIFEST, MAX_MANIFEST_BYTES, RESAVE, TENSORS, body_digest,
+    checkpoint_digest, max_manifest_bytes, normalize_digest, parse_manifest,
+)
 from matpress.model_pass import find_embeddings, find_linear_layers, linear_weight, set_submodule, tied_to
 from matpress.models import load_tokenizer_from
 
-FORMAT_VERSION = 1
-MANIFEST = "matpress.json"
-TENSORS = "model.safetensors"
-DTYPE_NAMES = {str(d).removeprefix("torch."): d for d in (
-    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8, torch.int8,
-    torch.int16, torch.int32, torch.int64, torch.bool,
-)}
+# safetensors' dtype names -> the manifest's (torch's without "torch.")
+SAFETENSORS_DTYPES = {
+    "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "U8": "uint8", "I8": "int8",
+    "I16": "int16", "I32": "int32", "I64": "int64", "BOOL": "bool",
+}
+# Buffers that are not saved (RoPE frequencies, position ids) may take at most this many elements
+# beyond all stored ones; anything more is a config inflated to allocate.
+UNSAVED_BUFFER_ALLOWANCE = 1 << 20
+FREE_SPACE_MARGIN = 1 << 20
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint whose manifest, digests and tensor list were verified by :func:`read_checkpoint`."""
+
+    directory: Path
+    manifest: dict[str, Any]
+    digest: str  # the checkpoint digest
+    stored: dict[str, tuple[tuple[int, ...], str]]  # tensor name -> (shape, dtype name), from the file header
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.directory / MANIFEST
+
+    @property
+    def tensor_path(self) -> Path:
+        return self.directory / TENSORS
+
+
+# -- reading --------------------------------------------------------------------------------------
 
 
 def _sha256(path: Path) -> str:
@@ -45,6 +106,420 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    """What the manifest's ``files`` records for one file: its size and SHA-256."""
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _regular_file(path: Path, what: str) -> os.stat_result:
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; {RESAVE}") from None
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read ({e.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise CheckpointError(f"{path} is not a regular file; {what} must be one")
+    return info
+
+
+def _read_bounded(path: Path, limit: int, why: str) -> bytes:
+    """The whole regular file ``path``, refused (before reading it) when larger than ``limit``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: a FIFO must not hang the open
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read ({e.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointError(f"{path} is not a regular file; the manifest must be one")
+        if info.st_size > limit:
+            raise CheckpointError(f"{path} holds {info.st_size} bytes, more than the {limit} {why}; {RESAVE}")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise CheckpointError(f"{path} grew past {limit} bytes while being read")
+    return data
+
+
+def _read_header(path: Path) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict[str, str]]:
+    """Tensor names, shapes and dtypes, and the metadata, from a safetensors file's header."""
+    _regular_file(path, "the tensor file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({quote(str(e))}): it is truncated or corrupted; {RESAVE}"
+        ) from None
+    stored = {}
+    for key, (shape, dtype) in header.items():
+        if dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {quote(key)} has dtype {dtype}, which matpress never writes; {RESAVE}")
+        stored[key] = (shape, SAFETENSORS_DTYPES[dtype])
+    return stored, metadata
+
+
+def _check_listed_tensors(manifest: dict[str, Any], stored: dict[str, tuple], mpath: Path, tpath: Path) -> None:
+    """Every tensor the manifest names is in the tensor file, with the listed shape and dtype."""
+    for name, entry in manifest["layers"].items():
+        where = f"{mpath}, layer {name}"
+        for key, meta in entry["tensors"].items():
+            found = stored.get(f"{name}.{key}")
+            if found is None:
+                raise CheckpointError(f"{where}: tensor {name}.{key} is missing from {tpath}; {RESAVE}")
+            if found != (tuple(meta["shape"]), meta["dtype"]):
+                raise CheckpointError(
+                    f"{where}: tensor {key} is {found[0]} {found[1]} in {tpath} but {tuple(meta['shape'])} "
+                    f"{meta['dtype']} in the manifest; {RESAVE}"
+                )
+        if entry.get("bias"):
+            found = stored.get(f"{name}.bias")
+            if found is None or found[0] != (entry["shape"][0],) or not _is_float(found[1]):
+                raise CheckpointError(f"{where}: bias is missing or has the wrong shape or dtype in {tpath}; {RESAVE}")
+    for alias, kept in manifest["tied"].items():
+        if alias in stored or kept not in stored:
+            raise CheckpointError(
+                f"{mpath}: tied tensor {quote(alias)} must be absent from {tpath} and {quote(kept)} present; {RESAVE}"
+            )
+
+
+def read_checkpoint(directory: Union[str, Path], expect_digest: Optional[str] = None) -> Checkpoint:
+    """Read and verify a checkpoint's manifest, digests and tensor list (module docstring, steps 1-5)."""
+    directory = Path(directory)
+    mpath, tpath = directory / MANIFEST, directory / TENSORS
+    if not os.path.lexists(mpath):
+        raise CheckpointError(f"{mpath} not found: {directory} is not a matpress checkpoint (save one with matpress.save)")
+    expected = None if expect_digest is None else normalize_digest(expect_digest)
+    stored, metadata = _read_header(tpath)
+    limit = max_manifest_bytes(len(stored))
+    manifest = parse_manifest(_read_bounded(mpath, limit, f"a checkpoint of {len(stored)} tensors needs"), mpath)
+    if metadata.get(BODY_DIGEST_KEY) != body_digest(manifest):
+        raise CheckpointError(
+            f"{mpath} and {tpath} do not belong together: the manifest's SHA-256 differs from the one the tensor "
+            f"file records, so one of them was modified or replaced; {RESAVE}"
+        )
+    for name, entry in manifest["files"].items():
+        path = directory / name
+        size = _regular_file(path, "every file of a checkpoint").st_size
+        if size != entry["bytes"]:
+            raise CheckpointError(
+                f"{path} holds {size} bytes, the manifest says {entry['bytes']}: the file is truncated or was replaced"
+            )
+        if _sha256(path) != entry["sha256"]:
+            raise CheckpointError(f"{path}: SHA-256 does not match the manifest: the file was modified or corrupted")
+    _check_listed_tensors(manifest, stored, mpath, tpath)
+    digest = checkpoint_digest(manifest)
+    if expected is not None and digest != expected:
+        raise CheckpointError(
+            f"{directory}: checkpoint digest sha256:{digest} is not the expected sha256:{expected}: this is a "
+            "different checkpoint (modified, re-signed or replaced); get the one whose digest was published"
+        )
+    return Checkpoint(directory, manifest, digest, stored)
+
+
+def stored_nbytes(entry: dict[str, Any]) -> int:
+    """Bytes a (validated) manifest layer entry's stored tensors take."""
+    total = 0
+    for meta in entry["tensors"].values():
+        n = 1
+        for s in meta["shape"]:
+            n *= s
+        total += n * getattr(torch, meta["dtype"]).itemsize
+    return total
+
+
+# -- building the model ---------------------------------------------------------------------------
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+@contextlib.contextmanager
+def _registration_limit(limit: int, path: Path) -> Iterator[None]:
+    """Stop a model's construction once it registers more than ``limit`` modules and tensors."""
+    count = 0
+
+    def hook(*args: Any) -> None:
+        nonlocal count
+        count += 1
+        if count > limit:
+            raise CheckpointError(
+                f"{path}: the base model's config builds more than {limit} modules and tensors, far more than the "
+                f"checkpoint stores; the config was inflated; {RESAVE}"
+            )
+
+    handles = [
+        torch_module.register_module_module_registration_hook(hook),
+        torch_module.register_module_parameter_registration_hook(hook),
+        torch_module.register_module_buffer_registration_hook(hook),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Build modules with their parameters on the meta device and their buffers real."""
+
+    def hook(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> Optional[nn.Parameter]:
+        if param is None or param.is_meta:
+            return None
+        return nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    handle = torch_module.register_module_parameter_registration_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _base_model_builder(checkpoint: Checkpoint) -> Callable[[], nn.Module]:
+    import transformers
+
+    base = checkpoint.manifest["base_model"]
+    cls = getattr(transformers, base["class"], None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)) or base["config"] is None:
+        raise CheckpointError(
+            f"{checkpoint.manifest_path}: the base model {quote(base['class'])} is not a transformers model class; "
+            "pass the model skeleton: matpress.load(dir, model=YourModel(...))"
+        )
+
+    def build() -> nn.Module:
+        try:
+            model = cls(cls.config_class.from_dict(base["config"]), **base["init_kwargs"])
+        except CheckpointError:
+            raise
+        except Exception as e:  # a hostile config can make transformers raise anything
+            raise CheckpointError(
+                f"{checkpoint.manifest_path}: the base model {cls.__name__} cannot be built from the recorded config "
+                f"({type(e).__name__}: {quote(str(e))}); {RESAVE}"
+            ) from None
+        model.matpress_init_kwargs = dict(base["init_kwargs"])
+        return model
+
+    return build
+
+
+def _build_base_model(checkpoint: Checkpoint) -> nn.Module:
+    """The base model with parameters on the meta device, after its shapes were checked on a meta skeleton."""
+    build = _base_model_builder(checkpoint)
+    limit = 8 * (len(checkpoint.stored) + len(checkpoint.manifest["layers"])) + 1024
+    with _registration_limit(limit, checkpoint.manifest_path), torch.device("meta"):
+        skeleton = _unfused(build(), checkpoint)
+    _check_fits(skeleton, checkpoint)
+    with _parameters_on_meta():
+        return _unfused(build(), checkpoint)
+
+
+def _unfused(model: nn.Module, checkpoint: Checkpoint) -> nn.Module:
+    """``model`` after unfusing (in place) the experts modules the checkpoint stores unfused."""
+    unfuse_recorded(model, checkpoint.manifest["experts"], str(checkpoint.manifest_path))
+    return model
+
+
+def _is_float(dtype_name: str) -> bool:
+    return getattr(torch, dtype_name).is_floating_point
+
+
+def _check_fits(model: nn.Module, checkpoint: Checkpoint) -> None:
+    """Every compressed layer replaces a layer of its kind and shape, and every other parameter and
+    saved buffer of ``model`` has a stored tensor of its shape (and the same dtype, or both floating
+    point), before any stored data is read."""
+    manifest, stored = checkpoint.manifest, checkpoint.stored
+    mpath, tpath = checkpoint.manifest_path, checkpoint.tensor_path
+    found = {kind: layer_module.find(model) for kind, layer_module in LAYER_MODULES.items()}
+    replaced: set[str] = set()
+    consumed: set[str] = set()
+    for name, entry in manifest["layers"].items():
+        where = f"{mpath}, layer {name}"
+        kind = LAYER_MODULES[entry["kind"]]
+        module = found[entry["kind"]].get(name)
+        if module is None:
+            raise CheckpointError(f"{where}: the model has no {entry['kind']} layer of that name")
+        model_shape = kind.shape(module)
+        if model_shape != tuple(entry["shape"]):
+            raise CheckpointError(f"{where}: manifest shape {tuple(entry['shape'])} does not match the model's layer {model_shape}")
+        more_replaced, more_consumed = kind.fits(found, manifest["layers"], module, entry, where)
+        replaced.update(f"{name}.{k}" for k in module.state_dict())
+        replaced.update(more_replaced)
+        consumed.update(f"{name}.{k}" for k in entry["tensors"])
+        consumed.update(f"{name}.{k}" for k in more_consumed)
+    state = model.state_dict()
+    tied = manifest["tied"]
+    expected = {k: t for k, t in state.items() if k not in replaced and k not in tied}
+    present = set(stored) - consumed
+    missing, unexpected = sorted(set(expected) - present), sorted(present - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{tpath} does not fit the model: missing {quote(missing[:5])}, unexpected {quote(unexpected[:5])}; {RESAVE}"
+        )
+    for key, t in expected.items():
+        shape, dtype = stored[key]
+        model_dtype = str(t.dtype).removeprefix("torch.")
+        if shape != tuple(t.shape) or (dtype != model_dtype and not (_is_float(dtype) and t.is_floating_point())):
+            raise CheckpointError(
+                f"{tpath}: tensor {key} is {shape} {dtype}, the model's is {tuple(t.shape)} {model_dtype}; {RESAVE}"
+            )
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for alias, kept in tied.items():
+        if (
+            alias not in state or alias in replaced or kept not in expected or (alias in params) != (kept in params)
+            or tuple(state[alias].shape) != stored[kept][0]
+        ):
+            raise CheckpointError(f"{mpath}: tied tensor {quote(alias)} cannot share {quote(kept)}; {RESAVE}")
+    unsaved = sum(b.numel() for name, b in model.named_buffers() if name not in state)
+    allowance = sum(_numel(shape) for shape, _ in stored.values()) + UNSAVED_BUFFER_ALLOWANCE
+    if unsaved > allowance:
+        raise CheckpointError(
+            f"{mpath}: the base model's config makes {unsaved} elements of unsaved buffers, more than the checkpoint "
+            f"could need ({allowance}); the config was inflated; {RESAVE}"
+        )
+
+
+def _load_tensors(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(checkpoint.tensor_path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{checkpoint.tensor_path} could not be read as safetensors: {quote(str(e))}") from None
+
+
+def _install_layers(model: nn.Module, checkpoint: Checkpoint, tensors: dict[str, torch.Tensor]) -> None:
+    for name, entry in checkpoint.manifest["layers"].items():
+        stored = {key: tensors[f"{name}.{key}"] for key in entry["tensors"]}
+        try:
+            fmt = format_class(entry["format"]).from_tensors(tuple(entry["shape"]), entry["config"], stored)
+        except FormatError as e:
+            raise CheckpointError(f"{checkpoint.manifest_path}, layer {name}: {e}") from None
+        LAYER_MODULES[entry["kind"]].install(model, name, fmt, entry, tensors)
+
+
+def _assign(model: nn.Module, checkpoint: Checkpoint, tensors: dict[str, torch.Tensor]) -> None:
+    """Put the stored tensors into ``model`` (cast to the dtype of the tensor they replace), tie aliases."""
+    state = model.state_dict()
+    consumed = {f"{name}.{key}" for name, e in checkpoint.manifest["layers"].items() for key in e["tensors"]}
+    values = {}
+    for key, t in state.items():
+        if key in consumed or key in checkpoint.manifest["tied"]:
+            continue
+        value = tensors[key]
+        device = torch.device("cpu") if t.is_meta else t.device
+        values[key] = value.to(device=device, dtype=t.dtype if t.is_floating_point() else value.dtype)
+    model.load_state_dict(values, strict=False, assign=True)
+    params = dict(model.named_parameters())
+    for alias, kept in checkpoint.manifest["tied"].items():
+        owner, _, attr = alias.rpartition(".")
+        setattr(model.get_submodule(owner), attr, params[kept] if kept in params else model.get_buffer(kept))
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"{checkpoint.tensor_path} left tensors of the model unset: {quote(left[:5])}; {RESAVE}")
+
+
+def load(
+    directory: Union[str, Path], model: Optional[nn.Module] = None, expect_digest: Optional[str] = None
+) -> nn.Module:
+    """Rebuild a model saved with :func:`save`, after verifying the checkpoint (see the module docstring).
+
+    For transformers models the architecture is rebuilt from the manifest; for any other module pass
+    a freshly constructed ``model`` with the same architecture, which is filled in place. With
+    ``expect_digest`` (what ``matpress info`` prints for the checkpoint you trust) anything else is
+    refused.
+    """
+    checkpoint = read_checkpoint(directory, expect_digest)
+    if model is None:
+        model = _build_base_model(checkpoint)
+    else:
+        _check_fits(_unfused(model, checkpoint), checkpoint)
+    tensors = _load_tensors(checkpoint)
+    _install_layers(model, checkpoint, tensors)
+    _assign(model, checkpoint, tensors)
+    model.eval()
+    return model
+
+
+def load_tokenizer(directory: Union[str, Path], trust_remote_code: bool = False) -> Any:
+    """The tokenizer saved beside a checkpoint, or None. A tokenizer that ships code is refused unless
+    ``trust_remote_code``."""
+    return load_tokenizer_from(Path(directory), trust_remote_code)
+
+
+# -- layer kinds: how each kind of manifest layer entry maps onto modules --------------------------
+
+
+def _linear_fits(found: dict[str, dict[str, nn.Module]], layers: dict[str, Any], module: nn.Module,
+                 entry: dict[str, Any], where: str) -> tuple[set[str], set[str]]:
+    if entry["bias"] != (getattr(module, "bias", None) is not None):
+        raise CheckpointError(f"{where}: the manifest records bias={entry['bias']}, the model's layer disagrees")
+    return set(), {"bias"} if entry["bias"] else set()
+
+
+def _install_linear(model: nn.Module, name: str, fmt: Format, entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    set_submodule(model, name, CompressedLinear(fmt, tensors[f"{name}.bias"] if entry["bias"] else None))
+
+
+def _embedding_fits(found: dict[str, dict[str, nn.Module]], layers: dict[str, Any], module: nn.Module,
+                    entry: dict[str, Any], where: str) -> tuple[set[str], set[str]]:
+    """The LM heads tied to the embedding are bias-free linear layers of its shape, stored nowhere else."""
+    heads, replaced = entry["tied_heads"], set()
+    for head in heads:
+        layer = found["linear"].get(head)
+        if (
+            layer is None or tuple(linear_weight(layer).shape) != tuple(entry["shape"])
+            or getattr(layer, "bias", None) is not None or head in layers or heads.count(head) > 1
+        ):
+            raise CheckpointError(
+                f"{where}: tied head {head} is not a bias-free linear layer of shape {tuple(entry['shape'])} in the "
+                "model that nothing else replaces"
+            )
+        replaced.update(f"{head}.{k}" for k in layer.state_dict())
+    return replaced, set()
+
+
+def _install_embedding(model: nn.Module, name: str, fmt: Format, entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    embedding = CompressedEmbedding(fmt, entry["padding_idx"])
+    set_submodule(model, name, embedding)
+    for head in entry["tied_heads"]:
+        set_submodule(model, head, TiedLinear(embedding))
+
+
+@dataclass(frozen=True)
+class LayerModule:
+    """One kind of manifest layer entry (see :data:`matpress.manifest.LAYER_KINDS`): the module class it
+    is loaded as; the layers of a model it can replace and such a layer's weight shape; what else it
+    must fit (``fits`` returns the model keys it replaces beyond the layer's own, and its stored keys
+    beyond its format's, relative to the layer's name); how it is put into the model; and what ``save``
+    records beyond its format."""
+
+    cls: type[FormatModule]
+    find: Callable[[nn.Module], dict[str, nn.Module]]
+    shape: Callable[[nn.Module], tuple[int, ...]]
+    fits: Callable[..., tuple[set[str], set[str]]]
+    install: Callable[[nn.Module, str, Format, dict[str, Any], dict[str, torch.Tensor]], None]
+    entry: Callable[[Any, list[str]], dict[str, Any]]
+
+
+LAYER_MODULES: dict[str, LayerModule] = {
+    "linear": LayerModule(
+        CompressedLinear, find_linear_layers, lambda m: tuple(linear_weight(m).shape), _linear_fits, _install_linear,
+        lambda m, heads: {"bias": m.bias is not None},
+    ),
+    "embedding": LayerModule(
+        CompressedEmbedding, find_embeddings, lambda m: tuple(m.weight.shape), _embedding_fits, _install_embedding,
+        lambda m, heads: {"padding_idx": m.padding_idx, "tied_heads": list(heads)},
+    ),
+}
+
+
+# -- saving ---------------------------------------------------------------------------------------
 
 
 def _dedupe_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -62,34 +537,130 @@ def _dedupe_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
     return kept, aliases
 
 
+def _is_checkpoint(directory: Path) -> bool:
+    """Whether ``directory`` holds a matpress checkpoint of any version (a real, not linked, manifest)."""
+    path = directory / MANIFEST
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode) or os.lstat(path).st_size > MAX_MANIFEST_BYTES:
+            return False
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("format_version"), int)
+
+
+def _fresh_dir(parent: Path, prefix: str) -> Path:
+    """A new empty directory in ``parent`` (permissions from the umask, unlike ``tempfile.mkdtemp``)."""
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(6)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
+def check_output_location(path: Union[str, Path], force: bool = False, nbytes: int = 0) -> None:
+    """Refuse, before any work, a place :func:`save` could not write a checkpoint of ``nbytes`` to.
+
+    ``path`` must be absent, an empty directory or an earlier matpress checkpoint (``force`` allows any
+    directory: it is then replaced whole), not a file or a symbolic link; the nearest existing parent
+    must be a directory we can create entries in, with ``nbytes`` (plus a margin) free.
+    """
+    path = Path(os.path.abspath(path))
+    if path.is_symlink():
+        raise CheckpointError(f"{path} is a symbolic link; pass the directory it points to, or another path")
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file, not a directory; choose a directory for the checkpoint")
+        with os.scandir(path) as it:
+            names = [e.name for _, e in zip(range(4), it)]
+        if names and not force and not _is_checkpoint(path):
+            raise CheckpointError(
+                f"{path} is not empty ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) and not a matpress "
+                "checkpoint; choose a new or empty directory, or pass --force (force=True) to replace it and "
+                "delete its contents"
+            )
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CheckpointError(f"cannot create {path}: {parent} is not a directory")
+    try:
+        _fresh_dir(parent, ".matpress-probe-").rmdir()
+    except OSError as e:
+        raise CheckpointError(f"cannot write a checkpoint to {path}: {parent} is not writable ({e.strerror})") from None
+    free = shutil.disk_usage(parent).free
+    if free < nbytes + FREE_SPACE_MARGIN:
+        raise CheckpointError(
+            f"cannot write a checkpoint of {nbytes / 1e6:.1f} MB to {path}: only {free / 1e6:.1f} MB free on its "
+            "filesystem; free some space or choose another location"
+        )
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace(staging: Path, target: Path) -> None:
+    """Rename the finished ``staging`` directory to ``target``; an existing target is renamed aside
+    first (and restored if the rename fails), then deleted."""
+    if not os.path.lexists(target):
+        os.rename(staging, target)
+    else:
+        aside = _fresh_dir(target.parent, f".{target.name}.matpress-old-")
+        os.rename(target, aside)  # replaces the empty placeholder
+        try:
+            os.rename(staging, target)
+        except BaseException:
+            os.rename(aside, target)
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
+    _fsync(target.parent)
+
+
+def _layer_entries(model: nn.Module) -> dict[str, dict[str, Any]]:
+    layers = {}
+    heads = tied_to(model)
+    for name, m in model.named_modules():
+        kind = next((k for k, lm in LAYER_MODULES.items() if isinstance(m, lm.cls)), None)
+        if kind is None or isinstance(m, TiedLinear):  # a tied head stores nothing: its embedding's entry names it
+            continue
+        stored = m.fmt.to_tensors()
+        layers[name] = {
+            "kind": kind,
+            "format": m.format_name,
+            "description": m.fmt.describe(),
+            "shape": list(m.fmt.shape),
+            "config": m.format_config,
+            "tensors": {k: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for k, t in stored.items()},
+            **LAYER_MODULES[kind].entry(m, heads.get(name, [])),
+        }
+    return layers
+
+
 def save(
     model: nn.Module,
     directory: Union[str, Path],
     tokenizer: Any = None,
     recipe: Any = None,
     source: Optional[str] = None,
+    force: bool = False,
+    extra_files: Optional[Callable[[Path], None]] = None,
 ) -> Path:
-    """Write ``model`` (with its compressed layers) to ``directory``; returns the directory."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write ``model`` (with its compressed layers) to ``directory`` as one transaction; returns it.
+
+    ``extra_files(staging_dir)`` may write more files into the checkpoint before it is put in place
+    (they are listed and digested in the manifest like the others). See :func:`check_output_location`
+    for which targets are accepted and what ``force`` does.
+    """
+    target = Path(os.path.abspath(directory))
     state, aliases = _dedupe_shared(model.state_dict())
-    layers = {}
-    heads = tied_to(model)
-    for name, m in model.named_modules():
-        if isinstance(m, FormatModule) and not isinstance(m, TiedLinear):
-            stored = m.fmt.to_tensors()
-            layers[name] = {
-                "format": m.format_name,
-                "description": m.fmt.describe(),
-                "shape": list(m.fmt.shape),
-                "config": m.format_config,
-                "tensors": {k: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for k, t in stored.items()},
-            }
-            if isinstance(m, CompressedEmbedding):
-                layers[name].update(embedding_entry(m, heads.get(name, [])))
-            else:
-                layers[name]["bias"] = m.bias is not None
-    save_file(state, str(directory / TENSORS), metadata={"producer": f"matpress {__version__}"})
+    check_output_location(target, force, sum(t.numel() * t.element_size() for t in state.values()))
     config = getattr(model, "config", None)
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -101,190 +672,30 @@ def save(
             "init_kwargs": getattr(model, "matpress_init_kwargs", {}),
         },
         "recipe": recipe.to_dict() if hasattr(recipe, "to_dict") else recipe,
-        "layers": layers,
+        "layers": _layer_entries(model),
         "experts": unfused_experts(model),
         "tied": aliases,
-        "files": {TENSORS: {"bytes": (directory / TENSORS).stat().st_size, "sha256": _sha256(directory / TENSORS)}},
     }
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(directory))
-    return directory
-
-
-def stored_nbytes(entry: dict[str, Any]) -> int:
-    """Bytes a manifest layer entry's stored tensors take."""
-    total = 0
-    for meta in entry["tensors"].values():
-        n = 1
-        for s in meta["shape"]:
-            n *= int(s)
-        total += n * torch.empty(0, dtype=DTYPE_NAMES[meta["dtype"]]).element_size()
-    return total
-
-
-def read_manifest(directory: Union[str, Path]) -> dict[str, Any]:
-    """Read and check a checkpoint's manifest (version and required fields)."""
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found: {directory} is not a matpress checkpoint (save one with matpress.save)")
+    manifest = json.loads(json.dumps(manifest, default=str))  # the digests cover what is read back
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = _fresh_dir(target.parent, f".{target.name}.matpress-new-")
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); the manifest is corrupted") from None
-    version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if version != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: checkpoint format version {version!r} is not supported by matpress {__version__} "
-            f"(it reads version {FORMAT_VERSION}); use the matpress version that wrote it"
-        )
-    for key in ("base_model", "layers", "files", "tied"):
-        if key not in manifest:
-            raise CheckpointError(f"{path}: manifest lacks the field {key!r}")
-    return manifest
-
-
-def _read_tensors(directory: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
-    path = directory / TENSORS
-    expected = manifest["files"].get(TENSORS)
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing")
-    if expected is None:
-        raise CheckpointError(f"{directory / MANIFEST}: no entry for {TENSORS} under 'files'")
-    size = path.stat().st_size
-    if size != expected["bytes"]:
-        raise CheckpointError(
-            f"{path} holds {size} bytes, the manifest says {expected['bytes']}: the file is truncated or was replaced"
-        )
-    if _sha256(path) != expected["sha256"]:
-        raise CheckpointError(f"{path}: SHA-256 does not match the manifest: the file was modified or corrupted")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} could not be read as safetensors: {e}") from None
-
-
-def _build_base_model(manifest: dict[str, Any], path: Path) -> nn.Module:
-    import transformers
-
-    base = manifest["base_model"]
-    cls = getattr(transformers, str(base.get("class")), None)
-    if cls is None or base.get("config") is None:
-        raise CheckpointError(
-            f"{path}: the base model {base.get('class')!r} is not a transformers model class; "
-            "pass the model skeleton: matpress.load(dir, model=YourModel(...))"
-        )
-    config = cls.config_class.from_dict(base["config"])
-    init_kwargs = base.get("init_kwargs") or {}
-    model = cls(config, **init_kwargs)
-    model.matpress_init_kwargs = init_kwargs
-    return model
-
-
-def embedding_entry(embedding: CompressedEmbedding, heads: list[str]) -> dict[str, Any]:
-    """What the manifest records for a compressed embedding beyond its format: its kind, padding
-    index, and the LM heads that share its stored matrix (which store nothing of their own)."""
-    return {"kind": "embedding", "padding_idx": embedding.padding_idx, "tied_heads": list(heads)}
-
-
-def install_embedding(
-    model: nn.Module, name: str, fmt: Format, entry: dict[str, Any], where: str, linears: dict[str, nn.Module]
-) -> None:
-    """Put the stored embedding ``name`` and the LM heads tied to it (among the model's ``linears``) in place."""
-    heads = entry.get("tied_heads", [])
-    if not isinstance(heads, list) or not all(isinstance(h, str) for h in heads):
-        raise CheckpointError(f"{where}: 'tied_heads' must be a list of layer names, got {heads!r}")
-    padding_idx = entry.get("padding_idx")
-    if padding_idx is not None and (not isinstance(padding_idx, int) or not 0 <= padding_idx < fmt.out_features):
-        raise CheckpointError(f"{where}: padding_idx {padding_idx!r} is not a row of the {fmt.out_features}-row embedding")
-    embedding = CompressedEmbedding(fmt, padding_idx)
-    set_submodule(model, name, embedding)
-    for head in heads:
-        layer = linears.get(head)
-        if layer is None or tuple(linear_weight(layer).shape) != fmt.shape or getattr(layer, "bias", None) is not None:
-            raise CheckpointError(
-                f"{where}: tied head {head} is not a bias-free linear layer of shape {fmt.shape} in the model"
-            )
-        set_submodule(model, head, TiedLinear(embedding))
-
-
-def load(directory: Union[str, Path], model: Optional[nn.Module] = None) -> nn.Module:
-    """Rebuild a model saved with :func:`save`.
-
-    For transformers models the architecture is rebuilt from the manifest; for any other module pass
-    a freshly constructed ``model`` with the same architecture, which is filled in place.
-    """
-    directory = Path(directory)
-    manifest = read_manifest(directory)
-    mpath = directory / MANIFEST
-    tensors = _read_tensors(directory, manifest)
-    if model is None:
-        model = _build_base_model(manifest, mpath)
-    unfuse_recorded(model, manifest.get("experts", {}), str(mpath))
-    linears = find_linear_layers(model)
-    embeddings = find_embeddings(model)
-    consumed: set[str] = set()
-    for name, entry in manifest["layers"].items():
-        where = f"{mpath}, layer {name}"
-        try:
-            shape = tuple(int(s) for s in entry["shape"])
-            fmt_cls = format_class(entry["format"])
-            config = entry["config"]
-            kind = entry.get("kind", "linear")
-        except (KeyError, TypeError, ValueError, FormatError, AttributeError) as e:
-            raise CheckpointError(f"{where}: malformed layer entry ({e})") from None
-        if kind not in ("linear", "embedding"):
-            raise CheckpointError(f"{where}: unknown layer kind {kind!r}; this matpress reads 'linear' and 'embedding'")
-        layer = (linears if kind == "linear" else embeddings).get(name)
-        if layer is None:
-            raise CheckpointError(f"{where}: the model has no {kind} layer of that name")
-        model_shape = tuple((linear_weight(layer) if kind == "linear" else layer.weight).shape)
-        if model_shape != shape:
-            raise CheckpointError(f"{where}: manifest shape {shape} does not match the model's layer {model_shape}")
-        stored = {}
-        for key, meta in entry.get("tensors", {}).items():
-            full = f"{name}.{key}"
-            t = tensors.get(full)
-            if t is None:
-                raise CheckpointError(f"{where}: tensor {full} is missing from {directory / TENSORS}")
-            if list(t.shape) != list(meta["shape"]) or str(t.dtype).removeprefix("torch.") != meta["dtype"]:
-                raise CheckpointError(
-                    f"{where}: tensor {key} is {tuple(t.shape)} {t.dtype} in the file but {tuple(meta['shape'])} "
-                    f"{meta['dtype']} in the manifest"
-                )
-            stored[key] = t
-            consumed.add(full)
-        try:
-            fmt = fmt_cls.from_tensors(shape, config, stored)
-        except FormatError as e:
-            raise CheckpointError(f"{where}: {e}") from None
-        if kind == "embedding":
-            install_embedding(model, name, fmt, entry, where, linears)
-            continue
-        bias = None
-        if entry.get("bias"):
-            bias = tensors.get(f"{name}.bias")
-            if bias is None or tuple(bias.shape) != (shape[0],):
-                raise CheckpointError(f"{where}: bias is missing or has the wrong shape")
-            consumed.add(f"{name}.bias")
-        set_submodule(model, name, CompressedLinear(fmt, bias))
-    rest = {k: v for k, v in tensors.items() if k not in consumed}
-    result = model.load_state_dict(rest, strict=False)
-    missing = [k for k in result.missing_keys if k not in consumed and k not in manifest["tied"]]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(
-            f"{directory / TENSORS} does not fit the model: missing {missing[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}"
-        )
-    for alias in manifest["tied"]:  # tied weights: make sure the tie survived (HF models re-tie on build)
-        if alias in result.missing_keys and hasattr(model, "tie_weights"):
-            model.tie_weights()
-            break
-    model.eval()
-    return model
-
-
-def load_tokenizer(directory: Union[str, Path], trust_remote_code: bool = False) -> Any:
-    """The tokenizer saved beside a checkpoint, or None. A tokenizer that ships code is refused unless
-    ``trust_remote_code``."""
-    return load_tokenizer_from(Path(directory), trust_remote_code)
+        save_file(state, str(staging / TENSORS), metadata={"producer": f"matpress {__version__}", BODY_DIGEST_KEY: body_digest(manifest)})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
+        if extra_files is not None:
+            extra_files(staging)
+        files = sorted(p for p in staging.iterdir() if p.is_file() and not p.is_symlink())
+        manifest["files"] = {p.name: file_entry(p) for p in files}
+        text = json.dumps(manifest, indent=1)
+        if len(text.encode()) > max_manifest_bytes(len(state)):
+            raise CheckpointError(f"the manifest of {target} would exceed {max_manifest_bytes(len(state))} bytes: the model's config or recipe is too large")
+        parse_manifest(text.encode(), staging / MANIFEST)  # never write a checkpoint load would refuse
+        (staging / MANIFEST).write_text(text)
+        for p in [*files, staging / MANIFEST]:
+            _fsync(p)
+        _replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Path(directory)

@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 
 from matpress.budget import SENSITIVITY, Budget, SensitivityTable, choose, load_allocation  # noqa: E402
 from matpress.errors import BudgetError, MatpressError  # noqa: E402
-from matpress.io import read_manifest, stored_nbytes  # noqa: E402
+from matpress.io import read_checkpoint, stored_nbytes  # noqa: E402
 
 
 def _short(name: str) -> str:
@@ -106,7 +106,7 @@ def _curve_plot(curve: list[tuple[float, float]], chosen_bpw: float, chosen_dama
 def write_report(directory: Union[str, Path], out: Union[str, Path, None] = None) -> Path:
     """Write ``report.md`` and its PNGs into ``out`` (default: the checkpoint directory)."""
     directory = Path(directory)
-    manifest = read_manifest(directory)
+    manifest = read_checkpoint(directory).manifest
     out = Path(out) if out else directory
     sensitivity = directory / SENSITIVITY
     allocation = load_allocation(sensitivity) if sensitivity.is_file() else None  # checked before anything is written

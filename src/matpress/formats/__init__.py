@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from matpress.errors import FormatError
+from matpress.errors import FormatError, quote
 from matpress.formats.base import Format
 from matpress.formats.dense import DenseFormat
 from matpress.formats.integer import IntFormat
@@ -30,10 +30,9 @@ def register_format(cls: type[Format]) -> type[Format]:
 
 
 def format_class(name: str) -> type[Format]:
-    try:
-        return FORMATS[name]
-    except KeyError:
-        raise FormatError(f"unknown format {name!r}; known formats: {sorted(FORMATS)}") from None
+    if not isinstance(name, str) or name not in FORMATS:
+        raise FormatError(f"unknown format {quote(name)}; known formats: {sorted(FORMATS)}")
+    return FORMATS[name]
 
 
 __all__ = [

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from matpress.errors import FormatError
+from matpress.errors import FormatError, quote
 
 
 class Format(ABC):
@@ -168,6 +168,16 @@ def child_from_tensors(
     spec = config.get(slot)
     if not isinstance(spec, dict) or not {"format", "shape", "config"} <= set(spec):
         raise FormatError(f"{owner}: config lacks a valid entry for child {slot!r}")
+    shape = spec["shape"]
+    if not (isinstance(shape, (list, tuple)) and len(shape) == 2 and all(is_positive_int(s) for s in shape)):
+        raise FormatError(f"{owner}: child {slot!r} needs a shape of two positive integers, got {quote(shape)}")
+    if not isinstance(spec["config"], dict):
+        raise FormatError(f"{owner}: child {slot!r} needs a config object, got {quote(spec['config'])}")
     prefix = f"{slot}{CHILD_SEPARATOR}"
     mine = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
-    return format_class(spec["format"]).from_tensors(tuple(spec["shape"]), spec["config"], mine)
+    return format_class(spec["format"]).from_tensors(tuple(shape), spec["config"], mine)
+
+
+def is_positive_int(value: Any) -> bool:
+    """An ``int`` (not a bool) above zero, as sizes read from a config must be."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0

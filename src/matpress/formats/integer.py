@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from matpress.errors import FormatError
-from matpress.formats.base import Format, check_weight, expect_tensor
+from matpress.errors import FormatError, quote
+from matpress.formats.base import Format, check_weight, expect_tensor, is_positive_int
 from matpress.formats.packing import pack_rows, packed_row_bytes, unpack_rows
 
 FP16_MIN_NORMAL = 2.0**-14
@@ -30,9 +30,15 @@ def resolve_group_size(group_size: int | None, in_features: int) -> int:
     """Columns per group; ``None`` (or -1) means one group per output channel."""
     if group_size is None or group_size == -1:
         return in_features
-    if not isinstance(group_size, int) or group_size <= 0:
+    if not is_positive_int(group_size):
         raise FormatError(f"group_size must be a positive integer or None (per channel), got {group_size!r}")
     return min(group_size, in_features)
+
+
+def check_bits(bits: Any) -> int:
+    if not is_positive_int(bits) or bits > 8:
+        raise FormatError(f"int format: bits must be an integer from 1 to 8, got {quote(bits)}")
+    return bits
 
 
 def grouped(weight: torch.Tensor, group: int) -> torch.Tensor:
@@ -115,9 +121,7 @@ class IntFormat(Format):
         zeros: torch.Tensor | None,
     ):
         super().__init__(shape)
-        if not isinstance(bits, int) or not 1 <= bits <= 8:
-            raise FormatError(f"int format: bits must be an integer from 1 to 8, got {bits!r}")
-        self.bits = bits
+        self.bits = check_bits(bits)
         self.group_size = group_size
         self.group = resolve_group_size(group_size, self.in_features)
         self.symmetric = bool(symmetric)
@@ -159,8 +163,7 @@ class IntFormat(Format):
     ) -> "IntFormat":
         """Round-to-nearest quantization with min-max scales."""
         check_weight(weight)
-        if not isinstance(bits, int) or not 1 <= bits <= 8:
-            raise FormatError(f"int format: bits must be an integer from 1 to 8, got {bits!r}")
+        check_bits(bits)
         w = weight.detach().float()
         group = resolve_group_size(group_size, w.shape[1])
         g = grouped(w, group)

@@ -84,6 +84,12 @@ def pack_trits(trits: torch.Tensor) -> torch.Tensor:
     return (digits * powers).sum(dim=-1).to(torch.uint8).contiguous()
 
 
+def check_trit_bytes(packed: torch.Tensor) -> None:
+    """Refuse bytes no five trits pack to (above 3**5 - 1)."""
+    if packed.numel() and int(packed.max()) >= 3**TRITS_PER_BYTE:
+        raise FormatError(f"packed trits hold a byte above {3**TRITS_PER_BYTE - 1}: the data is corrupt")
+
+
 def unpack_trits(packed: torch.Tensor, n_trits: int) -> torch.Tensor:
     """Inverse of :func:`pack_trits`: ``(rows, ceil(n / 5))`` uint8 -> ``(rows, n)`` int8 in {-1, 0, 1}."""
     if packed.dtype != torch.uint8 or packed.dim() != 2:
@@ -93,8 +99,7 @@ def unpack_trits(packed: torch.Tensor, n_trits: int) -> torch.Tensor:
             f"packed trit rows hold {packed.shape[1]} bytes, expected {packed_trit_row_bytes(n_trits)} "
             f"for {n_trits} trits"
         )
-    if packed.numel() and int(packed.max()) >= 3**TRITS_PER_BYTE:
-        raise FormatError(f"packed trits hold a byte above {3**TRITS_PER_BYTE - 1}: the data is corrupt")
+    check_trit_bytes(packed)
     powers = torch.tensor(_TRIT_POWERS, device=packed.device, dtype=torch.int64)
     digits = (packed.to(torch.int64).unsqueeze(-1) // powers) % 3
     return (digits.reshape(packed.shape[0], -1)[:, :n_trits] - 1).to(torch.int8)

@@ -69,6 +69,25 @@ def check_nm(n: Any, m: Any, in_features: int) -> None:
         raise FormatError(f"n:m sparsity: in_features={in_features} is not a multiple of m={m}")
 
 
+def check_csr(row_ptr: torch.Tensor, col_idx: torch.Tensor, in_features: int) -> None:
+    """CSR positions that describe exactly ``len(col_idx)`` distinct entries of an ``in_features``-wide
+    matrix: row pointers rising from 0 to that count by at most ``in_features`` per row, column
+    indices in range and increasing within each row. Checked without building the mask, so a
+    tampered pointer cannot make it allocate."""
+    ptr, cols = row_ptr.long(), col_idx.long()
+    nnz, counts = cols.numel(), ptr.diff()
+    if int(ptr[0]) != 0 or int(ptr[-1]) != nnz or bool((counts < 0).any()) or bool((counts > in_features).any()):
+        raise FormatError(
+            f"sparse format: row pointers must rise from 0 to the {nnz} kept values, by at most {in_features} per row"
+        )
+    if nnz and (int(cols.min()) < 0 or int(cols.max()) >= in_features):
+        raise FormatError(f"sparse format: column indices must lie in [0, {in_features})")
+    row_start = torch.zeros(nnz, dtype=torch.bool, device=cols.device)
+    row_start[ptr[:-1][counts > 0]] = True
+    if not bool((cols.diff() > 0).logical_or(row_start[1:]).all()):
+        raise FormatError("sparse format: column indices must increase within each row (no position twice)")
+
+
 def nm_index_bits(m: int) -> int:
     """Bits of one kept entry's position within its group of ``m`` columns."""
     return max(1, math.ceil(math.log2(m)))
@@ -94,13 +113,15 @@ class SparseFormat(CompositeFormat):
             self.positions = {
                 "mask": expect_tensor(positions, "mask", (out_f, packed_row_bytes(in_f, 1)), torch.uint8, self.name)
             }
+            kept = int(self.mask().sum())
+            if kept != self.nnz:
+                raise FormatError(f"sparse format: positions hold {kept} entries but {self.nnz} values")
         else:
             self.positions = {
                 "col_idx": expect_tensor(positions, "col_idx", (self.nnz,), csr_index_dtype(in_f), self.name),
                 "row_ptr": expect_tensor(positions, "row_ptr", (out_f + 1,), torch.int32, self.name),
             }
-        if int(self.mask().sum()) != self.nnz:
-            raise FormatError(f"sparse format: positions hold {int(self.mask().sum())} entries but {self.nnz} values")
+            check_csr(self.positions["row_ptr"], self.positions["col_idx"], in_f)
 
     @classmethod
     def from_mask(

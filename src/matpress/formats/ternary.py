@@ -19,7 +19,7 @@ import torch
 from matpress.errors import FormatError
 from matpress.formats.base import Format, check_weight, expect_tensor, fp16_factor
 from matpress.formats.integer import resolve_group_size, to_fp16_scale
-from matpress.formats.packing import pack_trits, packed_trit_row_bytes, unpack_trits
+from matpress.formats.packing import check_trit_bytes, pack_trits, packed_trit_row_bytes, unpack_trits
 
 
 def group_means(values: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -63,6 +63,7 @@ class TernaryFormat(Format):
         self.n_groups = math.ceil(self.in_features / group_size)
         row_bytes = packed_trit_row_bytes(self.in_features)
         self.packed = expect_tensor({"packed": packed}, "packed", (self.out_features, row_bytes), torch.uint8, self.name)
+        check_trit_bytes(self.packed)
         self.scales = expect_tensor(
             {"scales": scales}, "scales", (self.out_features, self.n_groups), torch.float16, self.name
         )
