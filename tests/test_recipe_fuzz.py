@@ -158,3 +158,25 @@ print(f"{{len(failures)}} of {n_cases} cases failed")
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-5000:]
     assert run.stdout.strip().endswith(f"0 of {n_cases} cases failed"), run.stdout[-8000:]
+
+
+def test_the_cli_refuses_a_sample_of_fuzzed_recipes_in_one_line(tmp_path, capsys):
+    """The first 30 fuzz cases that Recipe.load refuses, given to ``matpress compress --recipe``:
+    exit 2 and one line naming the file (the recipe is read before any model is loaded)."""
+    from matpress.cli import main
+    from matpress.errors import MatpressError
+    from matpress.recipe import Recipe
+
+    rng = random.Random(11)
+    tried = 0
+    while tried < 30:
+        path = tmp_path / f"case{tried}{rng.choice(['.json', '.yaml'])}"
+        write_case(mutate(rng.choice(VALID), rng, 3), path, rng)
+        try:
+            Recipe.load(path)
+            continue  # accepted: compressing with it is not this test's business
+        except MatpressError:
+            tried += 1
+        assert main(["compress", "minilm", "--recipe", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and str(path) in lines[0], lines
