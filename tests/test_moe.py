@@ -253,3 +253,16 @@ def test_a_checkpoint_naming_experts_the_model_lacks_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="no fused MixtralExperts experts module model.layers.1.mlp.experts"):
         matpress.load(tmp_path / "ckpt")
     assert find_fused_experts(build("olmoe"))  # a fresh model is fused until a checkpoint says otherwise
+
+
+def test_a_budget_allocates_per_expert_and_measures_starved_experts_under_their_fallback():
+    model = build("mixtral")
+    # 4 tokens: 8 routed per layer, every expert short of MIN_EXPERT_TOKENS (some routed none at all)
+    report = matpress.compress(model, {"budget": "4.5bpw", "candidates": "quant"}, calibration=random_data(VOCAB, n=1, seq=4),
+                               progress=False)
+    table = report.allocation[0]
+    names = [f"model.layers.{i}.mlp.experts.{p}.{e}" for i in range(LAYERS) for p in ("gate_up_proj", "down_proj") for e in range(EXPERTS)]
+    assert set(names) <= set(table.layers)  # one row, and one choice, per expert matrix
+    assert report.bits_per_weight <= 4.5
+    rows = {r.name: r for r in report.layers}
+    assert all(rows[n].note.startswith("rtn fallback: ") and rows[n].format.startswith("int") for n in names)

@@ -184,13 +184,17 @@ def calibration_free_counterpart(rule: Rule) -> Optional[Rule]:
 
 
 def expert_rule(model: nn.Module, name: str, rule: Rule, stats: Optional[LayerStats]) -> tuple[Rule, str]:
-    """The rule layer ``name`` is compressed with, and a note for the report: an expert routed fewer
-    than :data:`MIN_EXPERT_TOKENS` calibration tokens falls back from a calibrated method to its
-    calibration-free counterpart. Other layers keep ``rule`` (and no note)."""
-    if not get_method(rule.method).needs_calibration or not is_expert(model, name):
-        return rule, ""
+    """The rule layer ``name`` is compressed with, and a note for the report: see :func:`starved_rule`
+    for an expert; other layers keep ``rule`` (and no note)."""
+    return starved_rule(name, rule, stats) if is_expert(model, name) else (rule, "")
+
+
+def starved_rule(name: str, rule: Rule, stats: Optional[LayerStats]) -> tuple[Rule, str]:
+    """The rule expert ``name`` is compressed with, and a note for the report: routed fewer than
+    :data:`MIN_EXPERT_TOKENS` calibration tokens, it falls back from a calibrated method to the method's
+    calibration-free counterpart."""
     n_tokens = 0 if stats is None else stats.n_tokens
-    if n_tokens >= MIN_EXPERT_TOKENS:
+    if not get_method(rule.method).needs_calibration or n_tokens >= MIN_EXPERT_TOKENS:
         return rule, ""
     fallback = calibration_free_counterpart(rule)
     if fallback is None:

@@ -26,6 +26,7 @@ from matpress.budget.sensitivity import (
     weigh_end_to_end,
 )
 from matpress.errors import BudgetError, CheckpointError, RecipeError, quote
+from matpress.experts import is_expert
 from matpress.inputs import read_file
 from matpress.methods import LayerStats, get_method
 from matpress.model_pass import CompressionReport, find_linear_layers, install_format, layer_report, linear_weight
@@ -281,7 +282,7 @@ def compress_to_budget(
 ) -> tuple[CompressionReport, SensitivityTable, list[int]]:
     """Measure, allocate and apply; returns the report, the sensitivity table and the choice."""
     allowed = allowed or {name: list(candidates) for name in layers}
-    table = measure_sensitivity(layers, candidates, allowed, stats, progress)
+    table = measure_sensitivity(layers, candidates, allowed, stats, progress, frozenset(n for n in layers if is_expert(model, n)))
     if distortion is not None:
         weigh_end_to_end(table, model, layers, distortion, probe, progress)
     choice = choose(table, budget)

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from matpress.errors import BudgetError, FormatError
+from matpress.experts import starved_rule
 from matpress.formats import Format
 from matpress.methods import LayerStats
 from matpress.model_pass import install_format, linear_weight, set_submodule
@@ -93,9 +94,12 @@ def measure_sensitivity(
     allowed: dict[str, Sequence[str]],
     stats: Optional[dict[str, LayerStats]] = None,
     progress: bool = True,
+    experts: frozenset[str] = frozenset(),
 ) -> SensitivityTable:
     """Encode every allowed candidate of every layer once (kept in ``table.formats`` for reuse) and
-    measure its bytes and relative output error."""
+    measure its bytes and relative output error. The layers in ``experts`` (MoE expert matrices) short
+    of calibration tokens are measured under the fallback they will be compressed with
+    (:func:`matpress.experts.starved_rule`)."""
     from matpress.methods import get_method
 
     names = list(candidates)
@@ -113,6 +117,8 @@ def measure_sensitivity(
         rule = candidates[names[j]]
         weight = linear_weight(layers[name]).float()
         layer_stats = (stats or {}).get(name)
+        if name in experts:
+            rule = starved_rule(name, rule, layer_stats)[0]
         try:
             fmt = get_method(rule.method).run(weight, rule.params, layer_stats)
         except FormatError:  # a candidate this layer's shape cannot take (e.g. blocks that do not divide it)
