@@ -32,6 +32,7 @@ from matpress.evaluation import language_model_quality, token_windows
 from matpress.evaluation.text import EVALUATION, corpus
 from matpress.evaluation.timing import command_line, machine_description, publish
 from matpress.io import TENSORS
+from matpress.models import from_pretrained
 
 BLOCKS = {"method": "rtn", "bits": 4, "group_size": 64}
 EMBEDDING = "model.embed_tokens"
@@ -54,8 +55,8 @@ def smollm2_gguf() -> Path:
 def load_smollm2(gguf: Path) -> tuple[torch.nn.Module, Any]:
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = from_pretrained(transformers.AutoModelForCausalLM, gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = from_pretrained(transformers.AutoTokenizer, gguf.parent, gguf_file=gguf.name)
     return model.eval(), tokenizer
 
 
