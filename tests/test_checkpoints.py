@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 import tracemalloc
 from pathlib import Path
@@ -335,6 +336,17 @@ def test_saving_over_a_checkpoint_replaces_it_whole(checkpoint, tmp_path):
     assert "sensitivity.json" in read_checkpoint(checkpoint).manifest["files"]
     assert torch.equal(logits(matpress.load(checkpoint)), logits(model))
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+def test_every_file_of_a_checkpoint_gets_the_mode_the_umask_gives(checkpoint):
+    """safetensors writes its file 0600; the manifest beside it follows the umask: one mode for all."""
+    old = os.umask(0o027)
+    try:
+        matpress.save(tiny_llama(), checkpoint)
+    finally:
+        os.umask(old)
+    modes = {name: stat.S_IMODE((checkpoint / name).stat().st_mode) for name in os.listdir(checkpoint)}
+    assert modes == {MANIFEST: 0o640, TENSORS: 0o640}
 
 
 def test_an_interrupted_save_leaves_the_old_checkpoint_whole(checkpoint, tmp_path):

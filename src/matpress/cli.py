@@ -27,6 +27,16 @@ def _group(value: str):
     return g
 
 
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"takes a positive integer, got {quote(value)}")
+    return n
+
+
 class OneLineParser(argparse.ArgumentParser):
     """Bad flags end as every refused input does: exit 2 and one line on stderr (usage is in --help)."""
 
@@ -187,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="checkpoint directory written by 'matpress compress'")
     p.add_argument("--reference", help="original model (default: the source recorded in the checkpoint)")
     p.add_argument("--text", help="text file to evaluate on (default: built-in pydoc_data.topics, evaluation split)")
-    p.add_argument("--sentences", type=int, default=600, help="sentences for encoder evaluation (default 600)")
+    p.add_argument("--sentences", type=_positive_int, default=600, help="sentences for encoder evaluation (default 600)")
     p.add_argument("--expect-digest", help=EXPECT_DIGEST_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)

@@ -560,6 +560,14 @@ def _fresh_dir(parent: Path, prefix: str) -> Path:
             continue
 
 
+def _readable_as_umask_allows(path: Path) -> None:
+    """Give ``path`` the mode a plain ``open`` would (safetensors writes 0600 whatever the umask), so a
+    checkpoint's files share one set of permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
 def check_output_location(path: Union[str, Path], force: bool = False, nbytes: int = 0) -> None:
     """Refuse, before any work, a place :func:`save` could not write a checkpoint of ``nbytes`` to.
 
@@ -681,6 +689,7 @@ def save(
     staging = _fresh_dir(target.parent, f".{target.name}.matpress-new-")
     try:
         save_file(state, str(staging / TENSORS), metadata={"producer": f"matpress {__version__}", BODY_DIGEST_KEY: body_digest(manifest)})
+        _readable_as_umask_allows(staging / TENSORS)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
         if extra_files is not None:
