@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 import sys
 import tracemalloc
 from pathlib import Path
@@ -347,6 +348,29 @@ def test_every_file_of_a_checkpoint_gets_the_mode_the_umask_gives(checkpoint):
         os.umask(old)
     modes = {name: stat.S_IMODE((checkpoint / name).stat().st_mode) for name in os.listdir(checkpoint)}
     assert modes == {MANIFEST: 0o640, TENSORS: 0o640}
+
+
+def test_a_save_cleans_up_after_a_save_killed_outright(checkpoint, tmp_path):
+    """kill -9 runs no clean-up: the next save of the target deletes a dead process's staging directory,
+    puts back a checkpoint it had renamed aside, and leaves a running save's directories alone."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    staging = tmp_path / f".ckpt.matpress-new-{pid}-0a1b2c"
+    staging.mkdir()
+    (staging / TENSORS).write_bytes(b"\0" * 1000)
+    running = tmp_path / f".ckpt.matpress-new-{os.getpid()}-3d4e5f"
+    running.mkdir()
+    aside = tmp_path / f".ckpt.matpress-old-{pid}-6a7b8c"
+    before = logits(matpress.load(checkpoint))
+    os.rename(checkpoint, aside)  # killed between renaming the old checkpoint aside and the new one in
+    matpress.io._recover_killed_saves(checkpoint)
+    assert torch.equal(logits(matpress.load(checkpoint)), before)  # the old checkpoint is back whole
+    assert not staging.exists() and running.exists()
+    os.rename(checkpoint, aside)
+    model = tiny_llama()
+    matpress.save(model, checkpoint)
+    assert sorted(os.listdir(tmp_path)) == sorted(["ckpt", running.name])
+    assert torch.equal(logits(matpress.load(checkpoint)), logits(model))
 
 
 def test_an_interrupted_save_leaves_the_old_checkpoint_whole(checkpoint, tmp_path):

@@ -43,6 +43,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -614,13 +615,47 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+NEW, OLD = "new", "old"  # a save's directories beside its target: the one being written, the replaced one
+
+
+def _work_prefix(target: Path, role: str, pid: Optional[int] = None) -> str:
+    """Name prefix of a save's work directory beside ``target``; it carries the saving process's id so
+    that a later save can tell the leftovers of a process killed outright from a save still running."""
+    return f".{target.name}.matpress-{role}-{os.getpid() if pid is None else pid}-"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _recover_killed_saves(target: Path) -> None:
+    """Clean up after saves of ``target`` whose process was killed outright (``kill -9``): their staging
+    directories are deleted, and a replaced checkpoint left aside is put back when the target is gone
+    (the kill fell between the two renames) or deleted when the new one is in place."""
+    pattern = re.compile(re.escape(f".{target.name}.matpress-") + r"(new|old)-(\d+)-[0-9a-f]+")
+    for path in sorted(target.parent.iterdir()):
+        found = pattern.fullmatch(path.name)
+        if found is None or path.is_symlink() or not path.is_dir() or _process_alive(int(found.group(2))):
+            continue
+        if found.group(1) == OLD and not os.path.lexists(target):
+            os.rename(path, target)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _replace(staging: Path, target: Path) -> None:
     """Rename the finished ``staging`` directory to ``target``; an existing target is renamed aside
     first (and restored if the rename fails), then deleted."""
     if not os.path.lexists(target):
         os.rename(staging, target)
     else:
-        aside = _fresh_dir(target.parent, f".{target.name}.matpress-old-")
+        aside = _fresh_dir(target.parent, _work_prefix(target, OLD))
         os.rename(target, aside)  # replaces the empty placeholder
         try:
             os.rename(staging, target)
@@ -686,7 +721,8 @@ def save(
     }
     manifest = json.loads(json.dumps(manifest, default=str))  # the digests cover what is read back
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = _fresh_dir(target.parent, f".{target.name}.matpress-new-")
+    _recover_killed_saves(target)
+    staging = _fresh_dir(target.parent, _work_prefix(target, NEW))
     try:
         save_file(state, str(staging / TENSORS), metadata={"producer": f"matpress {__version__}", BODY_DIGEST_KEY: body_digest(manifest)})
         _readable_as_umask_allows(staging / TENSORS)
