@@ -31,22 +31,14 @@ from pathlib import Path
 
 import torch
 
-from matpress.budget import (
-    CALIBRATED_INT,
-    Budget,
-    allowed_candidates,
-    apply_choice,
-    choose,
-    measure_sensitivity,
-    resolve_candidates,
-    weigh_end_to_end,
-)
-from matpress.calibration import CalibrationSettings, collect_stats
 from matpress.evaluation import distortion_measure, evaluator
 from matpress.evaluation.timing import command_line, machine_description
-from matpress.model_pass import compress, find_linear_layers, linear_weight
-from matpress.models import CAUSAL_LM, load_pretrained, model_kind
-from matpress.recipe import as_recipe
+from matpress.models import load_pretrained
+from matpress.nn.layout import CAUSAL_LM, find_linear_layers, linear_weight, model_kind
+from matpress.passes import compress
+from matpress.passes.budget import apply_choice, choose, measure_sensitivity, weigh_end_to_end
+from matpress.recipe import CALIBRATED_INT, Budget, CalibrationSettings, allowed_candidates, as_recipe, resolve_candidates
+from matpress.walk import calibration_data, collect_stats
 
 BUDGETS = (2.5, 3.0, 3.25, 3.5, 4.0)
 # uniform baselines: the same quantizer for every layer, 2-4 bits, per channel / g128 / g64
@@ -71,7 +63,7 @@ def run_model(
     original, tokenizer, description = load(name)
     kind = model_kind(original)
     settings = CalibrationSettings(samples=samples)
-    data = settings.data(tokenizer, original)
+    data = calibration_data(settings, tokenizer, original)
     default = as_recipe(None)  # every linear layer but embeddings and lm_head, as compress does
     layers = {n: m for n, m in find_linear_layers(original).items() if default.rule_for(n) is not None}
     n_weights = sum(linear_weight(m).numel() for m in layers.values())

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 
 import matpress
-from matpress.calibration import CalibrationData
+from matpress.walk import CalibrationData
 from matpress.evaluation import embedding_fidelity, language_model_quality, sentence_embeddings, token_windows
 from matpress.evaluation.text import EVALUATION, corpus, sentences
 from matpress.evaluation.timing import command_line, machine_description

@@ -29,7 +29,8 @@ from typing import Any, Callable, Optional
 import torch
 
 import matpress
-from matpress.calibration import SENTENCE, WINDOW, CalibrationData
+from matpress.recipe.calibration import SENTENCE, WINDOW
+from matpress.walk import CalibrationData
 from matpress.evaluation import embedding_fidelity, language_model_quality, sentence_embeddings, token_windows
 from matpress.evaluation.text import EVALUATION, corpus, sentences
 from matpress.evaluation.timing import command_line, machine_description

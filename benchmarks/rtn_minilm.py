@@ -22,7 +22,7 @@ import matpress
 from matpress.evaluation import embedding_fidelity, sentence_embeddings
 from matpress.evaluation.text import sentences
 from matpress.evaluation.timing import command_line, interleaved_medians, machine_description, publish
-from matpress.model_pass import find_linear_layers, linear_weight
+from matpress.nn.layout import find_linear_layers, linear_weight
 from matpress.models import load_pretrained
 
 CONFIGS = [(8, 128), (8, None), (4, 128), (4, None), (3, 128), (3, None)]

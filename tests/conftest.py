@@ -20,7 +20,7 @@ transformers.logging.set_verbosity_error()
 
 def random_data(vocab: int, n: int = 8, seq: int = 16, batch_size: int = 4, seed: int = 0):
     """Calibration data of ``n`` random token sequences of length ``seq``."""
-    from matpress.calibration import CalibrationData
+    from matpress.walk import CalibrationData
 
     gen = torch.Generator().manual_seed(seed)
     return CalibrationData.from_token_ids(torch.randint(0, vocab, (n, seq), generator=gen), batch_size)

@@ -14,7 +14,7 @@ import matpress
 from matpress import kernels
 from matpress.formats import Format, format_class
 from matpress.io import read_checkpoint, stored_nbytes
-from matpress.layer import CompressedLinear
+from matpress.nn.layers import CompressedLinear
 from matpress.methods import LayerStats, get_method
 
 

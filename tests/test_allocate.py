@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from matpress.budget.allocate import Option, allocate
+from matpress.passes.budget.allocate import Option, allocate
 from matpress.errors import BudgetError
 
 

@@ -1,21 +1,13 @@
 import pytest
 import torch
 
-from matpress.budget import (
-    Budget,
-    allowed_candidates,
-    candidate_rules,
-    choose,
-    compress_to_budget,
-    measure_sensitivity,
-    relative_output_error,
-    weigh_end_to_end,
-)
+from matpress.passes.budget import choose, compress_to_budget, measure_sensitivity, relative_output_error, weigh_end_to_end
+from matpress.recipe import Budget, allowed_candidates, candidate_rules
 from matpress.errors import BudgetError, RecipeError
 from matpress.formats import IntFormat
-from matpress.layer import CompressedLinear
+from matpress.nn.layers import CompressedLinear
 from matpress.methods import LayerStats
-from matpress.model_pass import find_linear_layers
+from matpress.nn.layout import find_linear_layers
 
 from conftest import tiny_llama
 
@@ -179,7 +171,7 @@ SMALL_CALIBRATION = {"samples": 8, "seq_len": 32, "batch_size": 4}
 @pytest.mark.parametrize("preset", ["quant", "all"])
 def test_calibrated_budget_uses_the_best_quantizer_and_fits(minilm, preset):
     import matpress
-    from matpress.budget import CALIBRATED_INT
+    from matpress.recipe import CALIBRATED_INT
 
     model = tiny_llama(vocab=minilm.tokenizer.vocab_size)
     recipe = {"budget": "3.5bpw", "candidates": preset, "calibration": SMALL_CALIBRATION}

@@ -7,17 +7,14 @@ import torch
 from torch import nn
 
 import matpress
-from matpress.calibration import (
-    CalibrationData,
-    CalibrationSettings,
-    collect_stats,
-    compress_sequential,
-    find_blocks,
-)
+from matpress.passes.sequential import compress_sequential
+from matpress.recipe import CalibrationSettings
+from matpress.walk import CalibrationData, collect_stats
+from matpress.walk.blocks import find_blocks
 from matpress.errors import CalibrationError, RecipeError
 from matpress.evaluation.text import CALIBRATION, corpus
-from matpress.layer import CompressedLinear
-from matpress.model_pass import find_linear_layers
+from matpress.nn.layers import CompressedLinear
+from matpress.nn.layout import find_linear_layers
 from matpress.recipe import Recipe
 
 from conftest import random_data, tiny_bert, tiny_llama

@@ -13,7 +13,7 @@ import matpress
 from matpress.errors import RecipeError
 from matpress.formats import FORMATS, DenseFormat, IntFormat, format_class
 from matpress.io import TENSORS, read_checkpoint
-from matpress.layer import CompressedEmbedding, CompressedLinear, TiedLinear
+from matpress.nn.layers import CompressedEmbedding, CompressedLinear, TiedLinear
 from matpress.recipe import Recipe
 
 from checkpoint_edits import edit_manifest

@@ -4,7 +4,7 @@ import torch
 
 import matpress
 from conftest import tiny_llama
-from matpress.calibration import CalibrationData, collect_stats
+from matpress.walk import CalibrationData, collect_stats
 from matpress.cli import main
 
 RECIPE = {

@@ -72,7 +72,7 @@ def make_stack():
 
 
 def compressed_stack():
-    from matpress.model_pass import install_format
+    from matpress.nn.layout import install_format
 
     model = make_stack()
     for i, encode in enumerate(layer_formats()):
@@ -85,8 +85,8 @@ def compressed_llama():
     import transformers
     import matpress
     from matpress.formats import IntFormat, NMSparseFormat, SparseFormat, TernaryFormat
-    from matpress.layer import TiedLinear
-    from matpress.model_pass import find_linear_layers, install_format, linear_weight
+    from matpress.nn.layers import TiedLinear
+    from matpress.nn.layout import find_linear_layers, install_format, linear_weight
 
     cfg = transformers.LlamaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,

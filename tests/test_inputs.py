@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from matpress.calibration import CalibrationData
+from matpress.walk import CalibrationData
 from matpress.errors import QUOTE_LIMIT, CalibrationError, RecipeError, quote
 from matpress.evaluation.text import MAX_TEXT_BYTES, corpus, read_text_file, sentences
 from matpress.recipe import MAX_RECIPE_BYTES, MAX_RECIPE_DEPTH, Recipe

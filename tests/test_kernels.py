@@ -13,7 +13,7 @@ from format_checks import assert_within_kernel_bound, kernel_error_bound, kernel
 from matpress import kernels
 from matpress.formats import IntFormat, TernaryFormat
 from matpress.kernels import build, lowbit
-from matpress.layer import CompressedLinear
+from matpress.nn.layers import CompressedLinear
 
 # Odd shapes: 37 rows is not a multiple of the 4-row tile, 300 columns not a multiple of the groups.
 OUT, IN = 37, 300

@@ -5,8 +5,8 @@ from torch import nn
 import matpress
 from matpress.errors import CheckpointError, FormatError, RecipeError
 from matpress.io import MANIFEST, TENSORS
-from matpress.layer import CompressedLinear
-from matpress.model_pass import find_linear_layers, linear_weight
+from matpress.nn.layers import CompressedLinear
+from matpress.nn.layout import find_linear_layers, linear_weight
 
 from checkpoint_edits import edit_manifest
 from conftest import tiny_gpt2, tiny_llama

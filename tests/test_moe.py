@@ -1,4 +1,4 @@
-"""Fused mixture-of-experts parameters compressed per expert (matpress.experts): tiny random Mixtral,
+"""Fused mixture-of-experts parameters compressed per expert (matpress.nn.experts): tiny random Mixtral,
 Qwen3-MoE and OLMoE models built from configs."""
 
 import copy
@@ -12,13 +12,13 @@ import transformers
 from torch import nn
 
 import matpress
-from matpress import experts as experts_module
-from matpress import model_pass
+from matpress.nn import experts as experts_module
+from matpress.passes import layers as passes_layers
 from matpress.errors import CheckpointError, RecipeError
-from matpress.experts import CALIBRATION_FREE, MIN_EXPERT_TOKENS, SUPPORTED_EXPERTS, UnfusedExperts, find_fused_experts
+from matpress.nn.experts import CALIBRATION_FREE, MIN_EXPERT_TOKENS, SUPPORTED_EXPERTS, UnfusedExperts, find_fused_experts
 from matpress.formats import IntFormat
 from matpress.io import read_checkpoint
-from matpress.layer import CompressedLinear
+from matpress.nn.layers import CompressedLinear
 from matpress.methods import METHODS
 
 from checkpoint_edits import edit_manifest
@@ -188,7 +188,7 @@ def test_gptq_on_experts_uses_the_tokens_routed_to_each_and_falls_back_when_too_
         routed[name] = 0 if stats is None else stats.n_tokens
         return rule_of(model, name, rule, stats)
 
-    monkeypatch.setattr(model_pass, "expert_rule", recording)
+    monkeypatch.setattr(passes_layers, "expert_rule", recording)
     model = build("mixtral")
     data = random_data(VOCAB, n=8, seq=16)  # 128 tokens, 256 routed per layer, 64 per expert on average
     report = matpress.compress(model, {"default": {"method": "gptq", "bits": 4, "group_size": 32}}, calibration=data, progress=False)

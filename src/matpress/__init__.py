@@ -9,10 +9,10 @@ __version__ = "0.1.0"
 from matpress.errors import CalibrationError, CheckpointError, FormatError, MatpressError, RecipeError  # noqa: E402
 from matpress.evaluation import evaluate  # noqa: E402
 from matpress.io import load, save  # noqa: E402
-from matpress.layer import CompressedEmbedding, CompressedLinear  # noqa: E402
-from matpress.model_pass import CompressionReport, compress  # noqa: E402
+from matpress.nn import CompressedEmbedding, CompressedLinear  # noqa: E402
+from matpress.passes import CompressionReport, compress  # noqa: E402
 from matpress.recipe import Recipe, Rule  # noqa: E402
-from matpress.calibration import CalibrationData  # noqa: E402
+from matpress.walk import CalibrationData  # noqa: E402
 
 __all__ = [
     "CalibrationData",

@@ -7,7 +7,14 @@ import json
 import sys
 from typing import NoReturn, Optional, Sequence
 
-from matpress.errors import MatpressError, RemoteCodeError, quote
+import matpress
+from matpress.errors import MatpressError, RecipeError, RemoteCodeError, quote
+from matpress.io import check_output_location, load_tokenizer, read_checkpoint, stored_nbytes
+from matpress.methods import METHODS
+from matpress.models import load_pretrained
+from matpress.passes.budget import SENSITIVITY, save_allocation
+from matpress.recipe import PRESETS, Recipe
+from matpress.report import write_report
 
 
 PER_CHANNEL = "channel"
@@ -45,8 +52,6 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def _recipe_from_args(args: argparse.Namespace):
-    from matpress.errors import RecipeError
-    from matpress.recipe import Recipe
 
     data = {}
     if args.recipe:
@@ -87,10 +92,6 @@ def _recipe_from_args(args: argparse.Namespace):
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
-    import matpress
-    from matpress.budget import SENSITIVITY, save_allocation
-    from matpress.io import check_output_location
-    from matpress.models import load_pretrained
 
     check_output_location(args.out, args.force)  # fail now, not after the compression
     recipe = _recipe_from_args(args)
@@ -106,7 +107,6 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from matpress.io import read_checkpoint, stored_nbytes
 
     checkpoint = read_checkpoint(args.dir, args.expect_digest)
     manifest = checkpoint.manifest
@@ -133,9 +133,6 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    import matpress
-    from matpress.io import load_tokenizer, read_checkpoint
-    from matpress.models import load_pretrained
 
     checkpoint = read_checkpoint(args.dir, args.expect_digest)
     manifest = checkpoint.manifest
@@ -158,15 +155,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from matpress.report import write_report
 
     path = write_report(args.dir, args.out)
     print(f"report written to {path}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from matpress.budget import PRESETS
-    from matpress.methods import METHODS
 
     parser = OneLineParser(prog="matpress", description="Compress the linear layers of a model.")
     sub = parser.add_subparsers(dest="command", required=True)

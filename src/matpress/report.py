@@ -9,17 +9,26 @@ the best allocation as a function of the budget, with the chosen budget marked.
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Union
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # files only: no display on servers
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from matpress.errors import BudgetError, MatpressError
+from matpress.io import read_checkpoint, stored_nbytes
+from matpress.passes.budget import SENSITIVITY, SensitivityTable, choose, load_allocation
+from matpress.recipe import Budget
 
-from matpress.budget import SENSITIVITY, Budget, SensitivityTable, choose, load_allocation  # noqa: E402
-from matpress.errors import BudgetError, MatpressError  # noqa: E402
-from matpress.io import read_checkpoint, stored_nbytes  # noqa: E402
+
+def _pyplot() -> ModuleType:
+    """matplotlib's pyplot, drawing to files only (no display on servers); imported when a report is
+    drawn, so the command line starts without it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+
+    return matplotlib.pyplot
 
 
 def _short(name: str) -> str:
@@ -40,6 +49,7 @@ def _layer_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _bar_chart(rows: list[dict[str, Any]], path: Path) -> None:
+    plt = _pyplot()
     formats = sorted({r["format"] for r in rows})
     palette = plt.cm.tab10 if len(formats) <= 10 else plt.cm.tab20
     colours = {f: palette(i % palette.N) for i, f in enumerate(formats)}
@@ -56,6 +66,7 @@ def _bar_chart(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def _heat_map(table: SensitivityTable, choice: list[int], path: Path) -> None:
+    plt = _pyplot()
     damage = np.full((len(table.layers), len(table.candidates)), np.nan)
     for i in range(len(table.layers)):
         for j in table.allowed[i]:
@@ -89,6 +100,7 @@ def damage_curve(table: SensitivityTable, points: int = 40) -> list[tuple[float,
 
 
 def _curve_plot(curve: list[tuple[float, float]], chosen_bpw: float, chosen_damage: float, path: Path) -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([c[0] for c in curve], [c[1] for c in curve], marker=".", label="best allocation")
     ax.scatter([chosen_bpw], [chosen_damage], color="red", zorder=3, label=f"chosen ({chosen_bpw:.2f} bpw)")

@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from matpress.errors import MatpressError
 from matpress.evaluation.metrics import embedding_fidelity, language_model_quality, sentence_embeddings, token_windows
 from matpress.evaluation.text import CALIBRATION, EVALUATION, corpus, sentences
-from matpress.models import CAUSAL_LM, ENCODER, model_kind
+from matpress.nn.layout import CAUSAL_LM, ENCODER, model_kind
 
 
 def evaluate(
@@ -75,9 +77,6 @@ def distortion_measure(
     """A function measuring how far a model's output drifts from ``reference``'s on *calibration* text:
     1 - mean embedding cosine for encoders, mean next-token KL for causal LMs. The reference's outputs
     are computed once, here."""
-    import torch
-    import torch.nn.functional as F
-
     kind = kind or model_kind(reference)
     if kind == ENCODER:
         texts = sentences(n_sentences, CALIBRATION, text_file)

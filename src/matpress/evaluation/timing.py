@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import shlex
 import statistics
@@ -24,8 +25,6 @@ def machine_description() -> str:
                     break
     except OSError:
         pass
-    import os
-
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 

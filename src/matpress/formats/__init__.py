@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from matpress.errors import FormatError, quote
 from matpress.formats.base import Format
 from matpress.formats.dense import DenseFormat
 from matpress.formats.integer import IntFormat
@@ -11,28 +10,13 @@ from matpress.formats.monarch import BlockDiagFormat, MonarchFormat
 from matpress.formats.sparse import NMSparseFormat, SparseFormat
 from matpress.formats.ternary import TernaryFormat
 from matpress.formats.transformed import TransformedFormat
+from matpress.formats.registry import FORMATS, format_class, register_format
 
-FORMATS: dict[str, type[Format]] = {
-    cls.name: cls
-    for cls in (
-        DenseFormat, IntFormat, TernaryFormat, LowRankFormat, SumFormat, SparseFormat, NMSparseFormat,
-        MonarchFormat, BlockDiagFormat, TransformedFormat,
-    )
-}
-
-
-def register_format(cls: type[Format]) -> type[Format]:
-    """Make a format class known to save/load under ``cls.name``."""
-    if cls.name in FORMATS and FORMATS[cls.name] is not cls:
-        raise FormatError(f"a different format is already registered as {cls.name!r}")
-    FORMATS[cls.name] = cls
-    return cls
-
-
-def format_class(name: str) -> type[Format]:
-    if not isinstance(name, str) or name not in FORMATS:
-        raise FormatError(f"unknown format {quote(name)}; known formats: {sorted(FORMATS)}")
-    return FORMATS[name]
+for cls in (
+    DenseFormat, IntFormat, TernaryFormat, LowRankFormat, SumFormat, SparseFormat, NMSparseFormat,
+    MonarchFormat, BlockDiagFormat, TransformedFormat,
+):
+    register_format(cls)
 
 
 __all__ = [

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import torch
 
 from matpress.errors import FormatError, quote
+from matpress.formats.registry import format_class
 
 
 class Format(ABC):
@@ -163,8 +164,6 @@ def child_from_tensors(
     slot: str, config: dict[str, Any], tensors: dict[str, torch.Tensor], owner: str
 ) -> Format:
     """Rebuild the child stored in ``slot`` of a composite named ``owner``."""
-    from matpress.formats import format_class  # the registry imports this module
-
     spec = config.get(slot)
     if not isinstance(spec, dict) or not {"format", "shape", "config"} <= set(spec):
         raise FormatError(f"{owner}: config lacks a valid entry for child {slot!r}")

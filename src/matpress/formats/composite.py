@@ -2,7 +2,7 @@
 
 :class:`CompositeFormat` holds the nesting logic once: children serialize through
 :func:`~matpress.formats.base.child_tensors` and friends, and their products go through
-:func:`matpress.kernels.matmul`, so a fast kernel for a child applies inside any composite.
+:func:`matpress.formats.dispatch.matmul`, so a fast kernel for a child applies inside any composite.
 
 - :class:`LowRankFormat`: ``W ~ U V`` (rank r), multiplied as two thin products.
 - :class:`SumFormat`: ``W ~ A + B`` for any two formats (int + low-rank residual, sparse outliers + int).
@@ -16,6 +16,8 @@ import torch
 
 from matpress.errors import FormatError
 from matpress.formats.base import CHILD_SEPARATOR, Format, check_weight, child_config, child_from_tensors, child_tensors
+from matpress.formats import dispatch
+from matpress.formats.registry import format_class
 
 ChildSpec = Optional[dict[str, Any]]
 DEFAULT_CHILD: dict[str, Any] = {"format": "dense", "dtype": "fp16"}
@@ -24,8 +26,6 @@ DEFAULT_CHILD: dict[str, Any] = {"format": "dense", "dtype": "fp16"}
 def encode_child(weight: torch.Tensor, spec: ChildSpec, owner: str) -> Format:
     """Encode ``weight`` as the child format ``spec`` names, e.g. ``{"format": "int", "bits": 8}``
     (default: dense fp16)."""
-    from matpress.formats import format_class  # the registry imports this module
-
     spec = dict(DEFAULT_CHILD if spec is None else spec)
     if "format" not in spec:
         raise FormatError(f"{owner}: a child format spec needs a 'format' key, got {spec}")
@@ -34,13 +34,6 @@ def encode_child(weight: torch.Tensor, spec: ChildSpec, owner: str) -> Format:
         return cls.encode(weight, **spec)
     except TypeError as e:
         raise FormatError(f"{owner}: bad parameters {spec} for child format {cls.name!r}: {e}") from None
-
-
-def child_matmul(child: Format, x: torch.Tensor) -> torch.Tensor:
-    """A child's ``x @ W.T`` through the kernel dispatch."""
-    from matpress import kernels  # kernels import the format registry
-
-    return kernels.matmul(child, x)
 
 
 class CompositeFormat(Format):
@@ -147,7 +140,7 @@ class LowRankFormat(CompositeFormat):
         return (self.u.decode() @ self.v.decode()).to(dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return child_matmul(self.u, child_matmul(self.v, x))
+        return dispatch.matmul(self.u, dispatch.matmul(self.v, x))
 
     def describe(self) -> str:
         u, v = self.u.describe(), self.v.describe()
@@ -186,7 +179,7 @@ class SumFormat(CompositeFormat):
         return (self.a.decode() + self.b.decode()).to(dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return child_matmul(self.a, x) + child_matmul(self.b, x)
+        return dispatch.matmul(self.a, x) + dispatch.matmul(self.b, x)
 
     def describe(self) -> str:
         return f"sum({self.a.describe()} + {self.b.describe()})"

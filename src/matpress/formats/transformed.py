@@ -24,7 +24,9 @@ import torch
 
 from matpress.errors import FormatError
 from matpress.formats.base import Format, check_weight, expect_tensor
-from matpress.formats.composite import CompositeFormat, child_matmul
+from matpress.formats.composite import CompositeFormat
+from matpress.formats import dispatch
+from matpress.formats.registry import format_class
 from matpress.formats.packing import pack_rows, packed_row_bytes, unpack_rows
 
 
@@ -117,8 +119,6 @@ class TransformedFormat(CompositeFormat):
     ) -> "TransformedFormat":
         """Transform ``weight`` (rotation with signs from ``seed``, and/or the given input scales) and
         encode the result directly in format ``child`` (round-to-nearest for ``int``)."""
-        from matpress.formats import format_class
-
         check_weight(weight)
         transform = make_transform(weight.shape[1], rotate, seed, scale)
         return cls(format_class(child).encode(transform.weight(weight.float()), **child_params), transform)
@@ -127,7 +127,7 @@ class TransformedFormat(CompositeFormat):
         return self.transform.unweight(self.child.decode(torch.float32)).to(dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return child_matmul(self.child, self.transform.apply(x))
+        return dispatch.matmul(self.child, self.transform.apply(x))
 
     def own_config(self) -> dict[str, Any]:
         return {"scaled": self.transform.scale is not None, "rotated": self.transform.signs is not None}

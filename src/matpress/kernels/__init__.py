@@ -1,34 +1,16 @@
 """Kernels: the fast ``x @ W.T`` for each format and device.
 
-:func:`matmul` is the one entry point used by :class:`~matpress.layer.CompressedLinear` and by
-composite formats for their children. A kernel registered for a format class is tried first; when it
-declines (returns None: wrong device, dtype or shape it does not handle) the format's own
-``matmul`` runs, which is always correct.
+Each kernel registers into the dispatch registry of :mod:`matpress.formats.dispatch` (whose
+:func:`matmul` this package re-exports): formats call the dispatch and never import kernels. A kernel
+declines (returns None) an input it does not handle, and the format's own ``matmul`` runs.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
-
 import torch
 
-from matpress.errors import FormatError
-from matpress.formats import Format
+from matpress.formats.dispatch import KERNELS, matmul, register_kernel
 from matpress.kernels.build import disabled
-
-KernelFn = Callable[[Format, torch.Tensor], Optional[torch.Tensor]]
-
-KERNELS: dict[type, list[KernelFn]] = {}
-
-
-def register_kernel(format_cls: type) -> Callable[[KernelFn], KernelFn]:
-    """Decorator: ``fn(fmt, x) -> y or None`` becomes a fast path for ``format_cls``."""
-
-    def wrap(fn: KernelFn) -> KernelFn:
-        KERNELS.setdefault(format_cls, []).append(fn)
-        return fn
-
-    return wrap
 
 
 def kernels_may_take(x: torch.Tensor) -> bool:
@@ -39,20 +21,6 @@ def kernels_may_take(x: torch.Tensor) -> bool:
         and not (x.requires_grad and torch.is_grad_enabled())
         and not disabled()
     )
-
-
-def matmul(fmt: Format, x: torch.Tensor) -> torch.Tensor:
-    """``x @ W.T`` by the first registered kernel that takes it, else by the format itself."""
-    if x.shape[-1:] != (fmt.in_features,):
-        raise FormatError(
-            f"matmul: the input's last dimension is {tuple(x.shape[-1:])} but the {fmt.describe()} weight "
-            f"({fmt.out_features}x{fmt.in_features}) takes {fmt.in_features} features; check the input shape"
-        )
-    for fn in KERNELS.get(type(fmt), ()):
-        y = fn(fmt, x)
-        if y is not None:
-            return y
-    return fmt.matmul(x)
 
 
 # Register the compiled CPU kernels (kernels/lowbit.py) and the Triton GPU kernels (kernels/gpu.py)

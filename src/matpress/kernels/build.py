@@ -31,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import re
 import shutil
 import stat
@@ -63,8 +64,6 @@ def cpu_flags() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import platform
-
     return platform.machine()
 
 

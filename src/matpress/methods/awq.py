@@ -11,7 +11,7 @@ paper, each group's clipping range is shrunk by the ratio that minimises that gr
 Where the architecture allows, the calibration pass folds ``1/s`` into the operation producing the
 layer's input (a LayerNorm/RMSNorm before q/k/v or gate/up, v_proj before o_proj, up_proj before
 down_proj), with one scale searched jointly for the layers sharing that input, and checks that the
-block's output is unchanged (see :func:`matpress.calibration.fold_awq_scales`); those layers are then
+block's output is unchanged (see :func:`matpress.passes.sequential.fold_awq_scales`); those layers are then
 stored as plain ``int``. Elsewhere ``1/s`` stays in front of the layer, stored (fp16) in a
 ``transformed`` format around the ``int`` child. ``alpha = 0`` (no scaling) gives the plain ``int``
 format.

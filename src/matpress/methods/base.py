@@ -15,6 +15,7 @@ import torch
 
 from matpress.errors import RecipeError, quote
 from matpress.formats import Format
+from matpress.recipe.rules import register_params, unknown_method
 
 
 def check_int(name: str, value: object, minimum: int = 1, null: Optional[str] = None) -> None:
@@ -96,6 +97,7 @@ def register_method(
             raise RecipeError(f"method {name!r} is registered twice")
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
         METHODS[name] = Method(name, params_type, fn, needs_calibration, summary)
+        register_params(name, METHODS[name].make_params)  # recipes validate against it from now on
         return fn
 
     return wrap
@@ -106,5 +108,4 @@ def get_method(name: str, where: Optional[str] = None) -> Method:
     try:
         return METHODS[name]
     except (KeyError, TypeError):  # TypeError: an unhashable value (a list) given as the name
-        prefix = f"{where}: " if where else ""
-        raise RecipeError(f"{prefix}unknown method {quote(name)}; known methods: {sorted(METHODS)}") from None
+        raise unknown_method(name, where) from None

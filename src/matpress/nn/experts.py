@@ -24,6 +24,7 @@ from torch import nn
 
 from matpress.errors import CheckpointError, RecipeError
 from matpress.methods import LayerStats, get_method
+from matpress.nn.layout import set_submodule
 from matpress.recipe import Recipe, Rule
 
 # transformers classes whose forward is the same gated loop (checked in tests/test_moe.py): per expert,
@@ -112,11 +113,6 @@ class UnfusedExperts(nn.Module):
         return f"unfused {self.fused_class}, num_experts={self.num_experts}"
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def unfuse_experts(model: nn.Module, recipe: Recipe) -> list[str]:
     """Unfuse, in place, every fused experts module of ``model`` with an expert matrix ``recipe``
     selects; return their names. A module of an unknown class is left fused (and dense) when only the
@@ -135,7 +131,7 @@ def unfuse_experts(model: nn.Module, recipe: Recipe) -> list[str]:
                     f"compressed yet; drop the rule naming them, or exclude them with exclude: ['{name}.*']"
                 )
             continue
-        _replace(model, name, UnfusedExperts(module))
+        set_submodule(model, name, UnfusedExperts(module))
         unfused.append(name)
     return unfused
 
@@ -155,7 +151,7 @@ def unfuse_recorded(model: nn.Module, recorded: object, where: str) -> None:
         module = fused.get(name)
         if module is None or type(module).__name__ != cls or unsupported_reason(module) is not None:
             raise CheckpointError(f"{where}: the model has no fused {cls} experts module {name} that matpress can unfuse")
-        _replace(model, name, UnfusedExperts(module))
+        set_submodule(model, name, UnfusedExperts(module))
 
 
 def is_expert(model: nn.Module, name: str) -> bool:

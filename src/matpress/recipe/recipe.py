@@ -23,7 +23,7 @@ input statistics. An LM head tied to a compressed embedding shares its stored fo
 A rule that names a different method than the default starts from that method's own defaults.
 
 Under a size budget the default rule gives way to an automatic choice per layer among candidates
-(see :mod:`matpress.budget`); layers matched by a rule keep that rule::
+(see :mod:`matpress.passes.budget`); layers matched by a rule keep that rule::
 
     budget: 3.2bpw                # or 40MB, 12MiB, a byte count
     candidates: quant             # a preset name, or a list of rules: [{method: rtn, bits: 3}, ...]
@@ -39,17 +39,17 @@ Calibrated methods (gptq, awq) run on calibration text, described by plain data 
 
 from __future__ import annotations
 
-import dataclasses
-import fnmatch
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from matpress.errors import BudgetError, RecipeError, quote
 from matpress.inputs import check_plain_data, read_file
-from matpress.methods import get_method
+from matpress.recipe.budget import Budget, resolve_candidates
+from matpress.recipe.calibration import CalibrationSettings
+from matpress.recipe.patterns import check_patterns, name_matches
+from matpress.recipe.rules import Rule, build_rule
 
 DEFAULT_EXCLUDE = ("*lm_head", "*embed*")
 # Bounds on what a recipe may be: far above any real recipe, far below what could exhaust memory
@@ -59,53 +59,16 @@ MAX_RECIPE_DEPTH = 16
 RECIPE_KEYS = {"default", "rules", "include", "exclude", "budget", "candidates", "allow", "calibration"}
 
 
-def name_matches(pattern: str, name: str) -> bool:
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    return fnmatch.fnmatchcase(name, pattern)
-
-
-@dataclass(frozen=True)
-class Rule:
-    """A method with its validated parameters, for the layers whose name matches ``pattern``."""
-
-    method: str
-    params: Any
-    pattern: str = "*"
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {} if self.pattern == "*" else {"pattern": self.pattern}
-        d["method"] = self.method
-        d.update(dataclasses.asdict(self.params))
-        return d
-
-
-def _build_rule(values: dict[str, Any], base: Optional[Rule], where: str) -> Rule:
-    if not isinstance(values, dict):
-        raise RecipeError(f"{where}: a rule must be a mapping, got {type(values).__name__}")
-    values = dict(values)
-    pattern = values.pop("pattern", "*")
-    if not isinstance(pattern, str) or not pattern:
-        raise RecipeError(f"{where}: 'pattern' must be a non-empty string")
-    method_name = values.pop("method", base.method if base else "rtn")
-    method = get_method(method_name, where)
-    merged: dict[str, Any] = {}
-    if base is not None and base.method == method_name:
-        merged.update(dataclasses.asdict(base.params))
-    merged.update(values)
-    return Rule(method_name, method.make_params(merged, where), pattern)
-
-
 @dataclass(frozen=True)
 class Recipe:
-    default: Rule = field(default_factory=lambda: _build_rule({}, None, "default"))
+    default: Rule = field(default_factory=lambda: build_rule({}, None, "default"))
     rules: tuple[Rule, ...] = ()
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     budget: Optional[str] = None
     candidates: Union[str, tuple[dict, ...]] = "quant"
     allow: tuple[dict, ...] = ()
-    calibration: Optional[Any] = None  # matpress.calibration.CalibrationSettings
+    calibration: Optional[CalibrationSettings] = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "recipe") -> "Recipe":
@@ -115,7 +78,7 @@ class Recipe:
         unknown = sorted(set(data) - RECIPE_KEYS, key=str)
         if unknown:
             raise RecipeError(f"{source}: unknown recipe key(s) {quote(unknown)}; allowed keys are {sorted(RECIPE_KEYS)}")
-        default = _build_rule(data.get("default", {}), None, f"{source}: default")
+        default = build_rule(data.get("default", {}), None, f"{source}: default")
         if default.pattern != "*":
             raise RecipeError(f"{source}: the default rule applies to every layer and takes no 'pattern'")
         raw_rules = data.get("rules", [])
@@ -125,14 +88,12 @@ class Recipe:
         for i, r in enumerate(raw_rules):
             if not isinstance(r, dict) or "pattern" not in r:
                 raise RecipeError(f"{source}: rules[{i}] needs a 'pattern' naming the layers it applies to")
-            rules.append(_build_rule(r, default, f"{source}: rules[{i}]"))
-        include = _patterns(data.get("include", ["*"]), f"{source}: include")
-        exclude = _patterns(data.get("exclude", list(DEFAULT_EXCLUDE)), f"{source}: exclude")
+            rules.append(build_rule(r, default, f"{source}: rules[{i}]"))
+        include = check_patterns(data.get("include", ["*"]), f"{source}: include")
+        exclude = check_patterns(data.get("exclude", list(DEFAULT_EXCLUDE)), f"{source}: exclude")
         budget, candidates, allow = _budget_fields(data, source)
         calibration = None
         if "calibration" in data:
-            from matpress.calibration import CalibrationSettings
-
             calibration = CalibrationSettings.from_dict(data["calibration"], f"{source}: calibration")
         return cls(default, tuple(rules), include, exclude, budget, candidates, allow, calibration)
 
@@ -176,13 +137,6 @@ class Recipe:
             data["calibration"] = self.calibration.to_dict()
         return data
 
-    def calibration_data(self, tokenizer: Any, model: Any) -> Any:
-        """Calibration batches for ``model`` as this recipe's ``calibration`` settings (or the
-        defaults) describe them, drawn with ``tokenizer``."""
-        from matpress.calibration import CalibrationSettings
-
-        return (self.calibration or CalibrationSettings()).data(tokenizer, model)
-
     def pinned_rule(self, name: str) -> Optional[Rule]:
         """The explicit rule (not the default) naming layer ``name``, if any; under a budget it fixes the
         layer's method."""
@@ -203,8 +157,6 @@ class Recipe:
 
 def _budget_fields(data: dict[str, Any], source: str) -> tuple[Optional[str], Any, tuple[dict, ...]]:
     """Validate the budget keys; candidates and allow mean nothing without a budget."""
-    from matpress.budget import Budget, resolve_candidates
-
     if "budget" not in data:
         stray = sorted({"candidates", "allow"} & set(data))
         if stray:
@@ -233,20 +185,6 @@ def _budget_fields(data: dict[str, Any], source: str) -> tuple[Optional[str], An
         ):
             raise RecipeError(f"{source}: allow[{i}] must be {{pattern: <layer glob>, candidates: [<label glob>, ...]}}")
     return budget, candidates if isinstance(candidates, str) else tuple(candidates), tuple(raw_allow)
-
-
-def _patterns(value: Any, where: str) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
-        raise RecipeError(f"{where} must be a list of name patterns (strings)")
-    for p in value:
-        if p.startswith("re:"):
-            try:
-                re.compile(p[3:])
-            except re.error as e:
-                raise RecipeError(f"{where}: bad regular expression {quote(p)}: {e}") from None
-    return tuple(value)
 
 
 RecipeLike = Union[Recipe, dict, str, Path, None]

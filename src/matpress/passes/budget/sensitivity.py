@@ -21,10 +21,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from matpress.errors import BudgetError, FormatError
-from matpress.experts import starved_rule
 from matpress.formats import Format
-from matpress.methods import LayerStats
-from matpress.model_pass import install_format, linear_weight, set_submodule
+from matpress.methods import LayerStats, get_method
+from matpress.nn.experts import starved_rule
+from matpress.nn.layout import install_format, linear_weight, set_submodule
 from matpress.recipe import Rule
 
 
@@ -99,9 +99,7 @@ def measure_sensitivity(
     """Encode every allowed candidate of every layer once (kept in ``table.formats`` for reuse) and
     measure its bytes and relative output error. The layers in ``experts`` (MoE expert matrices) short
     of calibration tokens are measured under the fallback they will be compressed with
-    (:func:`matpress.experts.starved_rule`)."""
-    from matpress.methods import get_method
-
+    (:func:`matpress.nn.experts.starved_rule`)."""
     names = list(candidates)
     table = SensitivityTable(
         layers=list(layers),
