@@ -155,6 +155,24 @@ def test_sequential_pass_holds_one_block_of_activations():
     assert max(model.live) == 6 + 1
 
 
+def test_stage_statistics_run_the_block_only_up_to_the_stage():
+    """Each stage's statistics stop the block's forward at the stage's input: in a Llama block the
+    attention completes only in the forwards for gate/up and down, the MLP's activation only in the
+    one for down (plus, for each, the one traced call)."""
+    model = tiny_llama(layers=1)
+    data = random_data(model.config.vocab_size, n=8, batch_size=2)  # 4 batches
+    calls = {"self_attn": 0, "mlp.act_fn": 0}  # modules that stay in place (linear layers are replaced)
+    for name in calls:
+        model.get_submodule(f"model.layers.0.{name}").register_forward_hook(
+            lambda m, a, o, name=name: calls.__setitem__(name, calls[name] + 1)
+        )
+    rule = Recipe.simple("gptq", bits=4, group_size=None).default
+    chosen = {name: rule for name in find_linear_layers(model) if name.startswith("model.layers.0.")}
+    compress_sequential(model, chosen, data, progress=False)
+    batches = len(data.batches)  # the one block has no propagation: nothing follows it
+    assert calls == {"self_attn": 1 + 2 * batches, "mlp.act_fn": 1 + batches}
+
+
 def test_compress_needs_calibration_text():
     with pytest.raises(CalibrationError, match="tokenizer"):
         matpress.compress(tiny_llama(), {"default": {"method": "gptq"}}, progress=False)

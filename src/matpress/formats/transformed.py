@@ -8,7 +8,7 @@ Walsh-Hadamard matrix (Ashkboos et al. 2024, QuaRot: https://arxiv.org/abs/2404.
 QuIP#: https://arxiv.org/abs/2402.04396). ``H`` is symmetric and orthonormal, so ``T`` preserves the
 product exactly, while the rotated weight's entries are spread evenly (no outlier columns), which is
 what a low-bit grid quantizes best. The child (an ``int`` format) holds ``W'``; the product applies ``T``
-to ``x`` online with the fast O(n log n) transform, then the child's kernel.
+to ``x`` online (one product per Hadamard block, :func:`fwht`), then the child's kernel.
 
 ``in_features`` need not be a power of two: ``H`` is block diagonal with blocks of the largest power of
 two dividing ``in_features`` (384 = 3 x 128, 1536 = 3 x 512). The signs are stored bit-packed and the
@@ -17,6 +17,7 @@ scales in fp16, so save/load is exact and both count in ``nbytes``.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Optional
 
@@ -35,21 +36,30 @@ def hadamard_block(n: int) -> int:
     return n & (-n)
 
 
+@functools.lru_cache(maxsize=16)
+def hadamard_matrix(block: int, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.Tensor:
+    """The normalized ``block x block`` Walsh-Hadamard matrix in Sylvester's (natural) order,
+    ``H[i, j] = (-1)^popcount(i & j) / sqrt(block)`` (``block`` a power of two); cached."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < block:  # Sylvester: H_2k = [[H_k, H_k], [H_k, -H_k]]
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / math.sqrt(block)).to(dtype=dtype, device=device)
+
+
 def fwht(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Normalized fast Walsh-Hadamard transform of the last dimension of ``x``, in independent blocks
-    of ``block`` (a power of two) consecutive entries: ``x @ H`` for the block-diagonal ``H``.
-    ``H`` is symmetric and orthonormal, so this is its own inverse."""
+    """Normalized Walsh-Hadamard transform of the last dimension of ``x``, in independent blocks of
+    ``block`` (a power of two) consecutive entries: ``x @ H`` for the block-diagonal ``H``.
+    ``H`` is symmetric and orthonormal, so this is its own inverse.
+
+    Computed as one matrix product per block with the cached :func:`hadamard_matrix`: on CPUs and
+    GPUs the BLAS product beats the O(n log n) butterfly written as tensor operations, whose
+    ``log2(block)`` passes each copy the whole tensor (about 10x on 1024 x 576 activations)."""
     n = x.shape[-1]
     if block <= 0 or block & (block - 1) or n % block:
         raise FormatError(f"Hadamard block {block} must be a power of two dividing the size {n}")
-    lead = x.shape[:-1]
-    y = x.reshape(-1, n // block, block)
-    h = 1
-    while h < block:  # butterfly stage: pairs (j, j + h) within runs of 2h become (a + b, a - b)
-        y = y.reshape(y.shape[0], -1, 2, h)
-        y = torch.stack((y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]), dim=2)
-        h *= 2
-    return (y.reshape(*lead, n) / math.sqrt(block)).to(x.dtype)
+    dtype = x.dtype if x.is_floating_point() else torch.float32
+    h = hadamard_matrix(block, dtype, str(x.device))
+    return (x.to(dtype).reshape(-1, block) @ h).reshape(x.shape).to(x.dtype)
 
 
 def random_signs(n: int, seed: int) -> torch.Tensor:

@@ -60,15 +60,20 @@ class GPTQParams(IntParams):
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp I)^-1``, in fp64 for stability; its rows give the error
-    propagation coefficients GPTQ uses."""
-    h = hessian.double().clone()
+    """Upper Cholesky factor ``U`` of ``(H + damp I)^-1`` (``U^T U`` is that inverse), in fp64 for
+    stability; its rows give the error propagation coefficients GPTQ uses.
+
+    Without forming the inverse: with ``J`` the reversal permutation and ``J H J = L L^T``,
+    ``H^-1 = (J L^-1 J)^T (J L^-1 J)``, and ``J L^-1 J`` is upper triangular with a positive diagonal,
+    so it is the factor: one Cholesky and one triangular inverse instead of three factorisations."""
+    h = hessian.double().flip(0, 1)  # J H J (a copy)
     damp = percdamp * float(h.diagonal().mean().clamp(min=1e-12))
     h.diagonal().add_(damp)
     for attempt in range(4):  # an ill-conditioned Hessian (few tokens) gets more damping
         factor, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
-            return torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True).float()
+            eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+            return torch.linalg.solve_triangular(factor, eye, upper=False).flip(0, 1).float()
         h.diagonal().add_(damp * 10**attempt)
     raise CalibrationError("the layer's input Hessian is not positive definite even after damping; use more calibration data")
 

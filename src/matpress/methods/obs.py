@@ -10,7 +10,8 @@ step's update directly, without re-inverting ``H`` (:func:`matpress.methods.gptq
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -49,6 +50,19 @@ def damped(h: torch.Tensor, damping: float) -> torch.Tensor:
     return h + damping * float(torch.diagonal(h).mean()) * torch.eye(h.shape[0], device=h.device)
 
 
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch on one thread inside the block, restoring the thread count after. The column steps
+    of the sweep are thousands of small operations: splitting each over threads costs more than it
+    saves, and on a loaded machine every step waits for the slowest thread to be scheduled."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def obs_sweep(
     weight: torch.Tensor,
     hinv: torch.Tensor,
@@ -64,28 +78,33 @@ def obs_sweep(
     that block's pruning mask or quantization grid from the updated weights ``W1``). ``start_column(j, W)``
     runs before column ``j`` with the whole current matrix (columns of the current block updated, later
     ones as of the block's start), e.g. to pick a quantization group's grid where the group begins.
+
+    The sweep holds ``W`` transposed, so each column is a contiguous row and each step's update one
+    rank-1 ``addr_``; the callbacks see the usual ``(out, in)`` views. The steps within a block run on
+    one thread (:func:`single_thread`), the update of the later columns per block on all of them.
     """
-    w = weight.float().clone()
-    rounded = torch.zeros_like(w)
-    cols = w.shape[1]
+    wt = weight.float().t().contiguous()  # (in, out): column j of W is row j
+    rounded = torch.zeros_like(wt)
+    cols = wt.shape[0]
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        w1 = w[:, i1:i2]  # a view: updates land in w
+        w1 = wt[i1:i2]  # a view: updates land in wt
         hinv1 = hinv[i1:i2, i1:i2]
         if start_block is not None:
-            start_block(i1, i2, w1, hinv1)
-        err1 = torch.zeros_like(w1)
-        for j in range(i2 - i1):
-            if start_column is not None:
-                start_column(i1 + j, w)
-            col = w1[:, j]
-            q = round_column(i1 + j, col)
-            rounded[:, i1 + j] = q
-            err = (col - q) / hinv1[j, j]
-            w1[:, j:] -= err.unsqueeze(1) * hinv1[j, j:].unsqueeze(0)
-            err1[:, j] = err
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return rounded
+            start_block(i1, i2, w1.t(), hinv1)
+        err1 = torch.empty_like(w1)
+        with single_thread():
+            for j in range(i2 - i1):
+                if start_column is not None:
+                    start_column(i1 + j, wt.t())
+                col = w1[j]
+                q = round_column(i1 + j, col)
+                rounded[i1 + j] = q
+                err = torch.sub(col, q).div_(hinv1[j, j])
+                w1[j + 1 :].addr_(hinv1[j, j + 1 :], err, alpha=-1)
+                err1[j] = err
+        wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1)
+    return rounded.t().contiguous()
 
 
 def output_error(weight: torch.Tensor, approx: torch.Tensor, h: torch.Tensor) -> float:

@@ -156,20 +156,43 @@ def stage_stats(
 ) -> dict[str, LayerStats]:
     """Statistics of the layers ``names`` of one stage. They read the very same input tensor, so one
     layer's statistics serve them all, collected once; a layer called more than once per forward sums
-    several inputs, and then each layer is collected on its own."""
-    if len(names) > 1 and all(called[n] == 1 for n in names):
-        first = block_stats(block, head, names[:1], inputs)
+    several inputs, and then each layer is collected on its own. Layers called once per forward need
+    the block only up to their inputs, so its forward stops there."""
+    once = all(called[n] == 1 for n in names)
+    if len(names) > 1 and once:
+        first = block_stats(block, head, names[:1], inputs, stop_early=True)
         return {n: first[names[0]] for n in names} if first else {}
-    return block_stats(block, head, names, inputs)
+    return block_stats(block, head, names, inputs, stop_early=once)
+
+
+class _StageInputsSeen(Exception):
+    """Raised once the last layer of a stage has received its input: the rest of the block need not run."""
+
+
+def _stop_forward(module: nn.Module, args: tuple) -> None:
+    raise _StageInputsSeen
 
 
 @torch.inference_mode()
-def block_stats(block: nn.Module, head: str, names: list[str], inputs: list[BlockInput]) -> dict[str, LayerStats]:
+def block_stats(
+    block: nn.Module, head: str, names: list[str], inputs: list[BlockInput], stop_early: bool = False
+) -> dict[str, LayerStats]:
+    """Statistics of the layers ``names`` on ``inputs``; with ``stop_early`` (each layer called once per
+    forward, ``names`` in call order) each forward stops at the last layer's input."""
     if not names:
         return {}
     layers = {n: block.get_submodule(n[len(head):]) for n in names}
     with StatsCollector(layers) as collector:
-        for inp in inputs:
-            collector.mask = inp.mask
-            inp.run(block)
+        # registered after the collector's hooks, so the last layer's input is summed before the stop
+        stop = layers[names[-1]].register_forward_pre_hook(_stop_forward) if stop_early else None
+        try:
+            for inp in inputs:
+                collector.mask = inp.mask
+                try:
+                    inp.run(block)
+                except _StageInputsSeen:
+                    pass
+        finally:
+            if stop is not None:
+                stop.remove()
     return collector.stats
