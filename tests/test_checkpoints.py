@@ -363,7 +363,7 @@ def test_a_save_cleans_up_after_a_save_killed_outright(checkpoint, tmp_path):
     aside = tmp_path / f".ckpt.matpress-old-{pid}-6a7b8c"
     before = logits(matpress.load(checkpoint))
     os.rename(checkpoint, aside)  # killed between renaming the old checkpoint aside and the new one in
-    matpress.io._recover_killed_saves(checkpoint)
+    matpress.atomic.recover_killed_writes(checkpoint)
     assert torch.equal(logits(matpress.load(checkpoint)), before)  # the old checkpoint is back whole
     assert not staging.exists() and running.exists()
     os.rename(checkpoint, aside)

@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Bottom to top. A module is mapped by its longest matching entry (a package entry covers its modules).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("matpress.errors", "matpress.inputs", "matpress.evaluation.text")),  # the built-in text is input
+    ("base", ("matpress.errors", "matpress.inputs", "matpress.evaluation.text", "matpress.atomic")),  # the built-in text is input
     ("recipe", ("matpress.recipe",)),
     ("formats", ("matpress.formats",)),
     ("kernels", ("matpress.kernels",)),

@@ -1,4 +1,4 @@
-"""The ``matpress`` command line: compress, eval, info."""
+"""The ``matpress`` command line: compress, eval, generate, info, report."""
 
 from __future__ import annotations
 
@@ -7,11 +7,15 @@ import json
 import sys
 from typing import NoReturn, Optional, Sequence
 
+import torch
+
 import matpress
 from matpress.errors import MatpressError, RecipeError, RemoteCodeError, quote
+from matpress.evaluation.text import chat_text, has_chat_template
 from matpress.io import check_output_location, load_tokenizer, read_checkpoint, stored_nbytes
 from matpress.methods import METHODS
 from matpress.models import load_pretrained
+from matpress.nn.layout import CAUSAL_LM, model_kind
 from matpress.passes.budget import SENSITIVITY, save_allocation
 from matpress.recipe import PRESETS, Recipe
 from matpress.report import write_report
@@ -154,6 +158,30 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")
 
 
+def cmd_generate(args: argparse.Namespace) -> None:
+    checkpoint = read_checkpoint(args.dir, args.expect_digest)
+    model = matpress.load(args.dir, expect_digest=checkpoint.digest)
+    if model_kind(model) != CAUSAL_LM:
+        raise MatpressError(
+            f"{args.dir} holds a {type(model).__name__}, which does not write text; generate needs a causal LM "
+            "checkpoint ('matpress eval' measures encoders)"
+        )
+    tokenizer = load_tokenizer(args.dir, args.trust_remote_code)
+    if tokenizer is None:
+        raise MatpressError(f"{args.dir} holds no tokenizer, so the prompt cannot be encoded; compress the model again with its tokenizer")
+    templated = has_chat_template(tokenizer) and not args.no_chat_template
+    prompt = chat_text(tokenizer, [{"role": "user", "content": args.prompt}], generation_prompt=True) if templated else args.prompt
+    # a chat template writes its special tokens itself
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=not templated)
+    stop = tokenizer.eos_token_id
+    with torch.inference_mode():
+        output = model.generate(
+            inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=stop,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop,
+        )
+    print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+
+
 def cmd_report(args: argparse.Namespace) -> None:
 
     path = write_report(args.dir, args.out)
@@ -166,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("compress", help="compress a model and save it", description="Compress MODEL's linear layers and save the result.")
-    p.add_argument("model", help="a local Hugging Face model directory, or 'minilm' for the embedded all-MiniLM-L6-v2")
+    p.add_argument("model", help="a local Hugging Face model directory, 'minilm' for the embedded all-MiniLM-L6-v2, or 'smollm2' for the embedded SmolLM2-135M-Instruct (see `make smollm2`)")
     p.add_argument("--out", required=True, help="directory to write the compressed checkpoint to")
     p.add_argument("--recipe", help="YAML/JSON recipe file; the flags below override its default rule")
     p.add_argument("--method", choices=sorted(METHODS), help="method of the default rule (default: rtn)")
@@ -175,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--symmetric", action="store_true", default=None, help="symmetric quantization (no zero points)")
     p.add_argument("--act-order", action="store_true", default=None, help="gptq: quantize columns in order of decreasing activation energy")
     p.add_argument("--rotate", action="store_true", default=None, help="gptq: randomized Hadamard rotation of each layer's inputs")
-    p.add_argument("--calib", help="calibration text for calibrated methods (gptq, awq, sparsegpt, wanda, svd_llm, eora, ...) and budgets: 'builtin' (default; the calibration split of pydoc_data.topics) or a text file")
+    p.add_argument("--calib", help="calibration text for calibrated methods (gptq, awq, sparsegpt, wanda, svd_llm, eora, ...) and budgets: 'builtin' (default; the calibration split of pydoc_data.topics), a text file, or a .jsonl file with a 'text' or 'messages' field a line; formatted with the tokenizer's chat template when it has one")
     p.add_argument("--samples", type=int, help="calibration samples: sentences for encoders, token windows for causal LMs (default 128)")
     p.add_argument("--seq-len", type=int, help="tokens per calibration window / longest calibration sentence (default 128)")
     p.add_argument("--batch-size", type=int, help="calibration samples per forward pass (default 8)")
@@ -196,6 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="answer a prompt with a compressed causal LM", description="Greedy-decode an answer to PROMPT with a compressed causal LM checkpoint.")
+    p.add_argument("dir", help="checkpoint directory written by 'matpress compress'")
+    p.add_argument("--prompt", required=True, help="the user's message; formatted with the tokenizer's chat template when it has one")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="most tokens to generate (default 64)")
+    p.add_argument("--no-chat-template", action="store_true", help="continue PROMPT as plain text instead of answering it as a chat message")
+    p.add_argument("--expect-digest", help=EXPECT_DIGEST_HELP)
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="per-layer table of a compressed checkpoint", description="Show a checkpoint's per-layer formats and sizes.")
     p.add_argument("dir", help="checkpoint directory")

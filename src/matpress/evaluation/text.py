@@ -3,22 +3,31 @@
 The built-in corpus is CPython's own documentation topics (``pydoc_data.topics``), which every Python
 ships. Topics are split deterministically into a calibration part (about a quarter) and an evaluation
 part, so calibrated methods are never scored on the text they saw.
+
+A user's file is plain UTF-8 text, or JSON Lines (a ``.jsonl`` name): one JSON object a line, with a
+``text`` string or a ``messages`` list of ``{"role": ..., "content": ...}`` objects (a conversation);
+other keys are ignored, blank lines skipped, and a bad line is refused with its file and line number.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import zlib
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from matpress.errors import CalibrationError
-from matpress.inputs import decode_text, read_file
+from matpress.inputs import check_text, decode_text, read_file
 
 MAX_TEXT_BYTES = 64 << 20  # far more text than calibration or evaluation uses
 CALIBRATION = "calibration"
 EVALUATION = "evaluation"
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
+JSONL_SUFFIX = ".jsonl"
+
+Messages = list[dict[str, str]]  # a conversation: {"role": ..., "content": ...} dicts
+Record = Union[str, Messages]  # one item of a JSON Lines file: a text or a conversation
 
 
 def _topic_split(key: str) -> str:
@@ -61,6 +70,56 @@ def read_text_file(path: Union[str, Path]) -> str:
     return text
 
 
+def is_jsonl(path: Union[str, Path]) -> bool:
+    return Path(path).suffix.lower() == JSONL_SUFFIX
+
+
+def read_jsonl_file(path: Union[str, Path]) -> list[Record]:
+    """The records of a user's JSON Lines file: each line's ``text`` string, or its ``messages`` as a
+    list of ``{role, content}`` dicts. Anything else is a :class:`CalibrationError` naming file and line."""
+    path = Path(path)
+    text = read_text_file(path)
+    records: list[Record] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}"
+        try:
+            item = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            problem = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+            raise CalibrationError(f"{where}: not valid JSON ({problem}); each line must be one JSON object") from None
+        records.append(_record(item, where))
+    if not records:
+        raise CalibrationError(f"text file {path} holds no JSON lines")
+    return records
+
+
+def _record(item: object, where: str) -> Record:
+    expected = 'an object with a "text" string or a "messages" list of {"role", "content"} objects'
+    if not isinstance(item, dict):
+        raise CalibrationError(f"{where}: expected {expected}, found a {type(item).__name__}")
+    if ("text" in item) == ("messages" in item):
+        raise CalibrationError(f"{where}: expected {expected}, found {'both' if 'text' in item else 'neither'}")
+    if "text" in item:
+        return _record_text(item["text"], f'{where}, "text"')
+    messages = item["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise CalibrationError(f'{where}: "messages" must be a non-empty list of {{"role", "content"}} objects')
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not message["role"].strip():
+            raise CalibrationError(f'{where}: "messages"[{i}] must be an object with a "role" string')
+        _record_text(message.get("content"), f'{where}, "messages"[{i}] "content"')
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _record_text(value: object, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise CalibrationError(f"{where} must be a non-empty string")
+    check_text(value, where, CalibrationError)
+    return value
+
+
 def sentences(
     n: Optional[int] = None, split: str = EVALUATION, text_file: Union[str, Path, None] = None
 ) -> list[str]:
@@ -98,3 +157,14 @@ def corpus(split: str = EVALUATION, text_file: Union[str, Path, None] = None) ->
     if text_file is not None:
         return read_text_file(text_file)
     return "\n\n".join(builtin_documents(split))
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` formats conversations (an instruct model's tokenizer does)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def chat_text(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+    """``messages`` (``{role, content}`` dicts) as the text ``tokenizer``'s chat template makes of them,
+    special tokens written out; ``generation_prompt`` appends the start of the assistant's turn."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)

@@ -1,8 +1,8 @@
 """Compile the C++ kernels at first use, for the CPU that runs them, and load them with ctypes.
 
 The library is built with the system C++ compiler (``$CXX``, else ``c++``/``g++``) as
-``-O3 -march=native -fopenmp`` into a cache directory (``$MATPRESS_CACHE/kernels`` or
-``~/.cache/matpress/kernels``) under a name keyed by the source, the flags, the compiler and the CPU's
+``-O3 -march=native -fopenmp`` into a cache directory (``kernels`` in ``$MATPRESS_CACHE``,
+``$XDG_CACHE_HOME/matpress`` or ``~/.cache/matpress``) under a name keyed by the source, the flags, the compiler and the CPU's
 feature flags, so a machine builds once and a different CPU never loads a library built for another.
 OpenMP resolves to the ``libgomp`` that torch has already loaded, so kernels and torch share one thread
 pool.
@@ -49,10 +49,16 @@ DEFAULT_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c
 _LOADED: dict[tuple[str, ...], Optional[ctypes.CDLL]] = {}
 
 
+def cache_root() -> Path:
+    """matpress's cache: ``$MATPRESS_CACHE``, else ``$XDG_CACHE_HOME/matpress``, else ``~/.cache/matpress``."""
+    if os.environ.get("MATPRESS_CACHE"):
+        return Path(os.environ["MATPRESS_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")) / "matpress"
+
+
 def cache_dir() -> Path:
-    """Where built libraries are kept: ``$MATPRESS_CACHE/kernels`` or ``~/.cache/matpress/kernels``."""
-    root = os.environ.get("MATPRESS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "matpress")
-    return Path(root) / "kernels"
+    """Where built libraries are kept: ``kernels`` in :func:`cache_root`."""
+    return cache_root() / "kernels"
 
 
 def cpu_flags() -> str:

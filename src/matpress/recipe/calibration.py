@@ -29,14 +29,17 @@ def check_unit(unit: Any) -> None:
 
 @dataclass(frozen=True)
 class CalibrationSettings:
-    """A recipe's ``calibration`` entry: text (``builtin``, a file path, or a list of strings), samples,
-    seq_len, batch_size, and unit (``window`` or ``sentence``; None: by model kind)."""
+    """A recipe's ``calibration`` entry: text (``builtin``, a text or ``.jsonl`` file path, or a list of
+    strings), samples, seq_len, batch_size, unit (``window`` or ``sentence``; None: by model kind), and
+    chat_template (default true: format the text with the tokenizer's chat template when it has one;
+    see :meth:`matpress.walk.CalibrationData.from_text`)."""
 
     text: Union[str, tuple[str, ...]] = BUILTIN
     samples: int = 128
     seq_len: int = 128
     batch_size: int = 8
     unit: Optional[str] = None
+    chat_template: bool = True
 
     def __post_init__(self) -> None:
         if not (isinstance(self.text, str) and self.text.strip()) and not (
@@ -46,6 +49,8 @@ class CalibrationSettings:
         check_positive(samples=self.samples, seq_len=self.seq_len, batch_size=self.batch_size)
         if self.unit is not None:
             check_unit(self.unit)
+        if not isinstance(self.chat_template, bool):
+            raise CalibrationError(f"calibration chat_template must be true or false, got {quote(self.chat_template)}")
 
     @classmethod
     def from_dict(cls, values: Any, where: str = "calibration") -> "CalibrationSettings":

@@ -31,10 +31,12 @@ Under a size budget the default rule gives way to an automatic choice per layer 
       - {pattern: "*.value", candidates: ["*-8b-*"]}
 
 Calibrated methods (gptq, awq) run on calibration text, described by plain data (all keys optional;
-``unit`` defaults to ``sentence`` for encoders and ``window`` for causal LMs)::
+``unit`` defaults to ``sentence`` for encoders and ``window`` for causal LMs; ``chat_template`` (default
+true) formats the text with the tokenizer's chat template when it has one)::
 
     default: {method: gptq, bits: 4, group_size: 128, act_order: true, rotate: true}
-    calibration: {text: builtin, samples: 128, seq_len: 128, batch_size: 8}   # text: or a file path
+    calibration: {text: builtin, samples: 128, seq_len: 128, batch_size: 8, chat_template: true}
+    # text: builtin, a text file, or a .jsonl file ({"text": ...} or {"messages": [{role, content}, ...]} a line)
 """
 
 from __future__ import annotations
