@@ -122,9 +122,11 @@ def convert_gguf(gguf: Path, directory: Path) -> None:
     model = from_pretrained(
         transformers.AutoModelForCausalLM, gguf.parent, gguf_file=gguf.name, dtype=torch.float32, quantization_config=dequantized
     )
-    # the weights are plain fp32 tensors now; transformers still marks the model as GGUF-quantized and
-    # would refuse to save it
-    model.hf_quantizer.remove_quantization_config(model)
+    # the weights are plain fp32 tensors now; a model transformers still marks as GGUF-quantized it
+    # would refuse to save
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
     model.save_pretrained(str(directory))
     from_pretrained(transformers.AutoTokenizer, gguf.parent, gguf_file=gguf.name).save_pretrained(str(directory))
 
