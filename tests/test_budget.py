@@ -62,6 +62,22 @@ def test_every_candidate_is_measured_once(measured):
         assert errors["dense-fp16"] < 1e-6
 
 
+def test_sensitivity_prints_a_time_estimate_before_the_long_part(measured, capsys):
+    """With progress on, the estimate comes once the first encoding of each (layer shape, method) is
+    timed, and names every encoding; the table is the same as without progress (order aside)."""
+    _, layers, table = measured
+    cands = candidate_rules(CANDIDATES)
+    again = measure_sensitivity(layers, cands, {n: list(cands) for n in layers}, progress=True)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sensitivity:")]
+    shapes = {tuple(m.weight.shape) for m in layers.values()}
+    methods = {rule.method for rule in cands.values()}
+    assert lines == [
+        f"sensitivity: {len(layers) * len(CANDIDATES)} encodings, about {lines[0].split('about ')[1].split(' min')[0]} min "
+        f"on this machine (timed one of each of the {len(shapes) * len(methods)} layer shapes and methods)"
+    ]
+    assert again.error == table.error and again.nbytes == table.nbytes
+
+
 def test_choice_fits_the_budget_and_more_budget_never_hurts(measured):
     _, _, table = measured
     n = sum(table.n_weights)
@@ -168,7 +184,7 @@ def test_cli_budget_and_report(tiny_causal_dir, tmp_path, capsys):
 SMALL_CALIBRATION = {"samples": 8, "seq_len": 32, "batch_size": 4}
 
 
-@pytest.mark.parametrize("preset", ["quant", "all"])
+@pytest.mark.parametrize("preset", ["quant", "quant-fast", "all"])
 def test_calibrated_budget_uses_the_best_quantizer_and_fits(minilm, preset):
     import matpress
     from matpress.recipe import CALIBRATED_INT

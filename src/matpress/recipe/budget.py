@@ -99,6 +99,13 @@ def _quant(calibrated: bool) -> list[dict[str, Any]]:
     ]
 
 
+def _quant_fast(calibrated: bool) -> list[dict[str, Any]]:
+    # a quarter of quant's integer candidates (2, 3, 4, 8 bits, groups of 128): a quarter of its
+    # sensitivity encodings, the part of a budgeted run that grows with the candidates
+    base = CALIBRATED_INT if calibrated else PLAIN_INT
+    return [{**base, "bits": b, "group_size": 128} for b in (2, 3, 4, 8)] + [{"method": "dense", "dtype": "fp16"}]
+
+
 def _quant_lowrank(calibrated: bool) -> list[dict[str, Any]]:
     # EoRA: a low-bit int part plus an int8 low-rank correction fitted in the activation eigenspace,
     # its rank set by the bits per weight the factors may take (so one entry fits every layer shape)
@@ -124,6 +131,7 @@ def _all(calibrated: bool) -> list[dict[str, Any]]:
 # Candidate sets by name; each gives a list of rules (as in a recipe), with or without calibration.
 PRESETS: dict[str, Callable[[bool], list[dict[str, Any]]]] = {
     "quant": _quant,
+    "quant-fast": _quant_fast,
     "quant+lowrank": _quant_lowrank,
     "all": _all,
 }

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -88,6 +89,16 @@ def _check_list(value: Any, kind: type, length: Optional[int], name: str) -> int
     return len(value)
 
 
+def time_estimate(seconds: dict[tuple, float], kinds: Sequence[tuple]) -> str:
+    """What the sensitivity pass will take: ``kinds`` (layer shape, method) of every encoding, from the
+    time of one encoding of each kind."""
+    total = sum(seconds[kind] for kind in kinds)
+    return (
+        f"sensitivity: {len(kinds)} encodings, about {total / 60:.1f} min on this machine "
+        f"(timed one of each of the {len(seconds)} layer shapes and methods)"
+    )
+
+
 def measure_sensitivity(
     layers: dict[str, nn.Module],
     candidates: dict[str, Rule],
@@ -111,15 +122,27 @@ def measure_sensitivity(
         allowed=[[names.index(c) for c in allowed[n]] for n in layers],
     )
     work = [(i, name, j) for i, name in enumerate(layers) for j in table.allowed[i]]
-    for i, name, j in tqdm(work, desc="sensitivity", unit="candidate", disable=not progress):
+    kinds = [(tuple(linear_weight(layers[name]).shape), candidates[names[j]].method) for _, name, j in work]
+    # one encoding of each kind (layer shape, method) first: their times give the estimate of the whole
+    first = sorted({kind: k for k, kind in reversed(list(enumerate(kinds)))}.values())
+    order = first + sorted(set(range(len(work))) - set(first))
+    seconds: dict[tuple, float] = {}
+    for step, k in enumerate(tqdm(order, desc="sensitivity", unit="candidate", disable=not progress)):
+        i, name, j = work[k]
         rule = candidates[names[j]]
         weight = linear_weight(layers[name]).float()
         layer_stats = (stats or {}).get(name)
         if name in experts:
             rule = starved_rule(name, rule, layer_stats)[0]
+        start = time.perf_counter()
         try:
-            fmt = get_method(rule.method).run(weight, rule.params, layer_stats)
-        except FormatError:  # a candidate this layer's shape cannot take (e.g. blocks that do not divide it)
+            fmt: Optional[Format] = get_method(rule.method).run(weight, rule.params, layer_stats)
+        except FormatError:
+            fmt = None
+        seconds.setdefault(kinds[k], time.perf_counter() - start)
+        if progress and step == len(first) - 1:
+            tqdm.write(time_estimate(seconds, kinds))
+        if fmt is None:  # a candidate this layer's shape cannot take (e.g. blocks that do not divide it)
             table.allowed[i].remove(j)
             continue
         table.formats[(i, j)] = fmt
