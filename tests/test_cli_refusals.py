@@ -77,7 +77,7 @@ CASES = [
     (["compress", "{list-config}", *OUT], "config.json holds list, not a JSON object"),
     (["compress", "{unknown-type}", *OUT], "{unknown-type}: transformers could not load the model"),
     (["compress", "{auto-map}", *OUT], "pass --trust-remote-code"),
-    (["compress", "{truncated-weights}", *OUT], "{truncated-weights}: transformers could not load the model"),
+    (["compress", "{truncated-weights}", *OUT], "{truncated-weights}/model.safetensors is not a safetensors file"),
     (["compress", "{broken-tokenizer}", *OUT], "{broken-tokenizer}: its tokenizer files could not be loaded"),
     (["compress", "{bad-hidden-size}", *OUT], "hidden size (-5) is not a multiple"),
     (["compress", "{model}", "--recipe", "{missing}", *OUT], "recipe file {missing} does not exist"),

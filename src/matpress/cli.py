@@ -10,14 +10,14 @@ from typing import NoReturn, Optional, Sequence
 import torch
 
 import matpress
-from matpress.errors import MatpressError, RecipeError, RemoteCodeError, quote
+from matpress.errors import BudgetError, MatpressError, RecipeError, RemoteCodeError, quote
 from matpress.evaluation.text import chat_text, has_chat_template
-from matpress.io import check_output_location, load_tokenizer, read_checkpoint, stored_nbytes
+from matpress.io import MAX_SHARD_BYTES, check_output_location, load_tokenizer, read_checkpoint, stored_nbytes
 from matpress.methods import METHODS
 from matpress.models import load_pretrained
 from matpress.nn.layout import CAUSAL_LM, model_kind
 from matpress.passes.budget import SENSITIVITY, save_allocation
-from matpress.recipe import PRESETS, Recipe
+from matpress.recipe import PRESETS, Budget, Recipe
 from matpress.report import write_report
 
 
@@ -46,6 +46,17 @@ def _positive_int(value: str) -> int:
     if n <= 0:
         raise argparse.ArgumentTypeError(f"takes a positive integer, got {quote(value)}")
     return n
+
+
+def _size(value: str) -> int:
+    """A size in bytes written as a budget is ('2GB', '500MB', '1GiB')."""
+    try:
+        nbytes = Budget.parse(value).nbytes
+    except BudgetError:
+        nbytes = None
+    if nbytes is None:
+        raise argparse.ArgumentTypeError(f"takes a size such as '2GiB', '500MB' or '1GB', got {quote(value)}")
+    return nbytes
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -99,12 +110,13 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
     check_output_location(args.out, args.force)  # fail now, not after the compression
     recipe = _recipe_from_args(args)
-    loaded = load_pretrained(args.model, args.trust_remote_code)
+    loaded = load_pretrained(args.model, args.trust_remote_code, stream=True)
     report = matpress.compress(loaded.model, recipe, progress=not args.quiet, tokenizer=loaded.tokenizer)
     allocation = report.allocation
     out = matpress.save(
         loaded.model, args.out, tokenizer=loaded.tokenizer, recipe=recipe, source=loaded.source, force=args.force,
         extra_files=None if allocation is None else lambda staging: save_allocation(staging / SENSITIVITY, *allocation),
+        max_shard_bytes=args.max_shard_size, progress=not args.quiet,
     )
     print(report.table())
     print(f"\nsaved to {out}")
@@ -211,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", help="choose each layer's format automatically within a size: '3.2bpw', '40MB', '12MiB'")
     p.add_argument("--candidates", choices=sorted(PRESETS), help="candidate set for --budget (default: quant): quant = mixed integer bits and groups; quant-fast = 2/3/4/8 bits, groups of 128 (a quarter of the encodings); quant+lowrank adds int + low-rank (EoRA) pairs; all adds sparse, ternary, low-rank and Monarch")
     p.add_argument("--force", action="store_true", help="replace --out even if it is a non-empty directory that is not a matpress checkpoint (its contents are deleted)")
+    p.add_argument("--max-shard-size", type=_size, default=MAX_SHARD_BYTES, metavar="SIZE", help="write checkpoints bigger than this as shards with an index: '2GiB' (default), '500MB', '1GB'")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_compress)

@@ -9,11 +9,12 @@ refused with the advice to convert it. A few stray bad bytes in otherwise good t
 
 from __future__ import annotations
 
+import json
 from itertools import chain
 from pathlib import Path
 from typing import Any, Union
 
-from matpress.errors import MatpressError
+from matpress.errors import MatpressError, quote
 
 MAX_BAD_SHARE = 0.01  # undecodable bytes or control characters, as a share of all characters
 REPLACEMENT = "\ufffd"
@@ -37,6 +38,18 @@ def read_file(path: Union[str, Path], what: str, limit: int, error: type[Matpres
     if len(data) > limit:
         raise error(f"{what} {path} is larger than {limit:,} bytes, the most matpress reads; pass a smaller file")
     return data
+
+
+def json_object(data: bytes, where: str, damaged: str) -> dict[str, Any]:
+    """``data`` parsed as a JSON object; anything else is a MatpressError naming ``where`` (a file) and
+    ending with ``damaged`` (what that means for the user)."""
+    try:
+        value = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise MatpressError(f"{where} is not valid JSON ({quote(str(e))}); {damaged}") from None
+    if not isinstance(value, dict):
+        raise MatpressError(f"{where} holds {type(value).__name__}, not a JSON object; {damaged}")
+    return value
 
 
 def decode_text(data: bytes, where: str, error: type[MatpressError]) -> str:

@@ -45,34 +45,38 @@ import json
 import os
 import shutil
 import stat
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.modules import module as torch_module
+from tqdm.auto import tqdm
 
 from matpress import __version__
 from matpress.atomic import fresh_dir, staged_dir
-from matpress.errors import CheckpointError, FormatError, quote
+from matpress.errors import CheckpointError, FormatError, MatpressError, quote
 from matpress.formats import Format, format_class
 from matpress.manifest import (
-    BODY_DIGEST_KEY, FORMAT_VERSION, MANIFEST, MAX_MANIFEST_BYTES, RESAVE, TENSORS, body_digest,
-    checkpoint_digest, max_manifest_bytes, normalize_digest, parse_manifest,
+    BODY_DIGEST_KEY, FORMAT_VERSION, INDEX, MANIFEST, MAX_MANIFEST_BYTES, RESAVE, TENSORS, body_digest,
+    checkpoint_digest, file_name, max_manifest_bytes, normalize_digest, parse_manifest,
 )
 from matpress.models import load_tokenizer_from
 from matpress.nn.experts import unfuse_recorded, unfused_experts
 from matpress.nn.layers import CompressedEmbedding, CompressedLinear, FormatModule, TiedLinear
 from matpress.nn.layout import find_embeddings, find_linear_layers, linear_weight, set_submodule, tied_to
+from matpress.walk.source import (
+    DTYPES, StoredTensor, parameters_on_meta, read_header, source_of, stored_dtype_name, tensor_bytes,
+)
 
 # safetensors' dtype names -> the manifest's (torch's without "torch.")
-SAFETENSORS_DTYPES = {
-    "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "U8": "uint8", "I8": "int8",
-    "I16": "int16", "I32": "int32", "I64": "int64", "BOOL": "bool",
-}
+SAFETENSORS_DTYPES = {name: str(dtype).removeprefix("torch.") for name, dtype in DTYPES.items()}
+MAX_SHARD_BYTES = 2 << 30  # checkpoints bigger than this are written as shards with an index
+MAX_INDEX_BYTES = 64 << 20
+COPY_CHUNK = 16 << 20
 # Buffers that are not saved (RoPE frequencies, position ids) may take at most this many elements
 # beyond all stored ones; anything more is a config inflated to allocate.
 UNSAVED_BUFFER_ALLOWANCE = 1 << 20
@@ -86,15 +90,21 @@ class Checkpoint:
     directory: Path
     manifest: dict[str, Any]
     digest: str  # the checkpoint digest
-    stored: dict[str, tuple[tuple[int, ...], str]]  # tensor name -> (shape, dtype name), from the file header
+    stored: dict[str, tuple[tuple[int, ...], str]]  # tensor name -> (shape, dtype name), from the file headers
+    shards: dict[str, str]  # tensor name -> the file holding it (model.safetensors, or a shard)
 
     @property
     def manifest_path(self) -> Path:
         return self.directory / MANIFEST
 
     @property
+    def sharded(self) -> bool:
+        return INDEX in self.manifest["files"]
+
+    @property
     def tensor_path(self) -> Path:
-        return self.directory / TENSORS
+        """The tensor file, or a sharded checkpoint's index."""
+        return self.directory / (INDEX if self.sharded else TENSORS)
 
 
 # -- reading --------------------------------------------------------------------------------------
@@ -125,7 +135,7 @@ def _regular_file(path: Path, what: str) -> os.stat_result:
     return info
 
 
-def _read_bounded(path: Path, limit: int, why: str) -> bytes:
+def _read_bounded(path: Path, limit: int, why: str, what: str = "the manifest") -> bytes:
     """The whole regular file ``path``, refused (before reading it) when larger than ``limit``."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: a FIFO must not hang the open
@@ -134,7 +144,7 @@ def _read_bounded(path: Path, limit: int, why: str) -> bytes:
     with os.fdopen(fd, "rb") as f:
         info = os.fstat(f.fileno())
         if not stat.S_ISREG(info.st_mode):
-            raise CheckpointError(f"{path} is not a regular file; the manifest must be one")
+            raise CheckpointError(f"{path} is not a regular file; {what} must be one")
         if info.st_size > limit:
             raise CheckpointError(f"{path} holds {info.st_size} bytes, more than the {limit} {why}; {RESAVE}")
         data = f.read(limit + 1)
@@ -160,6 +170,38 @@ def _read_header(path: Path) -> tuple[dict[str, tuple[tuple[int, ...], str]], di
             raise CheckpointError(f"{path}: tensor {quote(key)} has dtype {dtype}, which matpress never writes; {RESAVE}")
         stored[key] = (shape, SAFETENSORS_DTYPES[dtype])
     return stored, metadata
+
+
+def _read_index(path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """A sharded checkpoint's index: tensor name -> shard file name, and its metadata."""
+    data = _read_bounded(path, MAX_INDEX_BYTES, "an index of tensor names needs", "the shard index")
+    try:
+        index = json.loads(data)
+        weight_map, metadata = index["weight_map"], index["metadata"]
+        valid = isinstance(weight_map, dict) and isinstance(metadata, dict) and all(
+            isinstance(v, str) for v in [*metadata.values(), *weight_map.values()]
+        )
+        for shard in set(weight_map.values()) if valid else ():
+            file_name(shard, "shard")
+    except Exception:  # invalid JSON, missing keys, wrong types, a shard name with a path in it
+        valid = False
+    if not valid or not weight_map:
+        raise CheckpointError(f"{path} is not a valid shard index (a 'weight_map' of tensor name -> shard file and a 'metadata' object); {RESAVE}")
+    return weight_map, metadata
+
+
+def _read_shards(directory: Path, weight_map: dict[str, str], listed: dict[str, Any]) -> dict[str, tuple]:
+    """Tensor names, shapes and dtypes from every shard's header; each shard must be one of the
+    ``listed`` (digested) files and hold exactly the tensors the index says."""
+    stored: dict[str, tuple] = {}
+    for shard in sorted(set(weight_map.values())):
+        if shard not in listed or shard in (INDEX, TENSORS, MANIFEST):
+            raise CheckpointError(f"{directory / INDEX} names the shard {quote(shard)}, which the manifest does not list; {RESAVE}")
+        found, _ = _read_header(directory / shard)
+        if set(found) != {k for k, v in weight_map.items() if v == shard}:
+            raise CheckpointError(f"{directory / shard} does not hold the tensors {directory / INDEX} lists for it; {RESAVE}")
+        stored.update(found)
+    return stored
 
 
 def _check_listed_tensors(manifest: dict[str, Any], stored: dict[str, tuple], mpath: Path, tpath: Path) -> None:
@@ -189,13 +231,23 @@ def _check_listed_tensors(manifest: dict[str, Any], stored: dict[str, tuple], mp
 def read_checkpoint(directory: Union[str, Path], expect_digest: Optional[str] = None) -> Checkpoint:
     """Read and verify a checkpoint's manifest, digests and tensor list (module docstring, steps 1-5)."""
     directory = Path(directory)
-    mpath, tpath = directory / MANIFEST, directory / TENSORS
+    mpath = directory / MANIFEST
     if not os.path.lexists(mpath):
         raise CheckpointError(f"{mpath} not found: {directory} is not a matpress checkpoint (save one with matpress.save)")
     expected = None if expect_digest is None else normalize_digest(expect_digest)
-    stored, metadata = _read_header(tpath)
-    limit = max_manifest_bytes(len(stored))
-    manifest = parse_manifest(_read_bounded(mpath, limit, f"a checkpoint of {len(stored)} tensors needs"), mpath)
+    sharded = os.path.lexists(directory / INDEX)
+    if sharded:
+        weight_map, metadata = _read_index(directory / INDEX)
+    else:
+        stored, metadata = _read_header(directory / TENSORS)
+        weight_map = dict.fromkeys(stored, TENSORS)
+    limit = max_manifest_bytes(len(weight_map))
+    manifest = parse_manifest(_read_bounded(mpath, limit, f"a checkpoint of {len(weight_map)} tensors needs"), mpath)
+    tpath = directory / (INDEX if sharded else TENSORS)
+    if sharded != (INDEX in manifest["files"]):
+        raise CheckpointError(f"{mpath} and {tpath} do not belong together: the manifest lists {INDEX if not sharded else TENSORS}; {RESAVE}")
+    if sharded:
+        stored = _read_shards(directory, weight_map, manifest["files"])
     if metadata.get(BODY_DIGEST_KEY) != body_digest(manifest):
         raise CheckpointError(
             f"{mpath} and {tpath} do not belong together: the manifest's SHA-256 differs from the one the tensor "
@@ -217,7 +269,7 @@ def read_checkpoint(directory: Union[str, Path], expect_digest: Optional[str] = 
             f"{directory}: checkpoint digest sha256:{digest} is not the expected sha256:{expected}: this is a "
             "different checkpoint (modified, re-signed or replaced); get the one whose digest was published"
         )
-    return Checkpoint(directory, manifest, digest, stored)
+    return Checkpoint(directory, manifest, digest, stored, weight_map)
 
 
 def stored_nbytes(entry: dict[str, Any]) -> int:
@@ -267,22 +319,6 @@ def _registration_limit(limit: int, path: Path) -> Iterator[None]:
             handle.remove()
 
 
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Build modules with their parameters on the meta device and their buffers real."""
-
-    def hook(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> Optional[nn.Parameter]:
-        if param is None or param.is_meta:
-            return None
-        return nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    handle = torch_module.register_module_parameter_registration_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def _base_model_builder(checkpoint: Checkpoint) -> Callable[[], nn.Module]:
     import transformers
 
@@ -317,7 +353,7 @@ def _build_base_model(checkpoint: Checkpoint) -> nn.Module:
     with _registration_limit(limit, checkpoint.manifest_path), torch.device("meta"):
         skeleton = _unfused(build(), checkpoint)
     _check_fits(skeleton, checkpoint)
-    with _parameters_on_meta():
+    with parameters_on_meta():
         return _unfused(build(), checkpoint)
 
 
@@ -386,11 +422,23 @@ def _check_fits(model: nn.Module, checkpoint: Checkpoint) -> None:
         )
 
 
-def _load_tensors(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(checkpoint.tensor_path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{checkpoint.tensor_path} could not be read as safetensors: {quote(str(e))}") from None
+def _load_tensors(checkpoint: Checkpoint, progress: bool) -> dict[str, torch.Tensor]:
+    """Every stored tensor, each read from its file into its own buffer (no mapping of the whole file,
+    no second copy): the peak is the checkpoint's size."""
+    located: dict[str, StoredTensor] = {}
+    for file in sorted(set(checkpoint.shards.values())):
+        path = checkpoint.directory / file
+        try:
+            located.update(read_header(path))
+        except MatpressError as e:
+            raise CheckpointError(str(e)) from None
+    total = sum(t.nbytes for t in located.values())
+    tensors = {}
+    with tqdm(total=total, desc="loading", unit="B", unit_scale=True, disable=not progress) as bar:
+        for key, where in located.items():
+            tensors[key] = where.read()
+            bar.update(where.nbytes)
+    return tensors
 
 
 def _install_layers(model: nn.Module, checkpoint: Checkpoint, tensors: dict[str, torch.Tensor]) -> None:
@@ -412,8 +460,9 @@ def _assign(model: nn.Module, checkpoint: Checkpoint, tensors: dict[str, torch.T
         if key in consumed or key in checkpoint.manifest["tied"]:
             continue
         value = tensors[key]
-        device = torch.device("cpu") if t.is_meta else t.device
-        values[key] = value.to(device=device, dtype=t.dtype if t.is_floating_point() else value.dtype)
+        # a meta parameter's dtype is only the default the skeleton was built in: keep the stored one
+        cast = t.is_floating_point() and not t.is_meta
+        values[key] = value.to(device=torch.device("cpu") if t.is_meta else t.device, dtype=t.dtype if cast else value.dtype)
     model.load_state_dict(values, strict=False, assign=True)
     params = dict(model.named_parameters())
     for alias, kept in checkpoint.manifest["tied"].items():
@@ -425,21 +474,23 @@ def _assign(model: nn.Module, checkpoint: Checkpoint, tensors: dict[str, torch.T
 
 
 def load(
-    directory: Union[str, Path], model: Optional[nn.Module] = None, expect_digest: Optional[str] = None
+    directory: Union[str, Path], model: Optional[nn.Module] = None, expect_digest: Optional[str] = None,
+    progress: bool = False,
 ) -> nn.Module:
     """Rebuild a model saved with :func:`save`, after verifying the checkpoint (see the module docstring).
 
     For transformers models the architecture is rebuilt from the manifest; for any other module pass
     a freshly constructed ``model`` with the same architecture, which is filled in place. With
     ``expect_digest`` (what ``matpress info`` prints for the checkpoint you trust) anything else is
-    refused.
+    refused. Floating-point tensors keep their stored dtype where the model's parameter was on the meta
+    device (a rebuilt model), and take the model's where it was real. ``progress``: a bar over the bytes read.
     """
     checkpoint = read_checkpoint(directory, expect_digest)
     if model is None:
         model = _build_base_model(checkpoint)
     else:
         _check_fits(_unfused(model, checkpoint), checkpoint)
-    tensors = _load_tensors(checkpoint)
+    tensors = _load_tensors(checkpoint, progress)
     _install_layers(model, checkpoint, tensors)
     _assign(model, checkpoint, tensors)
     model.eval()
@@ -528,13 +579,87 @@ def _dedupe_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
     seen: dict[tuple, str] = {}
     aliases: dict[str, str] = {}
     for key, t in state.items():
-        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        # meta tensors (a streamed model's weights still in its source files) have no data pointer
+        storage = t.untyped_storage()._cdata if t.is_meta else t.untyped_storage().data_ptr()
+        ident = (t.device, storage, t.storage_offset(), tuple(t.shape), tuple(t.stride()))
         if t.numel() and ident in seen:
             aliases[key] = seen[ident]
             continue
         seen[ident] = key
-        kept[key] = t.detach().contiguous().cpu()
+        kept[key] = t.detach() if t.is_meta else t.detach().contiguous().cpu()
     return kept, aliases
+
+
+def _shard_names(n: int) -> list[str]:
+    return [TENSORS] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def _plan_shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> dict[str, list[str]]:
+    """Shard file name -> the tensor names it holds, in order, each shard (but one holding a single
+    bigger tensor) at most ``max_shard_bytes``; one shard is the plain ``model.safetensors``."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for key, t in state.items():
+        n = t.numel() * t.element_size()
+        if groups[-1] and size + n > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += n
+    return dict(zip(_shard_names(len(groups)), groups))
+
+
+def _write_tensors(
+    path: Path, keys: list[str], state: dict[str, torch.Tensor], stored: dict[str, StoredTensor],
+    metadata: dict[str, str], bar: Any,
+) -> None:
+    """Write ``keys`` of ``state`` as the safetensors file ``path``, one tensor at a time: a tensor
+    ``stored`` locates in a file (a streamed model's source or spill files) is copied from there, byte
+    for byte (never all in memory)."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for key in keys:
+        t = state[key]
+        dtype, shape = (stored[key].dtype, stored[key].shape) if key in stored else (t.dtype, tuple(t.shape))
+        n = t.numel() * dtype.itemsize
+        header[key] = {"dtype": stored_dtype_name(dtype), "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for key in keys:
+            t = state[key]
+            if key in stored:
+                stored[key].copy_to(f, COPY_CHUNK)
+            else:
+                f.write(tensor_bytes(t))
+            bar.update(header[key]["data_offsets"][1] - header[key]["data_offsets"][0])
+
+
+def _stored_sources(model: nn.Module, state: dict[str, torch.Tensor], aliases: dict[str, str]) -> dict[str, StoredTensor]:
+    """Where each tensor of ``state`` that a streamed model holds in a file is: a meta tensor (a weight
+    not in memory) in the model's source files, under its name or a name tied to it; a spilled
+    compressed layer's tensor in its spill file."""
+    source = source_of(model)
+    names: dict[str, list[str]] = {}
+    for alias, kept in aliases.items():
+        names.setdefault(kept, []).append(alias)
+    located = {}
+    for key, t in state.items():
+        if source is not None and key in source.spilled:
+            located[key] = source.spilled[key]
+        if not t.is_meta:
+            continue
+        found = [source.tensors[n] for n in [key, *names.get(key, [])] if n in source.tensors] if source is not None else []
+        if not found:
+            raise CheckpointError(
+                f"cannot save {key}: it is on the meta device and in no source file; materialise the model's "
+                "weights before saving it"
+            )
+        located[key] = found[0]
+    return located
 
 
 def _is_checkpoint(directory: Path) -> bool:
@@ -623,16 +748,28 @@ def save(
     source: Optional[str] = None,
     force: bool = False,
     extra_files: Optional[Callable[[Path], None]] = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    progress: bool = False,
 ) -> Path:
     """Write ``model`` (with its compressed layers) to ``directory`` as one transaction; returns it.
+
+    Tensors are written one at a time; a streamed model's weights still in its source files (see
+    :mod:`matpress.walk.source`) are copied from there. More than ``max_shard_bytes`` of tensors are
+    written as shards ``model-0000i-of-0000n.safetensors`` with an index ``model.safetensors.index.json``
+    (which then records the manifest's body digest); the manifest digests every shard. ``progress``: a
+    bar over the bytes written.
 
     ``extra_files(staging_dir)`` may write more files into the checkpoint before it is put in place
     (they are listed and digested in the manifest like the others). See :func:`check_output_location`
     for which targets are accepted and what ``force`` does.
     """
     target = Path(os.path.abspath(directory))
+    if not isinstance(max_shard_bytes, int) or isinstance(max_shard_bytes, bool) or max_shard_bytes <= 0:
+        raise CheckpointError(f"max_shard_bytes must be a positive integer, got {quote(max_shard_bytes)}")
     state, aliases = _dedupe_shared(model.state_dict())
-    check_output_location(target, force, sum(t.numel() * t.element_size() for t in state.values()))
+    stored = _stored_sources(model, state, aliases)
+    nbytes = sum(t.numel() * (stored[k].dtype if k in stored else t.dtype).itemsize for k, t in state.items())
+    check_output_location(target, force, nbytes)
     config = getattr(model, "config", None)
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -650,8 +787,16 @@ def save(
     }
     manifest = json.loads(json.dumps(manifest, default=str))  # the digests cover what is read back
     with staged_dir(target) as staging:
-        save_file(state, str(staging / TENSORS), metadata={"producer": f"matpress {__version__}", BODY_DIGEST_KEY: body_digest(manifest)})
-        _readable_as_umask_allows(staging / TENSORS)
+        producer = {"producer": f"matpress {__version__}"}
+        root = {**producer, BODY_DIGEST_KEY: body_digest(manifest)}
+        shards = _plan_shards(state, max_shard_bytes)
+        with tqdm(total=nbytes, desc="saving", unit="B", unit_scale=True, disable=not progress) as bar:
+            for shard, keys in shards.items():
+                _write_tensors(staging / shard, keys, state, stored, producer if len(shards) > 1 else root, bar)
+                _readable_as_umask_allows(staging / shard)
+        if len(shards) > 1:
+            index = {"metadata": root, "weight_map": {key: shard for shard, keys in shards.items() for key in keys}}
+            (staging / INDEX).write_text(json.dumps(index, indent=1))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
         if extra_files is not None:

@@ -36,6 +36,7 @@ from matpress.formats import format_class
 FORMAT_VERSION = 2
 MANIFEST = "matpress.json"
 TENSORS = "model.safetensors"
+INDEX = "model.safetensors.index.json"  # a sharded checkpoint's tensor index, in place of TENSORS
 BODY_DIGEST_KEY = "matpress_manifest_sha256"
 
 # A manifest is a few KB of base-model config plus well under 1 KB per stored tensor; refuse more
@@ -328,8 +329,8 @@ def layer_entry(value: Any, where: str) -> None:
 
 def files_entry(value: Any, where: str) -> None:
     mapping(file_name, record({"bytes": integer(0, 1 << 50), "sha256": sha256_hex}), MAX_FILES)(value, where)
-    if TENSORS not in value:
-        raise _Invalid(where, f"has no entry for {TENSORS}")
+    if TENSORS not in value and INDEX not in value:
+        raise _Invalid(where, f"has no entry for {TENSORS} (or {INDEX} for a sharded checkpoint)")
 
 
 MANIFEST_SCHEMA = record({
@@ -351,6 +352,6 @@ MANIFEST_SCHEMA = record({
 
 __all__ = [
     "BODY_DIGEST_KEY", "DTYPE_NAMES", "FORMAT_VERSION", "LAYER_KINDS", "MANIFEST", "MAX_DEPTH",
-    "MAX_MANIFEST_BYTES", "TENSORS", "body_digest", "canonical_bytes", "checkpoint_digest",
+    "INDEX", "MAX_MANIFEST_BYTES", "TENSORS", "body_digest", "canonical_bytes", "checkpoint_digest",
     "max_manifest_bytes", "normalize_digest", "parse_manifest",
 ]

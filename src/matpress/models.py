@@ -18,16 +18,18 @@ import sys
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
 from matpress.atomic import staged_dir
 from matpress.errors import MatpressError, RemoteCodeError, quote
-from matpress.inputs import read_file
+from matpress.inputs import json_object, read_file
 from matpress.kernels.build import KernelCacheError, cache_root, check_private
+from matpress.nn.experts import find_fused_experts
 from matpress.nn.layout import CAUSAL_LM, ENCODER
+from matpress.walk.source import DAMAGED, SOURCE_ATTRIBUTE, WeightSource, parameters_on_meta
 
 MINILM = "minilm"
 SMOLLM2 = "smollm2"
@@ -148,14 +150,7 @@ MAX_CONFIG_BYTES = 64 << 20
 
 def read_config(file: Path) -> dict[str, Any]:
     """A model directory's JSON configuration file as a dict; anything else is a MatpressError naming it."""
-    data = read_file(file, "model configuration", MAX_CONFIG_BYTES, MatpressError)
-    try:
-        config = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise MatpressError(f"{file} is not valid JSON ({quote(str(e))}); the model directory is damaged") from None
-    if not isinstance(config, dict):
-        raise MatpressError(f"{file} holds {type(config).__name__}, not a JSON object; the model directory is damaged")
-    return config
+    return json_object(read_file(file, "model configuration", MAX_CONFIG_BYTES, MatpressError), str(file), DAMAGED)
 
 
 def refuse_remote_code(directory: Path) -> None:
@@ -211,9 +206,36 @@ def load_tokenizer_from(directory: Path, trust_remote_code: bool = False) -> Any
         ) from None
 
 
-def load_pretrained(spec: str, trust_remote_code: bool = False) -> LoadedModel:
+def streamed_skeleton(auto: Any, path: Path, trust_remote_code: bool, init_kwargs: dict[str, Any]) -> Optional[nn.Module]:
+    """The model of directory ``path`` with its parameters on the meta device (in their stored dtype)
+    and a :class:`~matpress.walk.source.WeightSource` attached that reads them from its safetensors files,
+    or None when it cannot be streamed (no safetensors weights, or names that transformers converts
+    while loading): see :mod:`matpress.walk.source`."""
+    import transformers
+
+    source = WeightSource.open(path)
+    if source is None:
+        return None
+    config = from_pretrained(transformers.AutoConfig, path, trust_remote_code)
+    with parameters_on_meta():
+        model = auto.from_config(config, trust_remote_code=bool(trust_remote_code), **init_kwargs)
+    if not source.covers(model) or find_fused_experts(model):  # unfusing experts needs their weights whole
+        return None
+    saved = set(model.state_dict())
+    for name, buffer in model.named_buffers():  # a saved buffer (running statistics) takes the stored values
+        if name in saved and name in source.tensors:
+            buffer.copy_(source.tensors[name].read())
+    source.release(model, "")  # every parameter now has its stored dtype, still on the meta device
+    setattr(model, SOURCE_ATTRIBUTE, source)
+    return model
+
+
+def load_pretrained(spec: str, trust_remote_code: bool = False, stream: bool = False) -> LoadedModel:
     """Load ``spec`` (``minilm``, ``smollm2`` or a local Hugging Face model directory) in eval mode, fp32.
-    ``trust_remote_code``: allow a directory whose configuration names Python code to run it."""
+    ``trust_remote_code``: allow a directory whose configuration names Python code to run it.
+    ``stream``: where the weights are safetensors stored under the model's own names, build the model
+    on the meta device and read them only when compressing, block by block, and saving
+    (:mod:`matpress.walk.source`); otherwise (or when they cannot be streamed) load them whole in fp32."""
     import transformers
 
     path = minilm_dir() if spec == MINILM else smollm2_dir() if spec == SMOLLM2 else Path(spec)
@@ -232,7 +254,9 @@ def load_pretrained(spec: str, trust_remote_code: bool = False) -> LoadedModel:
     transformers.logging.set_verbosity_error()  # the skipped pooler would be reported as a load problem
     transformers.logging.disable_progress_bar()  # a bar per weight file is noise for small models
     try:
-        model = from_pretrained(auto, path, trust_remote_code, dtype="float32", **init_kwargs)
+        model = streamed_skeleton(auto, path, trust_remote_code, init_kwargs) if stream else None
+        if model is None:
+            model = from_pretrained(auto, path, trust_remote_code, dtype="float32", **init_kwargs)
     except load_errors() as e:
         raise MatpressError(f"{path}: transformers could not load the model ({quote(str(e))}); check the directory") from None
     finally:

@@ -16,6 +16,7 @@ from matpress.nn.experts import expert_rule
 from matpress.nn.layers import CompressedEmbedding, FormatModule, TiedLinear, check_plain_embedding
 from matpress.nn.layout import install_format, linear_weight, set_submodule, tied_to
 from matpress.recipe import Rule
+from matpress.walk.source import materialised
 
 @dataclass
 class LayerReport:
@@ -115,6 +116,12 @@ def compress_layer(
     report = layer_report(name, weight, fmt)
     report.note = note
     return report
+
+
+def compress_streamed_layer(model: nn.Module, name: str, rule: Rule, layer_stats: Optional[LayerStats] = None) -> LayerReport:
+    """:func:`compress_layer` with the layer's weights read first on a streamed model (:mod:`matpress.walk.source`)."""
+    with materialised(model, name):
+        return compress_layer(model, name, rule, layer_stats)
 
 
 def check_embedding_rule(module: nn.Module, name: str, rule: Rule) -> None:

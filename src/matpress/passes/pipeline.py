@@ -20,6 +20,7 @@ from matpress.passes.layers import CompressionReport, LayerReport, check_embeddi
 from matpress.passes.plain import compress_plain
 from matpress.passes.sequential import compress_sequential
 from matpress.recipe import Recipe, RecipeLike, Rule, as_recipe, name_matches
+from matpress.walk.source import BlockStream, materialised
 from matpress.walk.data import CalibrationData, calibration_data
 
 UNCOMPRESSED_SHARE = 0.01  # parameters at least this share of the model's weights are named when left dense
@@ -128,10 +129,11 @@ def compress_embeddings(model: nn.Module, recipe: Recipe, progress: bool = True)
             f"a size budget does not cover embeddings yet, and a rule names {sorted(chosen)}: drop that rule "
             "under a budget, or compress without one"
         )
-    return [
-        compress_embedding(model, name, rule, [h for h, e in heads.items() if e == name])
-        for name, rule in tqdm(chosen.items(), desc="compressing embeddings", unit="layer", disable=not progress or not chosen)
-    ]
+    reports = []
+    for name, rule in tqdm(chosen.items(), desc="compressing embeddings", unit="layer", disable=not progress or not chosen):
+        with materialised(model, name):
+            reports.append(compress_embedding(model, name, rule, [h for h, e in heads.items() if e == name]))
+    return reports
 
 
 def run_pass(
@@ -146,6 +148,7 @@ def run_pass(
     """The linear layers in ``chosen`` by the pass the recipe asks for: budgeted, sequential
     (calibrated methods without precomputed ``stats``) or plain (layer by layer)."""
     if recipe.budget is not None:
+        BlockStream(model).materialise("")  # the budget pass measures the whole model: not streamed
         return compress_budgeted(model, recipe, chosen, stats, progress=progress, calibration=calibration, tokenizer=tokenizer)
     if stats is None and any(get_method(rule.method).needs_calibration for rule in chosen.values()):
         data = calibration if calibration is not None else calibration_data(recipe.calibration, tokenizer, model)

@@ -8,7 +8,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from matpress.methods import LayerStats
-from matpress.passes.layers import LayerReport, compress_layer
+from matpress.passes.layers import LayerReport, compress_streamed_layer
 from matpress.recipe import Rule
 
 
@@ -17,6 +17,6 @@ def compress_plain(
 ) -> list[LayerReport]:
     """Compress each layer of ``chosen`` (name -> rule) in place, on its statistics in ``stats`` if any."""
     return [
-        compress_layer(model, name, rule, (stats or {}).get(name))
+        compress_streamed_layer(model, name, rule, (stats or {}).get(name))
         for name, rule in tqdm(chosen.items(), desc="compressing", unit="layer", disable=not progress)
     ]

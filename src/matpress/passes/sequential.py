@@ -19,10 +19,11 @@ from tqdm.auto import tqdm
 from matpress.methods import get_method
 from matpress.methods.awq import search_input_scale
 from matpress.nn.layout import is_linear, linear_weight, scale_inputs, scale_rows
-from matpress.passes.layers import LayerReport, compress_layer
+from matpress.passes.layers import LayerReport, compress_layer, compress_streamed_layer
 from matpress.recipe import Rule
 from matpress.walk.blocks import BlockInput, Call, block_stats, capture_block_inputs, execution_stages, find_blocks, stage_stats, trace_block
 from matpress.walk.data import CalibrationData
+from matpress.walk.source import BlockStream, materialised
 from matpress.walk.stats import collect_stats
 
 @torch.inference_mode()
@@ -92,10 +93,13 @@ def compress_sequential(
     """Compress the layers in ``chosen`` (name -> rule) block by block on ``data``: see the module doc."""
     prefix, blocks = find_blocks(model)
     reports: dict[str, LayerReport] = {}
-    inputs = capture_block_inputs(model, blocks[0], data)
+    stream = BlockStream(model)
+    with materialised(model, "", skip=prefix):  # a streamed model: what runs before the first block
+        inputs = capture_block_inputs(model, blocks[0], data, progress)
     for i, block in enumerate(tqdm(blocks, desc="compressing blocks", unit="block", disable=not progress)):
         head = f"{prefix}.{i}." if prefix else f"{i}."
         names = {n[len(head):]: n for n in chosen if n.startswith(head)}
+        stream.materialise(head[:-1])
         if names:
             calls = trace_block(block, inputs[0])
             stages = execution_stages(calls, names)
@@ -110,10 +114,15 @@ def compress_sequential(
             with torch.inference_mode():
                 for inp in inputs:  # in place: the previous block's activations are dropped as we go
                     inp.hidden = inp.run(block)
+        stream.release(head[:-1])
     del inputs
     rest = [n for n in chosen if n not in reports]
     calibrated = [n for n in rest if get_method(chosen[n].method).needs_calibration]
-    stats = collect_stats(model, data, calibrated, progress=False) if calibrated else {}
+    if calibrated:
+        with materialised(model, ""):
+            stats = collect_stats(model, data, calibrated, progress=False)
+    else:
+        stats = {}
     for name in rest:  # layers outside the blocks (e.g. a pooler or an included lm_head), on the compressed model
-        reports[name] = compress_layer(model, name, chosen[name], stats.get(name))
+        reports[name] = compress_streamed_layer(model, name, chosen[name], stats.get(name))
     return [reports[n] for n in chosen]

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from matpress.errors import CalibrationError
 from matpress.methods import LayerStats
@@ -68,8 +69,9 @@ def _without_cache(value: Any) -> Any:
 
 
 @torch.inference_mode()
-def capture_block_inputs(model: nn.Module, block: nn.Module, data: CalibrationData) -> list[BlockInput]:
-    """Run ``model`` over ``data`` up to ``block`` and return what ``block`` receives for each batch."""
+def capture_block_inputs(model: nn.Module, block: nn.Module, data: CalibrationData, progress: bool = False) -> list[BlockInput]:
+    """Run ``model`` over ``data`` up to ``block`` and return what ``block`` receives for each batch
+    (``progress``: a bar over the batches)."""
     if not data.batches:
         raise CalibrationError("calibration data holds no batches")
 
@@ -80,7 +82,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, data: CalibrationDa
     inputs = []
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for batch in data.batches:
+        for batch in tqdm(data.batches, desc="capturing calibration inputs", unit="batch", disable=not progress):
             batch = {k: v.to(device) for k, v in batch.items()}
             try:
                 model(**batch)
