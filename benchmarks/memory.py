@@ -1,0 +1,201 @@
+"""Peak memory of compressing and loading big models: writes random-init Llama-3.1-8B- and
+Llama-3.2-1B-shaped models as bf16 safetensors shards (one shard in memory at a time), then measures
+each step in its own subprocess (peak RSS from ``os.wait4``'s ``ru_maxrss``, and wall time):
+
+- 8B, RTN int4 g128 (``matpress compress``, streamed from the shards; target <= 4 GB);
+- loading that checkpoint (``matpress.load``; target <= 1.25x the checkpoint's size);
+- 1B, GPTQ 4-bit g128 on 128 windows of 128 random tokens (streamed; target <= 3 GB);
+- 1B, a 3 bpw budget over the ``quant`` candidates with the same calibration (target <= 4 GB).
+
+    python benchmarks/memory.py [--work /tmp/matpress-mem] [--keep]
+
+Writes benchmarks/results/memory.md. The models live under --work (about 19 GB for the 8B source,
+6 GB for its checkpoint, plus the spill files while compressing) and are deleted afterwards unless --keep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import save_file
+
+from matpress.source import INDEX_FILE, parameters_on_meta
+
+RESULTS = Path(__file__).parent / "results" / "memory.md"
+SHARD_BYTES = 1 << 30
+LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0)
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0, head_dim=64)
+GB = 1e9
+
+
+def write_random_model(directory: Path, shape: dict, seed: int = 0) -> int:
+    """A random-init Llama of ``shape`` as bf16 safetensors shards with an index; returns its bytes."""
+    config = transformers.LlamaConfig(**shape, max_position_embeddings=8192, dtype="bfloat16", architectures=["LlamaForCausalLM"])
+    with parameters_on_meta():
+        skeleton = transformers.LlamaForCausalLM(config)
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(directory)
+    generator = torch.Generator().manual_seed(seed)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    weight_map: dict[str, int] = {}
+    size = total = 0
+    for name, p in skeleton.named_parameters():  # tied parameters once
+        if "norm" in name:
+            value = torch.ones(p.shape, dtype=torch.bfloat16)
+        else:
+            value = (torch.randn(p.shape, generator=generator) * 0.02).to(torch.bfloat16)
+        if size and size + value.nbytes > SHARD_BYTES:
+            _flush(directory, shards)
+            shards.append({})
+            size = 0
+        shards[-1][name] = value
+        weight_map[name] = len(shards)
+        size += value.nbytes
+        total += value.nbytes
+    _flush(directory, shards)
+    n = len(shards)
+    names = {i: f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)}
+    for i in range(1, n + 1):
+        os.rename(directory / f"shard-{i}.safetensors", directory / names[i])
+    index = {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in weight_map.items()}}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=1))
+    return total
+
+
+def _flush(directory: Path, shards: list[dict[str, torch.Tensor]]) -> None:
+    save_file(shards[-1], str(directory / f"shard-{len(shards)}.safetensors"), metadata={"format": "pt"})
+    shards[-1].clear()  # keep the list's length (the shard number), drop the tensors
+
+
+def calibration_data(vocab: int):
+    from matpress import CalibrationData
+
+    ids = torch.randint(0, vocab, (128, 128), generator=torch.Generator().manual_seed(1))
+    return CalibrationData.from_token_ids(ids, batch_size=8, source="random token ids")
+
+
+def child(step: str, source: str, out: str) -> None:
+    """One measured step, run in its own process."""
+    import matpress
+    from matpress.cli import main
+    from matpress.models import load_pretrained
+
+    if step == "rtn":
+        sys.exit(main(["compress", source, "--out", out, "--force", "--quiet"]))
+    if step == "load":
+        matpress.load(out)
+        return
+    model = load_pretrained(source, stream=True).model
+    recipe = {"default": {"method": "gptq", "bits": 4, "group_size": 128}} if step == "gptq" else {"budget": "3bpw", "candidates": "quant"}
+    matpress.compress(model, recipe, progress=False, calibration=calibration_data(model.config.vocab_size))
+    matpress.save(model, out, force=True)
+
+
+def measure(step: str, source: Path, out: Path) -> tuple[float, float]:
+    """(peak RSS in bytes, wall seconds) of ``step`` in a fresh process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, __file__, "--child", step, str(source), str(out)])
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"step {step} failed with exit status {proc.returncode}")
+    return usage.ru_maxrss * 1024, time.perf_counter() - start
+
+
+def directory_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def run(work: Path, keep: bool) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    # (model, shape, [(step, the checkpoint it writes or reads)])
+    plan = (
+        ("Llama-3.1-8B", LLAMA_8B, [("rtn", "rtn"), ("load", "rtn")]),
+        ("Llama-3.2-1B", LLAMA_1B, [("gptq", "gptq"), ("budget", "budget")]),
+    )
+    for label, shape, steps in plan:
+        source = work / f"{label}-bf16"
+        t0 = time.perf_counter()
+        source_bytes = write_random_model(source, shape)
+        print(f"{label}: wrote {source_bytes / GB:.2f} GB of bf16 shards in {time.perf_counter() - t0:.0f} s", flush=True)
+        for step, name in steps:
+            out = work / f"{label}-{name}"
+            peak, wall = measure(step, source, out)
+            size = directory_bytes(out)
+            rows.append((label, step, source_bytes, size, peak, wall))
+            print(f"{label} {step}: peak RSS {peak / GB:.2f} GB, {wall:.0f} s, checkpoint {size / GB:.2f} GB", flush=True)
+        if not keep:
+            for _, name in steps:
+                shutil.rmtree(work / f"{label}-{name}", ignore_errors=True)
+            shutil.rmtree(source, ignore_errors=True)
+    write_results(rows)
+
+
+TARGETS = {"rtn": ("compress, RTN int4 g128 (streamed)", lambda r: 4 * GB), "load": ("matpress.load of that checkpoint", lambda r: 1.25 * r[3]),
+           "gptq": ("compress, GPTQ 4-bit g128 (streamed)", lambda r: 3 * GB), "budget": ("compress, budget 3 bpw, quant candidates", lambda r: 4 * GB)}
+
+
+def write_results(rows: list) -> None:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+    lines = [
+        "# Peak memory: compressing and loading big models",
+        "",
+        "Command: `flock /tmp/matpress-heavy.lock .venv/bin/python benchmarks/memory.py` "
+        f"(matpress at commit {commit}; torch {torch.__version__}, transformers {transformers.__version__}).",
+        f"Machine: {os.cpu_count()} cores of an {cpu_name()}, "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, shared with other jobs (wall times are indicative).",
+        "",
+        "Random-init models of the real shapes written as bf16 safetensors shards of 1 GiB with an index; each step runs "
+        "in its own process, peak RSS is that process's `ru_maxrss`. GPTQ and the budget calibrate on 128 windows of "
+        "128 random token ids.",
+        "",
+        "| model | step | source (bf16) | output checkpoint | peak RSS | target | wall |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        label, step, source_bytes, size, peak, wall = row
+        what, target = TARGETS[step]
+        limit = target(row)
+        mark = "met" if peak <= limit else "**not met**"
+        lines.append(
+            f"| {label} | {what} | {source_bytes / GB:.2f} GB | {size / GB:.2f} GB | {peak / GB:.2f} GB | "
+            f"<= {limit / GB:.2f} GB: {mark} | {wall:.0f} s |"
+        )
+    RESULTS.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/matpress-mem"), help="where the models are written")
+    parser.add_argument("--keep", action="store_true", help="keep the models and checkpoints")
+    parser.add_argument("--child", nargs=3, metavar=("STEP", "SOURCE", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+    else:
+        run(args.work, args.keep)
+
+
+if __name__ == "__main__":
+    main()
