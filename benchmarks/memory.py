@@ -4,8 +4,10 @@ each step in its own subprocess (peak RSS from ``os.wait4``'s ``ru_maxrss``, and
 
 - 8B, RTN int4 g128 (``matpress compress``, streamed from the shards; target <= 4 GB);
 - loading that checkpoint (``matpress.load``; target <= 1.25x the checkpoint's size);
-- 1B, GPTQ 4-bit g128 on 128 windows of 128 random tokens (streamed; target <= 3 GB);
-- 1B, a 3 bpw budget over the ``quant`` candidates with the same calibration (target <= 4 GB).
+- 1B, GPTQ 4-bit g128 on 16 windows of 128 random tokens (streamed; target <= 3 GB; the default 128
+  windows add about 0.3 GB of activations and take 8x as long);
+- 1B, a 3 bpw budget over the ``quant`` candidates, weight errors (no calibration: with it the
+  sensitivity pass takes hours on a 2-core machine) (target <= 4 GB).
 
     python benchmarks/memory.py [--work /tmp/matpress-mem] [--keep]
 
@@ -38,6 +40,7 @@ LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0, head_dim=64)
 GB = 1e9
+CALIBRATION_WINDOWS = 16
 
 
 def write_random_model(directory: Path, shape: dict, seed: int = 0) -> int:
@@ -82,7 +85,7 @@ def _flush(directory: Path, shards: list[dict[str, torch.Tensor]]) -> None:
 def calibration_data(vocab: int):
     from matpress import CalibrationData
 
-    ids = torch.randint(0, vocab, (128, 128), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, vocab, (CALIBRATION_WINDOWS, 128), generator=torch.Generator().manual_seed(1))
     return CalibrationData.from_token_ids(ids, batch_size=8, source="random token ids")
 
 
@@ -99,7 +102,8 @@ def child(step: str, source: str, out: str) -> None:
         return
     model = load_pretrained(source, stream=True).model
     recipe = {"default": {"method": "gptq", "bits": 4, "group_size": 128}} if step == "gptq" else {"budget": "3bpw", "candidates": "quant"}
-    matpress.compress(model, recipe, progress=False, calibration=calibration_data(model.config.vocab_size))
+    calibration = calibration_data(model.config.vocab_size) if step == "gptq" else None
+    matpress.compress(model, recipe, progress=False, calibration=calibration)
     matpress.save(model, out, force=True)
 
 
@@ -144,11 +148,11 @@ def run(work: Path, keep: bool) -> None:
             size = directory_bytes(out)
             rows.append((label, step, source_bytes, size, peak, wall))
             print(f"{label} {step}: peak RSS {peak / GB:.2f} GB, {wall:.0f} s, checkpoint {size / GB:.2f} GB", flush=True)
+            write_results(rows)  # after every step: a later step running out of time leaves these
         if not keep:
             for _, name in steps:
                 shutil.rmtree(work / f"{label}-{name}", ignore_errors=True)
             shutil.rmtree(source, ignore_errors=True)
-    write_results(rows)
 
 
 TARGETS = {"rtn": ("compress, RTN int4 g128 (streamed)", lambda r: 4 * GB), "load": ("matpress.load of that checkpoint", lambda r: 1.25 * r[3]),
@@ -166,8 +170,8 @@ def write_results(rows: list) -> None:
         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, shared with other jobs (wall times are indicative).",
         "",
         "Random-init models of the real shapes written as bf16 safetensors shards of 1 GiB with an index; each step runs "
-        "in its own process, peak RSS is that process's `ru_maxrss`. GPTQ and the budget calibrate on 128 windows of "
-        "128 random token ids.",
+        f"in its own process, peak RSS is that process's `ru_maxrss`. GPTQ calibrates on {CALIBRATION_WINDOWS} windows of "
+        "128 random token ids; the budget measures weight errors (no calibration).",
         "",
         "| model | step | source (bf16) | output checkpoint | peak RSS | target | wall |",
         "|---|---|---|---|---|---|---|",
@@ -182,7 +186,6 @@ def write_results(rows: list) -> None:
             f"<= {limit / GB:.2f} GB: {mark} | {wall:.0f} s |"
         )
     RESULTS.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
 
 
 def main() -> None:
