@@ -44,7 +44,8 @@ CALIBRATION_WINDOWS = 16
 
 
 def write_random_model(directory: Path, shape: dict, seed: int = 0) -> int:
-    """A random-init Llama of ``shape`` as bf16 safetensors shards with an index; returns its bytes."""
+    """A random-init Llama of ``shape`` as bf16 safetensors shards with an index; returns its bytes.
+    The index is written last: a directory with one is complete (a later run reuses it)."""
     config = transformers.LlamaConfig(**shape, max_position_embeddings=8192, dtype="bfloat16", architectures=["LlamaForCausalLM"])
     with parameters_on_meta():
         skeleton = transformers.LlamaForCausalLM(config)
@@ -140,8 +141,11 @@ def run(work: Path, keep: bool) -> None:
     for label, shape, steps in plan:
         source = work / f"{label}-bf16"
         t0 = time.perf_counter()
-        source_bytes = write_random_model(source, shape)
-        print(f"{label}: wrote {source_bytes / GB:.2f} GB of bf16 shards in {time.perf_counter() - t0:.0f} s", flush=True)
+        if (source / INDEX_FILE).is_file():  # kept (--keep) from an earlier run
+            source_bytes = json.loads((source / INDEX_FILE).read_text())["metadata"]["total_size"]
+        else:
+            source_bytes = write_random_model(source, shape)
+            print(f"{label}: wrote {source_bytes / GB:.2f} GB of bf16 shards in {time.perf_counter() - t0:.0f} s", flush=True)
         for step, name in steps:
             out = work / f"{label}-{name}"
             peak, wall = measure(step, source, out)

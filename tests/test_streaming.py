@@ -39,16 +39,19 @@ def compressed_tensors(model):
 
 @pytest.fixture
 def block_watch(monkeypatch):
-    """After every read from the source: the blocks (model.layers.<i>) that have dense parameters in
-    memory, and how many parameters are."""
+    """After every read from the source: the blocks (model.layers.<i>) whose parameters are in memory,
+    and how many parameters are (in the model or in a layer it replaced meanwhile: the source's
+    ``live`` list; what the model reaches is checked against it)."""
     seen = []
     materialise = WeightSource.materialise
 
     def watched(self, model, prefix, skip=None):
         count = materialise(self, model, prefix, skip)
-        dense = [n for n, p in model.named_parameters() if not p.is_meta]
-        blocks = {int(m.group(1)) for n in dense if (m := re.match(r"model\.layers\.(\d+)\.", n))}
-        seen.append((prefix, blocks, len(dense)))
+        live = [names[0] for names, _ in self.live]
+        reachable = {n for n, p in model.named_parameters() if not p.is_meta and not n.endswith(".bias")}
+        assert reachable <= {n for names, _ in self.live for n in names}
+        blocks = {int(m.group(1)) for n in live if (m := re.match(r"model\.layers\.(\d+)\.", n))}
+        seen.append((prefix, blocks, len(live)))
         return count
 
     monkeypatch.setattr(WeightSource, "materialise", watched)
@@ -70,7 +73,7 @@ def test_streamed_compression_equals_in_memory_and_holds_one_block(source_dir, b
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
     # every compressed tensor now lives in a spill file (mapped), every dense weight back on disk
-    assert set(source_of(streamed).spilled) == set(got)
+    assert set(source_of(streamed).spilled) == set(got) and source_of(streamed).live == []
     assert all(p.is_meta for n, p in streamed.named_parameters() if not n.endswith(".bias"))
 
     reads = [blocks for prefix, blocks, _ in block_watch if prefix.startswith("model.layers.")]
