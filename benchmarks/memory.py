@@ -31,7 +31,7 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from matpress.source import INDEX_FILE, parameters_on_meta
+from matpress.walk.source import INDEX_FILE, parameters_on_meta
 
 RESULTS = Path(__file__).parent / "results" / "memory.md"
 SHARD_BYTES = 1 << 30
