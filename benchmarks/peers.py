@@ -52,12 +52,12 @@ import torch
 from torch import nn
 
 import matpress
-from matpress.budget import PRESETS
-from matpress.calibration import CalibrationData
+from matpress import CalibrationData
 from matpress.evaluation import language_model_quality, token_windows
 from matpress.evaluation.text import EVALUATION, corpus
 from matpress.evaluation.timing import command_line, machine_description, publish
 from matpress.models import SMOLLM2, from_pretrained, load_pretrained, smollm2_gguf
+from matpress.recipe import PRESETS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from embeddings import EMBEDDING, n_weights  # noqa: E402
