@@ -51,7 +51,8 @@ bench: $(STAMP)
 # The quality race against peers needs packages the package and its tests never use: they live in a
 # separate environment. llama.cpp's llama-quantize and llama-imatrix are built from the llama.cpp source
 # vendored in the llama-cpp-python sdist (the Python binding exposes quantization but cannot pass an
-# importance matrix, and has no way to compute one); about 10 minutes on 2 cores.
+# importance matrix, and has no way to compute one); about 10 minutes on 2 cores. Not -march=native:
+# on a CPU that reports AMX to a kernel that does not enable it, llama-imatrix dies of an illegal instruction.
 PEERS_VENV := .venv-peers
 PEERS_STAMP := $(PEERS_VENV)/.installed
 LLAMA_CPP_PYTHON := 0.3.36
@@ -70,7 +71,8 @@ $(LLAMA_BIN)/llama-quantize $(LLAMA_BIN)/llama-imatrix:
 	$(PYTHON) -m pip download -q --no-deps --no-binary :all: -d $(PEERS_BUILD) llama-cpp-python==$(LLAMA_CPP_PYTHON)
 	tar xzf $(PEERS_BUILD)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(PEERS_BUILD)
 	nice -n 19 cmake -S $(LLAMA_SRC) -B $(PEERS_BUILD)/llama-build -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
-		-DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DGGML_NATIVE=ON
+		-DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+		-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 	nice -n 19 cmake --build $(PEERS_BUILD)/llama-build --target llama-quantize llama-imatrix -j2
 
 ## bench-peers: the quality race on SmolLM2 against hqq, torchao and llama.cpp (cached per contender in out/peers/)

@@ -207,7 +207,7 @@ def importance_matrix(ctx: Context) -> tuple[Path, float]:
     text_file.write_text("".join(ctx.tokenizer.decode(w) for w in windows))
     seconds = run_tool(
         [tool(ctx, "llama-imatrix"), "-m", ctx.gguf, "-f", text_file, "-o", path, "-c", CALIBRATION_LEN,
-         "--chunks", len(windows), "-t", torch.get_num_threads(), "--no-ppl"],
+         "-b", CALIBRATION_LEN, "--chunks", len(windows), "-t", torch.get_num_threads(), "--no-ppl"],
         ctx.work / "imatrix.log",
     )
     timing.write_text(json.dumps({"seconds": seconds}))
@@ -311,7 +311,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def report(rows: list[dict[str, Any]], gguf: Path, n_windows: int, seq_len: int, argv: Optional[list[str]], plot_name: Optional[str]) -> str:
+def report(rows: list[dict[str, Any]], not_run: list[str], gguf: Path, n_windows: int, seq_len: int, argv: Optional[list[str]], plot_name: Optional[str]) -> str:
     first = rows[0]
     versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("torch", "transformers", "gguf", "hqq", "torchao", "llama-cpp-python") if _installed(p))
     return "\n".join([
@@ -331,11 +331,13 @@ def report(rows: list[dict[str, Any]], gguf: Path, n_windows: int, seq_len: int,
         "of the calibration split.",
         "Bits for hqq and torchao are counted as `bits + 32/64` (a 16-bit scale and zero per group); llama.cpp's from its "
         "GGUF's block tensors (576 and 1536 are not multiples of 256, so the k-quants and IQ4_XS fall back to other types "
-        "for most block tensors: the notes list the types). Time: compression only, on this machine; "
+        "for most block tensors: the notes list the types). Time: compression only, on this machine while other jobs ran on it "
+        "(noisy); "
         "`+ N` is the importance matrix, computed once.",
         "",
         results_table(rows),
         "",
+        *([f"Not run yet: {', '.join(not_run)}.", ""] if not_run else []),
         *([f"![KL against bits per block weight]({plot_name})", ""] if plot_name else []),
     ])
 
@@ -356,6 +358,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--list", action="store_true", help="list the contenders and exit")
     parser.add_argument("--cheap", action="store_true", help="only the contenders that take seconds (not matpress GPTQ)")
     parser.add_argument("--force", action="store_true", help="recompute cached results")
+    parser.add_argument("--cached", action="store_true", help="compute nothing: write the table of the cached results")
     parser.add_argument("--llama-bin", type=Path, default=LLAMA_BIN, help="folder with llama-quantize and llama-imatrix")
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -371,8 +374,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     chosen.sort(key=lambda c: c.slow)  # the cheap ones first
     gguf = smollm2_gguf()
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    missing = [c for c in chosen if args.force or not (args.out_dir / f"{c.name}.json").is_file()]
-    print(f"{len(chosen) - len(missing)} of {len(chosen)} contenders cached in {args.out_dir}", flush=True)
+    uncached = [c for c in chosen if args.force or not (args.out_dir / f"{c.name}.json").is_file()]
+    print(f"{len(chosen) - len(uncached)} of {len(chosen)} contenders cached in {args.out_dir}", flush=True)
+    missing = [] if args.cached else uncached
     if missing:
         torch.manual_seed(0)
         loaded = load_pretrained(SMOLLM2)
@@ -387,13 +391,15 @@ def main(argv: Optional[list[str]] = None) -> None:
             print(f"[{i}/{len(missing)}] {contender.name}: {row['block_bpw']:.2f} bits, perplexity {row['perplexity']:.2f}, "
                   f"KL {row['kl_mean']:.4f}, {row['seconds']:.1f} s", flush=True)
 
-    rows = [json.loads((args.out_dir / f"{c.name}.json").read_text()) for c in CONTENDERS if (args.out_dir / f"{c.name}.json").is_file()]
+    done = [c for c in CONTENDERS if (args.out_dir / f"{c.name}.json").is_file()]
+    rows = [json.loads((args.out_dir / f"{c.name}.json").read_text()) for c in done]
+    not_run = [c.name for c in CONTENDERS if c not in done]
     plot_name = None
     if args.out:
         plot_name = args.out.with_suffix(".png").name
         args.out.parent.mkdir(parents=True, exist_ok=True)
         plot(rows, args.out.with_suffix(".png"))
-    publish(report(rows, gguf, args.windows, args.seq_len, argv, plot_name), args.out)
+    publish(report(rows, not_run, gguf, args.windows, args.seq_len, argv, plot_name), args.out)
 
 
 if __name__ == "__main__":
