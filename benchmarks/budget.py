@@ -36,9 +36,9 @@ from matpress.evaluation.timing import command_line, machine_description
 from matpress.models import load_pretrained
 from matpress.nn.layout import CAUSAL_LM, find_linear_layers, linear_weight, model_kind
 from matpress.passes import compress
-from matpress.passes.budget import apply_choice, choose, measure_sensitivity, weigh_end_to_end
+from matpress.passes.budget import BudgetMeasurement
 from matpress.recipe import CALIBRATED_INT, Budget, CalibrationSettings, allowed_candidates, as_recipe, resolve_candidates
-from matpress.walk import calibration_data, collect_stats
+from matpress.walk import calibration_data
 
 BUDGETS = (2.5, 3.0, 3.25, 3.5, 4.0)
 # uniform baselines: the same quantizer for every layer, 2-4 bits, per channel / g128 / g64
@@ -68,7 +68,6 @@ def run_model(
     layers = {n: m for n, m in find_linear_layers(original).items() if default.rule_for(n) is not None}
     n_weights = sum(linear_weight(m).numel() for m in layers.values())
     start = time.perf_counter()
-    stats = collect_stats(original, data, list(layers), progress=False)
     distortion = distortion_measure(original, tokenizer)
     quality = evaluator(original, tokenizer, n_sentences=n_sentences, progress=False)  # reference scored once
     setup_s = time.perf_counter() - start
@@ -98,14 +97,17 @@ def run_model(
         candidates = resolve_candidates(preset, calibrated=True)
         start = time.perf_counter()
         allowed = allowed_candidates(list(layers), list(candidates))
-        table = measure_sensitivity(layers, candidates, allowed, stats, progress=False)
-        weigh_end_to_end(table, original, layers, distortion, progress=False)
+        measurement = BudgetMeasurement.measure(
+            original, list(layers), candidates, allowed, calibration=data, distortion=distortion, progress=False
+        )
+        table = measurement.table
         measure_s = time.perf_counter() - start + setup_s
         for budget in budgets:
             model = copy.deepcopy(original)
             start = time.perf_counter()
-            choice = choose(table, Budget(bits_per_weight=budget))
-            report = apply_choice(model, find_linear_layers(model), table, choice, candidates, data, progress=False)
+            allocation = measurement.allocate(Budget(bits_per_weight=budget))
+            report = measurement.apply(model, allocation, progress=False)
+            choice = allocation.choice
             seconds = time.perf_counter() - start
             used: dict[str, int] = {}
             for j in choice:

@@ -1,13 +1,14 @@
 import pytest
 import torch
 
-from matpress.passes.budget import choose, compress_to_budget, measure_sensitivity, relative_output_error, weigh_end_to_end
-from matpress.recipe import Budget, allowed_candidates, candidate_rules
 from matpress.errors import BudgetError, RecipeError
 from matpress.formats import IntFormat
 from matpress.nn.layers import CompressedLinear
-from matpress.methods import LayerStats
-from matpress.nn.layout import find_linear_layers
+from matpress.methods import LayerStats, get_method
+from matpress.nn.layout import find_linear_layers, linear_weight
+from matpress.passes.budget import BudgetMeasurement, choose, relative_output_error
+from matpress.recipe import Budget, CalibrationSettings, allowed_candidates, candidate_rules, resolve_candidates
+from matpress.walk import calibration_data, collect_stats
 
 from conftest import tiny_llama
 
@@ -48,13 +49,13 @@ def measured():
     model = tiny_llama()
     layers = {n: m for n, m in find_linear_layers(model).items() if n != "lm_head"}
     cands = candidate_rules(CANDIDATES)
-    table = measure_sensitivity(layers, cands, {n: list(cands) for n in layers}, progress=False)
+    table = BudgetMeasurement.measure(model, list(layers), cands, progress=False).table
     return model, layers, table
 
 
 def test_every_candidate_is_measured_once(measured):
     _, layers, table = measured
-    assert len(table.formats) == len(layers) * len(CANDIDATES)
+    assert all(b > 0 for row in table.nbytes for b in row) and table.allowed == [list(range(len(CANDIDATES)))] * len(layers)
     for i in range(len(layers)):
         errors = dict(zip(table.candidates, table.error[i]))
         # more bits never hurt, and fp16 is almost exact
@@ -64,10 +65,10 @@ def test_every_candidate_is_measured_once(measured):
 
 def test_sensitivity_prints_a_time_estimate_before_the_long_part(measured, capsys):
     """With progress on, the estimate comes once the first encoding of each (layer shape, method) is
-    timed, and names every encoding; the table is the same as without progress (order aside)."""
-    _, layers, table = measured
+    timed, and names every encoding; the table is the same as without progress."""
+    model, layers, table = measured
     cands = candidate_rules(CANDIDATES)
-    again = measure_sensitivity(layers, cands, {n: list(cands) for n in layers}, progress=True)
+    again = BudgetMeasurement.measure(model, list(layers), cands, progress=True).table
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sensitivity:")]
     shapes = {tuple(m.weight.shape) for m in layers.values()}
     methods = {rule.method for rule in cands.values()}
@@ -99,7 +100,7 @@ def test_infeasible_budget_reports_the_smallest_reachable_size(measured):
     choose(table, Budget(bits_per_weight=smallest + 1e-9))
 
 
-def test_compress_to_budget_with_constraints_and_end_to_end_weights():
+def test_measure_allocate_apply_with_constraints_and_end_to_end_weights():
     model = tiny_llama()
     layers = {n: m for n, m in find_linear_layers(model).items() if n != "lm_head"}
     cands = candidate_rules(CANDIDATES)
@@ -113,9 +114,10 @@ def test_compress_to_budget_with_constraints_and_end_to_end_weights():
             lp = m(ids).logits.log_softmax(-1)
         return float((ref.exp() * (ref - lp)).sum(-1).mean())
 
-    report, table, choice = compress_to_budget(
-        model, layers, cands, Budget(bits_per_weight=3.0), allowed, distortion=kl, probe="rtn-2b-g32", progress=False
-    )
+    measurement = BudgetMeasurement.measure(model, list(layers), cands, allowed, distortion=kl, probe="rtn-2b-g32", progress=False)
+    allocation = measurement.allocate(Budget(bits_per_weight=3.0))
+    report = measurement.apply(model, allocation, progress=False)
+    table, choice = allocation.table, allocation.choice
     assert report.bits_per_weight <= 3.0
     for i, name in enumerate(table.layers):
         assert isinstance(model.get_submodule(name), CompressedLinear)
@@ -140,7 +142,7 @@ def test_recipe_budget_pins_explicit_rules_and_fits():
         progress=False,
     )
     assert report.bits_per_weight <= 3.3
-    table, choice, budget = report.allocation
+    table, choice, budget = report.allocation.table, report.allocation.choice, report.allocation.budget
     assert str(budget) == "3.3bpw"
     for r in report.layers:
         if r.name.endswith("v_proj"):
@@ -190,20 +192,27 @@ def test_calibrated_budget_uses_the_best_quantizer_and_fits(minilm, preset):
     from matpress.recipe import CALIBRATED_INT
 
     model = tiny_llama(vocab=minilm.tokenizer.vocab_size)
+    original = tiny_llama(vocab=minilm.tokenizer.vocab_size)
     recipe = {"budget": "3.5bpw", "candidates": preset, "calibration": SMALL_CALIBRATION}
     report = matpress.compress(model, recipe, tokenizer=minilm.tokenizer, progress=False)
-    table, choice, budget = report.allocation
+    table, choice = report.allocation.table, report.allocation.choice
     assert report.bits_per_weight <= 3.5
     assert table.probe is not None and any(w != 1.0 for w in table.weight)  # end-to-end weights measured
     # with calibration text the integer candidates come from the calibrated quantizer, not RTN
     assert any(c.startswith(CALIBRATED_INT["method"]) for c in table.candidates)
     assert not any(c.startswith("rtn") for c in table.candidates)
+    data = calibration_data(CalibrationSettings(**SMALL_CALIBRATION), minilm.tokenizer, original)
+    stats = collect_stats(original, data, table.layers, progress=False)  # what the layers were measured on
+    candidates = resolve_candidates(preset, calibrated=True)
     re_encoded = 0
     for i, name in enumerate(table.layers):
         # the sequential re-encoding never exceeds the size the allocator gave each layer
         fmt = model.get_submodule(name).fmt
         assert fmt.nbytes <= table.nbytes[i][choice[i]]
-        re_encoded += not torch.equal(fmt.decode(), table.formats[(i, choice[i])].decode())
+        rule = candidates[table.candidates[choice[i]]]
+        measured = get_method(rule.method).run(linear_weight(original.get_submodule(name)).float(), rule.params, stats[name])
+        assert measured.nbytes == table.nbytes[i][choice[i]]
+        re_encoded += not torch.equal(fmt.decode(), measured.decode())
     # later layers were re-encoded on the inputs of the already compressed earlier ones
     assert re_encoded > 0
 
@@ -222,7 +231,7 @@ def test_candidates_a_layer_shape_cannot_take_are_skipped_for_that_layer():
     # monarch with 7 blocks divides no dimension of the tiny Llama: every layer falls back to the int candidates
     recipe = {"budget": "6bpw", "candidates": [{"method": "monarch", "nblocks": 7}, {"method": "rtn", "bits": 4}]}
     report = matpress.compress(tiny_llama(), recipe, progress=False)
-    table, choice, _ = report.allocation
+    table, choice = report.allocation.table, report.allocation.choice
     assert all(table.candidates[c] == "rtn-4b-g128" for c in choice)
     only_monarch = {"budget": "6bpw", "candidates": [{"method": "monarch", "nblocks": 7}]}
     with pytest.raises(BudgetError, match="none of its candidates can encode"):
@@ -254,8 +263,7 @@ def test_layers_the_probe_cannot_encode_take_the_typical_end_to_end_weight():
         with torch.no_grad():
             return float((m(ids).logits - ref).square().mean())
 
-    table = measure_sensitivity(layers, cands, allowed, progress=False)
-    weigh_end_to_end(table, model, layers, distortion, probe="rtn-3b-g32", progress=False)
+    table = BudgetMeasurement.measure(model, list(layers), cands, allowed, distortion=distortion, probe="rtn-3b-g32", progress=False).table
     others = sorted(w for n, w in zip(table.layers, table.weight) if n != "model.layers.0.mlp.down_proj")
     assert table.weight[table.layers.index("model.layers.0.mlp.down_proj")] == others[len(others) // 2]
 

@@ -260,7 +260,7 @@ def test_a_budget_allocates_per_expert_and_measures_starved_experts_under_their_
     # 4 tokens: 8 routed per layer, every expert short of MIN_EXPERT_TOKENS (some routed none at all)
     report = matpress.compress(model, {"budget": "4.5bpw", "candidates": "quant"}, calibration=random_data(VOCAB, n=1, seq=4),
                                progress=False)
-    table = report.allocation[0]
+    table = report.allocation.table
     names = [f"model.layers.{i}.mlp.experts.{p}.{e}" for i in range(LAYERS) for p in ("gate_up_proj", "down_proj") for e in range(EXPERTS)]
     assert set(names) <= set(table.layers)  # one row, and one choice, per expert matrix
     assert report.bits_per_weight <= 4.5

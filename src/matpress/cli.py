@@ -107,7 +107,6 @@ def _recipe_from_args(args: argparse.Namespace):
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
-
     check_output_location(args.out, args.force)  # fail now, not after the compression
     recipe = _recipe_from_args(args)
     loaded = load_pretrained(args.model, args.trust_remote_code, stream=True)
@@ -115,7 +114,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     allocation = report.allocation
     out = matpress.save(
         loaded.model, args.out, tokenizer=loaded.tokenizer, recipe=recipe, source=loaded.source, force=args.force,
-        extra_files=None if allocation is None else lambda staging: save_allocation(staging / SENSITIVITY, *allocation),
+        extra_files=None if allocation is None else lambda staging: save_allocation(staging / SENSITIVITY, allocation),
         max_shard_bytes=args.max_shard_size, progress=not args.quiet,
     )
     print(report.table())

@@ -145,7 +145,7 @@ def write_report(directory: Union[str, Path], out: Union[str, Path, None] = None
     _bar_chart(rows, out / "layers.png")
     lines += ["## Format by layer", "", "![bits per weight by layer](layers.png)", ""]
     if allocation is not None:
-        table, choice, _ = allocation
+        table, choice = allocation.table, allocation.choice
         _heat_map(table, choice, out / "sensitivity.png")
         curve = damage_curve(table)
         chosen_damage = sum(table.damage(i, j) for i, j in enumerate(choice))

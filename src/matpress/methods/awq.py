@@ -11,7 +11,7 @@ paper, each group's clipping range is shrunk by the ratio that minimises that gr
 Where the architecture allows, the calibration pass folds ``1/s`` into the operation producing the
 layer's input (a LayerNorm/RMSNorm before q/k/v or gate/up, v_proj before o_proj, up_proj before
 down_proj), with one scale searched jointly for the layers sharing that input, and checks that the
-block's output is unchanged (see :func:`matpress.passes.sequential.fold_awq_scales`); those layers are then
+block's output is unchanged (:func:`fold_scales`, the method's block hook); those layers are then
 stored as plain ``int``. Elsewhere ``1/s`` stays in front of the layer, stored (fp16) in a
 ``transformed`` format around the ``int`` child. ``alpha = 0`` (no scaling) gives the plain ``int``
 format.
@@ -19,6 +19,7 @@ format.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -28,9 +29,10 @@ from matpress.errors import CalibrationError
 from matpress.formats import Format, IntFormat
 from matpress.formats.integer import fake_quantize, grouped, quantize_codes, resolve_group_size, rtn_parameters, ungrouped
 from matpress.formats.transformed import make_transform, quantize_transformed
-from matpress.methods.base import LayerStats, check_flag, check_int, register_method
+from matpress.methods.base import BlockView, LayerStats, check_flag, check_int, register_block_hook, register_method
 from matpress.methods.obs import output_error
 from matpress.methods.rtn import IntParams
+from matpress.recipe import Rule
 
 
 @dataclass(frozen=True)
@@ -128,3 +130,64 @@ def awq(weight: torch.Tensor, params: AWQParams, stats: Optional[LayerStats] = N
     return quantize_transformed(w, stats.hessian, transform, lambda w_t, h_t: clipped_quantize(
         w_t, h_t, params.bits, params.group_size, params.symmetric, ratios
     ))
+
+
+@torch.inference_mode()
+def fold_scales(block: BlockView, rules: dict[str, Rule]) -> dict[str, Rule]:
+    """AWQ with folding, AWQ's block hook: for each stage of ``awq`` layers sharing an input, search one
+    scale ``s`` on the uncompressed block, multiply the layers' input columns by ``s`` and divide the
+    producer of their input by ``s``: a norm whose output they read, or else the nearest earlier linear
+    layer of the block with that many outputs (v_proj for o_proj, up_proj for down_proj). A fold is kept
+    only if the block's output stays the same (so a norm also feeding a residual, or a linear followed
+    by a nonlinearity, is left alone). Returns the rules of the folded layers from now on: their scale
+    lives in the producer, so their own AWQ pass searches none (``grid=0``)."""
+    calls = block.calls
+    candidates: dict[int, tuple[list[str], list[torch.nn.Module], list[torch.nn.Module]]] = {}
+    for k, stage in enumerate(block.stages):
+        stage_rules = {rules[n] for n in stage}
+        first = block.call_of(stage[0])
+        if first is None or len(stage_rules) != 1 or not all(r.method == "awq" and r.params.fold for r in stage_rules):
+            continue
+        n = first.input.shape[-1]
+        position = calls.index(first)
+        modules = [block.layer(name) for name in stage]
+        producers = [  # a norm whose output the stage reads, then earlier linear layers, nearest first
+            c.module for c in calls[:position]
+            if c.output is first.input and getattr(c.module, "weight", None) is not None
+            and c.module.weight.dim() == 1 and c.module.weight.numel() == n
+        ] + [
+            c.module for c in reversed(calls[:position])
+            if block.is_linear(c.module) and c.module not in modules and block.weight(c.module).shape[0] == n
+        ]
+        if producers:
+            candidates[k] = (stage, modules, producers)
+    if not candidates:
+        return {}
+    stats = block.stats([stage[0] for stage, _, _ in candidates.values()])
+    reference = block.run()
+    folded: dict[str, Rule] = {}
+    for stage, modules, producers in candidates.values():
+        rule = rules[stage[0]]
+        params = rule.params
+        weights = [block.weight(m).float() for m in modules]
+        s = search_input_scale(weights, stats[stage[0]], params.bits, params.group_size, params.symmetric, params.grid)
+        if s is None:
+            continue
+
+        def fold(producer: torch.nn.Module, factor: torch.Tensor) -> None:
+            block.scale_rows(producer, factor)
+            for m in modules:
+                block.scale_inputs(m, factor)
+
+        for producer in producers:
+            fold(producer, s)
+            out = block.run()
+            if float((out - reference).norm()) <= 1e-4 * float(reference.norm()):
+                after = dataclasses.replace(rule, params=dataclasses.replace(params, grid=0))
+                folded.update({name: after for name in stage})
+                break
+            fold(producer, 1 / s)  # undo: the block computes something else now
+    return folded
+
+
+register_block_hook("awq", fold_scales)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 import torch
+from torch import nn
 
 from matpress.errors import RecipeError, quote
 from matpress.formats import Format
-from matpress.recipe.rules import register_params, unknown_method
+from matpress.recipe.rules import Rule, register_params, unknown_method
 
 
 def check_int(name: str, value: object, minimum: int = 1, null: Optional[str] = None) -> None:
@@ -61,13 +62,57 @@ class LayerStats:
 MethodFn = Callable[[torch.Tensor, Any, Optional[LayerStats]], Format]
 
 
+class BlockView(Protocol):
+    """What a method's block hook sees of one block of the model, before the block's layers are
+    compressed (the walk gives it, :class:`matpress.walk.walker.TracedBlock`): ``stages``, the block's
+    layers to compress by shared input (model names, in execution order), and ``calls``, one traced run
+    of the block on a calibration batch (each call has ``name``, local to the block, ``module``, and its
+    first ``input`` and ``output`` tensors, in order of completion)."""
+
+    stages: list[list[str]]
+    calls: list[Any]
+
+    def layer(self, name: str) -> nn.Module:
+        """The module of layer ``name``."""
+
+    def call_of(self, name: str) -> Optional[Any]:
+        """The traced call of layer ``name`` (its last, if it ran twice), or None if it did not run."""
+
+    def run(self) -> torch.Tensor:
+        """The block's output on the traced batch, as the block is now."""
+
+    def stats(self, names: list[str]) -> dict[str, LayerStats]:
+        """Input statistics of the layers ``names`` on the calibration data, as the block is now."""
+
+    def is_linear(self, module: nn.Module) -> bool:
+        """Whether ``module`` is a linear layer (nn.Linear or Conv1D)."""
+
+    def weight(self, module: nn.Module) -> torch.Tensor:
+        """A linear layer's weight as ``(out, in)``."""
+
+    def scale_rows(self, module: nn.Module, s: torch.Tensor) -> None:
+        """Divide a module's output channels by ``s`` (a norm's weight, a linear layer's rows)."""
+
+    def scale_inputs(self, module: nn.Module, s: torch.Tensor) -> None:
+        """Multiply a linear layer's input columns by ``s``."""
+
+
+# (the block, the rules of the block's layers) -> the rules it changed, after changing the block
+BlockHook = Callable[[BlockView, dict[str, Rule]], dict[str, Rule]]
+
+
 @dataclass(frozen=True)
 class Method:
+    """A registered method. ``block_hook``: a block-level step of the algorithm (AWQ folds its scales
+    into neighbouring layers), run by the walk on each block holding a layer under this method, before
+    the block's layers are compressed."""
+
     name: str
     params_type: type
     run: MethodFn
     needs_calibration: bool
     summary: str
+    block_hook: Optional[BlockHook] = None
 
     def make_params(self, values: dict[str, Any], where: str) -> Any:
         """Build (and validate) this method's parameter dataclass from plain data."""
@@ -101,6 +146,11 @@ def register_method(
         return fn
 
     return wrap
+
+
+def register_block_hook(name: str, hook: BlockHook) -> None:
+    """Give method ``name`` (registered) a block-level step, see :class:`Method`."""
+    METHODS[name] = dataclasses.replace(get_method(name), block_hook=hook)
 
 
 def get_method(name: str, where: Optional[str] = None) -> Method:

@@ -58,6 +58,13 @@ class RankParams:
         if self.factor_bits not in (16, *range(2, 9)):
             raise ValueError(f"factor_bits must be 16 (fp16) or 2 to 8, got {quote(self.factor_bits)}")
 
+    @property
+    def size_follows_data(self) -> bool:
+        """Whether the stored size depends on the weight and statistics (a rank kept by energy), not on
+        the shape alone: a budget keeps such a candidate's measured format, as a re-encoding on other
+        inputs could come out larger than the size it was allocated."""
+        return self.energy is not None
+
 
 @dataclass(frozen=True)
 class WhitenedRankParams(RankParams):

@@ -4,7 +4,7 @@ and report it; the report of a compressed model."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
@@ -17,6 +17,9 @@ from matpress.nn.layers import CompressedEmbedding, FormatModule, TiedLinear, ch
 from matpress.nn.layout import install_format, linear_weight, set_submodule, tied_to
 from matpress.recipe import Rule
 from matpress.walk.source import materialised
+
+if TYPE_CHECKING:
+    from matpress.passes.budget.measurement import Allocation
 
 @dataclass
 class LayerReport:
@@ -41,8 +44,7 @@ class LayerReport:
 @dataclass
 class CompressionReport:
     layers: list[LayerReport]
-    # under a budget: (SensitivityTable, chosen candidate per layer, Budget), see matpress.passes.budget
-    allocation: Optional[tuple] = None
+    allocation: Optional["Allocation"] = None  # under a budget: the table, the choice and the budget
 
     @property
     def nbytes(self) -> int:

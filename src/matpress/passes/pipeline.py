@@ -16,6 +16,7 @@ from matpress.nn.experts import SUPPORTED_EXPERTS, unfuse_experts
 from matpress.nn.layers import FormatModule
 from matpress.nn.layout import find_embeddings, find_linear_layers, tied_heads
 from matpress.passes.budget import compress_budgeted
+from matpress.passes.context import PassContext
 from matpress.passes.layers import CompressionReport, LayerReport, check_embedding_rule, compress_embedding
 from matpress.passes.plain import compress_plain
 from matpress.passes.sequential import compress_sequential
@@ -94,7 +95,7 @@ def compress(
             f"the recipe matches no linear layer of this {type(model).__name__}; its linear layers are: "
             f"{sample}{' ...' if len(layers) > 5 else ''}. Check include/exclude and the rule patterns."
         )
-    report = run_pass(model, recipe, chosen, stats, progress, calibration, tokenizer)
+    report = run_pass(model, recipe, chosen, PassContext(stats, calibration, tokenizer, progress=progress))
     report.layers[:0] = embedded
     warn_uncompressed(model)
     return report
@@ -136,21 +137,13 @@ def compress_embeddings(model: nn.Module, recipe: Recipe, progress: bool = True)
     return reports
 
 
-def run_pass(
-    model: nn.Module,
-    recipe: Recipe,
-    chosen: dict[str, Rule],
-    stats: Optional[dict[str, LayerStats]],
-    progress: bool,
-    calibration: Optional[CalibrationData],
-    tokenizer: Any,
-) -> CompressionReport:
+def run_pass(model: nn.Module, recipe: Recipe, chosen: dict[str, Rule], context: PassContext) -> CompressionReport:
     """The linear layers in ``chosen`` by the pass the recipe asks for: budgeted, sequential
-    (calibrated methods without precomputed ``stats``) or plain (layer by layer)."""
+    (calibrated methods without precomputed statistics) or plain (layer by layer)."""
     if recipe.budget is not None:
         BlockStream(model).materialise("")  # the budget pass measures the whole model: not streamed
-        return compress_budgeted(model, recipe, chosen, stats, progress=progress, calibration=calibration, tokenizer=tokenizer)
-    if stats is None and any(get_method(rule.method).needs_calibration for rule in chosen.values()):
-        data = calibration if calibration is not None else calibration_data(recipe.calibration, tokenizer, model)
-        return CompressionReport(compress_sequential(model, chosen, data, progress=progress))
-    return CompressionReport(compress_plain(model, chosen, stats, progress))
+        return compress_budgeted(model, recipe, chosen, context)
+    if context.stats is None and any(get_method(rule.method).needs_calibration for rule in chosen.values()):
+        data = context.calibration if context.calibration is not None else calibration_data(recipe.calibration, context.tokenizer, model)
+        return CompressionReport(compress_sequential(model, chosen, data, context.progress, context.source))
+    return CompressionReport(compress_plain(model, chosen, context.stats, context.progress, context.source))

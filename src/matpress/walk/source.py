@@ -282,18 +282,19 @@ def source_of(model: nn.Module) -> Optional[WeightSource]:
 
 
 class BlockStream:
-    """The walk's hook: ``materialise(prefix)`` before working on block ``prefix`` of ``model``,
-    ``release(prefix)`` when done with it; both do nothing on a model without a source."""
+    """The walk's default :class:`~matpress.walk.walker.BlockSource`: ``materialise(prefix)`` before the
+    walk works on module ``prefix`` of ``model`` ("" for all of it), ``release(prefix)`` when done with
+    it; both do nothing on a model without a source."""
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.source = source_of(model)
 
-    def materialise(self, prefix: str) -> None:
+    def materialise(self, prefix: str, module: Optional[nn.Module] = None) -> None:
         if self.source is not None:
             self.source.materialise(self.model, prefix)
 
-    def release(self, prefix: str) -> None:
+    def release(self, prefix: str, module: Optional[nn.Module] = None) -> None:
         if self.source is not None:
             self.source.release(self.model, prefix)
 

@@ -13,20 +13,13 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 import torch
-from torch import nn
-from tqdm.auto import tqdm
 
-from matpress.errors import BudgetError, FormatError
 from matpress.formats import Format
-from matpress.methods import LayerStats, get_method
-from matpress.nn.experts import starved_rule
-from matpress.nn.layout import install_format, linear_weight, set_submodule
-from matpress.recipe import Rule
+from matpress.methods import LayerStats
 
 
 def relative_output_error(weight: torch.Tensor, fmt: Format, stats: Optional[LayerStats]) -> float:
@@ -52,7 +45,6 @@ class SensitivityTable:
     weight: list[float]
     allowed: list[list[int]]
     probe: Optional[str] = None
-    formats: dict[tuple[int, int], Format] = field(default_factory=dict, repr=False)
 
     def damage(self, i: int, j: int) -> float:
         return self.weight[i] * self.error[i][j]
@@ -99,64 +91,6 @@ def time_estimate(seconds: dict[tuple, float], kinds: Sequence[tuple]) -> str:
     )
 
 
-def measure_sensitivity(
-    layers: dict[str, nn.Module],
-    candidates: dict[str, Rule],
-    allowed: dict[str, Sequence[str]],
-    stats: Optional[dict[str, LayerStats]] = None,
-    progress: bool = True,
-    experts: frozenset[str] = frozenset(),
-) -> SensitivityTable:
-    """Encode every allowed candidate of every layer once (kept in ``table.formats`` for reuse) and
-    measure its bytes and relative output error. The layers in ``experts`` (MoE expert matrices) short
-    of calibration tokens are measured under the fallback they will be compressed with
-    (:func:`matpress.nn.experts.starved_rule`)."""
-    names = list(candidates)
-    table = SensitivityTable(
-        layers=list(layers),
-        n_weights=[linear_weight(m).numel() for m in layers.values()],
-        candidates=names,
-        nbytes=[[0] * len(names) for _ in layers],
-        error=[[float("nan")] * len(names) for _ in layers],
-        weight=[1.0] * len(layers),
-        allowed=[[names.index(c) for c in allowed[n]] for n in layers],
-    )
-    work = [(i, name, j) for i, name in enumerate(layers) for j in table.allowed[i]]
-    kinds = [(tuple(linear_weight(layers[name]).shape), candidates[names[j]].method) for _, name, j in work]
-    # one encoding of each kind (layer shape, method) first: their times give the estimate of the whole
-    first = sorted({kind: k for k, kind in reversed(list(enumerate(kinds)))}.values())
-    order = first + sorted(set(range(len(work))) - set(first))
-    seconds: dict[tuple, float] = {}
-    for step, k in enumerate(tqdm(order, desc="sensitivity", unit="candidate", disable=not progress)):
-        i, name, j = work[k]
-        rule = candidates[names[j]]
-        weight = linear_weight(layers[name]).float()
-        layer_stats = (stats or {}).get(name)
-        if name in experts:
-            rule = starved_rule(name, rule, layer_stats)[0]
-        start = time.perf_counter()
-        try:
-            fmt: Optional[Format] = get_method(rule.method).run(weight, rule.params, layer_stats)
-        except FormatError:
-            fmt = None
-        seconds.setdefault(kinds[k], time.perf_counter() - start)
-        if progress and step == len(first) - 1:
-            tqdm.write(time_estimate(seconds, kinds))
-        if fmt is None:  # a candidate this layer's shape cannot take (e.g. blocks that do not divide it)
-            table.allowed[i].remove(j)
-            continue
-        table.formats[(i, j)] = fmt
-        table.nbytes[i][j] = fmt.nbytes
-        table.error[i][j] = relative_output_error(weight, fmt, layer_stats)
-    for i, name in enumerate(table.layers):
-        if not table.allowed[i]:
-            rows, cols = linear_weight(layers[name]).shape
-            raise BudgetError(
-                f"layer {name}: none of its candidates can encode a {rows}x{cols} weight; add a candidate such as dense fp16"
-            )
-    return table
-
-
 def default_probe(table: SensitivityTable, target_error: float = 0.01) -> Optional[str]:
     """The candidate, allowed on most layers, whose typical error is nearest ``target_error`` (on a log
     scale): damaging enough to measure, small enough for the first-order (additive) regime."""
@@ -170,35 +104,3 @@ def default_probe(table: SensitivityTable, target_error: float = 0.01) -> Option
         if best_key is None or key < best_key:
             best, best_key = label, key
     return best
-
-
-def weigh_end_to_end(
-    table: SensitivityTable,
-    model: nn.Module,
-    layers: dict[str, nn.Module],
-    distortion: Callable[[nn.Module], float],
-    probe: Optional[str] = None,
-    progress: bool = True,
-) -> None:
-    """Set ``table.weight``: each layer, compressed alone with the probe candidate, is measured end to
-    end, and its estimates are scaled so that the probe's estimated damage equals that measurement."""
-    probe = probe or default_probe(table)
-    if probe is None:
-        return
-    table.probe = probe
-    p = table.candidates.index(probe)
-    measured = []
-    for i, name in enumerate(tqdm(table.layers, desc="end-to-end", unit="layer", disable=not progress)):
-        if (i, p) not in table.formats or table.error[i][p] <= 0:
-            continue
-        original = layers[name]
-        install_format(model, name, original, table.formats[(i, p)])
-        try:
-            table.weight[i] = max(distortion(model), 0.0) / table.error[i][p]
-            measured.append(i)
-        finally:
-            set_submodule(model, name, original)
-    if measured:  # layers the probe cannot encode (shape, allow list) take the typical measured weight
-        typical = statistics.median_high(table.weight[i] for i in measured)
-        for i in set(range(len(table.layers))) - set(measured):
-            table.weight[i] = typical
