@@ -101,15 +101,20 @@ def test_the_budget_measurement_holds_one_stage_of_statistics_and_no_encoded_can
     model = TINY_MODELS["llama"]()
     alive_stats, loose_formats = [], []
 
-    def run(weight, params, stats):
+    def count() -> tuple[int, int]:
         gc.collect()
         objects = gc.get_objects()
         installed = {id(m.fmt) for m in model.modules() if isinstance(m, FormatModule)}
         # type() rather than isinstance: some module objects warn when asked for attributes
-        alive_stats.append(sum(type(o) is LayerStats for o in objects))
-        loose_formats.append(sum(issubclass(type(o), Format) and id(o) not in installed for o in objects))
+        return sum(type(o) is LayerStats for o in objects), sum(issubclass(type(o), Format) and id(o) not in installed for o in objects)
+
+    def run(weight, params, stats):
+        n_stats, n_formats = count()
+        alive_stats.append(n_stats - before[0])  # beyond what earlier tests left alive
+        loose_formats.append(n_formats - before[1])
         return rtn_run(weight, params, stats)
 
+    before = count()
     rtn_run = METHODS["rtn"].run
     monkeypatch.setitem(METHODS, "rtn", dataclasses.replace(METHODS["rtn"], run=run))
     names = [n for n in find_linear_layers(model) if n != "lm_head"]
