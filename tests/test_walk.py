@@ -83,8 +83,7 @@ def test_the_weight_source_sees_each_block_around_its_compression(monkeypatch, c
         source.events.append(("compress", name.split(".")[2]))
         return real(model, name, rule, stats)
 
-    monkeypatch.setattr(matpress.passes.plain, "compress_layer", compress_layer)
-    monkeypatch.setattr(matpress.passes.sequential, "compress_layer", compress_layer)
+    monkeypatch.setattr(matpress.passes.layers, "compress_layer", compress_layer)  # what both passes call
     recipe = Recipe.simple("gptq" if calibrated else "rtn", bits=4, group_size=32)
     chosen = {n: recipe.default for n in find_linear_layers(model) if n != "lm_head"}
     run_pass(model, recipe, chosen, PassContext(calibration=random_data(128) if calibrated else None, source=source, progress=False))
