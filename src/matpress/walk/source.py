@@ -299,6 +299,18 @@ class BlockStream:
             self.source.release(self.model, prefix)
 
 
+def read_whole(model: nn.Module) -> None:
+    """Read every parameter of a streamed ``model`` (fp32) and detach its source, so that from then on it
+    is an ordinary in-memory model that no walk releases (the budget path measures the whole model at
+    once); nothing on a model without a source."""
+    source = source_of(model)
+    if source is None:
+        return
+    source.materialise(model, "")
+    source.live.clear()
+    delattr(model, SOURCE_ATTRIBUTE)
+
+
 @contextlib.contextmanager
 def materialised(model: nn.Module, prefix: str, skip: Optional[str] = None) -> Iterator[None]:
     """Inside the ``with``: module ``prefix`` ("" for the whole model) of a streamed model, except module
