@@ -28,8 +28,8 @@ import matpress
 from matpress.evaluation import language_model_quality, token_windows
 from matpress.evaluation.text import EVALUATION, corpus
 from matpress.evaluation.timing import command_line, machine_description, publish
+from matpress.models import SMOLLM2, load_pretrained
 
-from embeddings import load_smollm2, smollm2_gguf  # noqa: E402  (benchmarks/ is the script's folder)
 
 CONFIGS = [("gptq 4b g64, act-order, rotate", 4), ("gptq 3b g64, act-order, rotate", 3)]
 
@@ -96,7 +96,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
 
-    original, tokenizer = load_smollm2(smollm2_gguf())
+    loaded = load_pretrained(SMOLLM2)
+    original, tokenizer = loaded.model, loaded.tokenizer
     windows = token_windows(tokenizer, corpus(EVALUATION), args.seq_len, args.windows)
     rows = []
     for label, bits in CONFIGS:
