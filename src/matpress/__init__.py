@@ -1,6 +1,6 @@
 """matpress: compress the weight matrices of neural networks.
 
-Public API: :func:`compress`, :func:`save`, :func:`load`, :func:`evaluate`, :class:`Recipe`,
+Public API: :func:`compress`, :func:`save`, :func:`load`, :func:`evaluate`, :func:`export`, :class:`Recipe`,
 :class:`CalibrationData`.
 """
 
@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 from matpress.errors import CalibrationError, CheckpointError, FormatError, MatpressError, RecipeError  # noqa: E402
 from matpress.evaluation import evaluate  # noqa: E402
+from matpress.export import export  # noqa: E402
 from matpress.io import load, save  # noqa: E402
 from matpress.nn import CompressedEmbedding, CompressedLinear  # noqa: E402
 from matpress.passes import CompressionReport, compress  # noqa: E402
@@ -28,6 +29,7 @@ __all__ = [
     "Rule",
     "compress",
     "evaluate",
+    "export",
     "load",
     "save",
 ]

@@ -1,4 +1,4 @@
-"""The ``matpress`` command line: compress, eval, generate, info, report."""
+"""The ``matpress`` command line: compress, eval, generate, info, report, export."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 import matpress
 from matpress.errors import BudgetError, MatpressError, RecipeError, RemoteCodeError, quote
 from matpress.evaluation.text import chat_text, has_chat_template
+from matpress.export import TARGETS
 from matpress.io import MAX_SHARD_BYTES, check_output_location, load_tokenizer, read_checkpoint, stored_nbytes
 from matpress.methods import METHODS
 from matpress.models import load_pretrained
@@ -199,6 +200,13 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"report written to {path}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    report = matpress.export(
+        args.dir, args.out, to=args.to, allow_requantize=args.allow_requantize, force=args.force, expect_digest=args.expect_digest
+    )
+    print(report.table())
+
+
 def build_parser() -> argparse.ArgumentParser:
 
     parser = OneLineParser(prog="matpress", description="Compress the linear layers of a model.")
@@ -255,6 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="checkpoint directory")
     p.add_argument("--out", help="directory for report.md and the plots (default: the checkpoint directory)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="write a checkpoint as a file other runtimes load (GGUF)", description="Export a compressed checkpoint to OUT in the format --to.")
+    p.add_argument("dir", help="checkpoint directory written by 'matpress compress'")
+    p.add_argument("out", help="file to write (e.g. model.gguf)")
+    p.add_argument("--to", required=True, choices=sorted(TARGETS), help="gguf: one GGUF file for llama.cpp / ollama (Llama-family causal LMs)")
+    p.add_argument("--allow-requantize", action="store_true", help="decode and re-quantize layers whose format has no exact counterpart (the added error is reported per tensor) instead of refusing them")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--expect-digest", help=EXPECT_DIGEST_HELP)
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -1,0 +1,151 @@
+"""A stored matrix as GGUF blocks: the exact mappings from matpress formats onto ggml's block types.
+
+ggml stores a row of ``n`` weights as ``n / 32`` blocks of 32 (the legacy types) holding an fp16 scale
+``d`` (and for the ``_1`` types an fp16 minimum ``m``) and the codes:
+
+- ``Q4_0``: ``w = (q - 8) * d``, ``q`` 4 bits;  ``Q5_0``: ``w = (q - 16) * d``, ``q`` 5 bits;
+- ``Q4_1``: ``w = q * d + m``, ``q`` 4 bits;    ``Q5_1``: ``w = q * d + m``, ``q`` 5 bits;
+- ``Q8_0``: ``w = q * d``, ``q`` a signed byte.
+
+The ``int`` format stores ``w = (q - z) * s`` with one fp16 scale ``s`` per group of input columns and
+the zero ``z = 2**(bits-1)`` when symmetric (else an fp16 zero point per group). So wherever every
+block of 32 lies inside one group (``in_features`` and the group a multiple of 32, or one group per row
+with ``in_features`` a multiple of 32) a block takes its group's ``d = s`` and the codes as they are:
+
+- symmetric int4 / int5 / int8 onto Q4_0 / Q5_0 / Q8_0 (``q - 128`` as the signed byte) is exact: the
+  same integers times the same fp16 scale;
+- asymmetric int4 / int5 onto Q4_1 / Q5_1 needs ``m = -z * s``, which fp16 holds only up to its
+  rounding: each weight of the block moves by ``|fp16(-z*s) + z*s|`` (at most half an fp16 ulp of
+  ``z*s``, i.e. ``2**-11 |z s|``, or ``2**-25`` below fp16's normal range). :func:`q1_minimum_error`
+  gives that shift per block.
+
+Dense matrices are F32, F16 or BF16 in their stored dtype, bit for bit. Anything else has no GGUF
+counterpart here (:class:`NoCounterpart` says why); :mod:`matpress.export.gguf` refuses it or, when
+asked, decodes and re-quantizes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from matpress.errors import FormatError
+from matpress.formats import Format
+from matpress.formats.dense import DenseFormat
+from matpress.formats.integer import IntFormat
+
+BLOCK = 32  # weights per block of the legacy types Q4_0 .. Q8_0
+# (bits, symmetric) of an int format -> the GGUF type that holds its grid
+INT_TYPES = {(4, True): "Q4_0", (4, False): "Q4_1", (5, True): "Q5_0", (5, False): "Q5_1", (8, True): "Q8_0"}
+DENSE_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+class NoCounterpart(FormatError):
+    """A stored matrix whose format has no exact GGUF block type."""
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """A tensor in GGUF layout: ``data`` is uint8 of the tensor's shape with its last dimension (a row) in
+    bytes, of GGUF type ``type_name``."""
+
+    type_name: str
+    data: torch.Tensor
+
+    def rows(self, index: torch.Tensor) -> "Blocks":
+        """The rows ``index`` in that order (every row is its own blocks, so this is exact)."""
+        return Blocks(self.type_name, self.data[index])
+
+
+def dense_blocks(weight: torch.Tensor) -> Blocks:
+    """A dense tensor of one or more dimensions as F32 / F16 / BF16 bytes (its last dimension in bytes)."""
+    if weight.dtype not in DENSE_TYPES:
+        raise NoCounterpart(f"dtype {weight.dtype} has no GGUF type; GGUF holds {sorted(DENSE_TYPES.values())}")
+    w = weight.detach().contiguous()
+    raw = w.view(torch.int16) if w.dtype == torch.bfloat16 else w  # numpy has no bf16: move its bits
+    return Blocks(DENSE_TYPES[weight.dtype], raw.view(torch.uint8))
+
+
+def _fp16_bytes(values: torch.Tensor) -> torch.Tensor:
+    """``(rows, n)`` fp16 values -> ``(rows, n, 2)`` little-endian bytes."""
+    return values.to(torch.float16).contiguous().view(torch.uint8).reshape(*values.shape, 2)
+
+
+def _low_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """``(rows, blocks, 32)`` codes -> the 16 bytes of their low four bits: byte ``j`` holds code ``j`` in
+    its low nibble and code ``j + 16`` in its high nibble (ggml's order, not consecutive pairs)."""
+    low = q & 0x0F
+    return (low[..., :16] | (low[..., 16:] << 4)).to(torch.uint8)
+
+
+def _high_bits(q: torch.Tensor) -> torch.Tensor:
+    """Bit 4 of each of the 32 codes of a block as one little-endian 32-bit word (4 bytes), code ``j`` in bit ``j``."""
+    bits = ((q >> 4) & 1).to(torch.int64)
+    word = (bits << torch.arange(BLOCK, dtype=torch.int64)).sum(dim=-1)
+    return ((word.unsqueeze(-1) >> torch.arange(0, 32, 8, dtype=torch.int64)) & 0xFF).to(torch.uint8)
+
+
+def int_type(fmt: IntFormat) -> str:
+    """The GGUF type holding ``fmt``'s grid, or :class:`NoCounterpart` saying what does not fit."""
+    found = INT_TYPES.get((fmt.bits, fmt.symmetric))
+    kind = f"{fmt.bits}-bit {'symmetric' if fmt.symmetric else 'asymmetric'}"
+    if found is None:
+        held = ", ".join(f"{b}-bit {'symmetric' if s else 'asymmetric'}" for b, s in INT_TYPES)
+        raise NoCounterpart(f"{fmt.describe()}: GGUF's block types hold no {kind} grid (only {held})")
+    if fmt.in_features % BLOCK or fmt.group % BLOCK:
+        raise NoCounterpart(
+            f"{fmt.describe()}: GGUF blocks are {BLOCK} weights, so the row length ({fmt.in_features}) and the group "
+            f"({fmt.group}) must be multiples of {BLOCK}"
+        )
+    return found
+
+
+def per_block(t: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
+    """A per-group ``(out, n_groups)`` tensor repeated for each block of 32 in the group: ``(out, in / 32)``."""
+    return t.repeat_interleave(fmt.group // BLOCK, dim=1)[:, : fmt.in_features // BLOCK]
+
+
+def q1_minimum(fmt: IntFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(m, exact)`` per block ``(out, in / 32)``: the fp16 minimum ``m = fp16(-z * s)`` a Q4_1 / Q5_1
+    block stores for an asymmetric ``fmt``, and ``-z * s`` in float64."""
+    scale, zero = fmt.scale_zero()
+    exact = per_block(-(zero.double() * scale.double()), fmt)
+    return exact.to(torch.float16), exact
+
+
+def q1_minimum_error(fmt: IntFormat) -> torch.Tensor:
+    """How far every weight of each block moves when ``fmt`` is stored as Q4_1 / Q5_1: ``|m - (-z s)|``
+    per block ``(out, in / 32)``, float64 (zero for the symmetric mappings)."""
+    if fmt.symmetric:
+        return torch.zeros(fmt.out_features, fmt.in_features // BLOCK, dtype=torch.float64)
+    m, exact = q1_minimum(fmt)
+    return (m.double() - exact).abs()
+
+
+def int_blocks(fmt: IntFormat) -> Blocks:
+    """``fmt`` as GGUF blocks of its type (:func:`int_type`); see the module docstring for exactness."""
+    type_name = int_type(fmt)
+    rows = fmt.out_features
+    q = fmt.codes().to(torch.int64).reshape(rows, -1, BLOCK)
+    scale, _ = fmt.scale_zero()
+    parts = [_fp16_bytes(per_block(scale, fmt))]
+    if not fmt.symmetric:
+        parts.append(_fp16_bytes(q1_minimum(fmt)[0]))
+    if fmt.bits == 8:
+        parts.append((q - 128).to(torch.int8).view(torch.uint8))
+    else:
+        if fmt.bits == 5:
+            parts.append(_high_bits(q))
+        parts.append(_low_nibbles(q))
+    return Blocks(type_name, torch.cat(parts, dim=-1).reshape(rows, -1).contiguous())
+
+
+def format_blocks(fmt: Format) -> Blocks:
+    """A compressed layer's stored matrix as GGUF blocks, exact up to :func:`q1_minimum_error`; a format
+    with no counterpart raises :class:`NoCounterpart`."""
+    if isinstance(fmt, DenseFormat):
+        return dense_blocks(fmt.weight)
+    if isinstance(fmt, IntFormat):
+        return int_blocks(fmt)
+    raise NoCounterpart(f"{fmt.describe()}: the {fmt.name} format has no GGUF block type")
