@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import tempfile
 import time
 from importlib import metadata
@@ -33,19 +34,16 @@ from matpress.evaluation.timing import command_line, machine_description, publis
 from matpress.io import TENSORS
 from matpress.models import SMOLLM2, load_pretrained, smollm2_gguf
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import EMBEDDING, n_weights  # noqa: E402
+
 BLOCKS = {"method": "rtn", "bits": 4, "group_size": 64}
-EMBEDDING = "model.embed_tokens"
 CONFIGS: list[tuple[str, Optional[dict[str, Any]]]] = [  # (label, the embedding's rule or None: fp32)
     ("fp32", None),
     ("int8 g64", {"method": "rtn", "bits": 8, "group_size": 64}),
     ("int8 per row", {"method": "rtn", "bits": 8, "group_size": None}),
     ("int4 g64", {"method": "rtn", "bits": 4, "group_size": 64}),
 ]
-
-
-def n_weights(model: torch.nn.Module) -> int:
-    """Weights of the model, a tied matrix counted once."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def run(original: torch.nn.Module, windows: torch.Tensor, label: str, rule: Optional[dict[str, Any]], work: Path) -> dict[str, Any]:

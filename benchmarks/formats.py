@@ -9,11 +9,13 @@ quality is measured on the evaluation split:
 
 - all-MiniLM-L6-v2 (36 layers): mean cosine similarity of sentence embeddings to the original's and
   top-10 retrieval agreement;
-- the small causal LM of ``benchmarks/causal_lm.py`` (28 linear layers, cached in out/causal-lm): perplexity
-  and mean next-token KL to the original.
+- SmolLM2-135M-Instruct (its 210 block linear layers; the tied embedding / LM head stays fp32):
+  perplexity and mean next-token KL to the fp32 model (see ``harness.py``). Its weights lie on a 4-bit
+  g32 grid already, so the integer configurations use groups of 64 or more.
 
 Writes a Markdown table per model and a Pareto plot (quality against effective bits per weight, scales,
-indices and factors included).
+indices and factors included). Results are cached per model and configuration
+(``harness.ResultCache``): rerun the command until it names no configuration as not run.
 
     flock /tmp/matpress-heavy.lock python benchmarks/formats.py --out benchmarks/results
 """
@@ -21,21 +23,18 @@ indices and factors included).
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Optional
 
 import torch
 
-import matpress
-from matpress.walk import CalibrationData
-from matpress.evaluation import embedding_fidelity, language_model_quality, sentence_embeddings, token_windows
-from matpress.evaluation.text import EVALUATION, corpus, sentences
 from matpress.evaluation.timing import command_line, machine_description
 from matpress.methods import METHODS
-from matpress.models import load_pretrained
+from matpress.models import MINILM, SMOLLM2
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import SMOLLM2_GRID, ResultCache, add_cache_arguments, bench_loader, compressed_row, setup_line  # noqa: E402
 
 Config = tuple[str, str, dict[str, Any]]  # family, label, default rule of the recipe
 
@@ -79,56 +78,20 @@ def configs(monarch_blocks: tuple[int, ...], quick: bool) -> list[Config]:
     return out
 
 
-def sweep(
-    name: str,
-    original: torch.nn.Module,
-    data: CalibrationData,
-    measure: Callable[[torch.nn.Module], dict[str, float]],
-    todo: list[Config],
-) -> list[dict[str, Any]]:
-    rows = []
-    for family, label, rule in todo:
-        model = copy.deepcopy(original)
-        start = time.perf_counter()
-        report = matpress.compress(model, {"default": rule}, calibration=data, progress=False)
-        seconds = time.perf_counter() - start
-        row = {"family": family, "label": label, "bpw": report.bits_per_weight, "seconds": seconds, **measure(model)}
-        rows.append(row)
-        print(f"{name}: {label}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)), file=sys.stderr)
-    return rows
+# per model: Monarch block counts dividing every linear dimension (MiniLM 384 and 1536; SmolLM2 576, 192 and 1536)
+MONARCH_BLOCKS = {MINILM: (24, 48, 96), SMOLLM2: (16, 32, 64)}
+MODELS = {
+    MINILM: ("all-MiniLM-L6-v2 (36 linear layers)", "cosine_mean", ["cosine_mean", "top10_agreement"]),
+    SMOLLM2: ("SmolLM2-135M-Instruct (210 block linear layers: 30 blocks x q, k, v, o, gate, up, down)", "kl_mean",
+              ["perplexity", "kl_mean"]),
+}
 
 
-def minilm_rows(n_sentences: int, quick: bool) -> tuple[list[dict[str, Any]], str]:
-    loaded = load_pretrained("minilm")
-    original, tokenizer = loaded.model, loaded.tokenizer
-    data = CalibrationData.from_text(tokenizer, n_samples=128, seq_len=128, unit="sentence")
-    texts = sentences(n_sentences, EVALUATION)
-    reference = sentence_embeddings(original, tokenizer, texts, progress=False)
-
-    def measure(model: torch.nn.Module) -> dict[str, float]:
-        fid = embedding_fidelity(reference, sentence_embeddings(model, tokenizer, texts, progress=False))
-        return {"cosine": fid["cosine_mean"], "top10": fid["top10_agreement"]}
-
-    rows = sweep("minilm", original, data, measure, configs((24, 48, 96), quick))
-    setup = f"calibration: {data.source}; evaluation: {len(texts)} sentences of the evaluation split"
-    return rows, setup
-
-
-def causal_rows(cache_dir: Path, n_windows: int, quick: bool) -> tuple[list[dict[str, Any]], str]:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from causal_lm import DESCRIPTION, load_or_train
-
-    original, tokenizer = load_or_train(cache_dir)
-    data = CalibrationData.from_text(tokenizer, n_samples=64, seq_len=128)
-    windows = token_windows(tokenizer, corpus(EVALUATION), 128, n_windows)
-
-    def measure(model: torch.nn.Module) -> dict[str, float]:
-        q = language_model_quality(model, windows, original)
-        return {"perplexity": q["perplexity"], "kl": q["kl_mean"], "reference_perplexity": q["reference_perplexity"]}
-
-    rows = sweep("causal", original, data, measure, configs((16, 32, 64), quick))
-    setup = f"{DESCRIPTION}; calibration: {data.source}; evaluation: {len(windows)} windows of 128 tokens of the evaluation split"
-    return rows, setup
+def sweep(cache: ResultCache, todo: list[Config]) -> list[dict[str, Any]]:
+    return cache.rows([
+        (label, lambda bench, family=family, label=label, rule=rule: {"family": family, "label": label, **compressed_row(bench, {"default": rule})})
+        for family, label, rule in todo
+    ])
 
 
 def pareto(points: list[tuple[float, float]], higher_is_better: bool) -> list[tuple[float, float]]:
@@ -207,55 +170,44 @@ def table(rows: list[dict[str, Any]], metrics: list[str]) -> list[str]:
     return lines
 
 
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--sentences", type=int, default=300)
-    parser.add_argument("--windows", type=int, default=16)
-    parser.add_argument("--causal-lm", type=Path, default=Path("out/causal-lm"))
     parser.add_argument("--quick", action="store_true", help="fewer configurations (a smoke test)")
-    parser.add_argument("--skip-causal", action="store_true")
-    args = parser.parse_args()
+    add_cache_arguments(parser, "out/formats")
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
-    start = time.perf_counter()
-
-    mini, mini_setup = minilm_rows(args.sentences, args.quick)
-    panels = [("all-MiniLM-L6-v2: embedding cosine fidelity", mini, "cosine", True, False)]
+    panels, sections = [], []
+    for name in args.models:
+        title, metric, metrics = MODELS[name]
+        cache = ResultCache(args, name, bench_loader(name, args.sentences))
+        rows = sweep(cache, configs(MONARCH_BLOCKS[name], args.quick))
+        about = setup_line(name, args.sentences) + "."
+        if name == SMOLLM2:
+            ref = f" fp32 perplexity {rows[0]['reference_perplexity']:.2f}." if rows else ""
+            about += f"{ref} The tied embedding / LM head and the norms stay fp32. {SMOLLM2_GRID}"
+            metrics = ["model_bpw", *metrics]
+        sections += ["", f"## {title}", "", about, "", *cache.not_run()]
+        if rows:
+            panels.append((f"{title.split(' (')[0]}: {metric}", rows, metric, name == MINILM, name == SMOLLM2))
+            sections += [*headline(rows, metric), "", *table(rows, metrics)]
     lines = [
         "# Formats: quality against storage",
         "",
-        f"Command: `{command_line()}`  ",
+        f"Command: `{command_line(argv)}`  ",
         f"Machine: {machine_description()}  ",
         "Every linear layer compressed with one recipe; bits/weight = stored bytes of those layers (codes, "
-        "scales, zeros, indices, masks, factors) x 8 / weights. Calibrated methods run block by block on the "
-        "calibration split (statistics of each block taken after the blocks before it are compressed); "
-        "quality is measured on the evaluation split.",
-        "",
-        "## all-MiniLM-L6-v2 (36 linear layers)",
-        "",
-        mini_setup + ". cosine: mean cosine similarity to the original embeddings; top10: top-10 retrieval agreement.",
-        "",
-        *headline(mini, "cosine"),
-        "",
-        *table(mini, ["cosine", "top10"]),
+        "scales, zeros, indices, masks, factors) x 8 / weights (model_bpw: over the whole model, every other weight "
+        "at 32 bits). Calibrated methods run block by block on the calibration split (statistics of each block "
+        "taken after the blocks before it are compressed); quality is measured on the evaluation split.",
+        *sections,
     ]
-    if not args.skip_causal:
-        causal, causal_setup = causal_rows(args.causal_lm, args.windows, args.quick)
-        panels.append(("small causal LM: KL to the original (lower is better)", causal, "kl", False, True))
-        ref = causal[0]["reference_perplexity"]
-        lines += [
-            "",
-            "## Small causal LM (28 linear layers: 4 blocks x q, k, v, o, gate, up, down)",
-            "",
-            causal_setup + f". Original perplexity {ref:.2f}; kl: mean next-token KL(original || compressed) in nats.",
-            "",
-            *headline(causal, "kl"),
-            "",
-            *table(causal, ["perplexity", "kl"]),
-        ]
     args.out.mkdir(parents=True, exist_ok=True)
-    plot(panels, args.out / "formats.png")
-    lines += ["", "![Pareto plot](formats.png)", "", f"Total run time: {time.perf_counter() - start:.0f} s."]
+    if panels:
+        plot(panels, args.out / "formats.png")
+        lines += ["", "![Pareto plot](formats.png)"]
     (args.out / "formats.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

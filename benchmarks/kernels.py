@@ -9,8 +9,13 @@ through enough distinct copies of its weights (> 1 GB) that none stays in the la
 call reads its weights from memory as token-by-token decoding does. Effective GB/s = weight bytes read
 per call / time, next to the streaming read bandwidth measured in the same run.
 
-End to end: single-token forward latency of a random-initialised Llama (hidden 2048) and of the embedded
-all-MiniLM-L6-v2 (one sentence), 4-bit RTN g128 against fp32, the caches flushed before every call.
+End to end: single-token forward latency of SmolLM2-135M-Instruct (``make smollm2``; its block linears
+and its tied embedding / LM head RTN 4-bit g64, as a 4-bit GGUF quantizes them; groups of 64 because its
+576 input columns are not a multiple of 128) and of the embedded all-MiniLM-L6-v2 (one sentence, every
+linear layer RTN 4-bit g128), against fp32, the caches flushed before every call.
+
+Each shape's timings, the bandwidth and each end-to-end model are cached (``harness.ResultCache``): a
+rerun measures only what is missing (``--force``: all).
 
     flock /tmp/matpress-heavy.lock python benchmarks/kernels.py --out benchmarks/results/kernels.md
 """
@@ -25,18 +30,20 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
-import transformers
 
 import matpress
 from matpress import kernels
 from matpress.evaluation.text import sentences
-from matpress.evaluation.timing import command_line, interleaved_medians, machine_description
+from matpress.evaluation.timing import command_line, interleaved_medians, machine_description, publish
 from matpress.formats import Format, IntFormat, TernaryFormat
 from matpress.kernels import lowbit
-from matpress.models import load_pretrained
+from matpress.models import MINILM, SMOLLM2, load_pretrained
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import EMBEDDING, ResultCache, add_cache_arguments  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (4096, 14336)]  # (out_features, in_features)
 BATCHES = [1, 4, 16]
@@ -149,7 +156,7 @@ def kernel_rows(shape: tuple[int, int], batches: list[int], repeats: int, pool_b
         x = torch.randn(batch, in_f)
         medians = time_contenders(contenders, x, repeats)
         for row, c in zip(rows, contenders):
-            row[batch] = medians[c.name]
+            row[f"s{batch}"] = medians[c.name]
             row[f"ratio{batch}"] = medians["dense fp32"] / medians[c.name]
     del contenders
     return rows
@@ -159,40 +166,39 @@ def flush_caches(buffer: torch.Tensor) -> None:
     buffer.add_(1)  # read and write 1 GiB: evicts the weights from every cache level
 
 
-def end_to_end(repeats: int, hidden: int) -> list[tuple[str, float, float, float, float]]:
-    """(model, fp32 ms, 4-bit ms, speed-up, 4-bit linear MB) for one next-token forward."""
-    results = []
+# (model, recipe, label): SmolLM2's tied embedding is its LM head, so the rule on it makes the head 4-bit too
+END_TO_END = [
+    (SMOLLM2, {"default": {"method": "rtn", "bits": 4, "group_size": 64}, "rules": [{"pattern": EMBEDDING, "method": "rtn", "bits": 4, "group_size": 64}]},
+     "int4 g64 (tied embedding / LM head too)"),
+    (MINILM, {"default": {"method": "rtn", "bits": 4, "group_size": GROUP}, "exclude": ["*embed*"]}, f"int4 g{GROUP}"),
+]
+
+
+def end_to_end(name: str, recipe: dict, label: str, repeats: int) -> dict:
+    """fp32 and 4-bit ms of one forward (one token for SmolLM2, one sentence for MiniLM), the speed-up
+    and the compressed layers' MB."""
     buffer = torch.zeros(2**28)
-    # every linear layer, the LM head included (as llama.cpp's 4-bit files do); embeddings stay dense
-    recipe = {"default": {"method": "rtn", "bits": 4, "group_size": GROUP}, "exclude": ["*embed*"]}
-    cfg = transformers.LlamaConfig(
-        vocab_size=32000, hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=4,
-        num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=256,
-    )
-    torch.manual_seed(0)
-    llama = transformers.LlamaForCausalLM(cfg).eval()
-    token = {"input_ids": torch.tensor([[17]])}
-    minilm = load_pretrained("minilm")
-    sentence = minilm.tokenizer(sentences(1), return_tensors="pt")
-    for label, model, inputs in (
-        (f"Llama hidden {hidden}, 4 layers, vocab 32000, 1 token (LM head 4-bit too)", llama, token),
-        (f"all-MiniLM-L6-v2, 1 sentence ({sentence['input_ids'].shape[1]} tokens)", minilm.model, sentence),
-    ):
-        quantized = copy.deepcopy(model)
-        report = matpress.compress(quantized, recipe, progress=False)
-        times: dict[str, list[float]] = {"fp32": [], "int4": []}
-        with torch.inference_mode():
-            for r in range(repeats + 1):
-                for name, m in (("fp32", model), ("int4", quantized)):
-                    flush_caches(buffer)
-                    start = time.perf_counter()
-                    m(**inputs)
-                    if r:
-                        times[name].append(time.perf_counter() - start)
-        fp32, int4 = (statistics.median(times[k]) for k in ("fp32", "int4"))
-        results.append((label, fp32 * 1e3, int4 * 1e3, fp32 / int4, report.nbytes / 1e6))
-        del quantized
-    return results
+    loaded = load_pretrained(name)
+    if name == SMOLLM2:
+        inputs, what = {"input_ids": torch.tensor([[17]])}, "SmolLM2-135M-Instruct, 1 token"
+    else:
+        inputs = loaded.tokenizer(sentences(1), return_tensors="pt")
+        what = f"all-MiniLM-L6-v2, 1 sentence ({inputs['input_ids'].shape[1]} tokens)"
+    model = loaded.model.eval()
+    quantized = copy.deepcopy(model)
+    report = matpress.compress(quantized, recipe, progress=False)
+    times: dict[str, list[float]] = {"fp32": [], "int4": []}
+    with torch.inference_mode():
+        for r in range(repeats + 1):
+            for key, m in (("fp32", model), ("int4", quantized)):
+                flush_caches(buffer)
+                start = time.perf_counter()
+                m(**inputs)
+                if r:
+                    times[key].append(time.perf_counter() - start)
+    fp32, int4 = (statistics.median(times[k]) for k in ("fp32", "int4"))
+    return {"model": what, "config": label, "fp32_ms": fp32 * 1e3, "int4_ms": int4 * 1e3, "speedup": fp32 / int4,
+            "MB": report.nbytes / 1e6}
 
 
 def markdown(rows: list[dict], batches: list[int], bandwidth: float, e2e, pool_gb: float, command: str) -> str:
@@ -215,18 +221,18 @@ def markdown(rows: list[dict], batches: list[int], bandwidth: float, e2e, pool_g
         "|---|---|---:|" + "---:|---:|" * len(batches) + "---:|",
     ]
     for row in rows:
-        cells = " | ".join(f"{row[b] * 1e3:.3f} | {row[f'ratio{b}']:.2f}" for b in batches)
-        gbs = row["MB"] * 1e6 / row[batches[0]] / 1e9
+        cells = " | ".join(f"{row[f's{b}'] * 1e3:.3f} | {row[f'ratio{b}']:.2f}" for b in batches)
+        gbs = row["MB"] * 1e6 / row[f"s{batches[0]}"] / 1e9
         lines.append(f"| {row['shape']} | {row['name']} | {row['MB']:.1f} | {cells} | {gbs:.1f} |")
     if e2e:
         lines += [
             "",
             "## End to end: one forward, caches flushed before each call",
             "",
-            "| model | fp32 ms | matpress int4 g128 ms | speed-up | int4 linear layers MB |",
-            "|---|---:|---:|---:|---:|",
+            "| model | matpress 4-bit | fp32 ms | matpress 4-bit ms | speed-up | 4-bit layers MB |",
+            "|---|---|---:|---:|---:|---:|",
         ]
-        lines += [f"| {m} | {a:.2f} | {b:.2f} | {s:.2f} | {mb:.1f} |" for m, a, b, s, mb in e2e]
+        lines += [f"| {r['model']} | {r['config']} | {r['fp32_ms']:.2f} | {r['int4_ms']:.2f} | {r['speedup']:.2f} | {r['MB']:.1f} |" for r in e2e]
     return "\n".join(lines) + "\n"
 
 
@@ -253,7 +259,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="write the markdown table here (and a PNG next to it)")
     parser.add_argument("--repeats", type=int, default=5)
@@ -261,22 +267,25 @@ def main() -> None:
     parser.add_argument("--pool-gb", type=float, default=1.0, help="weight copies per contender, GB")
     parser.add_argument("--shapes", default=",".join(f"{o}x{i}" for o, i in SHAPES))
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end models")
-    parser.add_argument("--llama-hidden", type=int, default=2048)
-    args = parser.parse_args()
+    add_cache_arguments(parser, "out/kernels")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    cache = ResultCache(args, f"threads{args.threads}", lambda: None)
 
-    bandwidth = streaming_bandwidth(args.repeats)
+    bandwidth = cache.get("bandwidth", lambda _: {"GBps": streaming_bandwidth(args.repeats)})
     rows = []
-    for shape in shapes:
-        rows += kernel_rows(shape, BATCHES, args.repeats, args.pool_gb * 1e9)
-        print(f"{shape} done", file=sys.stderr, flush=True)
-    e2e = [] if args.no_e2e else end_to_end(args.repeats, args.llama_hidden)
-    text = markdown(rows, BATCHES, bandwidth, e2e, args.pool_gb, command_line())
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    for o, i in shapes:
+        shape = cache.get(f"shape-{o}x{i}", lambda _, o=o, i=i: {"rows": kernel_rows((o, i), BATCHES, args.repeats, args.pool_gb * 1e9)})
+        rows += shape["rows"] if shape else []
+    e2e = [] if args.no_e2e else cache.rows([
+        (f"e2e-{name}", lambda _, name=name, recipe=recipe, label=label: end_to_end(name, recipe, label, args.repeats))
+        for name, recipe, label in END_TO_END
+    ])
+    text = markdown(rows, BATCHES, bandwidth["GBps"] if bandwidth else float("nan"), e2e, args.pool_gb, command_line(argv))
+    text += "\n".join(["", *cache.not_run()])
+    publish(text, args.out)
+    if args.out and rows:
         plot(rows, args.out.with_suffix(".png"))
 
 

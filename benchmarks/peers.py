@@ -60,13 +60,13 @@ from matpress.models import SMOLLM2, from_pretrained, load_pretrained, smollm2_g
 from matpress.recipe import PRESETS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from embeddings import EMBEDDING, n_weights  # noqa: E402
+from harness import (  # noqa: E402
+    BLOCK_LINEARS, CALIBRATION_LEN, CALIBRATION_WINDOWS, EMBEDDING, bits_per_weight, block_linears, block_weight_count,
+)
 
 GROUP = 64
-BLOCK_LINEARS = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
 GGUF_BLOCK_TENSORS = re.compile(r"blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down))\.weight$")
 LLAMA_BIN = Path("build/peers/llama-build/bin")
-CALIBRATION_WINDOWS, CALIBRATION_LEN = 128, 128
 
 
 @dataclass
@@ -95,14 +95,6 @@ class Contender:
     label: str  # the table's first column
     slow: bool  # run after the cheap ones
     run: Callable[[Context], Outcome]
-
-
-def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    return {name: m for name, m in model.named_modules() if BLOCK_LINEARS.search(name) and isinstance(m, nn.Linear)}
-
-
-def block_weight_count(model: nn.Module) -> int:
-    return sum(m.weight.numel() for m in block_linears(model).values())
 
 
 # --- matpress ---------------------------------------------------------------------------------------
@@ -268,11 +260,10 @@ CONTENDERS: list[Contender] = [
 def measure(contender: Contender, ctx: Context, windows: torch.Tensor) -> dict[str, Any]:
     outcome = contender.run(ctx)
     quality = language_model_quality(outcome.model, windows, reference=ctx.original, progress=True)
-    total, blocks = n_weights(ctx.original), block_weight_count(ctx.original)
-    other_bits = 32.0 * (total - blocks)
+    blocks = block_weight_count(ctx.original)
     return {
         "name": contender.name, "family": contender.family, "label": contender.label,
-        "block_bpw": outcome.block_bits / blocks, "model_bpw": (outcome.block_bits + other_bits) / total,
+        "block_bpw": outcome.block_bits / blocks, "model_bpw": bits_per_weight(ctx.original, outcome.block_bits, blocks),
         "seconds": outcome.seconds, "extra_seconds": outcome.extra_seconds, "note": outcome.note, **quality,
     }
 

@@ -23,7 +23,8 @@ def top_level_names(path: Path) -> set[str]:
             names.add(node.name)
         elif isinstance(node, (ast.Assign, ast.AnnAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            names.update(t.id for t in targets if isinstance(t, ast.Name))
+            for target in targets:  # a name, or a tuple of names (A, B = 1, 2)
+                names.update(t.id for t in ast.walk(target) if isinstance(t, ast.Name))
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
             names.update((a.asname or a.name).split(".")[0] for a in node.names)
     return names
@@ -59,8 +60,8 @@ def test_benchmark_imports_exist(script: Path) -> None:
 
 
 def test_a_missing_name_is_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "helper.py").write_text("def present():\n    pass\n")
+    (tmp_path / "helper.py").write_text("def present():\n    pass\nFIRST, SECOND = 1, 2\n")
     script = tmp_path / "script.py"
-    script.write_text("from helper import present, absent\nfrom matpress.models import load_pretrained, no_such_name\n")
+    script.write_text("from helper import present, SECOND, absent\nfrom matpress.models import load_pretrained, no_such_name\n")
     monkeypatch.setattr(sys.modules[__name__], "BENCHMARKS", tmp_path)
     assert missing_imports(script) == ["helper.absent", "matpress.models.no_such_name"]
