@@ -23,6 +23,13 @@ def test_per_channel_and_symmetric_flags(tiny_causal_dir, tmp_path, capsys):
     assert "int3 ch sym" in capsys.readouterr().out
 
 
+def test_codebook_shorthand_flags(tiny_causal_dir, tmp_path, capsys):
+    out = tmp_path / "cb"
+    args = ["compress", str(tiny_causal_dir), "--method", "gptq_codebook", "--bits", "3", "--group", "16", "--table", "layer", "--rotate"]
+    assert main([*args, "--samples", "8", "--seq-len", "16", "--out", str(out), "--quiet"]) == 0
+    assert "rotated codebook3 g16 layer" in capsys.readouterr().out
+
+
 def test_minilm_8_bit_through_the_cli(tmp_path, capsys):
     out = tmp_path / "minilm8"
     assert main(["compress", "minilm", "--bits", "8", "--group", "128", "--out", str(out), "--quiet"]) == 0

@@ -13,6 +13,7 @@ import matpress
 from matpress.errors import BudgetError, MatpressError, RecipeError, RemoteCodeError, quote
 from matpress.evaluation.text import chat_text, has_chat_template
 from matpress.export import TARGETS
+from matpress.formats.codebook import TABLES
 from matpress.io import MAX_SHARD_BYTES, check_output_location, load_tokenizer, read_checkpoint, stored_nbytes
 from matpress.methods import METHODS
 from matpress.models import load_pretrained
@@ -74,7 +75,7 @@ def _recipe_from_args(args: argparse.Namespace):
         recipe = Recipe.load(args.recipe)
         data = recipe.to_dict()
     default = data.setdefault("default", {})
-    given = [f"--{k.replace('_', '-')}" for k in ("method", "bits", "group", "symmetric", "act_order", "rotate") if getattr(args, k) is not None]
+    given = [f"--{k.replace('_', '-')}" for k in ("method", "bits", "group", "symmetric", "act_order", "rotate", "table") if getattr(args, k) is not None]
     if args.budget is not None and given:
         raise RecipeError(
             f"{', '.join(given)} describe one rule for every layer, but --budget chooses each layer's format "
@@ -86,7 +87,7 @@ def _recipe_from_args(args: argparse.Namespace):
         default["method"] = args.method
     flags = (
         ("bits", args.bits), ("group_size", args.group), ("symmetric", args.symmetric),
-        ("act_order", args.act_order), ("rotate", args.rotate),
+        ("act_order", args.act_order), ("rotate", args.rotate), ("table", args.table),
     )
     for key, value in flags:
         if value is not None:
@@ -222,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--symmetric", action="store_true", default=None, help="symmetric quantization (no zero points)")
     p.add_argument("--act-order", action="store_true", default=None, help="gptq: quantize columns in order of decreasing activation energy")
     p.add_argument("--rotate", action="store_true", default=None, help="gptq: randomized Hadamard rotation of each layer's inputs")
+    p.add_argument("--table", choices=TABLES, help="codebook, gptq_codebook: the table of levels: nf or nl (fixed), layer or row (learned per layer or per output channel)")
     p.add_argument("--calib", help="calibration text for calibrated methods (gptq, awq, sparsegpt, wanda, svd_llm, eora, ...) and budgets: 'builtin' (default; the calibration split of pydoc_data.topics), a text file, or a .jsonl file with a 'text' or 'messages' field a line; formatted with the tokenizer's chat template when it has one")
     p.add_argument("--samples", type=int, help="calibration samples: sentences for encoders, token windows for causal LMs (default 128)")
     p.add_argument("--seq-len", type=int, help="tokens per calibration window / longest calibration sentence (default 128)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from matpress.formats.base import Format
+from matpress.formats.codebook import CodebookFormat
 from matpress.formats.dense import DenseFormat
 from matpress.formats.integer import IntFormat
 from matpress.formats.composite import LowRankFormat, SumFormat
@@ -13,14 +14,14 @@ from matpress.formats.transformed import TransformedFormat
 from matpress.formats.registry import FORMATS, format_class, register_format
 
 for cls in (
-    DenseFormat, IntFormat, TernaryFormat, LowRankFormat, SumFormat, SparseFormat, NMSparseFormat,
+    DenseFormat, IntFormat, CodebookFormat, TernaryFormat, LowRankFormat, SumFormat, SparseFormat, NMSparseFormat,
     MonarchFormat, BlockDiagFormat, TransformedFormat,
 ):
     register_format(cls)
 
 
 __all__ = [
-    "FORMATS", "BlockDiagFormat", "DenseFormat", "Format", "IntFormat", "LowRankFormat", "MonarchFormat",
+    "FORMATS", "BlockDiagFormat", "CodebookFormat", "DenseFormat", "Format", "IntFormat", "LowRankFormat", "MonarchFormat",
     "NMSparseFormat", "SparseFormat", "SumFormat", "TernaryFormat", "TransformedFormat", "format_class",
     "register_format",
 ]

@@ -20,7 +20,7 @@ GPTQ then runs on ``W diag(s)``); either gives a ``transformed`` format around t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -78,6 +78,60 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> torch.Tens
     raise CalibrationError("the layer's input Hessian is not positive definite even after damping; use more calibration data")
 
 
+# A grid's fit: per-group parameters (each ``(out, k)``) of ``groups`` ``(out, k, group)``, which cover
+# the original columns ``columns``; its rounding: ``(codes, values)`` of a column ``(out,)`` on one
+# group's parameters (each ``(out,)``).
+GridFit = Callable[[torch.Tensor, slice], tuple[torch.Tensor, ...]]
+GridRound = Callable[[torch.Tensor, tuple[torch.Tensor, ...]], tuple[torch.Tensor, torch.Tensor]]
+
+
+def grid_sweep(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    group_size: Optional[int],
+    fit: GridFit,
+    nearest: GridRound,
+    percdamp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """GPTQ onto any per-group grid: the OBS column sweep (:func:`matpress.methods.obs.obs_sweep`) with
+    each column rounded by ``nearest`` on its group's parameters from ``fit``. Returns the codes
+    ``(out, in)`` and the per-group parameters (each ``(out, n_groups)``)."""
+    h, w = drop_dead_inputs(hessian, weight)
+    out_f, n = w.shape
+    group = resolve_group_size(group_size, n)
+    n_groups = -(-n // group)
+    # with act-order the columns are visited out of order, so the grids come from the original weight
+    # ("static groups") and the result stays a plain grid of the format
+    static = act_order or group >= n
+    if static:
+        params = fit(grouped(w, group), slice(0, n))
+    else:
+        params = None
+    perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(n)
+    group_of = (perm // group).tolist()
+    codes = torch.empty(out_f, n)
+
+    def start_column(j: int, current: torch.Tensor) -> None:
+        nonlocal params
+        if not static and j % group == 0:  # a group starts: its grid from its current (updated) columns
+            fitted = fit(current[:, j : j + group].unsqueeze(1), slice(j, j + group))
+            if params is None:
+                params = tuple(torch.empty(out_f, n_groups) for _ in fitted)
+            for stored, new in zip(params, fitted):
+                stored[:, j // group] = new[:, 0]
+
+    def round_column(j: int, col: torch.Tensor) -> torch.Tensor:
+        g = group_of[j]
+        codes[:, j], values = nearest(col, tuple(p[:, g] for p in params))
+        return values
+
+    hinv = inverse_hessian_factor(h[perm][:, perm], percdamp)
+    obs_sweep(w[:, perm], hinv, round_column, blocksize=block_size, start_column=start_column)
+    return codes[:, torch.argsort(perm)], params
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -89,35 +143,18 @@ def gptq_quantize(
     act_order: bool = False,
 ) -> IntFormat:
     """Quantize ``weight`` ``(out, in)`` by GPTQ with input second moment ``hessian`` ``(in, in)``: the
-    OBS column sweep (:func:`matpress.methods.obs.obs_sweep`) with round-to-nearest on each group's grid."""
-    h, w = drop_dead_inputs(hessian, weight)
-    out_f, n = w.shape
-    group = resolve_group_size(group_size, n)
-    n_groups = -(-n // group)
-    # with act-order the columns are visited out of order, so the grids come from the original weight
-    # ("static groups") and the result stays a plain int format
-    static = act_order or group >= n
-    if static:
-        scale, zero = rtn_parameters(grouped(w, group), bits, symmetric)
-    else:
-        scale, zero = torch.empty(out_f, n_groups), torch.empty(out_f, n_groups)
-    perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(n)
-    group_of = (perm // group).tolist()
-    codes = torch.empty(out_f, n)
+    grid sweep with round-to-nearest on each group's min-max integer grid."""
 
-    def start_column(j: int, current: torch.Tensor) -> None:
-        if not static and j % group == 0:  # a group starts: its grid from its current (updated) columns
-            s, z = rtn_parameters(current[:, j : j + group].unsqueeze(1), bits, symmetric)
-            scale[:, j // group], zero[:, j // group] = s[:, 0], z[:, 0]
+    def nearest(col: torch.Tensor, params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        scale, zero = params
+        q = quantize_codes(col, scale, zero, bits)
+        return q, (q - zero) * scale
 
-    def round_column(j: int, col: torch.Tensor) -> torch.Tensor:
-        g = group_of[j]
-        codes[:, j] = quantize_codes(col, scale[:, g], zero[:, g], bits)
-        return (codes[:, j] - zero[:, g]) * scale[:, g]
-
-    hinv = inverse_hessian_factor(h[perm][:, perm], percdamp)
-    obs_sweep(w[:, perm], hinv, round_column, blocksize=block_size, start_column=start_column)
-    return IntFormat.from_codes(codes[:, torch.argsort(perm)], scale, zero, bits, group_size, symmetric)
+    codes, (scale, zero) = grid_sweep(
+        weight, hessian, group_size, lambda groups, _: rtn_parameters(groups, bits, symmetric), nearest,
+        percdamp, block_size, act_order,
+    )
+    return IntFormat.from_codes(codes, scale, zero, bits, group_size, symmetric)
 
 
 @register_method("gptq", GPTQParams, needs_calibration=True)

@@ -164,7 +164,7 @@ def is_expert(model: nn.Module, name: str) -> bool:
 # parameters they share; eora (a quantized weight plus a low-rank correction fit to the statistics) has none.
 CALIBRATION_FREE = {
     "gptq": "rtn", "awq": "rtn", "wanda": "magnitude", "sparsegpt": "magnitude", "svd_llm": "svd",
-    "monarch_aw": "monarch", "ternary_calibrated": "ternary",
+    "monarch_aw": "monarch", "ternary_calibrated": "ternary", "gptq_codebook": "codebook",
 }
 
 
