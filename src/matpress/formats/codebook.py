@@ -46,7 +46,7 @@ BITS = (2, 3, 4)
 # Multiples of max|w| / max|level| the scale search tries: 1 puts the top level on the group's
 # extreme, smaller ones clip the extremes to give the crowded centre finer levels, larger ones suit a
 # table whose outer levels sit beyond the extremes of a small group (the Gaussian-optimal ``nl``).
-SCALE_FACTORS = tuple(0.5 + 0.025 * k for k in range(37))
+SCALE_FACTORS = tuple(0.5 + 0.05 * k for k in range(19))
 
 
 def check_codebook(bits: Any, table: Any) -> None:
@@ -107,8 +107,10 @@ def nearest_codes(values: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Index of the level nearest to each of ``values`` ``(out, ...)`` in ``table`` ``(1 or out, L)``
     (each row ascending), row ``o`` of the values against table row ``o`` (or the one table): int64."""
     out_f = values.shape[0]
-    mids = ((table[:, 1:] + table[:, :-1]) / 2).expand(out_f, -1).contiguous()
-    return torch.searchsorted(mids, values.reshape(out_f, -1).contiguous()).reshape(values.shape)
+    mids = (table[:, 1:] + table[:, :-1]) / 2
+    if table.shape[0] == 1:  # one table: a search in one sorted list (far faster than one per row)
+        return torch.bucketize(values, mids[0])
+    return torch.searchsorted(mids.expand(out_f, -1).contiguous(), values.reshape(out_f, -1).contiguous()).reshape(values.shape)
 
 
 def level_values(codes: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -130,30 +132,33 @@ def group_weights(importance: Optional[torch.Tensor], n: int, group: int) -> tor
 
 def search_scales(groups: torch.Tensor, table: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Per-group fp16 scales ``(out, k)`` for ``groups`` ``(out, k, group)`` on ``table`` ``(1 or out, L)``:
-    of the :data:`SCALE_FACTORS` multiples of ``max|w| / max|level|`` (rounded to fp16, as stored), the
-    one with the least ``sum weights * (w - scale * level)**2``, ``weights`` ``(k, group)``. Returned
-    as fp32 holding fp16 values."""
+    of the :data:`SCALE_FACTORS` multiples ``f`` of ``base = max|w| / max|level|``, the one with the
+    least ``sum weights * (w - f base level)**2``, ``weights`` ``(k, group)``; then rounded to fp16 (a
+    relative change of at most 2**-11, as stored). Returned as fp32 holding fp16 values.
+
+    The error of ``f`` is ``base**2 sum weights (v - f level)**2`` with ``v = w / base``, and the level
+    nearest to ``v / f`` is the one whose cell, scaled by ``f``, holds ``v``: the values are divided once
+    and each factor only scales the table's ``L - 1`` cell edges."""
     out_f = groups.shape[0]
     reach = table.abs().amax(dim=1).expand(out_f).view(out_f, 1)
-    base = groups.abs().amax(dim=-1) / reach
+    base = (groups.abs().amax(dim=-1) / reach).clamp(min=FP16_MIN_NORMAL)
     if float(base.max()) * SCALE_FACTORS[-1] > FP16_MAX:
         raise FormatError(
             f"a codebook scale of {float(base.max()):.3g} overflows fp16; the weight's range is too large for "
             "fp16 scales (check the layer for exploding weights)"
         )
-    best_err = best_scale = None
+    v = groups / base.unsqueeze(-1)
+    best_err = best_factor = None
     for factor in SCALE_FACTORS:
-        scale = (base * factor).clamp(min=FP16_MIN_NORMAL).half().float()
-        s = scale.unsqueeze(-1)
-        approx = level_values(nearest_codes(groups / s, table), table) * s
-        err = (weights * (groups - approx) ** 2).sum(dim=-1)
+        levels = table * factor
+        err = (weights * (v - level_values(nearest_codes(v, levels), levels)) ** 2).sum(dim=-1)
         if best_err is None:
-            best_err, best_scale = err, scale
+            best_err, best_factor = err, torch.full_like(err, factor)
         else:
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            best_scale = torch.where(better, scale, best_scale)
-    return best_scale
+            best_factor = torch.where(better, factor, best_factor)
+    return (base * best_factor).clamp(min=FP16_MIN_NORMAL).half().float()
 
 
 class CodebookFormat(Format):

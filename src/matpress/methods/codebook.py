@@ -47,7 +47,7 @@ class CodebookParams:
     bits: int = 4
     group_size: Optional[int] = 32
     table: str = "nl"
-    iterations: int = 10
+    iterations: int = 6
 
     def __post_init__(self) -> None:
         if self.bits not in BITS or isinstance(self.bits, bool):
