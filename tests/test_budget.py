@@ -186,7 +186,7 @@ def test_cli_budget_and_report(tiny_causal_dir, tmp_path, capsys):
 SMALL_CALIBRATION = {"samples": 8, "seq_len": 32, "batch_size": 4}
 
 
-@pytest.mark.parametrize("preset", ["quant", "quant-fast", "all"])
+@pytest.mark.parametrize("preset", ["quant", "quant-fast", "quant+codebook", "all"])
 def test_calibrated_budget_uses_the_best_quantizer_and_fits(minilm, preset):
     import matpress
     from matpress.recipe import CALIBRATED_INT

@@ -117,9 +117,25 @@ def _quant_lowrank(calibrated: bool) -> list[dict[str, Any]]:
     ]
 
 
+# Codebook candidates: non-uniform tables (the fixed Lloyd-Max Gaussian one) with a scale per 32 or 64
+# columns, onto which GPTQ rounds with calibration text (with act-order and rotation, as the int ones).
+CALIBRATED_CODEBOOK: dict[str, Any] = {"method": "gptq_codebook", "table": "nl", "act_order": True, "rotate": True}
+PLAIN_CODEBOOK: dict[str, Any] = {"method": "codebook", "table": "nl"}
+
+
+def _codebook(calibrated: bool) -> list[dict[str, Any]]:
+    base = CALIBRATED_CODEBOOK if calibrated else PLAIN_CODEBOOK
+    return [{**base, "bits": b, "group_size": g} for b in (2, 3, 4) for g in (32, 64)]
+
+
+def _quant_codebook(calibrated: bool) -> list[dict[str, Any]]:
+    return _quant(calibrated) + _codebook(calibrated)
+
+
 def _all(calibrated: bool) -> list[dict[str, Any]]:
     return (
         _quant_lowrank(calibrated)
+        + _codebook(calibrated)
         + [{"method": "sparsegpt", "sparsity": 0.5, "value_bits": b} for b in (4, 8)]
         + [{"method": "sparsegpt", "nm": "2:4", "value_bits": b} for b in (4, 8)]
         + [{"method": "ternary_calibrated", "group_size": g} for g in (64, 128)]
@@ -133,6 +149,7 @@ PRESETS: dict[str, Callable[[bool], list[dict[str, Any]]]] = {
     "quant": _quant,
     "quant-fast": _quant_fast,
     "quant+lowrank": _quant_lowrank,
+    "quant+codebook": _quant_codebook,
     "all": _all,
 }
 
