@@ -109,7 +109,7 @@ def nearest_codes(values: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     out_f = values.shape[0]
     mids = (table[:, 1:] + table[:, :-1]) / 2
     if table.shape[0] == 1:  # one table: a search in one sorted list (far faster than one per row)
-        return torch.bucketize(values, mids[0])
+        return torch.bucketize(values.contiguous(), mids[0])
     return torch.searchsorted(mids.expand(out_f, -1).contiguous(), values.reshape(out_f, -1).contiguous()).reshape(values.shape)
 
 
