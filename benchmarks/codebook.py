@@ -1,0 +1,132 @@
+"""Codebooks against uniform integer grids on SmolLM2-135M-Instruct, in the harness of ``peers.py``.
+
+Same fp32 reference, the same 210 block linears compressed, the same calibration (128 windows of 128
+tokens of the calibration split) and evaluation (``--windows`` windows of ``--seq-len`` tokens of the
+evaluation split), scored by ``peers.measure``. Each pair compares at equal stored bits:
+
+- ~4.5 bits: uniform int4 with an fp16 scale and zero per 64 columns, against 4-bit codes with one
+  fp16 scale per 32 columns;
+- ~3.5 bits: uniform int3 g64 against 3-bit codes g32.
+
+Both calibrated sides are GPTQ with act-order and the same randomized Hadamard rotation (seed 0);
+the codebook side rounds each column to its nearest level (``gptq_codebook``) on a fixed Lloyd-Max
+Gaussian table (``nl``) or on a table learned per layer by k-means weighted by the Hessian diagonal
+(``layer``). The round-to-nearest rows (no calibration) show the grids alone.
+
+Results are cached as ``<out-dir>/<name>.json`` (a rerun computes what is missing, ``--only`` picks
+contenders), so the sweep runs one configuration per heavy-lock hold:
+
+    flock /tmp/matpress-heavy.lock .venv/bin/python benchmarks/codebook.py --only gptq-4b-g64
+    .venv/bin/python benchmarks/codebook.py --cached --out benchmarks/results/codebook.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from matpress import CalibrationData
+from matpress.evaluation import token_windows
+from matpress.evaluation.text import EVALUATION, corpus
+from matpress.evaluation.timing import command_line, machine_description, publish
+from matpress.models import SMOLLM2, load_pretrained, smollm2_gguf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import CALIBRATION_LEN, CALIBRATION_WINDOWS, LLAMA_BIN, Contender, Context, matpress_outcome, measure  # noqa: E402
+
+CALIBRATED = {"act_order": True, "rotate": True}
+
+
+def contender(name: str, label: str, rule: dict[str, Any]) -> Contender:
+    return Contender(name, rule["method"], label, rule["method"] != "rtn", lambda ctx: matpress_outcome(ctx, {"default": rule}))
+
+
+CONTENDERS: list[Contender] = [
+    *(contender(f"gptq-{b}b-g64", f"uniform GPTQ, int{b} g64", {"method": "gptq", "bits": b, "group_size": 64, **CALIBRATED}) for b in (4, 3)),
+    *(
+        contender(f"gptq-codebook-{b}b-g32-{t}", f"GPTQ onto codebook {t}, {b}b g32", {"method": "gptq_codebook", "bits": b, "group_size": 32, "table": t, **CALIBRATED})
+        for b in (4, 3) for t in ("nl", "layer")
+    ),
+    *(contender(f"rtn-{b}b-g64", f"RTN int{b} g64", {"method": "rtn", "bits": b, "group_size": 64}) for b in (4, 3)),
+    *(contender(f"rtn-codebook-{b}b-g32-nl", f"RTN onto codebook nl, {b}b g32", {"method": "codebook", "bits": b, "group_size": 32, "table": "nl"}) for b in (4, 3)),
+]
+
+
+def comparison(rows: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per bit width: each codebook row's KL against uniform GPTQ's at that width."""
+    lines = ["| bits | uniform GPTQ KL | codebook | codebook KL | change |", "|---|---:|---|---:|---:|"]
+    for b in (4, 3):
+        uniform = rows.get(f"gptq-{b}b-g64")
+        for t in ("nl", "layer"):
+            cb = rows.get(f"gptq-codebook-{b}b-g32-{t}")
+            if uniform and cb:
+                change = cb["kl_mean"] / uniform["kl_mean"] - 1
+                lines.append(f"| {cb['block_bpw']:.2f} | {uniform['kl_mean']:.4f} | {t} | {cb['kl_mean']:.4f} | {100 * change:+.1f} % |")
+    return lines
+
+
+def report(rows: list[dict[str, Any]], not_run: list[str], n_windows: int, seq_len: int, argv: Optional[list[str]]) -> str:
+    table = ["| contender | bits/weight, block linears | perplexity | KL to fp32 | time s |", "|---|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (round(r["block_bpw"], 1), r["family"] != "gptq", r["family"], r["kl_mean"])):
+        table.append(f"| {r['label']} | {r['block_bpw']:.3f} | {r['perplexity']:.2f} | {r['kl_mean']:.4f} | {r['seconds']:.1f} |")
+    reference = rows[0]["reference_perplexity"] if rows else float("nan")
+    return "\n".join([
+        "# Codebooks against uniform grids: SmolLM2-135M-Instruct",
+        "",
+        f"Command: `{command_line(argv)}`  ",
+        f"Machine: {machine_description()}, shared with other jobs (times are noisy)",
+        "",
+        "The harness of `peers.py`: the 210 block linears compressed, embeddings / LM head and norms fp32; "
+        f"KL to the fp32 model and perplexity on {n_windows} windows of {seq_len} tokens of the evaluation split "
+        f"(reference perplexity {reference:.2f}); calibration {CALIBRATION_WINDOWS} windows of {CALIBRATION_LEN} tokens "
+        "of the calibration split. GPTQ rows: act-order and randomized Hadamard rotation (seed 0) on both sides. "
+        "Bits: the stored bytes of the formats (codes, fp16 scales, zeros for int, the fp16 table, the rotation's signs).",
+        "",
+        *comparison({r["name"]: r for r in rows}),
+        "",
+        *table,
+        "",
+        *([f"Not run yet: {', '.join(not_run)}.", ""] if not_run else []),
+    ])
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="write the markdown here")
+    parser.add_argument("--out-dir", type=Path, default=Path("out/codebook"), help="cache: one JSON per contender")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="contenders to run (default: all missing)")
+    parser.add_argument("--cached", action="store_true", help="compute nothing: write the table of the cached results")
+    parser.add_argument("--force", action="store_true", help="recompute cached results")
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=512)
+    args = parser.parse_args(argv)
+    by_name = {c.name: c for c in CONTENDERS}
+    unknown = sorted(set(args.only or ()) - set(by_name))
+    if unknown:
+        parser.error(f"unknown contenders {unknown}; known: {sorted(by_name)}")
+    chosen = [by_name[n] for n in args.only] if args.only else CONTENDERS
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    missing = [] if args.cached else [c for c in chosen if args.force or not (args.out_dir / f"{c.name}.json").is_file()]
+    if missing:
+        torch.manual_seed(0)
+        loaded = load_pretrained(SMOLLM2)
+        windows = token_windows(loaded.tokenizer, corpus(EVALUATION), args.seq_len, args.windows)
+        calibration = CalibrationData.from_text(loaded.tokenizer, None, CALIBRATION_WINDOWS, CALIBRATION_LEN)
+        ctx = Context(loaded.model, loaded.tokenizer, calibration, smollm2_gguf(), args.out_dir, LLAMA_BIN)
+        for c in missing:
+            print(f"{c.name} ...", flush=True)
+            row = measure(c, ctx, windows)
+            (args.out_dir / f"{c.name}.json").write_text(json.dumps(row, indent=1))
+            print(f"{c.name}: {row['block_bpw']:.3f} bits, KL {row['kl_mean']:.4f}, {row['seconds']:.1f} s", flush=True)
+    rows = [json.loads((args.out_dir / f"{c.name}.json").read_text()) for c in CONTENDERS if (args.out_dir / f"{c.name}.json").is_file()]
+    not_run = [c.name for c in CONTENDERS if not (args.out_dir / f"{c.name}.json").is_file()]
+    publish(report(rows, not_run, args.windows, args.seq_len, argv), args.out)
+
+
+if __name__ == "__main__":
+    main()
