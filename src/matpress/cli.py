@@ -202,9 +202,10 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    report = matpress.export(
-        args.dir, args.out, to=args.to, allow_requantize=args.allow_requantize, force=args.force, expect_digest=args.expect_digest
-    )
+    options = {"force": args.force, "expect_digest": args.expect_digest}
+    if args.allow_requantize:
+        options["allow_requantize"] = True
+    report = matpress.export(args.dir, args.out, to=args.to, **options)
     print(report.table())
 
 
@@ -266,12 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="directory for report.md and the plots (default: the checkpoint directory)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("export", help="write a checkpoint as a file other runtimes load (GGUF)", description="Export a compressed checkpoint to OUT in the format --to.")
+    p = sub.add_parser("export", help="write a checkpoint in a format other runtimes load (GGUF, compressed-tensors)", description="Export a compressed checkpoint to OUT in the format --to.")
     p.add_argument("dir", help="checkpoint directory written by 'matpress compress'")
-    p.add_argument("out", help="file to write (e.g. model.gguf)")
-    p.add_argument("--to", required=True, choices=sorted(TARGETS), help="gguf: one GGUF file for llama.cpp / ollama (Llama-family causal LMs)")
-    p.add_argument("--allow-requantize", action="store_true", help="decode and re-quantize layers whose format has no exact counterpart (the added error is reported per tensor) instead of refusing them")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("out", help="file (gguf: model.gguf) or directory (compressed-tensors) to write")
+    p.add_argument("--to", required=True, choices=sorted(TARGETS), help="gguf: one GGUF file for llama.cpp / ollama (Llama-family causal LMs); compressed-tensors: a pack-quantized directory for vLLM / transformers")
+    p.add_argument("--allow-requantize", action="store_true", help="gguf: decode and re-quantize layers whose format has no exact counterpart (the added error is reported per tensor) instead of refusing them")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists (a directory's contents are deleted)")
     p.add_argument("--expect-digest", help=EXPECT_DIGEST_HELP)
     p.set_defaults(func=cmd_export)
     return parser

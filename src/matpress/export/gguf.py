@@ -24,19 +24,17 @@ import json
 import math
 import os
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
-from torch import nn
 
 from matpress.errors import MatpressError, quote
 from matpress.export.blocks import BLOCK, Blocks, NoCounterpart, dense_blocks, format_blocks, q1_minimum_error
 from matpress.formats import Format
 from matpress.formats.integer import IntFormat
+from matpress.export.tensors import EXACT, FP16_MINIMUM, REQUANTIZED, ExportedTensor, ExportReport, model_tensors
 from matpress.io import load, load_tokenizer, read_checkpoint
-from matpress.nn.layers import FormatModule, TiedLinear
 
 GGUF_INSTALL = "pip install 'matpress[gguf]' (or `make smollm2`, which installs it too)"
 # model_type of a transformers config -> the GGUF architecture llama.cpp runs it as
@@ -49,7 +47,6 @@ FILE_TYPES = {
     "F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1",
     "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1", "Q8_0": "MOSTLY_Q8_0",
 }
-EXACT, FP16_MINIMUM, REQUANTIZED = "exact", "fp16 minimum", "re-quantized"
 
 
 def import_gguf() -> Any:
@@ -59,56 +56,6 @@ def import_gguf() -> Any:
     except ImportError:
         raise MatpressError(f"exporting to GGUF needs the package gguf: {GGUF_INSTALL}") from None
     return gguf
-
-
-@dataclass(frozen=True)
-class ExportedTensor:
-    """One tensor of the file: its GGUF name and type, the model tensor it came from, and how far the
-    exported values may lie from what matpress decodes (``max_error``, absolute; ``relative_error``:
-    RMS of the change over RMS of the weight)."""
-
-    name: str
-    source: str
-    type_name: str
-    shape: tuple[int, ...]
-    how: str  # EXACT, FP16_MINIMUM or REQUANTIZED
-    max_error: float = 0.0
-    relative_error: float = 0.0
-
-
-@dataclass
-class ExportReport:
-    """What :func:`export_gguf` wrote."""
-
-    path: Path
-    tensors: list[ExportedTensor]
-    notes: list[str] = field(default_factory=list)
-
-    def table(self) -> str:
-        lines = ["| tensor | from | GGUF type | shape | mapping | max added error | relative RMS error |", "|---|---|---|---|---|---|---|"]
-        for t in self.tensors:
-            lines.append(
-                f"| {t.name} | {t.source} | {t.type_name} | {'x'.join(map(str, t.shape))} | {t.how} "
-                f"| {t.max_error:.3g} | {t.relative_error:.3g} |"
-            )
-        types = Counter(t.type_name for t in self.tensors)
-        lines.append(f"\n{len(self.tensors)} tensors ({', '.join(f'{n} {k}' for k, n in types.most_common())}) in {self.path}")
-        return "\n".join(lines + [f"note: {n}" for n in self.notes])
-
-
-# -- the model's tensors ----------------------------------------------------------------------------
-
-
-def model_tensors(model: nn.Module) -> Iterator[tuple[str, Union[Format, torch.Tensor]]]:
-    """(name, stored matrix) of every compressed layer, then (name, tensor) of every other parameter once
-    (a weight shared by a tied LM head is yielded for the embedding only). A tied compressed head
-    stores nothing of its own and is skipped: GGUF reads a missing ``output.weight`` as tied."""
-    compressed = {name: m for name, m in model.named_modules() if isinstance(m, FormatModule)}
-    for name, module in compressed.items():
-        if not isinstance(module, TiedLinear):
-            yield f"{name}.weight", module.fmt
-    for name, parameter in model.named_parameters():  # a compressed layer's only parameter is its bias
-        yield name, parameter.detach()
 
 
 def qk_row_order(rows: int, heads: int) -> torch.Tensor:
