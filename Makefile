@@ -41,7 +41,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/rtn_minilm.py --out benchmarks/results/rtn_minilm.md
 	$(PY) benchmarks/quality.py --out benchmarks/results/quality.md
-	$(PY) benchmarks/formats.py --out benchmarks/results
+	$(PY) benchmarks/formats.py --out benchmarks/results/formats.md
 	$(PY) benchmarks/kernels.py --out benchmarks/results/kernels.md
 	$(PY) benchmarks/prefetch_sweep.py --out benchmarks/results/prefetch_sweep.md
 	$(PY) benchmarks/budget.py --out benchmarks/results/budget.md

@@ -17,7 +17,7 @@ Writes a Markdown table per model and a Pareto plot (quality against effective b
 indices and factors included). Results are cached per model and configuration
 (``harness.ResultCache``): rerun the command until it names no configuration as not run.
 
-    flock /tmp/matpress-heavy.lock python benchmarks/formats.py --out benchmarks/results
+    flock /tmp/matpress-heavy.lock python benchmarks/formats.py --out benchmarks/results/formats.md
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 import torch
 
-from matpress.evaluation.timing import command_line, machine_description
+from matpress.evaluation.timing import command_line, machine_description, publish
 from matpress.methods import METHODS
 from matpress.models import MINILM, SMOLLM2
 
@@ -172,7 +172,7 @@ def table(rows: list[dict[str, Any]], metrics: list[str]) -> list[str]:
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/formats.md"), help="the markdown (the plot beside it, .png)")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--sentences", type=int, default=300)
     parser.add_argument("--quick", action="store_true", help="fewer configurations (a smoke test)")
@@ -204,12 +204,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         "taken after the blocks before it are compressed); quality is measured on the evaluation split.",
         *sections,
     ]
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     if panels:
-        plot(panels, args.out / "formats.png")
-        lines += ["", "![Pareto plot](formats.png)"]
-    (args.out / "formats.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        plot(panels, args.out.with_suffix(".png"))
+        lines += ["", f"![Pareto plot]({args.out.with_suffix('.png').name})"]
+    publish("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":
