@@ -9,7 +9,9 @@ same way: perplexity and mean next-token KL to the fp32 model on ``--windows`` h
 importance matrix) see the same 128 windows of 128 tokens of the calibration split (matpress's
 default calibration); llama-imatrix reads them as text, decoded from those token ids.
 
-- matpress: RTN and GPTQ (act-order + rotation), integer groups of 64, through ``matpress.compress``.
+- matpress: RTN and GPTQ (act-order + rotation, with and without the clipping search), integer groups
+  of 64, through ``matpress.compress``; budgets of 2.5, 3.5 and 4.5 bits per block weight over the
+  ``quant`` preset's RTN or GPTQ candidates (one sensitivity measurement per kind serves its budgets).
 - hqq (the ``hqq`` package): ``HQQLinear`` per block linear, groups of 64, its dequantized weight.
 - torchao: ``quantize_`` with ``IntxWeightOnlyConfig`` (asymmetric, groups of 64), its dequantized weight.
 - llama.cpp: ``llama-quantize --allow-requantize`` from the GGUF, with and without an importance matrix
@@ -43,7 +45,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -53,11 +55,12 @@ from torch import nn
 
 import matpress
 from matpress import CalibrationData
-from matpress.evaluation import language_model_quality, token_windows
+from matpress.evaluation import distortion_measure, language_model_quality, token_windows
 from matpress.evaluation.text import EVALUATION, corpus
 from matpress.evaluation.timing import command_line, machine_description, publish
 from matpress.models import SMOLLM2, from_pretrained, load_pretrained, smollm2_gguf
-from matpress.recipe import PRESETS
+from matpress.passes.budget import BudgetMeasurement
+from matpress.recipe import Budget, resolve_candidates
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (  # noqa: E402
@@ -77,6 +80,7 @@ class Context:
     gguf: Path
     work: Path  # the cache folder: JSON results, quantized GGUFs, the importance matrix
     llama_bin: Path
+    measurements: dict[bool, tuple[BudgetMeasurement, float]] = field(default_factory=dict)  # budgets' sensitivity, by calibrated
 
 
 @dataclass
@@ -113,22 +117,54 @@ def matpress_outcome(ctx: Context, recipe: dict[str, Any]) -> Outcome:
     return Outcome(model, seconds, 8.0 * sum(r.nbytes for r in layers))
 
 
-def matpress_contender(method: str, bits: int, **params: Any) -> Contender:
-    rule = {"method": method, "bits": bits, "group_size": GROUP, **params}
-    extras = " + act-order + rotate" if params else ""
+OPTION_NAMES = {"act_order": "act-order", "rotate": "rotate", "clip": "clip"}  # the flags the labels show
+
+
+def matpress_contender(method: str, bits: int, name_suffix: str = "", **flags: bool) -> Contender:
+    """``method`` at ``bits`` bits, groups of 64, with the given flags (``act_order=True``, ...);
+    ``name_suffix`` tells apart the cache names of runs of one method with different flags."""
+    rule = {"method": method, "bits": bits, "group_size": GROUP, **flags}
+    extras = "".join(f" + {OPTION_NAMES[f]}" for f, on in flags.items() if on)
     return Contender(
-        f"matpress-{method}-{bits}b-g{GROUP}", f"matpress {method}{extras}", f"matpress {method}{extras}, {bits}b g{GROUP}",
-        method != "rtn", lambda ctx: matpress_outcome(ctx, {"default": rule}),
+        f"matpress-{method}{name_suffix}-{bits}b-g{GROUP}", f"matpress {method}{extras}",
+        f"matpress {method}{extras}, {bits}b g{GROUP}", method != "rtn", lambda ctx: matpress_outcome(ctx, {"default": rule}),
     )
 
 
-def budget_contender(bpw: float) -> Contender:
-    """A budget over the RTN candidates of the ``quant`` preset (2-8 bits, groups of 64, 128 or per
-    channel, fp16), errors measured on the calibration inputs and weighted end to end."""
-    recipe = {"budget": f"{bpw}bpw", "candidates": PRESETS["quant"](False)}
+def budget_measurement(ctx: Context, calibrated: bool) -> tuple[BudgetMeasurement, float]:
+    """The sensitivity table of the block linears over the ``quant`` preset's candidates, measured once
+    per run for all budgets (what ``matpress.compress`` with a budget measures before allocating), and
+    its seconds."""
+    if calibrated not in ctx.measurements:
+        start = time.perf_counter()
+        measurement = BudgetMeasurement.measure(
+            ctx.original, list(block_linears(ctx.original)), resolve_candidates("quant", calibrated=calibrated),
+            calibration=ctx.calibration, distortion=distortion_measure(ctx.original, ctx.tokenizer),
+        )
+        ctx.measurements[calibrated] = (measurement, time.perf_counter() - start)
+    return ctx.measurements[calibrated]
+
+
+def budget_contender(bpw: float, calibrated: bool) -> Contender:
+    """A budget over the candidates of the ``quant`` preset (2-8 bits, groups of 64, 128 or per
+    channel, fp16): RTN, or with ``calibrated`` GPTQ with act-order and rotation; errors measured on
+    the calibration inputs and weighted end to end (KL on calibration text), the chosen candidates
+    applied by the sequential pass. The measurement serves every budget: its time is the ``+ N``."""
+    kind = "gptq" if calibrated else "rtn"
+
+    def run(ctx: Context) -> Outcome:
+        measurement, measure_seconds = budget_measurement(ctx, calibrated)
+        model = copy.deepcopy(ctx.original)
+        start = time.perf_counter()
+        report = measurement.apply(model, measurement.allocate(Budget.parse(f"{bpw}bpw")))
+        seconds = time.perf_counter() - start
+        chosen = Counter(r.format for r in report.layers)
+        note = ", ".join(f"{n} {fmt}" for fmt, n in chosen.most_common(4)) + (", ..." if len(chosen) > 4 else "")
+        return Outcome(model, seconds, 8.0 * sum(r.nbytes for r in report.layers), note, measure_seconds)
+
     return Contender(
-        f"matpress-budget-rtn-{bpw}bpw", "matpress budget (rtn candidates)", f"matpress budget {bpw} bpw, rtn candidates",
-        True, lambda ctx: matpress_outcome(ctx, recipe),
+        f"matpress-budget-{kind}-{bpw}bpw", f"matpress budget ({kind} candidates)", f"matpress budget {bpw} bpw, {kind} candidates",
+        True, run,
     )
 
 
@@ -147,7 +183,7 @@ def dequantized_contender(family: str, bits: int, quantize: Callable[[nn.Linear,
                 linear.weight.copy_(weights[name].reshape(linear.weight.shape).float())
         return Outcome(model, seconds, (bits + 32 / GROUP) * block_weight_count(model))
 
-    return Contender(f"{family}-{bits}b-g{GROUP}", family, f"{family} {metadata.version(family)}, {bits}b g{GROUP}", False, run)
+    return Contender(f"{family}-{bits}b-g{GROUP}", family, f"{family}, {bits}b g{GROUP}", False, run)  # versions: the header
 
 
 def hqq_weight(linear: nn.Linear, bits: int) -> torch.Tensor:
@@ -249,8 +285,10 @@ CONTENDERS: list[Contender] = [
     *(dequantized_contender("hqq", b, hqq_weight) for b in (2, 3, 4)),  # hqq packs 1, 2, 3, 4 and 8 bits
     *(dequantized_contender("torchao", b, torchao_weight) for b in (2, 3, 4, 5)),
     *(llamacpp_contender(q, imatrix) for q in LLAMACPP_TYPES for imatrix in (False, True)),
-    *(budget_contender(b) for b in (2.5, 3.5, 4.5)),
+    *(budget_contender(b, calibrated=False) for b in (2.5, 3.5, 4.5)),
     *(matpress_contender("gptq", b, act_order=True, rotate=True) for b in (3, 4, 2, 5)),
+    *(matpress_contender("gptq", b, "-clip", act_order=True, rotate=True, clip=True) for b in (3, 4, 2, 5)),
+    *(budget_contender(b, calibrated=True) for b in (2.5, 3.5, 4.5)),
 ]
 
 
@@ -324,7 +362,8 @@ def report(rows: list[dict[str, Any]], not_run: list[str], gguf: Path, n_windows
         "GGUF's block tensors (576 and 1536 are not multiples of 256, so the k-quants and IQ4_XS fall back to other types "
         "for most block tensors: the notes list the types). Time: compression only, on this machine while other jobs ran on it "
         "(noisy); "
-        "`+ N` is the importance matrix, computed once.",
+        "`+ N`: one-off work that serves several contenders, done once (llama.cpp's importance matrix; the budgets' "
+        "sensitivity measurement, whose time is compression time too).",
         "",
         results_table(rows),
         "",

@@ -6,8 +6,10 @@ import torch
 import matpress
 from matpress.errors import RecipeError
 from matpress.formats import IntFormat, TransformedFormat
+from matpress.formats.integer import fake_quantize, grouped, rtn_parameters
 from matpress.formats.transformed import fwht, hadamard_block, make_transform
 from matpress.methods import LayerStats
+from matpress.methods.awq import CLIP_RATIOS, clipped_parameters, clipped_quantize
 from matpress.methods.obs import output_error
 from matpress.methods.hqq import lp_error
 from matpress.recipe import Recipe
@@ -27,7 +29,10 @@ def layer_problem(seed: int, out: int = 96, n: int = 256, tokens: int = 1024) ->
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("bits, group", [(4, 64), (3, None), (2, 64)])
-@pytest.mark.parametrize("options", [{}, {"act_order": True}, {"act_order": True, "rotate": True}, {"scale_inputs": True}])
+@pytest.mark.parametrize("options", [
+    {}, {"act_order": True}, {"act_order": True, "rotate": True}, {"act_order": True, "rotate": True, "clip": True},
+    {"scale_inputs": True},
+])
 def test_gptq_beats_rtn_on_output_error(seed, bits, group, options):
     w, stats = layer_problem(seed)
     rtn = IntFormat.encode(w, bits=bits, group_size=group).decode()
@@ -44,6 +49,37 @@ def test_gptq_act_order_keeps_the_plain_int_format():
     # static groups: each group's scale was set before the pass, from its original columns' range
     rtn = IntFormat.encode(w, bits=4, group_size=64)
     assert torch.equal(fmt.scales, rtn.scales) and torch.equal(fmt.zeros, rtn.zeros)
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_clip_takes_the_clipped_grids(act_order):
+    # with H = I the sweep spreads no error (H^-1 is diagonal), so GPTQ is round-to-nearest on its grids:
+    # with clip those are exactly the grids the clipping search picks on the same Hessian
+    w, _ = layer_problem(0)
+    stats = LayerStats(torch.eye(w.shape[1]), 1, torch.ones(w.shape[1]))
+    fmt = run_method("gptq", w, stats, bits=3, group_size=64, act_order=act_order, clip=True)
+    clipped = clipped_quantize(w, stats.hessian, 3, 64, False, CLIP_RATIOS)
+    assert torch.equal(fmt.scales, clipped.scales) and torch.equal(fmt.zeros, clipped.zeros)
+    assert torch.equal(fmt.decode(), clipped.decode())
+    assert not torch.equal(fmt.scales, IntFormat.encode(w, bits=3, group_size=64).scales)  # some range was shrunk
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_clipping_never_raises_a_groups_output_error(seed):
+    w, stats = layer_problem(seed)
+    g = grouped(w, 64)
+    blocks = torch.stack([stats.hessian[k : k + 64, k : k + 64] for k in range(0, w.shape[1], 64)])
+
+    def group_errors(scale, zero):
+        e = g - fake_quantize(g, scale, zero, 3)
+        return torch.einsum("okg,kgh,okh->ok", e, blocks, e)
+
+    minmax = group_errors(*rtn_parameters(g, 3, False))
+    clipped = group_errors(*clipped_parameters(g, stats.hessian, 3, False, CLIP_RATIOS))
+    # ratio 1 (the min-max grid) is among those tried, so no group does worse (up to fp32 sums)
+    assert bool((clipped <= minmax * (1 + 1e-5)).all()) and float(clipped.sum()) < float(minmax.sum())
+    same = clipped_parameters(g, stats.hessian, 3, False, torch.ones(1))
+    assert all(torch.equal(a, b) for a, b in zip(same, rtn_parameters(g, 3, False)))
 
 
 @pytest.mark.parametrize("seed", [0, 1])

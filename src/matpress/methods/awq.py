@@ -87,32 +87,41 @@ def search_input_scale(
     return best
 
 
-def clipped_quantize(
-    weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: Optional[int], symmetric: bool,
-    ratios: torch.Tensor,
-) -> IntFormat:
-    """Per-group min-max quantization with each group's range shrunk by the ratio in ``ratios`` that
-    minimises the group's output error ``e_g H_gg e_g^T`` (AWQ's weight clipping)."""
-    out_f, n = weight.shape
-    group = resolve_group_size(group_size, n)
-    g = grouped(weight, group)
-    n_groups = g.shape[1]
-    pad = n_groups * group - n
-    h = torch.nn.functional.pad(hessian, (0, pad, 0, pad))  # padded columns get zero weight in the error
+def clipped_parameters(
+    groups: torch.Tensor, hessian: torch.Tensor, bits: int, symmetric: bool, ratios: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of each group of ``groups`` ``(out, n_groups, group)``: the min-max grid of
+    the group's range shrunk by the ratio in ``ratios`` that minimises the group's output error
+    ``e_g H_gg e_g^T`` (AWQ's weight clipping), ``H_gg`` the group's diagonal block of ``hessian``
+    (``(n, n)``, ``n <= n_groups * group``; padded columns get zero weight in the error)."""
+    out_f, n_groups, group = groups.shape
+    pad = n_groups * group - hessian.shape[0]
+    h = torch.nn.functional.pad(hessian, (0, pad, 0, pad))
     blocks = torch.stack([h[k * group : (k + 1) * group, k * group : (k + 1) * group] for k in range(n_groups)])
     best_err = torch.full((out_f, n_groups), float("inf"))
     best_scale = torch.empty(out_f, n_groups)
     best_zero = torch.empty(out_f, n_groups)
     for r in ratios.tolist():
-        scale, zero = rtn_parameters(g * r, bits, symmetric)
-        e = g - fake_quantize(g, scale, zero, bits)
+        scale, zero = rtn_parameters(groups * r, bits, symmetric)
+        e = groups - fake_quantize(groups, scale, zero, bits)
         err = torch.einsum("okg,kgh,okh->ok", e, blocks, e)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
         best_zero = torch.where(better, zero, best_zero)
-    codes = quantize_codes(g, best_scale.unsqueeze(-1), best_zero.unsqueeze(-1), bits)
-    return IntFormat.from_codes(ungrouped(codes, n), best_scale, best_zero, bits, group_size, symmetric)
+    return best_scale, best_zero
+
+
+def clipped_quantize(
+    weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: Optional[int], symmetric: bool,
+    ratios: torch.Tensor,
+) -> IntFormat:
+    """Per-group quantization on the clipped grids of :func:`clipped_parameters`."""
+    n = weight.shape[1]
+    g = grouped(weight, resolve_group_size(group_size, n))
+    scale, zero = clipped_parameters(g, hessian, bits, symmetric, ratios)
+    codes = quantize_codes(g, scale.unsqueeze(-1), zero.unsqueeze(-1), bits)
+    return IntFormat.from_codes(ungrouped(codes, n), scale, zero, bits, group_size, symmetric)
 
 
 CLIP_RATIOS = torch.linspace(1.0, 0.5, 11)

@@ -28,7 +28,7 @@ from matpress.errors import CalibrationError, quote
 from matpress.formats import Format, IntFormat
 from matpress.formats.integer import grouped, quantize_codes, resolve_group_size, rtn_parameters
 from matpress.formats.transformed import make_transform, quantize_transformed
-from matpress.methods.awq import search_input_scale
+from matpress.methods.awq import CLIP_RATIOS, clipped_parameters, search_input_scale
 from matpress.methods.base import LayerStats, check_flag, check_int, register_method
 from matpress.methods.obs import drop_dead_inputs, obs_sweep
 from matpress.methods.rtn import IntParams
@@ -39,13 +39,16 @@ class GPTQParams(IntParams):
     """Integer parameters (bits, group_size, symmetric) plus: percdamp (damping as a fraction of the
     mean Hessian diagonal, > 0), block_size (columns per lazy update), act_order (quantize columns in
     order of decreasing activation energy), rotate (randomized Hadamard rotation of the inputs, signs
-    from ``seed``), scale_inputs (AWQ input scales before GPTQ)."""
+    from ``seed``), scale_inputs (AWQ input scales before GPTQ), clip (each group's grid range shrunk by
+    the ratio that minimises the group's output error, :func:`matpress.methods.awq.clipped_parameters`,
+    instead of its min-max range)."""
 
     percdamp: float = 0.01
     block_size: int = 128
     act_order: bool = False
     rotate: bool = False
     scale_inputs: bool = False
+    clip: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -53,7 +56,7 @@ class GPTQParams(IntParams):
         if not isinstance(self.percdamp, (int, float)) or isinstance(self.percdamp, bool) or not 0 < self.percdamp < 1:
             raise ValueError(f"percdamp must be a number in (0, 1), got {quote(self.percdamp)}")
         check_int("block_size", self.block_size)
-        for name in ("act_order", "rotate", "scale_inputs"):
+        for name in ("act_order", "rotate", "scale_inputs", "clip"):
             check_flag(name, getattr(self, name))
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {quote(self.seed)}")
@@ -141,17 +144,25 @@ def gptq_quantize(
     percdamp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    clip_ratios: Optional[torch.Tensor] = None,
 ) -> IntFormat:
     """Quantize ``weight`` ``(out, in)`` by GPTQ with input second moment ``hessian`` ``(in, in)``: the
-    grid sweep with round-to-nearest on each group's min-max integer grid."""
+    grid sweep with round-to-nearest on each group's integer grid: its min-max range, or with
+    ``clip_ratios`` that range shrunk by the ratio with the least output error of the group
+    (:func:`matpress.methods.awq.clipped_parameters`)."""
 
     def nearest(col: torch.Tensor, params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         scale, zero = params
         q = quantize_codes(col, scale, zero, bits)
         return q, (q - zero) * scale
 
+    def fit(groups: torch.Tensor, columns: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        if clip_ratios is None:
+            return rtn_parameters(groups, bits, symmetric)
+        return clipped_parameters(groups, hessian.float()[columns, columns], bits, symmetric, clip_ratios)
+
     codes, (scale, zero) = grid_sweep(
-        weight, hessian, group_size, lambda groups, _: rtn_parameters(groups, bits, symmetric), nearest,
+        weight, hessian, group_size, fit, nearest,
         percdamp, block_size, act_order,
     )
     return IntFormat.from_codes(codes, scale, zero, bits, group_size, symmetric)
@@ -168,5 +179,6 @@ def gptq(weight: torch.Tensor, params: GPTQParams, stats: Optional[LayerStats] =
         scale = search_input_scale([w], stats, params.bits, params.group_size, params.symmetric)
     transform = None if scale is None and not params.rotate else make_transform(w.shape[1], params.rotate, params.seed, scale)
     return quantize_transformed(w, stats.hessian, transform, lambda w_t, h_t: gptq_quantize(
-        w_t, h_t, params.bits, params.group_size, params.symmetric, params.percdamp, params.block_size, params.act_order
+        w_t, h_t, params.bits, params.group_size, params.symmetric, params.percdamp, params.block_size, params.act_order,
+        CLIP_RATIOS if params.clip else None,
     ))
