@@ -367,7 +367,7 @@ def report(rows: list[dict[str, Any]], not_run: list[str], gguf: Path, n_windows
         "",
         results_table(rows),
         "",
-        *([f"Not run yet: {', '.join(not_run)}.", ""] if not_run else []),
+        *([f"Not run yet (not in the cache; a rerun of the command computes them): {', '.join(not_run)}.", ""] if not_run else []),
         *([f"![KL against bits per block weight]({plot_name})", ""] if plot_name else []),
     ])
 
