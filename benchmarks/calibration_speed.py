@@ -41,7 +41,9 @@ PHASES: list[tuple[str, str, str, Optional[str]]] = [  # (phase, file, function,
     ("trace each block once (stages)", "", "trace_block", None),
     ("stage statistics: block forwards, Hessians included", "", "block_stats", None),
     ("  of which Hessian accumulation (x x^T hooks)", "", "hook", None),
-    ("propagation: compressed block forwards", "", "run", "compress_sequential"),
+    ("propagation: compressed block forwards", "", "run", "walk"),
+    ("decoding compressed layers for the forwards", "layers.py", "decoded_forwards", None),
+    ("copies of reused outputs (replay)", "replay.py", "copy", None),
     ("Walsh-Hadamard transforms (W, H, rotated layer inputs)", "transformed.py", "fwht", None),
     ("damping, Cholesky, inverse", "gptq.py", "inverse_hessian_factor", None),
     ("OBS column sweep", "", "obs_sweep", None),
@@ -93,6 +95,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--profile-layers", type=int, default=4, help="blocks in the profiled run (0: none)")
     parser.add_argument("--label", default="this checkout", help="what code was measured (e.g. a commit)")
+    parser.add_argument("--profile-only", action="store_true", help="only the profiled run (no full runs, no quality)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
 
@@ -100,17 +103,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     original, tokenizer = loaded.model, loaded.tokenizer
     windows = token_windows(tokenizer, corpus(EVALUATION), args.seq_len, args.windows)
     rows = []
-    for label, bits in CONFIGS:
+    for label, bits in [] if args.profile_only else CONFIGS:
         model, seconds = compressed(original, bits, tokenizer)
         quality = language_model_quality(model, windows, reference=original)
         rows.append((label, seconds, quality))
         print(label, f"{seconds:.1f} s", quality, flush=True)
         del model
-    lines = [
-        f"## {args.label}",
-        "",
-        f"Command: `{command_line(argv)}`  ",
-        f"Machine: {machine_description()}, load average {os.getloadavg()[0]:.1f} at the end",
+    lines = [f"## {args.label}", "", f"Command: `{command_line(argv)}`  "]
+    if rows:
+        lines += [
         "",
         f"Quality on {windows.shape[0]} windows of {windows.shape[1]} tokens of the evaluation split "
         f"(fp32 perplexity {rows[0][2]['reference_perplexity']:.2f}).",
@@ -118,7 +119,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         "| configuration | compress s | perplexity | KL to fp32 |",
         "|---|---:|---:|---:|",
         *[f"| {label} | {s:.1f} | {q['perplexity']:.2f} | {q['kl_mean']:.4f} |" for label, s, q in rows],
-    ]
+        ]
     if args.profile_layers:
         phases, total = profile_phases(original, tokenizer, CONFIGS[0][1], args.profile_layers)
         lines += [
@@ -130,6 +131,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             "|---|---:|---:|",
             *[f"| {phase} | {s:.2f} | {100 * s / total:.0f} % |" for phase, s in phases],
         ]
+    lines.insert(3, f"Machine: {machine_description()}, load average {os.getloadavg()[0]:.1f} at the end")
     publish("\n".join(lines) + "\n", args.out)
 
 

@@ -4,7 +4,8 @@ that multiplies by its input embedding's stored matrix (tied word embeddings).""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -48,6 +49,8 @@ class FormatModule(nn.Module):
 class CompressedLinear(FormatModule):
     """``y = x @ W.T + b`` with ``W`` stored in ``fmt``."""
 
+    decoded: Optional[torch.Tensor] = None  # the decoded weight, inside decoded_forwards only
+
     def __init__(self, fmt: Format, bias: Optional[torch.Tensor] = None):
         super().__init__(fmt)
         self.in_features = fmt.in_features
@@ -61,7 +64,10 @@ class CompressedLinear(FormatModule):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = kernels.matmul(self.fmt, x)
+        if self.decoded is not None:
+            y = nn.functional.linear(x, self.decoded.to(x.dtype))
+        else:
+            y = kernels.matmul(self.fmt, x)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
@@ -72,6 +78,27 @@ class CompressedLinear(FormatModule):
             f"bias={self.bias is not None}, format={self.fmt.describe()}, "
             f"bpw={self.fmt.bits_per_weight:.3f}"
         )
+
+
+@contextmanager
+def decoded_forwards(module: nn.Module, cache: dict[str, tuple[Format, torch.Tensor]]) -> Iterator[None]:
+    """Inside, the :class:`CompressedLinear` layers in ``module`` multiply by their decoded fp32 weights
+    (a plain dense product) instead of their formats' kernels. For calibration forwards over thousands
+    of tokens: one decode per layer, then the BLAS product, where a format's kernel re-applies its input
+    transform and unpacks its codes at every call, and rounds the activations (to int8, or to bf16 on
+    large batches); the dense product does not, so calibration sees the compressed weights' error only.
+    ``cache`` (submodule name -> (format, decoded weight)), kept by the caller across calls, decodes
+    each layer's format once."""
+    layers = [(n, m) for n, m in module.named_modules() if isinstance(m, CompressedLinear) and not isinstance(m, TiedLinear)]
+    for name, layer in layers:
+        if name not in cache or cache[name][0] is not layer.fmt:
+            cache[name] = (layer.fmt, layer.fmt.decode(torch.float32))
+        layer.decoded = cache[name][1]
+    try:
+        yield
+    finally:
+        for _, layer in layers:
+            layer.decoded = None
 
 
 # nn.Embedding options a compressed lookup cannot honour: max_norm rescales the looked-up rows of the

@@ -17,6 +17,7 @@ from matpress.errors import CalibrationError
 from matpress.methods import LayerStats
 from matpress.nn.layout import is_linear
 from matpress.walk.data import CalibrationData
+from matpress.walk.replay import BlockReplay
 from matpress.walk.stats import StatsCollector, batch_mask, model_device
 
 class _BlockInputsCaught(Exception):
@@ -154,17 +155,19 @@ def execution_stages(calls: list[Call], names: dict[str, str]) -> list[list[str]
 
 
 def stage_stats(
-    block: nn.Module, head: str, names: list[str], inputs: list[BlockInput], called: Counter
+    block: nn.Module, head: str, names: list[str], inputs: list[BlockInput], called: Counter,
+    replay: Optional[BlockReplay] = None,
 ) -> dict[str, LayerStats]:
     """Statistics of the layers ``names`` of one stage. They read the very same input tensor, so one
     layer's statistics serve them all, collected once; a layer called more than once per forward sums
     several inputs, and then each layer is collected on its own. Layers called once per forward need
-    the block only up to their inputs, so its forward stops there."""
+    the block only up to their inputs, so its forward stops there. ``replay``: the block's runs reuse
+    what earlier runs computed before the layers changed since (:mod:`matpress.walk.replay`)."""
     once = all(called[n] == 1 for n in names)
     if len(names) > 1 and once:
-        first = block_stats(block, head, names[:1], inputs, stop_early=True)
+        first = block_stats(block, head, names[:1], inputs, stop_early=True, replay=replay, changing=names)
         return {n: first[names[0]] for n in names} if first else {}
-    return block_stats(block, head, names, inputs, stop_early=once)
+    return block_stats(block, head, names, inputs, stop_early=once, replay=replay)
 
 
 class _StageInputsSeen(Exception):
@@ -177,10 +180,13 @@ def _stop_forward(module: nn.Module, args: tuple) -> None:
 
 @torch.inference_mode()
 def block_stats(
-    block: nn.Module, head: str, names: list[str], inputs: list[BlockInput], stop_early: bool = False
+    block: nn.Module, head: str, names: list[str], inputs: list[BlockInput], stop_early: bool = False,
+    replay: Optional[BlockReplay] = None, changing: Optional[list[str]] = None,
 ) -> dict[str, LayerStats]:
     """Statistics of the layers ``names`` on ``inputs``; with ``stop_early`` (each layer called once per
-    forward, ``names`` in call order) each forward stops at the last layer's input."""
+    forward, ``names`` in call order) each forward stops at the last layer's input. ``replay``: run the
+    block through it, keeping what comes before the layers ``changing`` (default ``names``: the layers
+    the caller compresses next) for the next run."""
     if not names:
         return {}
     layers = {n: block.get_submodule(n[len(head):]) for n in names}
@@ -188,10 +194,14 @@ def block_stats(
         # registered after the collector's hooks, so the last layer's input is summed before the stop
         stop = layers[names[-1]].register_forward_pre_hook(_stop_forward) if stop_early else None
         try:
-            for inp in inputs:
+            keep_before = [n[len(head):] for n in (changing or names)]
+            for k, inp in enumerate(inputs):
                 collector.mask = inp.mask
                 try:
-                    inp.run(block)
+                    if replay is None:
+                        inp.run(block)
+                    else:
+                        replay.run(k, lambda: inp.run(block), keep_before)
                 except _StageInputsSeen:
                     pass
         finally:

@@ -30,11 +30,13 @@ from tqdm.auto import tqdm
 
 from matpress.errors import CalibrationError
 from matpress.methods import BlockView, LayerStats, get_method
+from matpress.nn import decoded_forwards
 from matpress.nn.layout import is_linear, linear_weight, scale_inputs, scale_rows
 from matpress.recipe import Rule
 from matpress.walk.blocks import (
     BlockInput, Call, block_stats, capture_block_inputs, execution_stages, find_blocks, stage_stats, trace_block,
 )
+from matpress.walk.replay import BlockReplay
 from matpress.walk.data import CalibrationData
 from matpress.walk.source import BlockStream, materialised
 from matpress.walk.stats import collect_stats
@@ -67,6 +69,8 @@ class Block:
     data: Optional[CalibrationData] = field(default=None, repr=False)
     given: Optional[dict[str, LayerStats]] = field(default=None, repr=False)
     called: Counter = field(default_factory=Counter, repr=False)
+    decoded: dict = field(default_factory=dict, repr=False)  # the block's compressed layers, decoded once
+    replay: Optional[BlockReplay] = field(default=None, repr=False)
 
     def stats(self, names: Iterable[str]) -> dict[str, LayerStats]:
         """Input statistics of the layers ``names`` (of one stage), collected now: on the block's inputs
@@ -80,7 +84,8 @@ class Block:
         if self.inputs is None:
             with materialised(self.model, ""):  # the whole model runs: a streamed one reads all of it
                 return collect_stats(self.model, self.data, names, progress=False)
-        return stage_stats(self.module, f"{self.name}.", names, self.inputs, self.called)
+        with decoded_forwards(self.module, self.decoded):
+            return stage_stats(self.module, f"{self.name}.", names, self.inputs, self.called, self.replay)
 
 
 class TracedBlock(BlockView):
@@ -148,12 +153,17 @@ def walk(
         name = f"{prefix}.{i}" if prefix else str(i)
         local = {n[len(name) + 1:]: n for n in names if n.startswith(name + ".")}
         stream.materialise(name, block)
+        decoded: dict = {}  # the forwards over the calibration batches multiply by decoded weights
+        replay = BlockReplay(block)  # and reuse what earlier forwards computed before the layers changed
         following = None
         if inputs is not None and not propagate and i + 1 < len(blocks):
             with torch.inference_mode():
                 following = [inp.run(block) for inp in inputs]
         if local:
-            step = Block(name, block, [[n] for n in local.values()], model=model, inputs=inputs, data=data, given=stats)
+            step = Block(
+                name, block, [[n] for n in local.values()], model=model, inputs=inputs, data=data, given=stats, decoded=decoded,
+                replay=replay,
+            )
             if inputs is not None:
                 calls = trace_block(block, inputs[0])
                 step.stages = execution_stages(calls, local)
@@ -164,9 +174,10 @@ def walk(
             yield step
             walked.update(local.values())
         if inputs is not None and i + 1 < len(blocks):
-            with torch.inference_mode():
+            with torch.inference_mode(), decoded_forwards(block, decoded):
                 for k, inp in enumerate(inputs):  # in place: the previous block's activations are dropped as we go
-                    inp.hidden = inp.run(block) if following is None else following[k]
+                    inp.hidden = replay.run(k, lambda: inp.run(block)) if following is None else following[k]
+        del decoded, replay
         stream.release(name, block)
     del inputs
     rest = [n for n in names if n not in walked]
