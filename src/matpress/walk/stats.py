@@ -40,8 +40,8 @@ class StatsCollector:
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0].detach()
-            if self.mask is not None and tuple(x.shape[:-1]) == tuple(self.mask.shape):
-                x = x[self.mask.to(x.device)]
+            if self.mask is not None and tuple(x.shape[:-1]) == tuple(self.mask.shape) and not bool(self.mask.all()):
+                x = x[self.mask.to(x.device)]  # (windows of running text have no padding: no copy)
             x = x.reshape(-1, x.shape[-1]).float()
             st = self.stats.get(name)
             if st is None:
