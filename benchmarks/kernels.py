@@ -207,7 +207,7 @@ def markdown(rows: list[dict], batches: list[int], bandwidth: float, e2e, pool_g
         "",
         f"Command: `{command}`  ",
         f"Machine: {machine_description()}  ",
-        f"Kernel build: {'AVX-512 VNNI' if lowbit.load_library().mp_isa() else 'portable C++'} "
+        f"Kernel build: {'AVX-512 VNNI' if lowbit.load_library().isa() else 'portable C++'} "
         "(compiled at first use with -O3 -march=native)  ",
         f"Streaming read bandwidth (torch sum over 1 GiB, same threads): **{bandwidth:.1f} GB/s**",
         "",

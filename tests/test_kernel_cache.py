@@ -20,15 +20,31 @@ from matpress.formats import IntFormat
 from matpress.kernels import build, lowbit
 
 # A quick build (the portable path without optimization): these tests are about files, not speed.
-FLAGS = ("-O0", "-shared", "-fPIC", "-std=c++17")
+FLAGS = ("-O0", "-shared", "-fPIC", "-std=c++20")
 
-pytestmark = pytest.mark.skipif(build.compiler() is None, reason="no C++ compiler here: nothing is built or cached")
+REAL_CXX = build.compiler()
+pytestmark = pytest.mark.skipif(REAL_CXX is None, reason="no C++ compiler here: nothing is built or cached")
+
+
+@pytest.fixture(scope="module")
+def quick_compiler(tmp_path_factory) -> Path:
+    """A "compiler" that copies one real build of the kernels (made here, once, by the real compiler
+    through build.build) to its output: these tests build many times into fresh caches, and each real
+    build spends seconds in torch's headers; what they test is the cache's files, not the compiler."""
+    directory = tmp_path_factory.mktemp("template")
+    template = build.build(REAL_CXX, FLAGS, directory / "lowbit-template.sha256")
+    stub = directory / "cxx-copy"
+    stub.write_text(f'#!/bin/sh\nfor out; do :; done\nexec cp {template} "$out"\n')
+    stub.chmod(0o755)
+    return stub
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch) -> Path:
-    """A fresh cache directory in ``$MATPRESS_CACHE``, nothing loaded yet in this process."""
+def cache(tmp_path, monkeypatch, quick_compiler) -> Path:
+    """A fresh cache directory in ``$MATPRESS_CACHE``, nothing loaded yet in this process, the quick
+    compiler in ``$CXX``."""
     monkeypatch.setenv("MATPRESS_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", str(quick_compiler))
     monkeypatch.setattr(build, "_LOADED", {})
     return tmp_path / "kernels"
 
@@ -51,7 +67,7 @@ def assert_works(lib) -> None:
     fmt = IntFormat.encode(torch.randn(8, 64), bits=4, group_size=32)
     x = torch.randn(2, 64)
     y = lowbit.lowbit_matmul(lowbit.layout_of(fmt), x, lib)
-    assert lib.mp_isa() == 0 and bool(((y - fmt.matmul(x)).abs() <= 0.05 * fmt.matmul(x).abs().max()).all())
+    assert lib.isa() == 0 and bool(((y - fmt.matmul(x)).abs() <= 0.05 * fmt.matmul(x).abs().max()).all())
 
 
 def built(cache: Path) -> tuple[Path, Path]:
@@ -76,7 +92,7 @@ def compile_c(tmp_path: Path, source: str, name: str) -> bytes:
     """A shared library from C++ ``source``, as bytes."""
     src, out = tmp_path / f"{name}.cpp", tmp_path / f"{name}.so"
     src.write_text(source)
-    subprocess.run([build.compiler(), "-shared", "-fPIC", str(src), "-o", str(out)], check=True)
+    subprocess.run([REAL_CXX, "-shared", "-fPIC", str(src), "-o", str(out)], check=True)
     return out.read_bytes()
 
 
@@ -106,7 +122,7 @@ def test_damaged_library_is_rebuilt_in_a_process_that_survives(damage, cache, tm
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             lib = build.load_library({FLAGS!r})
-        print(lib.mp_isa(), [str(w.message) for w in caught])
+        print(lib.isa(), [str(w.message) for w in caught])
     """)
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "MATPRESS_CACHE": str(cache.parent)})
@@ -139,7 +155,7 @@ def test_compiler_writing_nothing_falls_back_and_caches_nothing(cache, tmp_path,
 def test_compiler_building_something_else_falls_back_and_caches_nothing(cache, tmp_path, monkeypatch):
     # a compiler that exits 0 with a valid library that is not the kernels: loaded (we built it), refused
     stub = tmp_path / "cxx-other"
-    stub.write_text(f'#!/bin/sh\nfor out; do :; done\nexec {build.compiler()} -shared -fPIC -x c++ /dev/null -o "$out"\n')
+    stub.write_text(f'#!/bin/sh\nfor out; do :; done\nexec {REAL_CXX} -shared -fPIC -x c++ /dev/null -o "$out"\n')
     stub.chmod(0o755)
     monkeypatch.setenv("CXX", str(stub))
     lib, caught = load()

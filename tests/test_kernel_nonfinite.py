@@ -46,7 +46,7 @@ def isa_lib(request):
     if missing:
         pytest.skip(f"this CPU cannot run the {request.param} path (lacks {', '.join(sorted(missing))})")
     lib = kernel_library(march)
-    assert lib.mp_isa() == isa
+    assert lib.isa() == isa
     return lib
 
 

@@ -35,7 +35,7 @@ def weight(seed: int) -> torch.Tensor:
 def test_native_build_uses_the_widest_path_the_cpu_has(native):
     flags = set(build.cpu_flags().split())
     expected = 1 if {"avx512f", "avx512bw", "avx512_vnni"} <= flags else 2 if {"avx2", "fma", "f16c"} <= flags else 0
-    assert native.mp_isa() == expected
+    assert native.isa() == expected
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -164,7 +164,7 @@ def test_autograd_inputs_take_the_differentiable_path(native):
 @pytest.mark.parametrize("march, isa", [("x86-64-v2", 0), ("x86-64-v3", 2)], ids=["portable", "avx2"])
 def test_other_paths_equal_the_native_one(march, isa, native):
     other = kernel_library(march)
-    assert other.mp_isa() == isa
+    assert other.isa() == isa
     torch.manual_seed(5)
     for fmt in (
         IntFormat.encode(weight(5), bits=3, group_size=100),

@@ -1,11 +1,14 @@
-"""Compile the C++ kernels at first use, for the CPU that runs them, and load them with ctypes.
+"""Compile the C++ kernels at first use, for the CPU that runs them, and load them as PyTorch operators.
 
 The library is built with the system C++ compiler (``$CXX``, else ``c++``/``g++``) as
-``-O3 -march=native -fopenmp`` into a cache directory (``kernels`` in ``$MATPRESS_CACHE``,
+``-O3 -march=native -fopenmp`` against torch's headers and libraries into a cache directory (``kernels`` in ``$MATPRESS_CACHE``,
 ``$XDG_CACHE_HOME/matpress`` or ``~/.cache/matpress``) under a name keyed by the source, the flags, the compiler and the CPU's
 feature flags, so a machine builds once and a different CPU never loads a library built for another.
 OpenMP resolves to the ``libgomp`` that torch has already loaded, so kernels and torch share one thread
-pool.
+pool. Once loaded (with ctypes, which only opens it), the library registers its kernels as PyTorch
+custom operators (``torch.ops.matpress.matmul`` and ``decode_bf16``; a build with other flags, e.g.
+another instruction set for tests, under a namespace of its own), with fake implementations so
+``torch.compile`` and ``torch.export`` trace them: a call is one dispatcher call, a few microseconds.
 
 Loading a shared library runs its code, so the cache is checked before anything is loaded:
 
@@ -18,7 +21,7 @@ Loading a shared library runs its code, so the cache is checked before anything 
   record; a library is loaded only when its size and digest match the record, so a damaged, truncated
   or planted file (one with no record, or another file's) is never loaded, and a compiler that exits 0
   without writing a library leaves nothing cached;
-- a freshly built library must export the kernels' symbols, else it is deleted.
+- a freshly built library must export the kernels' symbols and register its operators, else it is deleted.
 
 A cached entry that fails a check is rebuilt once, with one warning saying what was wrong and where;
 when no library can be built or loaded, one warning, and every format uses its own (pure PyTorch,
@@ -38,15 +41,44 @@ import stat
 import subprocess
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-import torch  # noqa: F401  (loads torch's libgomp before ours, so both share one OpenMP runtime)
+import torch  # also loads torch's libgomp before ours, so both share one OpenMP runtime
+from torch.utils import cpp_extension
 
 SOURCE = Path(__file__).with_name("lowbit.cpp")
-DEFAULT_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+DEFAULT_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20")
+# The operators of the DEFAULT_FLAGS build; other builds get "matpress_<hash of their flags>".
+NAMESPACE = "matpress"
 
-_LOADED: dict[tuple[str, ...], Optional[ctypes.CDLL]] = {}
+
+@dataclass(frozen=True)
+class KernelLibrary:
+    """One loaded build of the kernels: its C handle (for :meth:`isa`) and its operators."""
+
+    handle: ctypes.CDLL
+    namespace: str
+    matmul: Callable[..., torch.Tensor]  # torch.ops.<namespace>.matmul.default
+    decode_bf16: Callable[..., torch.Tensor]
+
+    def isa(self) -> int:
+        """The path compiled in: 1 AVX-512 VNNI, 2 AVX2, 0 portable C++."""
+        return self.handle.mp_isa()
+
+
+_LOADED: dict[tuple[str, ...], Optional[KernelLibrary]] = {}
+# Operator namespaces registered in this process (a namespace can be defined once per process).
+_REGISTERED: set[str] = set()
+
+
+def torch_flags() -> tuple[str, ...]:
+    """What building against torch adds to the flags: its headers, ABI and libraries."""
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+    libs = [a for p in cpp_extension.library_paths() for a in (f"-L{p}", f"-Wl,-rpath,{p}")]
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"
+    return (*includes, abi, *libs, "-ltorch_cpu", "-lc10")
 
 
 def cache_root() -> Path:
@@ -80,7 +112,7 @@ def compiler() -> Optional[str]:
     return None
 
 
-SYMBOLS = ("mp_isa", "mp_matmul", "mp_decode_bf16")
+SYMBOLS = ("mp_isa", "mp_register_ops")
 RECORD_BYTES = 200  # a digest record is one short line; anything longer is not one
 
 
@@ -88,15 +120,36 @@ class KernelCacheError(RuntimeError):
     """A file or directory of the kernel cache that is refused, and why."""
 
 
-def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
-    p, i = ctypes.c_void_p, ctypes.c_int
-    lib.mp_isa.restype = i
+def namespace_of(flags: tuple[str, ...]) -> str:
+    """The operator namespace of the build with ``flags``."""
+    if flags == DEFAULT_FLAGS:
+        return NAMESPACE
+    return f"{NAMESPACE}_{hashlib.sha256(chr(0).join(flags).encode()).hexdigest()[:12]}"
+
+
+def _fake_matmul(bits, codes, scales, zeros, n_blocks, padded, x, group, sub, width, out_features, scales_nonfinite):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _fake_decode_bf16(bits, codes, scales, zeros, n_blocks, padded, in_features, group, sub, width, out_features):
+    return codes.new_empty((out_features, in_features), dtype=torch.bfloat16)
+
+
+def _register(lib: ctypes.CDLL, namespace: str) -> None:
+    """Register the library's operators under ``namespace`` (with their fake implementations), once per
+    process: a later build of the same flags (e.g. rebuilt into another cache) is the same code."""
+    lib.mp_isa.restype = ctypes.c_int
     lib.mp_isa.argtypes = []
-    lib.mp_matmul.restype = i
-    lib.mp_matmul.argtypes = [i, p, p, p, i, i, i, p, i, i, i, i, i, p, i, i, i]
-    lib.mp_decode_bf16.restype = i
-    lib.mp_decode_bf16.argtypes = [i, p, p, p, i, i, i, i, i, i, i, p, i, i]
-    return lib
+    if namespace in _REGISTERED:
+        return
+    error = ctypes.create_string_buffer(1000)
+    lib.mp_register_ops.restype = ctypes.c_int
+    lib.mp_register_ops.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int]
+    if lib.mp_register_ops(namespace.encode(), error, len(error)) != 0:
+        raise KernelCacheError(f"the kernels' operators could not be registered as {namespace}: {error.value.decode()}")
+    torch.library.register_fake(f"{namespace}::matmul", _fake_matmul)
+    torch.library.register_fake(f"{namespace}::decode_bf16", _fake_decode_bf16)
+    _REGISTERED.add(namespace)
 
 
 def check_private(path: Path, directory: bool = False) -> None:
@@ -127,9 +180,11 @@ def private_cache_dir() -> Path:
 
 
 def record_path(flags: tuple[str, ...], cxx: str) -> Path:
-    """The digest record of the library built from this source with ``flags`` by ``cxx`` for this CPU."""
+    """The digest record of the library built from this source with ``flags`` by ``cxx`` for this CPU
+    and this torch."""
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), cxx.encode(), cpu_flags().encode()]))
+    build_flags = " ".join((*flags, *torch_flags(), torch.__version__)).encode()
+    key = hashlib.sha256(b"\0".join([source, build_flags, cxx.encode(), cpu_flags().encode()]))
     return private_cache_dir() / f"lowbit-{key.hexdigest()[:16]}.sha256"
 
 
@@ -178,7 +233,7 @@ def build(cxx: str, flags: tuple[str, ...], record: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".lowbit-", suffix=".so", dir=record.parent)
     os.close(fd)
     try:
-        run = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        run = subprocess.run([cxx, *flags, str(SOURCE), *torch_flags(), "-o", tmp], capture_output=True, text=True)
         if run.returncode != 0:
             raise RuntimeError(f"{cxx} failed on {SOURCE}:\n{run.stderr[-2000:]}")
         data = Path(tmp).read_bytes()
@@ -195,7 +250,7 @@ def build(cxx: str, flags: tuple[str, ...], record: Path) -> Path:
     return library
 
 
-def _open(flags: tuple[str, ...]) -> tuple[ctypes.CDLL, Optional[str]]:
+def _open(flags: tuple[str, ...]) -> tuple[KernelLibrary, Optional[str]]:
     """The loaded kernels, and why the cached entry was refused and rebuilt (None if it was not)."""
     cxx = compiler()
     if cxx is None:
@@ -213,14 +268,17 @@ def _open(flags: tuple[str, ...]) -> tuple[ctypes.CDLL, Optional[str]]:
         missing = [name for name in SYMBOLS if not hasattr(lib, name)]
         if missing:
             raise KernelCacheError(f"{library}, built by {cxx}, lacks the kernels' symbols {missing}")
+        namespace = namespace_of(flags)
+        _register(lib, namespace)
     except (OSError, KernelCacheError) as e:
         os.unlink(record)  # what this compiler makes is not the kernels: do not keep it
         os.unlink(library)
         raise KernelCacheError(f"{e}; deleted it") from None
-    return _declare(lib), refused
+    ops = getattr(torch.ops, namespace)
+    return KernelLibrary(lib, namespace, ops.matmul.default, ops.decode_bf16.default), refused
 
 
-def load_library(flags: tuple[str, ...] = DEFAULT_FLAGS) -> Optional[ctypes.CDLL]:
+def load_library(flags: tuple[str, ...] = DEFAULT_FLAGS) -> Optional[KernelLibrary]:
     """The compiled kernels (built on first call), or None after one warning when they cannot be built."""
     if flags not in _LOADED:
         try:

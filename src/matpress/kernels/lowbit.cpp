@@ -26,12 +26,15 @@
 // reaches is recomputed in fp32 afterwards (fix_nonfinite): the same NaN and signed infinities as x @ W^T
 // of the decoded weights, on every path.
 //
-// Build: compiled at first use with -O3 -march=native (see matpress/kernels/build.py); the AVX-512 VNNI
-// path is used where the compiler targets it, a portable C++ path elsewhere (same layout, same results).
+// Build: compiled at first use with -O3 -march=native against torch's headers (see
+// matpress/kernels/build.py); the AVX-512 VNNI path is used where the compiler targets it, AVX2 where that
+// is the widest, a portable C++ path elsewhere (same layout, same results). Python calls the kernels as
+// PyTorch custom operators (mp_register_ops, at the end), so a call costs one dispatch, not a ctypes call.
 
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <stdio.h>
 #include <string.h>
 
 #ifdef _OPENMP
@@ -435,7 +438,8 @@ static void gemm_bits(const uint8_t* w, const uint16_t* ws, const int16_t* wz, i
                       int nthreads) {
     const long tile_bytes = (long)NB * (Bp / 64) * chunk_bytes(BITS);
     const long xstride = (long)NB * Bp;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+    // Threads only for more than a few microseconds of work: waking them costs more on small matrices.
+#pragma omp parallel for num_threads(nthreads) schedule(static) if ((long)T * tile_bytes * M > (1 << 15))
     for (int t = 0; t < T; ++t) {
         const uint8_t* wt = w + t * tile_bytes;
         const uint16_t* wst = ws + (long)t * NB * 4;
@@ -593,6 +597,98 @@ int mp_decode_bf16(int bits, const uint8_t* w, const uint16_t* ws, const int16_t
         case 4: decode_bits<4>(w, ws, wz, T, NB, Bp, K, G, sub, Bo, out, N, nthreads); return 0;
         case 8: decode_bits<8>(w, ws, wz, T, NB, Bp, K, G, sub, Bo, out, N, nthreads); return 0;
         default: return -1;
+    }
+}
+
+}  // extern "C"
+
+// ---- PyTorch custom operators ------------------------------------------------------------------------
+// Registered at run time into a namespace Python chooses (mp_register_ops), not by a static initializer:
+// several builds of this file (other instruction sets, for tests) can live in one process, each under its
+// own namespace, and a registration that fails returns an error instead of terminating the process.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <memory>
+#include <string>
+
+static void check_layout(int64_t bits, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros,
+                         int64_t n_blocks, int64_t padded, int64_t out_features) {
+    TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "low-bit kernel: no layout for ", bits,
+                " bits (2, 3, 4 or 8)");
+    TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
+                    codes.dim() == 2 && codes.size(0) == (out_features + 3) / 4,
+                "low-bit kernel: codes must be a contiguous uint8 CPU tensor of one row per 4-row tile");
+    TORCH_CHECK(codes.size(1) == n_blocks * (padded / 64) * chunk_bytes((int)bits),
+                "low-bit kernel: codes hold ", codes.size(1), " bytes per tile, the geometry needs ",
+                n_blocks * (padded / 64) * chunk_bytes((int)bits));
+    TORCH_CHECK(scales.scalar_type() == at::kHalf && zeros.scalar_type() == at::kShort && scales.is_contiguous() &&
+                    zeros.is_contiguous() && scales.numel() == codes.size(0) * n_blocks * 4 &&
+                    zeros.numel() == scales.numel(),
+                "low-bit kernel: scales (float16) and zeros (int16) must hold 4 contiguous values per tile row "
+                "and block");
+}
+
+static at::Tensor op_matmul(int64_t bits, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros,
+                            int64_t n_blocks, int64_t padded, const at::Tensor& x, int64_t group, int64_t sub,
+                            int64_t width, int64_t out_features, bool scales_nonfinite) {
+    check_layout(bits, codes, scales, zeros, n_blocks, padded, out_features);
+    TORCH_CHECK(x.device().is_cpu() && x.dim() >= 1 && x.size(-1) > 0,
+                "low-bit kernel: x must be a CPU tensor with features in its last dimension");
+    // fp32 contiguous input (the common case) goes in as it is: no conversion, no copy
+    const bool direct = x.scalar_type() == at::kFloat && x.is_contiguous();
+    const at::Tensor xf = direct ? x : x.to(at::kFloat).contiguous();
+    const int64_t K = x.size(-1), M = x.numel() / K;
+    std::vector<int64_t> sizes = x.sizes().vec();
+    sizes.back() = out_features;
+    at::Tensor y = at::empty(sizes, xf.options());
+    if (M) {
+        const int status = mp_matmul((int)bits, codes.data_ptr<uint8_t>(),
+                                     reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
+                                     zeros.data_ptr<int16_t>(), (int)codes.size(0), (int)n_blocks, (int)padded,
+                                     xf.data_ptr<float>(), (int)M, (int)K, (int)group, (int)sub, (int)width,
+                                     y.data_ptr<float>(), (int)out_features, scales_nonfinite,
+                                     at::get_num_threads());
+        TORCH_CHECK(status == 0, "low-bit kernel: no scratch memory for ", M, " x ", K, " activations");
+    }
+    return direct ? y : y.to(x.scalar_type());
+}
+
+static at::Tensor op_decode_bf16(int64_t bits, const at::Tensor& codes, const at::Tensor& scales,
+                                 const at::Tensor& zeros, int64_t n_blocks, int64_t padded, int64_t in_features,
+                                 int64_t group, int64_t sub, int64_t width, int64_t out_features) {
+    check_layout(bits, codes, scales, zeros, n_blocks, padded, out_features);
+    at::Tensor out = at::empty({out_features, in_features}, codes.options().dtype(at::kBFloat16));
+    mp_decode_bf16((int)bits, codes.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
+                   zeros.data_ptr<int16_t>(), (int)codes.size(0), (int)n_blocks, (int)padded, (int)in_features,
+                   (int)group, (int)sub, (int)width, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()),
+                   (int)out_features, at::get_num_threads());
+    return out;
+}
+
+extern "C" {
+
+// Define and implement (CPU) the operators <ns>::matmul and <ns>::decode_bf16. Returns 0, or -1 with
+// the reason in `error` (e.g. the namespace is taken).
+int mp_register_ops(const char* ns, char* error, int error_len) {
+    try {
+        // Never freed: the registrations must outlive every call, and the dispatcher may be torn down
+        // before this library's static destructors would run.
+        auto* def = new torch::Library(torch::Library::DEF, ns, std::nullopt, __FILE__, __LINE__);
+        def->def("matmul(int bits, Tensor codes, Tensor scales, Tensor zeros, int n_blocks, int padded, Tensor x, "
+                 "int group, int sub, int width, int out_features, bool scales_nonfinite) -> Tensor");
+        def->def("decode_bf16(int bits, Tensor codes, Tensor scales, Tensor zeros, int n_blocks, int padded, "
+                 "int in_features, int group, int sub, int width, int out_features) -> Tensor");
+        auto* impl = new torch::Library(torch::Library::IMPL, ns, c10::DispatchKey::CPU, __FILE__, __LINE__);
+        impl->impl("matmul", TORCH_FN(op_matmul));
+        impl->impl("decode_bf16", TORCH_FN(op_decode_bf16));
+        return 0;
+    } catch (const std::exception& e) {
+        snprintf(error, error_len, "%s", e.what());
+        return -1;
     }
 }
 

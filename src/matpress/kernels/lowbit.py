@@ -3,7 +3,8 @@
 The weights are repacked once, at first use, into the tiled layout of ``lowbit.cpp`` (cached on the
 format object, never saved); activations are quantized to int8 per block on every call and multiplied
 by integer dot products (AVX-512 VNNI, else AVX2, else portable C++), the group scales and zero points
-applied once per block. From ``LARGE_BATCH`` rows on, CPUs with AMX decode the weights to bf16 and use
+applied once per block. The kernels are PyTorch custom operators (see ``build.py``), so compressed
+layers trace under ``torch.compile`` and ``torch.export``. From ``LARGE_BATCH`` rows on, CPUs with AMX decode the weights to bf16 and use
 torch's matmul instead. See ``docs/kernels.md`` for the layout and the measured speed.
 
 Non-finite values propagate as in ``x @ W.T`` of the decoded weights: the kernel flags activation
@@ -25,7 +26,7 @@ import torch
 
 from matpress.formats import Format, IntFormat, TernaryFormat
 from matpress.kernels import kernels_may_take, register_kernel
-from matpress.kernels.build import cpu_flags, load_library
+from matpress.kernels.build import KernelLibrary, cpu_flags, load_library
 
 # Widest block of one int8 dot product: 255 * 127 * 256 < 2**24, so block sums convert to fp32 exactly.
 MAX_BLOCK = 256
@@ -139,35 +140,22 @@ def pack_layout(
     )
 
 
-def lowbit_matmul(layout: LowbitLayout, x: torch.Tensor, lib=None) -> torch.Tensor:
+def lowbit_matmul(layout: LowbitLayout, x: torch.Tensor, lib: KernelLibrary | None = None) -> torch.Tensor:
     """``x @ W.T`` (in ``x``'s dtype) with the compiled kernels ``lib`` (default: the native build)."""
-    lib = lib or load_library()
     geo = layout.geometry
-    xf = x.reshape(-1, geo.in_features).to(torch.float32).contiguous()
-    m, n = xf.shape[0], layout.out_features
-    y = torch.empty(m, n, dtype=torch.float32)
-    if m:
-        status = lib.mp_matmul(
-            layout.bits, layout.codes.data_ptr(), layout.scales.data_ptr(), layout.zeros.data_ptr(),
-            layout.codes.shape[0], geo.n_blocks, geo.padded, xf.data_ptr(), m, geo.in_features, geo.group,
-            geo.sub, geo.width, y.data_ptr(), n, int(not layout.scales_finite), torch.get_num_threads(),
-        )
-        if status != 0:
-            raise MemoryError(f"low-bit kernel: no scratch memory for {m} x {geo.in_features} activations")
-    return y.reshape(*x.shape[:-1], n).to(x.dtype)
-
-
-def decode_bf16(layout: LowbitLayout, lib=None) -> torch.Tensor:
-    """The layout's weights as a dense bf16 ``(out, in)`` matrix (``(q - z) * s`` rounded to nearest)."""
-    lib = lib or load_library()
-    geo = layout.geometry
-    out = torch.empty(layout.out_features, geo.in_features, dtype=torch.bfloat16)
-    lib.mp_decode_bf16(
-        layout.bits, layout.codes.data_ptr(), layout.scales.data_ptr(), layout.zeros.data_ptr(),
-        layout.codes.shape[0], geo.n_blocks, geo.padded, geo.in_features, geo.group, geo.sub, geo.width,
-        out.data_ptr(), layout.out_features, torch.get_num_threads(),
+    return (lib or load_library()).matmul(
+        layout.bits, layout.codes, layout.scales, layout.zeros, geo.n_blocks, geo.padded, x, geo.group, geo.sub,
+        geo.width, layout.out_features, not layout.scales_finite,
     )
-    return out
+
+
+def decode_bf16(layout: LowbitLayout, lib: KernelLibrary | None = None) -> torch.Tensor:
+    """The layout's weights as a dense bf16 ``(out, in)`` matrix (``(q - z) * s`` rounded to nearest)."""
+    geo = layout.geometry
+    return (lib or load_library()).decode_bf16(
+        layout.bits, layout.codes, layout.scales, layout.zeros, geo.n_blocks, geo.padded, geo.in_features,
+        geo.group, geo.sub, geo.width, layout.out_features,
+    )
 
 
 @functools.lru_cache(maxsize=None)

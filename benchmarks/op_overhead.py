@@ -1,0 +1,72 @@
+"""Per-call overhead of the compiled low-bit kernels: a tiny int4 matrix (8 x 64, one weight block),
+where the arithmetic is a few nanoseconds and the rest of a call is the way in and out.
+
+Times, interleaved in rounds (median over rounds of the per-call mean of one round): the kernel call
+alone (``lowbit.lowbit_matmul`` on a prepared layout), the whole dispatch a ``CompressedLinear`` makes
+(``kernels.matmul``), and torch's own ``F.linear`` on the dense 8 x 64 weight for scale. Prints one
+markdown table; run it on two checkouts to compare paths.
+
+    python benchmarks/op_overhead.py [--rounds 41] [--calls 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+from matpress import kernels
+from matpress.formats import IntFormat
+from matpress.kernels import lowbit
+
+
+ISA_NAMES = {0: "portable C++", 1: "AVX-512 VNNI", 2: "AVX2"}
+
+
+def cpu_model() -> str:
+    with open("/proc/cpuinfo") as f:
+        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    return names[0] if names else platform.machine()
+
+
+def per_call_us(fn, calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=41)
+    parser.add_argument("--calls", type=int, default=2000)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    weight = torch.randn(8, 64)
+    fmt = IntFormat.encode(weight, bits=4, group_size=64)
+    x = torch.randn(1, 64)
+    layout = lowbit.layout_of(fmt)
+    contenders = {
+        "kernel call (lowbit_matmul)": lambda: lowbit.lowbit_matmul(layout, x),
+        "dispatch (kernels.matmul)": lambda: kernels.matmul(fmt, x),
+        "torch F.linear, dense 8x64": lambda: torch.nn.functional.linear(x, weight),
+    }
+    with torch.no_grad():
+        for fn in contenders.values():
+            per_call_us(fn, args.calls)  # warm up
+        times: dict[str, list[float]] = {name: [] for name in contenders}
+        for _ in range(args.rounds):
+            for name, fn in contenders.items():
+                times[name].append(per_call_us(fn, args.calls))
+    print(f"CPU: {cpu_model()}, 1 thread, torch {torch.__version__}, kernel path {ISA_NAMES[lowbit.load_library().isa()]}")
+    print("| call | median us per call |\n|---|---:|")
+    for name, values in times.items():
+        print(f"| {name} | {statistics.median(values):.2f} |")
+
+
+if __name__ == "__main__":
+    main()

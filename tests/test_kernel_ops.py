@@ -1,0 +1,99 @@
+"""The compiled kernels as PyTorch custom operators: their schemas and fake implementations pass
+torch.library.opcheck, and compressed layers trace under torch.compile and torch.export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from format_checks import assert_within_kernel_bound, outlier_weight
+from matpress.formats import IntFormat, TernaryFormat
+from matpress.kernels import build, lowbit
+from matpress.nn.layers import CompressedLinear
+
+OUT, IN = 37, 300
+EPS = torch.finfo(torch.float32).eps
+
+
+@pytest.fixture(scope="module")
+def native():
+    if build.compiler() is None:
+        pytest.skip("no C++ compiler here: no operators are built (the formats' own matmul runs)")
+    return build.load_library()
+
+
+def layer(fmt) -> CompressedLinear:
+    torch.manual_seed(1)
+    return CompressedLinear(fmt, torch.randn(OUT))
+
+
+FORMATS = {
+    "int4-g64": lambda: IntFormat.encode(outlier_weight(0, OUT, IN), bits=4, group_size=64),
+    "int3-g100": lambda: IntFormat.encode(outlier_weight(1, OUT, IN), bits=3, group_size=100),
+    "int8-ch": lambda: IntFormat.encode(outlier_weight(2, OUT, IN), bits=8, group_size=None),
+    "ternary-g64": lambda: TernaryFormat.encode(outlier_weight(3, OUT, IN), group_size=64),
+}
+
+
+def op_args(layout: lowbit.LowbitLayout, x: torch.Tensor) -> tuple:
+    geo = layout.geometry
+    return (layout.bits, layout.codes, layout.scales, layout.zeros, geo.n_blocks, geo.padded, x, geo.group,
+            geo.sub, geo.width, layout.out_features, not layout.scales_finite)
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_operators_pass_opcheck(name, native):
+    layout = lowbit.layout_of(FORMATS[name]())
+    geo = layout.geometry
+    for x in (torch.randn(1, IN), torch.randn(2, 5, IN), torch.randn(0, IN), torch.randn(3, IN).bfloat16()):
+        torch.library.opcheck(native.matmul, op_args(layout, x))
+    decode = (layout.bits, layout.codes, layout.scales, layout.zeros, geo.n_blocks, geo.padded, IN, geo.group,
+              geo.sub, geo.width, OUT)
+    torch.library.opcheck(native.decode_bf16, decode)
+
+
+def test_operator_keeps_shape_and_dtype_of_the_input(native):
+    fmt = FORMATS["int4-g64"]()
+    layout = lowbit.layout_of(fmt)
+    x = torch.randn(2, 3, IN)
+    y = lowbit.lowbit_matmul(layout, x)
+    assert y.shape == (2, 3, OUT) and y.dtype == torch.float32
+    assert_within_kernel_bound(y, fmt, x, fmt.group)
+    # a non-contiguous bf16 input is converted in the operator: the same numbers as its fp32 copy
+    xb = torch.randn(IN, 4).bfloat16().T
+    yb = lowbit.lowbit_matmul(layout, xb)
+    assert yb.dtype == torch.bfloat16 and torch.equal(yb, lowbit.lowbit_matmul(layout, xb.float().contiguous()).bfloat16())
+
+
+def test_operator_refuses_a_layout_that_does_not_match_its_geometry(native):
+    layout = lowbit.layout_of(FORMATS["int4-g64"]())
+    args = list(op_args(layout, torch.randn(1, IN)))
+    args[1] = layout.codes[:, :-1].contiguous()
+    with pytest.raises(RuntimeError, match="codes hold"):
+        native.matmul(*args)
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_compressed_layer_compiles_in_one_graph_to_the_same_output(name, native):
+    module = layer(FORMATS[name]())
+    torch.manual_seed(2)
+    x = torch.randn(3, IN)
+    with torch.no_grad():
+        eager = module(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(module, fullgraph=True, backend="inductor")(x)
+    # the kernel's output is the same; the compiled graph adds the bias in fp32 as eager does (one
+    # rounding each, so at most eps |y| apart if a fused add rounds differently)
+    assert bool(((compiled - eager).abs() <= EPS * eager.abs()).all())
+
+
+def test_compressed_layer_exports_with_the_operator(native):
+    module = layer(FORMATS["int4-g64"]())
+    x = torch.randn(4, IN)
+    with torch.no_grad():
+        eager = module(x)  # builds the kernel layout from the weights' values, which tracing cannot read
+    program = torch.export.export(module, (x,))
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert f"{build.NAMESPACE}.matmul.default" in targets
+    with torch.no_grad():
+        assert torch.equal(program.module()(x), eager)
