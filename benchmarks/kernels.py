@@ -39,7 +39,7 @@ from matpress import kernels
 from matpress.evaluation.text import sentences
 from matpress.evaluation.timing import command_line, interleaved_medians, machine_description, publish
 from matpress.formats import Format, IntFormat, TernaryFormat
-from matpress.kernels import lowbit
+from matpress.kernels import build, lowbit
 from matpress.models import MINILM, SMOLLM2, load_pretrained
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -207,7 +207,7 @@ def markdown(rows: list[dict], batches: list[int], bandwidth: float, e2e, pool_g
         "",
         f"Command: `{command}`  ",
         f"Machine: {machine_description()}  ",
-        f"Kernel build: {'AVX-512 VNNI' if lowbit.load_library().isa() else 'portable C++'} "
+        f"Kernel build: {build.ISA_NAMES[lowbit.load_library().isa()]} "
         "(compiled at first use with -O3 -march=native)  ",
         f"Streaming read bandwidth (torch sum over 1 GiB, same threads): **{bandwidth:.1f} GB/s**",
         "",

@@ -12,7 +12,6 @@ markdown table; run it on two checkouts to compare paths.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
@@ -20,16 +19,8 @@ import torch
 
 from matpress import kernels
 from matpress.formats import IntFormat
-from matpress.kernels import lowbit
-
-
-ISA_NAMES = {0: "portable C++", 1: "AVX-512 VNNI", 2: "AVX2"}
-
-
-def cpu_model() -> str:
-    with open("/proc/cpuinfo") as f:
-        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    return names[0] if names else platform.machine()
+from matpress.evaluation.timing import machine_description
+from matpress.kernels import build, lowbit
 
 
 def per_call_us(fn, calls: int) -> float:
@@ -62,7 +53,7 @@ def main() -> None:
         for _ in range(args.rounds):
             for name, fn in contenders.items():
                 times[name].append(per_call_us(fn, args.calls))
-    print(f"CPU: {cpu_model()}, 1 thread, torch {torch.__version__}, kernel path {ISA_NAMES[lowbit.load_library().isa()]}")
+    print(f"{machine_description()}; {build.kernel_path()}")
     print("| call | median us per call |\n|---|---:|")
     for name, values in times.items():
         print(f"| {name} | {statistics.median(values):.2f} |")

@@ -1,4 +1,4 @@
-"""The ``matpress`` command line: compress, eval, generate, info, report, export."""
+"""The ``matpress`` command line: compress, eval, generate, bench, info, report, export."""
 
 from __future__ import annotations
 
@@ -10,11 +10,14 @@ from typing import NoReturn, Optional, Sequence
 import torch
 
 import matpress
+from matpress.decode import Sampling, generate, measure_speed
 from matpress.errors import BudgetError, MatpressError, RecipeError, RemoteCodeError, quote
 from matpress.evaluation.text import chat_text, has_chat_template
+from matpress.evaluation.timing import machine_description
 from matpress.export import TARGETS
 from matpress.formats.codebook import TABLES
 from matpress.io import MAX_SHARD_BYTES, check_output_location, load_tokenizer, read_checkpoint, stored_nbytes
+from matpress.kernels.build import kernel_path
 from matpress.methods import METHODS
 from matpress.models import load_pretrained
 from matpress.nn.layout import CAUSAL_LM, model_kind
@@ -171,28 +174,49 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
+def load_causal_lm(args: argparse.Namespace, command: str) -> torch.nn.Module:
+    """The causal LM of checkpoint ``args.dir``; a one-line error for any other model."""
     checkpoint = read_checkpoint(args.dir, args.expect_digest)
     model = matpress.load(args.dir, expect_digest=checkpoint.digest)
     if model_kind(model) != CAUSAL_LM:
         raise MatpressError(
-            f"{args.dir} holds a {type(model).__name__}, which does not write text; generate needs a causal LM "
+            f"{args.dir} holds a {type(model).__name__}, which does not write text; {command} needs a causal LM "
             "checkpoint ('matpress eval' measures encoders)"
         )
+    return model
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    model = load_causal_lm(args, "generate")
     tokenizer = load_tokenizer(args.dir, args.trust_remote_code)
     if tokenizer is None:
         raise MatpressError(f"{args.dir} holds no tokenizer, so the prompt cannot be encoded; compress the model again with its tokenizer")
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, seed=args.seed)
     templated = has_chat_template(tokenizer) and not args.no_chat_template
     prompt = chat_text(tokenizer, [{"role": "user", "content": args.prompt}], generation_prompt=True) if templated else args.prompt
     # a chat template writes its special tokens itself
-    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=not templated)
-    stop = tokenizer.eos_token_id
-    with torch.inference_mode():
-        output = model.generate(
-            inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=stop,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop,
-        )
-    print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    ids = tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
+    tokens: list[int] = []
+    printed = ""
+    for token in generate(model, ids, args.max_new_tokens, sampling, stop=tokenizer.eos_token_id):
+        tokens.append(token)
+        # stream: print what decoding the answer so far adds (a token can change how the last one reads)
+        text = tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
+        if text.startswith(printed):
+            print(text[len(printed):], end="", flush=True)
+            printed = text
+    print()
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    model = load_causal_lm(args, "bench")
+    speed = measure_speed(model, args.prompt_tokens, args.new_tokens, args.repeats)
+    print(f"machine: {machine_description()}")
+    print(f"matmuls: {kernel_path()}")
+    print(f"decode path: {speed.path}")
+    print(f"prefill ({speed.prompt_tokens} tokens): {speed.prefill_tokens_per_s:.1f} tokens/s")
+    print(f"decode ({speed.new_tokens} tokens after the prompt): {speed.decode_tokens_per_s:.1f} tokens/s")
+    print(f"peak memory (resident, whole process): {speed.peak_rss_mb:.0f} MB")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -248,14 +272,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("generate", help="answer a prompt with a compressed causal LM", description="Greedy-decode an answer to PROMPT with a compressed causal LM checkpoint.")
+    p = sub.add_parser("generate", help="answer a prompt with a compressed causal LM", description="Decode an answer to PROMPT with a compressed causal LM checkpoint (greedy unless --temperature), streaming the text.")
     p.add_argument("dir", help="checkpoint directory written by 'matpress compress'")
     p.add_argument("--prompt", required=True, help="the user's message; formatted with the tokenizer's chat template when it has one")
     p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="most tokens to generate (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sample from softmax(logits / T) (default 0: greedy)")
+    p.add_argument("--top-k", type=_positive_int, help="sample among the K most likely tokens only (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
     p.add_argument("--no-chat-template", action="store_true", help="continue PROMPT as plain text instead of answering it as a chat message")
     p.add_argument("--expect-digest", help=EXPECT_DIGEST_HELP)
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="prefill and decode speed of a compressed causal LM", description="Measure prefill and decode tokens/s and peak memory of a compressed causal LM checkpoint (random prompt ids, greedy decoding, medians of repeats).")
+    p.add_argument("dir", help="checkpoint directory written by 'matpress compress'")
+    p.add_argument("--prompt-tokens", type=_positive_int, default=128, help="tokens of the prefilled prompt (default 128)")
+    p.add_argument("--new-tokens", type=_positive_int, default=64, help="tokens decoded after it (default 64)")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="timed repeats after one warm-up (default 3)")
+    p.add_argument("--expect-digest", help=EXPECT_DIGEST_HELP)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("info", help="per-layer table of a compressed checkpoint", description="Show a checkpoint's per-layer formats and sizes.")
     p.add_argument("dir", help="checkpoint directory")

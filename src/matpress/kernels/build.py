@@ -299,6 +299,15 @@ def load_library(flags: tuple[str, ...] = DEFAULT_FLAGS) -> Optional[KernelLibra
     return _LOADED[flags]
 
 
+ISA_NAMES = {0: "portable C++", 1: "AVX-512 VNNI", 2: "AVX2"}
+
+
+def kernel_path() -> str:
+    """Which path compressed layers take on this CPU, in words, for benchmark headers."""
+    lib = None if disabled() else load_library()
+    return "the formats' own PyTorch matmul (no compiled kernels)" if lib is None else f"compiled kernels, {ISA_NAMES[lib.isa()]}"
+
+
 def disabled() -> bool:
     """``MATPRESS_KERNELS=0`` switches the compiled kernels off (every format uses its own matmul)."""
     return os.environ.get("MATPRESS_KERNELS", "1") == "0"
