@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import weakref
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 if not torch.cuda.is_available():
     # Without a GPU the Triton kernels run on the CPU under Triton's interpreter. Triton reads the switch
@@ -16,6 +19,37 @@ if not torch.cuda.is_available():
 import transformers  # noqa: E402
 
 transformers.logging.set_verbosity_error()
+
+
+class NewTensorBytes(TorchDispatchMode):
+    """Inside the ``with``: ``peak``, the most bytes that tensors created by torch ops in it held at one
+    time (a storage counted once, until it is freed; views of tensors from outside are not new): the
+    temporaries of the code run, counted exactly (the C allocator's or the system's view of memory
+    would be noisy)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.outside: set[int] = set()
+        self.current = self.peak = 0
+
+    def _freed(self, key: int) -> None:
+        self.current -= self.live.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for t in tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta" and id(t.untyped_storage()) not in self.live:
+                self.outside.add(id(t.untyped_storage()))  # the same Python object while the storage lives
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                if id(storage) not in self.live and id(storage) not in self.outside and storage.nbytes():
+                    self.live[id(storage)] = storage.nbytes()
+                    self.current += storage.nbytes()
+                    self.peak = max(self.peak, self.current)
+                    weakref.finalize(storage, self._freed, id(storage))
+        return out
 
 
 def random_data(vocab: int, n: int = 8, seq: int = 16, batch_size: int = 4, seed: int = 0):

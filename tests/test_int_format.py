@@ -3,10 +3,13 @@ import math
 import pytest
 import torch
 
+from conftest import NewTensorBytes
 from format_checks import check_format
 from matpress.errors import FormatError
 from matpress.formats import DenseFormat, IntFormat, TransformedFormat
+from matpress.formats import packing
 from matpress.formats.integer import grouped
+from matpress.passes.layers import relative_error
 
 
 def element_scales(fmt: IntFormat) -> torch.Tensor:
@@ -151,3 +154,30 @@ def _weight(out_features: int = 24, in_features: int = 100) -> torch.Tensor:
 def test_format_contract(make, tmp_path):
     # matmul against decode, nbytes against the stored bytes, exact save/load (tests/format_checks.py)
     check_format(make(), tmp_path)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_encode_and_decode_hold_one_fp32_copy_of_the_matrix_at_most(monkeypatch, bits):
+    """RTN on a big layer must not hold several fp32 or int64 copies of it (a 14336x4096 layer took
+    1.5 GB of temporaries for 235 MB of weights): encoding holds the fp32 codes, the packed result and
+    the int64 temporaries of one chunk of rows; decoding the unpacked codes and one fp32 matrix; the
+    relative error one chunk of rows of the difference."""
+    chunk = 1 << 14
+    monkeypatch.setattr(packing, "CHUNK_CODES", chunk)
+    rows, cols = 512, 1024
+    w = torch.randn(rows, cols)
+    matrix, codes = 4 * rows * cols, rows * cols  # fp32 bytes; one byte per code
+    small = 3 * 4 * rows * (cols // 128) + (1 << 16)  # per-group scales, zeros and masks, and slack
+    chunk_temporaries = 4 * 8 * chunk  # a chunk's codes as int64, padded, shifted, and its words
+    with NewTensorBytes() as encoding:
+        fmt = IntFormat.encode(w, bits=bits, group_size=128)
+    assert encoding.peak <= matrix + codes * bits // 8 + chunk_temporaries + small
+    with NewTensorBytes() as decoding:
+        approx = fmt.decode()
+    assert decoding.peak <= matrix + codes + chunk_temporaries + small
+    with NewTensorBytes() as error:
+        assert relative_error(w, approx) == pytest.approx(float((w - approx).norm() / w.norm()), rel=1e-5)
+    assert error.peak <= matrix + small  # the reference value's difference
+    with NewTensorBytes() as error:
+        relative_error(w, approx)
+    assert error.peak <= 4 * chunk + small

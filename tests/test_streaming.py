@@ -14,6 +14,7 @@ from matpress.io import read_checkpoint
 from matpress.nn.layers import FormatModule
 from matpress.manifest import INDEX, MANIFEST
 from matpress.models import load_pretrained
+from matpress.walk import source as streaming
 from matpress.walk.source import WeightSource, source_of
 
 LAYERS = 3
@@ -88,6 +89,17 @@ def test_streamed_compression_equals_in_memory_and_holds_one_block(source_dir, b
     with torch.no_grad():
         out_whole = whole(ids).logits
     torch.testing.assert_close(_loaded_logits(streamed, ids, source_dir), out_whole, rtol=0, atol=0.05)
+
+
+def test_the_walk_hands_freed_memory_back_after_every_block(source_dir, monkeypatch):
+    """glibc keeps freed tensors' memory: an 8B RTN pass grew by 0.07 GB a block without a trim."""
+    trims = []
+    monkeypatch.setattr(streaming, "return_freed_memory", lambda: trims.append(1))
+    streamed = load_pretrained(str(source_dir), stream=True).model
+    matpress.compress(streamed, None, progress=False)
+    assert len(trims) == LAYERS
+    matpress.compress(load_pretrained(str(source_dir)).model, None, progress=False)
+    assert len(trims) == LAYERS  # nothing streamed, nothing to hand back
 
 
 def _loaded_logits(streamed, ids, tmp):

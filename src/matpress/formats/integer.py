@@ -94,8 +94,9 @@ def rtn_parameters(
 def quantize_codes(
     w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
 ) -> torch.Tensor:
-    """Nearest code of ``w`` on the grid ``(q - zero) * scale``, ``q`` in ``[0, 2**bits)``; broadcasts."""
-    return torch.clamp(torch.round(w / scale + zero), 0, (1 << bits) - 1)
+    """Nearest code of ``w`` on the grid ``(q - zero) * scale``, ``q`` in ``[0, 2**bits)``; broadcasts
+    (``zero`` no wider than ``w / scale``). One temporary the size of ``w``: the steps work in place."""
+    return torch.div(w, scale).add_(zero).round_().clamp_(0, (1 << bits) - 1)
 
 
 def fake_quantize(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
@@ -149,7 +150,7 @@ class IntFormat(Format):
         symmetric: bool,
     ) -> "IntFormat":
         """Build from unpacked codes ``(out, in)`` and per-group ``scale``/``zero`` ``(out, n_groups)``."""
-        packed = pack_rows(codes.to(torch.int64), bits)
+        packed = pack_rows(codes, bits)
         zeros = None if symmetric else zero.to(torch.float16)
         return cls(tuple(codes.shape), bits, group_size, symmetric, packed, scale.to(torch.float16), zeros)
 
@@ -188,7 +189,7 @@ class IntFormat(Format):
     def decode(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         scale, zero = self.scale_zero()
         q = grouped(self.codes().float(), self.group)
-        w = (q - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+        w = q.sub_(zero.unsqueeze(-1)).mul_(scale.unsqueeze(-1))  # in place: one fp32 copy of the matrix
         return ungrouped(w, self.in_features).to(dtype)
 
     def decode_rows(self, index: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -18,8 +18,21 @@ def packed_row_bytes(n_codes: int, bits: int) -> int:
     return ((n_codes + 7) // 8) * bits
 
 
+# Codes converted to int64 at once when packing or unpacking: the rows go through in chunks of about this
+# many codes, so the temporaries stay a few tens of MB whatever the matrix (a 14336x4096 layer's int64
+# codes alone would be 470 MB, several times its packed size).
+CHUNK_CODES = 1 << 21
+
+
+def row_chunks(rows: int, row_length: int) -> list[slice]:
+    """Consecutive row ranges covering ``rows`` rows of ``row_length`` values, about ``CHUNK_CODES`` values each."""
+    step = max(1, CHUNK_CODES // max(row_length, 1))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
 def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack a ``(rows, n)`` tensor of codes in ``[0, 2**bits)`` into ``(rows, packed_row_bytes)`` uint8."""
+    """Pack a ``(rows, n)`` tensor of codes in ``[0, 2**bits)`` (any integer or integral float dtype) into
+    ``(rows, packed_row_bytes)`` uint8."""
     if not 1 <= bits <= 8:
         raise FormatError(f"bits must be between 1 and 8, got {bits}")
     if codes.dim() != 2:
@@ -29,13 +42,15 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return codes.to(torch.uint8).contiguous()
     rows, n = codes.shape
-    pad = (-n) % 8
-    c = torch.nn.functional.pad(codes.to(torch.int64), (0, pad)).view(rows, -1, 8)
+    out = torch.empty(rows, packed_row_bytes(n, bits), dtype=torch.uint8, device=codes.device)
     shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * bits
-    word = (c << shifts).sum(dim=-1)  # at most 56 bits: fits int64
     byte_shifts = torch.arange(bits, device=codes.device, dtype=torch.int64) * 8
-    out = (word.unsqueeze(-1) >> byte_shifts) & 0xFF
-    return out.reshape(rows, -1).to(torch.uint8).contiguous()
+    for part in row_chunks(rows, n):
+        chunk = codes[part]
+        c = torch.nn.functional.pad(chunk.to(torch.int64), (0, (-n) % 8)).view(chunk.shape[0], out.shape[1] // bits, 8)
+        word = (c << shifts).sum(dim=-1)  # at most 56 bits: fits int64
+        out[part] = ((word.unsqueeze(-1) >> byte_shifts) & 0xFF).reshape(c.shape[0], -1)
+    return out
 
 
 def unpack_rows(packed: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
@@ -50,12 +65,16 @@ def unpack_rows(packed: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
     if bits == 8:
         return packed
     rows = packed.shape[0]
-    b = packed.to(torch.int64).view(rows, -1, bits)
+    out = torch.empty(rows, n_codes, dtype=torch.uint8, device=packed.device)
     byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
-    word = (b << byte_shifts).sum(dim=-1)
     shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
-    codes = (word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return codes.reshape(rows, -1)[:, :n_codes].to(torch.uint8)
+    for part in row_chunks(rows, packed.shape[1] * 8 // bits):
+        chunk = packed[part]
+        b = chunk.to(torch.int64).view(chunk.shape[0], packed.shape[1] // bits, bits)
+        word = (b << byte_shifts).sum(dim=-1)
+        codes = (word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        out[part] = codes.reshape(b.shape[0], -1)[:, :n_codes]
+    return out
 
 
 # -- base-3 packing of ternary values --------------------------------------------------------------
