@@ -91,6 +91,26 @@ def test_streamed_compression_equals_in_memory_and_holds_one_block(source_dir, b
     torch.testing.assert_close(_loaded_logits(streamed, ids, source_dir), out_whole, rtol=0, atol=0.05)
 
 
+@pytest.mark.parametrize("calibrated", [False, True], ids=["weights", "calibrated"])
+def test_streamed_budget_equals_in_memory_and_holds_one_block(source_dir, block_watch, calibrated):
+    """The budget path measures over a walk of the stream and applies over one: never the whole model."""
+    recipe = {"budget": "4bpw", "candidates": "quant"}
+    data = random_data(128) if calibrated else None
+    whole = load_pretrained(str(source_dir)).model
+    expected = matpress.compress(whole, recipe, progress=False, calibration=data)
+    streamed = load_pretrained(str(source_dir), stream=True).model
+    got = matpress.compress(streamed, recipe, progress=False, calibration=data)
+    assert got.allocation.choice == expected.allocation.choice
+    assert len(set(got.allocation.choice)) > 1  # a mixed allocation
+    want, have = compressed_tensors(whole), compressed_tensors(streamed)
+    assert want.keys() == have.keys() and len(have) > 0
+    for key in want:
+        assert torch.equal(want[key], have[key]), key
+    assert source_of(streamed) is not None and set(source_of(streamed).spilled) == set(have)
+    assert all(len(blocks) <= 1 for _, blocks, _ in block_watch), block_watch
+    assert any(prefix.startswith("model.layers.") for prefix, _, _ in block_watch)
+
+
 def test_the_walk_hands_freed_memory_back_after_every_block(source_dir, monkeypatch):
     """glibc keeps freed tensors' memory: an 8B RTN pass grew by 0.07 GB a block without a trim."""
     trims = []

@@ -21,7 +21,7 @@ from matpress.passes.layers import CompressionReport, LayerReport, check_embeddi
 from matpress.passes.plain import compress_plain
 from matpress.passes.sequential import compress_sequential
 from matpress.recipe import Recipe, RecipeLike, Rule, as_recipe, name_matches
-from matpress.walk.source import materialised, read_whole
+from matpress.walk.source import materialised
 from matpress.walk.data import CalibrationData, calibration_data
 
 UNCOMPRESSED_SHARE = 0.01  # parameters at least this share of the model's weights are named when left dense
@@ -141,7 +141,6 @@ def run_pass(model: nn.Module, recipe: Recipe, chosen: dict[str, Rule], context:
     """The linear layers in ``chosen`` by the pass the recipe asks for: budgeted, sequential
     (calibrated methods without precomputed statistics) or plain (layer by layer)."""
     if recipe.budget is not None:
-        read_whole(model)  # the budget pass measures the whole model: not streamed
         return compress_budgeted(model, recipe, chosen, context)
     if context.stats is None and any(get_method(rule.method).needs_calibration for rule in chosen.values()):
         data = context.calibration if context.calibration is not None else calibration_data(recipe.calibration, context.tokenizer, model)

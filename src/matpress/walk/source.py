@@ -159,6 +159,10 @@ class WeightSource:
     def __init__(self, tensors: dict[str, StoredTensor]):
         self.tensors = tensors
         self.spilled: dict[str, StoredTensor] = {}  # a spilled compressed layer's tensors, by state-dict name
+        # the module each layer's spilled tensors belong to: a layer replaced again (the budget taking back
+        # a measured format) is spilled again, and its old tensors forgotten
+        self.spilled_modules: "weakref.WeakValueDictionary[str, nn.Module]" = weakref.WeakValueDictionary()
+        self._spill_files = 0
         self.reads = 0  # parameters materialised so far
         # the parameters read and not yet released: their names and (module, attribute) owners, kept so
         # that a layer replaced meanwhile (by its compressed form) still lets its weight go
@@ -224,7 +228,7 @@ class WeightSource:
         self.live = kept
         for name, module in model.named_modules():
             spillable = isinstance(module, FormatModule) and not isinstance(module, TiedLinear)
-            if spillable and (name == prefix or name.startswith(start)) and not any(f"{name}.{k}" in self.spilled for k in module._format_keys):
+            if spillable and (name == prefix or name.startswith(start)) and self.spilled_modules.get(name) is not module:
                 self._spill(name, module)
 
     def _spill(self, name: str, module: FormatModule) -> None:
@@ -232,7 +236,10 @@ class WeightSource:
         if self._spill_dir is None:
             self._spill_dir = Path(tempfile.mkdtemp(prefix="matpress-spill-"))
             weakref.finalize(self, shutil.rmtree, self._spill_dir, ignore_errors=True)
-        file = self._spill_dir / f"{len(self.spilled)}.bin"
+        for key in [k for k in self.spilled if k.startswith(f"{name}.")]:
+            del self.spilled[key]
+        file = self._spill_dir / f"{self._spill_files}.bin"
+        self._spill_files += 1
         tensors = {key: getattr(module, key).detach().contiguous().cpu() for key in module._format_keys}
         where: dict[str, tuple[int, int]] = {}
         with open(file, "wb") as f:
@@ -249,6 +256,7 @@ class WeightSource:
             mapped[key] = t if storage is None or not t.numel() else torch.empty(0, dtype=t.dtype).set_(storage, start // t.element_size(), t.shape)
         originals = {id(getattr(module, key)): key for key in module._format_keys}
         module._apply(lambda t: mapped[originals[id(t)]] if id(t) in originals else t)
+        self.spilled_modules[name] = module
 
 
 def _parameters(

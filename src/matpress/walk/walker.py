@@ -8,7 +8,8 @@ the captured inputs to make the next block's inputs, so that later layers see th
 ones (``propagate``; without it, the next inputs are the original block's outputs, computed before
 the consumer changes the block). Only one block's activations are held at a time (two without
 propagation). The layers outside the blocks (a pooler, an included lm_head) come last, as one more
-:class:`Block` of one stage, whose statistics come from running the whole model.
+:class:`Block` of one stage (read together, like a block), whose statistics come from running the
+whole model.
 
 Without data the walk still goes block by block, each layer a stage of its own (nothing is traced),
 with the statistics given to it, if any. A :class:`BlockSource` sees each block just before the walk
@@ -182,7 +183,11 @@ def walk(
     del inputs
     rest = [n for n in names if n not in walked]
     if rest:
+        for n in rest:
+            stream.materialise(n, model.get_submodule(n))
         yield Block("", model, [rest], model=model, data=data if stats is None else None, given=stats)
+        for n in rest:
+            stream.release(n, model.get_submodule(n))
 
 
 def _blocks_of(model: nn.Module, needed: bool) -> tuple[str, Optional[nn.ModuleList]]:

@@ -25,6 +25,7 @@ from matpress.passes.context import PassContext
 from matpress.passes.layers import CompressionReport
 from matpress.recipe import Budget, Recipe, Rule, allowed_candidates, candidate_label, resolve_candidates
 from matpress.walk import calibration_data
+from matpress.walk.source import read_whole
 
 
 def compress_budgeted(
@@ -56,6 +57,8 @@ def compress_budgeted(
             f"candidates using {calibrated} need calibration statistics: pass tokenizer= (or calibration=) to "
             "compress, or use the calibration-free preset 'quant'"
         )
+    if distortion is not None or tokenizer is not None:
+        read_whole(model)  # the end-to-end weighting runs the whole model once per layer: not streamed
     if distortion is None and tokenizer is not None:
         text_file = recipe.calibration.text_file if recipe.calibration is not None else None  # None: the built-in text
         distortion = distortion_measure(model, tokenizer, text_file=text_file)

@@ -7,7 +7,10 @@ distortion measure, a second walk re-encodes each layer's probe candidate and me
 distortion with that layer alone compressed (the end-to-end weight of its errors).
 :meth:`~BudgetMeasurement.allocate` picks one candidate per layer within a budget (any number of
 budgets on one measurement); :meth:`~BudgetMeasurement.apply` re-encodes the chosen candidates into a
-model: by the sequential calibrated pass when the measurement had calibration data, else one by one.
+model: by the sequential calibrated pass when the measurement had calibration data, else over a walk
+without data. A streamed model (:mod:`matpress.walk.source`) is read block by block by both walks and
+the application; only the end-to-end weighting, which runs the whole model once per layer, needs all
+of it in memory (:func:`matpress.passes.budget.compress_budgeted` reads it whole for that).
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ from matpress.nn.experts import is_expert, starved_rule
 from matpress.nn.layout import find_linear_layers, install_format, linear_weight, set_submodule
 from matpress.passes.budget.allocate import Option, allocate, cheapest_total
 from matpress.passes.budget.sensitivity import SensitivityTable, default_probe, relative_output_error, time_estimate
-from matpress.passes.layers import CompressionReport, layer_report
+from matpress.passes.layers import CompressionReport, LayerReport, layer_report
 from matpress.passes.sequential import compress_sequential
 from matpress.recipe import Budget, Rule
 from matpress.walk import CalibrationData, walk
+from matpress.walk.source import materialised
 
 Distortion = Callable[[nn.Module], float]  # how far a model's output drifts from the original's
 
@@ -209,15 +213,27 @@ class BudgetMeasurement:
             for i, name in enumerate(table.layers):
                 measured = self.kept.get((i, choice[i]))
                 if measured is not None and reports[i].nbytes > measured.nbytes:
-                    install_format(model, name, originals[name], measured)
-                    reports[i] = layer_report(name, linear_weight(originals[name]).float(), measured)
+                    reports[i] = self._install(model, name, originals[name], measured, chosen[name], None)
             return CompressionReport(reports)
-        reports = []
-        for i, name in enumerate(tqdm(table.layers, desc="compressing", unit="layer", disable=not progress)):
-            weight = linear_weight(originals[name]).float()
-            fmt = self.kept.get((i, choice[i])) or encode_candidate(
-                name, weight, chosen[name], (self.stats or {}).get(name), name in self.experts
-            )
-            install_format(model, name, originals[name], fmt)
-            reports.append(layer_report(name, weight, fmt))
-        return CompressionReport(reports)
+        index = {name: i for i, name in enumerate(table.layers)}
+        done: dict[str, LayerReport] = {}
+        for block in walk(model, table.layers, stats=self.stats or {}, progress=progress, desc="compressing"):
+            for stage in block.stages:
+                given = block.stats(stage)
+                for name in stage:
+                    i = index[name]
+                    done[name] = self._install(model, name, originals[name], self.kept.get((i, choice[i])), chosen[name], given.get(name))
+        return CompressionReport([done[name] for name in table.layers])
+
+    def _install(
+        self, model: nn.Module, name: str, original: nn.Module, fmt: Optional[Format], rule: Rule, stats: Optional[LayerStats]
+    ) -> LayerReport:
+        """Put ``fmt`` (or, when None, ``rule`` encoded on ``stats``) in place of layer ``name`` of ``model``,
+        whose original module is ``original`` (back in the model first if it was replaced), its weights read
+        for the while on a streamed model; report it."""
+        set_submodule(model, name, original)
+        with materialised(model, name):
+            weight = linear_weight(original).float()
+            fmt = fmt or encode_candidate(name, weight, rule, stats, name in self.experts)
+            install_format(model, name, original, fmt)
+            return layer_report(name, weight, fmt)
