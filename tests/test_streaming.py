@@ -1,8 +1,13 @@
 """Streaming source weights from sharded bf16 safetensors (matpress.source) and sharded checkpoints:
 the same compressed tensors as the in-memory path, one block's parameters in memory at a time."""
 
+import gc
 import json
+import os
 import re
+import subprocess
+import sys
+import tempfile
 
 import pytest
 import torch
@@ -120,6 +125,24 @@ def test_the_walk_hands_freed_memory_back_after_every_block(source_dir, monkeypa
     assert len(trims) == LAYERS
     matpress.compress(load_pretrained(str(source_dir)).model, None, progress=False)
     assert len(trims) == LAYERS  # nothing streamed, nothing to hand back
+
+
+def test_spill_files_of_a_killed_process_are_deleted_by_the_next_one(source_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale, running = tmp_path / f"{streaming.SPILL_PREFIX}{gone.pid}-abc123", tmp_path / f"{streaming.SPILL_PREFIX}{os.getpid()}-def456"
+    for d in (stale, running):
+        d.mkdir()
+        (d / "0.bin").write_bytes(b"x")
+    streamed = load_pretrained(str(source_dir), stream=True).model
+    matpress.compress(streamed, None, progress=False)
+    spill_dir = source_of(streamed)._spill_dir
+    assert not stale.exists() and running.exists() and spill_dir.parent == tmp_path
+    assert spill_dir.name.startswith(f"{streaming.SPILL_PREFIX}{os.getpid()}-") and any(spill_dir.iterdir())
+    del streamed
+    gc.collect()
+    assert not spill_dir.exists()  # deleted with its source
 
 
 def _loaded_logits(streamed, ids, tmp):

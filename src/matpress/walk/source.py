@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
 
+from matpress.atomic import process_alive
 from matpress.errors import MatpressError, quote
 from matpress.inputs import json_object
 from matpress.nn.layers import FormatModule, TiedLinear
@@ -150,6 +152,20 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 SPILL_ALIGNMENT = 64
+SPILL_PREFIX = "matpress-spill-"
+
+
+def new_spill_dir() -> Path:
+    """A fresh spill directory in the temporary directory, named with this process's id. It is deleted
+    with its source, or at exit (KeyboardInterrupt included); those a killed process left are deleted
+    here, by the next process that spills."""
+    parent = Path(tempfile.gettempdir())
+    pattern = re.compile(re.escape(SPILL_PREFIX) + r"(\d+)-\w+")
+    for path in parent.iterdir():
+        found = pattern.fullmatch(path.name)
+        if found and not path.is_symlink() and path.is_dir() and not process_alive(int(found.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-", dir=parent))
 
 
 class WeightSource:
@@ -234,8 +250,8 @@ class WeightSource:
     def _spill(self, name: str, module: FormatModule) -> None:
         """Write ``module``'s stored tensors to a spill file and map them back from it."""
         if self._spill_dir is None:
-            self._spill_dir = Path(tempfile.mkdtemp(prefix="matpress-spill-"))
-            weakref.finalize(self, shutil.rmtree, self._spill_dir, ignore_errors=True)
+            self._spill_dir = new_spill_dir()
+            weakref.finalize(self, shutil.rmtree, self._spill_dir, ignore_errors=True)  # also at exit
         for key in [k for k in self.spilled if k.startswith(f"{name}.")]:
             del self.spilled[key]
         file = self._spill_dir / f"{self._spill_files}.bin"
