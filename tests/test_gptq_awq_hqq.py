@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import NewTensorBytes
 
 import matpress
 from matpress.errors import RecipeError
@@ -10,6 +11,7 @@ from matpress.formats.integer import fake_quantize, grouped, rtn_parameters
 from matpress.formats.transformed import fwht, hadamard_block, make_transform
 from matpress.methods import LayerStats
 from matpress.methods.awq import CLIP_RATIOS, clipped_parameters, clipped_quantize
+from matpress.methods.gptq import inverse_hessian_factor
 from matpress.methods.obs import output_error
 from matpress.methods.hqq import lp_error
 from matpress.recipe import Recipe
@@ -172,3 +174,16 @@ def test_cli_gptq_with_calibration(tiny_causal_dir, tmp_path, capsys):
     assert "not an existing file" in capsys.readouterr().err
     assert main(["compress", str(tiny_causal_dir), "--method", "rtn", "--rotate", "--out", str(tmp_path / "y")]) == 2
     assert "unknown parameter(s) ['rotate']" in capsys.readouterr().err
+
+
+def test_the_inverse_hessian_factor_holds_two_fp64_matrices_at_most():
+    """A down projection's 8192x8192 Hessian is 0.5 GB in fp64: the factor of its inverse took five such
+    matrices at once (the 1B GPTQ run peaked at 4.7 GB), now two (and fp32 copies of at most one)."""
+    n = 256
+    x = torch.randn(4 * n, n, dtype=torch.float64)
+    h = (x.T @ x / (4 * n)).float()
+    with NewTensorBytes() as inverse:
+        u = inverse_hessian_factor(h, 0.01)
+    assert inverse.peak <= 2 * 8 * n * n + 1024
+    damped = h.double() + 0.01 * float(h.diagonal().mean()) * torch.eye(n, dtype=torch.float64)
+    torch.testing.assert_close(u.double().T @ u.double(), torch.linalg.inv(damped), rtol=0, atol=1e-4 * float(torch.linalg.inv(damped).abs().max()))

@@ -69,14 +69,19 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> torch.Tens
     Without forming the inverse: with ``J`` the reversal permutation and ``J H J = L L^T``,
     ``H^-1 = (J L^-1 J)^T (J L^-1 J)``, and ``J L^-1 J`` is upper triangular with a positive diagonal,
     so it is the factor: one Cholesky and one triangular inverse instead of three factorisations."""
-    h = hessian.double().flip(0, 1)  # J H J (a copy)
+    # memory: a down projection's 8192x8192 Hessian is 0.5 GB in fp64, so at most two fp64 matrices are
+    # alive at once (the reversed copy is made in fp32, the inverse is solved in place of the identity)
+    h = hessian.flip(0, 1).double()  # J H J (a copy)
     damp = percdamp * float(h.diagonal().mean().clamp(min=1e-12))
     h.diagonal().add_(damp)
     for attempt in range(4):  # an ill-conditioned Hessian (few tokens) gets more damping
         factor, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
-            eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-            return torch.linalg.solve_triangular(factor, eye, upper=False).flip(0, 1).float()
+            del h
+            inverse = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
+            torch.linalg.solve_triangular(factor, inverse, upper=False, out=inverse)
+            del factor
+            return inverse.float().flip(0, 1)
         h.diagonal().add_(damp * 10**attempt)
     raise CalibrationError("the layer's input Hessian is not positive definite even after damping; use more calibration data")
 
@@ -130,7 +135,9 @@ def grid_sweep(
         codes[:, j], values = nearest(col, tuple(p[:, g] for p in params))
         return values
 
-    hinv = inverse_hessian_factor(h[perm][:, perm], percdamp)
+    h = h[perm][:, perm]
+    hinv = inverse_hessian_factor(h, percdamp)
+    del h  # one fp32 Hessian less during the sweep
     obs_sweep(w[:, perm], hinv, round_column, blocksize=block_size, start_column=start_column)
     return codes[:, torch.argsort(perm)], params
 

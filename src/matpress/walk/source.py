@@ -35,6 +35,7 @@ from torch.nn.modules import module as torch_module
 
 from matpress.atomic import process_alive
 from matpress.errors import MatpressError, quote
+from matpress.formats.packing import row_chunks
 from matpress.inputs import json_object
 from matpress.nn.layers import FormatModule, TiedLinear
 
@@ -239,7 +240,7 @@ class WeightSource:
                 continue
             module, attr = owners[0]
             param, stored = getattr(module, attr), self.stored(names)
-            if param.dtype == torch.bool or torch.equal(param.detach(), stored.read().to(param.dtype)):
+            if param.dtype == torch.bool or _holds(param.detach(), stored):
                 _set(owners, nn.Parameter(torch.empty(stored.shape, dtype=stored.dtype, device="meta"), requires_grad=False))
         self.live = kept
         for name, module in model.named_modules():
@@ -273,6 +274,13 @@ class WeightSource:
         originals = {id(getattr(module, key)): key for key in module._format_keys}
         module._apply(lambda t: mapped[originals[id(t)]] if id(t) in originals else t)
         self.spilled_modules[name] = module
+
+
+def _holds(value: torch.Tensor, stored: StoredTensor) -> bool:
+    """Whether ``value`` still equals the ``stored`` tensor it was read from, compared a chunk at a time
+    (a whole fp32 copy of a big embedding would double it at its release)."""
+    flat, original = value.reshape(-1), stored.read().reshape(-1)
+    return all(torch.equal(flat[part], original[part].to(flat.dtype)) for part in row_chunks(flat.numel(), 1))
 
 
 def _parameters(
