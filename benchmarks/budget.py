@@ -198,7 +198,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--budgets", default=",".join(f"{b:g}" for b in BUDGETS))
     parser.add_argument("--sentences", type=int, default=600, help="held-out sentences for MiniLM fidelity")
     parser.add_argument("--measure-layers", type=int, default=70, help="layers per cached piece of a sensitivity measurement")
-    add_cache_arguments(parser, "out/budget")
+    add_cache_arguments(parser, "budget")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     budgets = tuple(float(b) for b in args.budgets.split(","))

@@ -13,8 +13,9 @@ the codebook side rounds each column to its nearest level (``gptq_codebook``) on
 Gaussian table (``nl``) or on a table learned per layer by k-means weighted by the Hessian diagonal
 (``layer``). The round-to-nearest rows (no calibration) show the grids alone.
 
-Results are cached as ``<out-dir>/<name>.json`` (a rerun computes what is missing, ``--only`` picks
-contenders), so the sweep runs one configuration per heavy-lock hold:
+Results are cached as ``benchmarks/results/cache/codebook/smollm2/<name>.json`` (committed; a rerun
+computes what is missing, ``--only`` picks contenders, ``--minutes`` bounds a run), so the sweep runs in
+pieces, one heavy-lock hold each:
 
     flock /tmp/matpress-heavy.lock .venv/bin/python benchmarks/codebook.py --only gptq-4b-g64
     .venv/bin/python benchmarks/codebook.py --cached --out benchmarks/results/codebook.md
@@ -37,7 +38,8 @@ from matpress.evaluation.timing import command_line, machine_description, publis
 from matpress.models import SMOLLM2, load_pretrained, smollm2_gguf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers import CALIBRATION_LEN, CALIBRATION_WINDOWS, LLAMA_BIN, Contender, Context, matpress_outcome, measure  # noqa: E402
+from harness import CALIBRATION_LEN, CALIBRATION_WINDOWS, add_cache_arguments  # noqa: E402
+from peers import Contender, cached_contenders, matpress_outcome  # noqa: E402
 
 CALIBRATED = {"act_order": True, "rotate": True}
 
@@ -98,10 +100,8 @@ def report(rows: list[dict[str, Any]], not_run: list[str], n_windows: int, seq_l
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="write the markdown here")
-    parser.add_argument("--out-dir", type=Path, default=Path("out/codebook"), help="cache: one JSON per contender")
+    add_cache_arguments(parser, "codebook")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="contenders to run (default: all missing)")
-    parser.add_argument("--cached", action="store_true", help="compute nothing: write the table of the cached results")
-    parser.add_argument("--force", action="store_true", help="recompute cached results")
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=512)
     args = parser.parse_args(argv)
@@ -110,21 +110,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if unknown:
         parser.error(f"unknown contenders {unknown}; known: {sorted(by_name)}")
     chosen = [by_name[n] for n in args.only] if args.only else CONTENDERS
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    missing = [] if args.cached else [c for c in chosen if args.force or not (args.out_dir / f"{c.name}.json").is_file()]
-    if missing:
-        torch.manual_seed(0)
-        loaded = load_pretrained(SMOLLM2)
-        windows = token_windows(loaded.tokenizer, corpus(EVALUATION), args.seq_len, args.windows)
-        calibration = CalibrationData.from_text(loaded.tokenizer, None, CALIBRATION_WINDOWS, CALIBRATION_LEN)
-        ctx = Context(loaded.model, loaded.tokenizer, calibration, smollm2_gguf(), args.out_dir, LLAMA_BIN)
-        for c in missing:
-            print(f"{c.name} ...", flush=True)
-            row = measure(c, ctx, windows)
-            (args.out_dir / f"{c.name}.json").write_text(json.dumps(row, indent=1))
-            print(f"{c.name}: {row['block_bpw']:.3f} bits, KL {row['kl_mean']:.4f}, {row['seconds']:.1f} s", flush=True)
-    rows = [json.loads((args.out_dir / f"{c.name}.json").read_text()) for c in CONTENDERS if (args.out_dir / f"{c.name}.json").is_file()]
-    not_run = [c.name for c in CONTENDERS if not (args.out_dir / f"{c.name}.json").is_file()]
+    rows, not_run = cached_contenders(args, CONTENDERS, chosen, Path("out/codebook"))
     publish(report(rows, not_run, args.windows, args.seq_len, argv), args.out)
 
 

@@ -176,7 +176,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--sentences", type=int, default=300)
     parser.add_argument("--quick", action="store_true", help="fewer configurations (a smoke test)")
-    add_cache_arguments(parser, "out/formats")
+    add_cache_arguments(parser, "formats")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     panels, sections = [], []

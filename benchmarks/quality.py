@@ -117,7 +117,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--out", type=Path, help="write the markdown here (and the plot beside it, .png)")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--sentences", type=int, default=600)
-    add_cache_arguments(parser, "out/quality")
+    add_cache_arguments(parser, "quality")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     results, lines = {}, []
