@@ -120,12 +120,14 @@ MIXED_RULES = [
 ]
 
 
-def llama_checkpoint(root: Path, name: str, rules: list, default: dict, model_type: str = "llama") -> Path:
+def llama_checkpoint(
+    root: Path, name: str, rules: list, default: dict, model_type: str = "llama", hidden_size: int = 64, intermediate_size: int = 160,
+) -> Path:
     tokenizer = byte_level_tokenizer()
     config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[model_type]
     config = config_class(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
     )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
@@ -146,11 +148,14 @@ def mixed(tmp_path_factory) -> dict:
     return {"root": root, "checkpoint": checkpoint, "report": report, "file": root / "mixed.gguf"}
 
 
-def test_every_exported_tensor_dequantizes_to_matpress_decode(mixed):
-    model = matpress.load(mixed["checkpoint"])
-    reader = gguf.GGUFReader(mixed["file"])
+def assert_exported_tensors_dequantize_to_decode(checkpoint: Path, file: Path, report) -> dict:
+    """Every tensor of ``file`` read back by the gguf package equals matpress's decode (in llama.cpp's q/k
+    row order), bit for bit where the report says exact, within the fp16 rounding of the block minimum
+    where it says so. Returns the report's entries by name."""
+    model = matpress.load(checkpoint)
+    reader = gguf.GGUFReader(file)
     stored = {t.name: t for t in reader.tensors}
-    entries = {e.name: e for e in mixed["report"].tensors}
+    entries = {e.name: e for e in report.tensors}
     assert "output.weight" not in stored  # the tied head travels as the embedding
     assert {"token_embd.weight", "blk.1.attn_q.weight", "output_norm.weight"} <= set(stored)
     heads = {"attn_q": model.config.num_attention_heads, "attn_k": model.config.num_key_value_heads}
@@ -174,10 +179,37 @@ def test_every_exported_tensor_dequantizes_to_matpress_decode(mixed):
                 shift = shift[qk_row_order(shift.shape[0], heads[block_kind])]
             assert ((values - ours).abs() <= shift + 2 * FP32_EPS * (values.abs() + ours.abs())).all(), name
             assert entry.max_error == pytest.approx(float(shift.max()))
+    return entries
+
+
+def test_every_exported_tensor_dequantizes_to_matpress_decode(mixed):
+    entries = assert_exported_tensors_dequantize_to_decode(mixed["checkpoint"], mixed["file"], mixed["report"])
     types = {e.source.rsplit(".", 2)[-2]: e.type_name for e in entries.values() if e.source.startswith("model.layers.0.")}
     assert types == {"q_proj": "Q4_0", "k_proj": "Q4_1", "v_proj": "Q5_0", "o_proj": "Q5_1", "gate_proj": "Q8_0",
                      "up_proj": "F16", "down_proj": "Q4_0", "input_layernorm": "F32", "post_attention_layernorm": "F32"}
     assert entries["token_embd.weight"].type_name == "Q4_0"
+
+
+# one K-quant per layer kind; the down projection's rows (576) are no multiple of 256 and fall back
+KQUANT_RULES = [
+    {"pattern": "*q_proj", "kquant": "q2_k"}, {"pattern": "*k_proj", "kquant": "q3_k"}, {"pattern": "*v_proj", "kquant": "q4_k"},
+    {"pattern": "*o_proj", "kquant": "q5_k"}, {"pattern": "*gate_proj", "kquant": "q6_k"}, {"pattern": "*down_proj", "kquant": "q4_k"},
+    {"pattern": "*embed_tokens", "method": "rtn", "kquant": "q6_k"},
+]
+
+
+def test_kquant_models_export_every_k_type_exactly(tmp_path):
+    checkpoint = llama_checkpoint(
+        tmp_path, "kquant", KQUANT_RULES, {"method": "rtn", "kquant": "q4_k"}, hidden_size=256, intermediate_size=576,
+    )
+    report = matpress.export(checkpoint, tmp_path / "kquant.gguf")
+    entries = assert_exported_tensors_dequantize_to_decode(checkpoint, tmp_path / "kquant.gguf", report)
+    types = {e.source.rsplit(".", 2)[-2]: e.type_name for e in entries.values() if e.source.startswith("model.layers.1.")}
+    assert types == {"q_proj": "Q2_K", "k_proj": "Q3_K", "v_proj": "Q4_K", "o_proj": "Q5_K", "gate_proj": "Q6_K",
+                     "up_proj": "Q4_K", "down_proj": "Q5_0", "input_layernorm": "F32", "post_attention_layernorm": "F32"}
+    assert entries["token_embd.weight"].type_name == "Q6_K"
+    fallbacks = [n for n in report.notes if "falls back" in n]
+    assert len(fallbacks) == 2 and all("ffn_down" in n and "576" in n and "Q5_0" in n for n in fallbacks)
 
 
 def test_hyperparameters_and_tokenizer_are_written(mixed):

@@ -16,6 +16,7 @@ from matpress.evaluation.text import chat_text, has_chat_template
 from matpress.evaluation.timing import machine_description
 from matpress.export import TARGETS
 from matpress.formats.codebook import TABLES
+from matpress.formats.kquant import KQUANTS
 from matpress.io import MAX_SHARD_BYTES, check_output_location, load_tokenizer, read_checkpoint, stored_nbytes
 from matpress.kernels.build import kernel_path
 from matpress.methods import METHODS
@@ -78,7 +79,7 @@ def _recipe_from_args(args: argparse.Namespace):
         recipe = Recipe.load(args.recipe)
         data = recipe.to_dict()
     default = data.setdefault("default", {})
-    given = [f"--{k.replace('_', '-')}" for k in ("method", "bits", "group", "symmetric", "act_order", "rotate", "table") if getattr(args, k) is not None]
+    given = [f"--{k.replace('_', '-')}" for k in ("method", "bits", "group", "symmetric", "kquant", "act_order", "rotate", "table") if getattr(args, k) is not None]
     if args.budget is not None and given:
         raise RecipeError(
             f"{', '.join(given)} describe one rule for every layer, but --budget chooses each layer's format "
@@ -89,7 +90,7 @@ def _recipe_from_args(args: argparse.Namespace):
         default.clear()
         default["method"] = args.method
     flags = (
-        ("bits", args.bits), ("group_size", args.group), ("symmetric", args.symmetric),
+        ("bits", args.bits), ("group_size", args.group), ("symmetric", args.symmetric), ("kquant", args.kquant),
         ("act_order", args.act_order), ("rotate", args.rotate), ("table", args.table),
     )
     for key, value in flags:
@@ -246,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, help="bits per weight of the default rule (2-8)")
     p.add_argument("--group", type=_group, help="input columns per scale, or 'channel' for one scale per output channel")
     p.add_argument("--symmetric", action="store_true", default=None, help="symmetric quantization (no zero points)")
+    p.add_argument("--kquant", choices=sorted(KQUANTS), help="rtn, gptq: codes on the exact grid of this GGUF K-quant (exported bit for bit; --bits, --group, --symmetric unused); layers whose rows are not a multiple of 256 get the legacy type llama.cpp falls back to")
     p.add_argument("--act-order", action="store_true", default=None, help="gptq: quantize columns in order of decreasing activation energy")
     p.add_argument("--rotate", action="store_true", default=None, help="gptq: randomized Hadamard rotation of each layer's inputs")
     p.add_argument("--table", choices=TABLES, help="codebook, gptq_codebook: the table of levels: nf or nl (fixed), layer or row (learned per layer or per output channel)")

@@ -19,6 +19,9 @@ with ``in_features`` a multiple of 32) a block takes its group's ``d = s`` and t
   ``z*s``, i.e. ``2**-11 |z s|``, or ``2**-25`` below fp16's normal range). :func:`q1_minimum_error`
   gives that shift per block.
 
+The ``kquant`` format stores the grid of a K-quant (Q2_K .. Q6_K) as GGUF does, so its blocks are the
+same integers rearranged into ggml's ``block_q*_K`` byte layouts (:func:`kquant_blocks`): exact.
+
 Dense matrices are F32, F16 or BF16 in their stored dtype, bit for bit. Anything else has no GGUF
 counterpart here (:class:`NoCounterpart` says why); :mod:`matpress.export.gguf` refuses it or, when
 asked, decodes and re-quantizes it.
@@ -34,6 +37,8 @@ from matpress.errors import FormatError
 from matpress.formats import Format
 from matpress.formats.dense import DenseFormat
 from matpress.formats.integer import IntFormat
+from matpress.formats.kquant import SUPER, KQuantFormat
+from matpress.formats.packing import unpack_rows
 
 BLOCK = 32  # weights per block of the legacy types Q4_0 .. Q8_0
 # (bits, symmetric) of an int format -> the GGUF type that holds its grid
@@ -72,18 +77,25 @@ def _fp16_bytes(values: torch.Tensor) -> torch.Tensor:
     return values.to(torch.float16).contiguous().view(torch.uint8).reshape(*values.shape, 2)
 
 
+def bit_planes(q: torch.Tensor, width: int, chunk: int) -> torch.Tensor:
+    """Pack codes of ``width`` bits (``(..., n)``, values below ``2**width``) the way ggml interleaves them:
+    runs of ``chunk * 8 / width`` codes become ``chunk`` bytes, byte ``l`` of a run holding code
+    ``l + k * chunk`` of the run in its bits ``[k * width, (k + 1) * width)``."""
+    per_byte = 8 // width
+    runs = q.to(torch.int64).reshape(*q.shape[:-1], -1, per_byte, chunk)
+    shifts = (torch.arange(per_byte, dtype=torch.int64) * width).view(per_byte, 1)
+    return (runs << shifts).sum(dim=-2).reshape(*q.shape[:-1], -1).to(torch.uint8)
+
+
 def _low_nibbles(q: torch.Tensor) -> torch.Tensor:
     """``(rows, blocks, 32)`` codes -> the 16 bytes of their low four bits: byte ``j`` holds code ``j`` in
     its low nibble and code ``j + 16`` in its high nibble (ggml's order, not consecutive pairs)."""
-    low = q & 0x0F
-    return (low[..., :16] | (low[..., 16:] << 4)).to(torch.uint8)
+    return bit_planes(q & 0x0F, 4, 16)
 
 
 def _high_bits(q: torch.Tensor) -> torch.Tensor:
     """Bit 4 of each of the 32 codes of a block as one little-endian 32-bit word (4 bytes), code ``j`` in bit ``j``."""
-    bits = ((q >> 4) & 1).to(torch.int64)
-    word = (bits << torch.arange(BLOCK, dtype=torch.int64)).sum(dim=-1)
-    return ((word.unsqueeze(-1) >> torch.arange(0, 32, 8, dtype=torch.int64)) & 0xFF).to(torch.uint8)
+    return bit_planes((q >> 4) & 1, 1, 1)
 
 
 def int_type(fmt: IntFormat) -> str:
@@ -141,6 +153,49 @@ def int_blocks(fmt: IntFormat) -> Blocks:
     return Blocks(type_name, torch.cat(parts, dim=-1).reshape(rows, -1).contiguous())
 
 
+def _k_scales_6bit(scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+    """Q4_K / Q5_K's 12 bytes of eight 6-bit scales and eight 6-bit minimums ``(..., 8)`` each: bytes 0-3
+    and 4-7 hold scales and minimums 0-3 in their low six bits and the top two bits of 4-7 in their high
+    two; bytes 8-11 hold the low four bits of scale and minimum 4-7."""
+    low, high = scale[..., :4], scale[..., 4:]
+    mlow, mhigh = minimum[..., :4], minimum[..., 4:]
+    return torch.cat(
+        [low | ((high >> 4) << 6), mlow | ((mhigh >> 4) << 6), (high & 0x0F) | ((mhigh & 0x0F) << 4)], dim=-1
+    ).to(torch.uint8)
+
+
+def _q3_scales(scale: torch.Tensor) -> torch.Tensor:
+    """Q3_K's 12 bytes of sixteen 6-bit scales ``(..., 16)``: their low four bits as nibbles (scale ``j``
+    and ``j + 8`` in byte ``j``), then their top two bits in four bytes (scale ``j + 4k`` in byte ``8 + j``,
+    bits ``2k``)."""
+    return torch.cat([bit_planes(scale & 0x0F, 4, 8), bit_planes((scale >> 4) & 0x03, 2, 4)], dim=-1)
+
+
+def kquant_blocks(fmt: KQuantFormat) -> Blocks:
+    """``fmt`` as blocks of its K-quant, byte for byte the layout of ggml's ``block_q*_K``."""
+    spec = fmt.spec
+    rows, supers = fmt.out_features, fmt.in_features // SUPER
+    q = fmt.codes().to(torch.int64).reshape(rows, supers, SUPER)
+
+    def per_super(packed: torch.Tensor) -> torch.Tensor:
+        return unpack_rows(packed, spec.scale_bits, fmt.n_sub).to(torch.int64).reshape(rows, supers, spec.per_super)
+
+    scale, d = per_super(fmt.scales), _fp16_bytes(fmt.d)
+    if spec.minimum:
+        minimum, dmin = per_super(fmt.mins), _fp16_bytes(fmt.dmin)
+    if spec.name == "q2_k":
+        parts = [(scale | (minimum << 4)).to(torch.uint8), bit_planes(q, 2, 32), d, dmin]
+    elif spec.name == "q3_k":
+        parts = [bit_planes(q >> 2, 1, 32), bit_planes(q & 0x03, 2, 32), _q3_scales(scale), d]
+    elif spec.name == "q4_k":
+        parts = [d, dmin, _k_scales_6bit(scale, minimum), bit_planes(q & 0x0F, 4, 32)]
+    elif spec.name == "q5_k":
+        parts = [d, dmin, _k_scales_6bit(scale, minimum), bit_planes(q >> 4, 1, 32), bit_planes(q & 0x0F, 4, 32)]
+    else:  # q6_k: the scales are int8, stored here with the offset 128
+        parts = [bit_planes(q & 0x0F, 4, 64), bit_planes(q >> 4, 2, 32), (scale ^ 0x80).to(torch.uint8), d]
+    return Blocks(spec.gguf_type, torch.cat(parts, dim=-1).reshape(rows, -1).contiguous())
+
+
 def format_blocks(fmt: Format) -> Blocks:
     """A compressed layer's stored matrix as GGUF blocks, exact up to :func:`q1_minimum_error`; a format
     with no counterpart raises :class:`NoCounterpart`."""
@@ -148,4 +203,6 @@ def format_blocks(fmt: Format) -> Blocks:
         return dense_blocks(fmt.weight)
     if isinstance(fmt, IntFormat):
         return int_blocks(fmt)
+    if isinstance(fmt, KQuantFormat):
+        return kquant_blocks(fmt)
     raise NoCounterpart(f"{fmt.describe()}: the {fmt.name} format has no GGUF block type")

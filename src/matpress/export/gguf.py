@@ -8,7 +8,9 @@ RoPE is llama.cpp's NeoX kind), the hyperparameters under ``<arch>.*``, and the 
 with token types, merges, special token ids, whether BOS/EOS are added, and the chat template (the
 ``gguf`` package's ``SpecialVocab`` reads those from the checkpoint's tokenizer files).
 
-Each compressed layer travels as the GGUF block type that holds its grid (:mod:`matpress.export.blocks`);
+Each compressed layer travels as the GGUF block type that holds its grid (:mod:`matpress.export.blocks`;
+K-quants from the ``kquant`` format, and in a file with K-quants the report notes the matrices that hold
+llama.cpp's legacy fallback because their rows are not a multiple of 256);
 a layer whose format has none is refused, naming it and its format, or with ``allow_requantize``
 decoded and re-quantized by the ``gguf`` package to the nearest legacy type (Q4_0 / Q5_0 / Q8_0 by its
 bits per weight, F16 when rows are not a multiple of 32), its added error reported. Norms and other
@@ -33,6 +35,7 @@ from matpress.errors import MatpressError, quote
 from matpress.export.blocks import BLOCK, Blocks, NoCounterpart, dense_blocks, format_blocks, q1_minimum_error
 from matpress.formats import Format
 from matpress.formats.integer import IntFormat
+from matpress.formats.kquant import KQUANTS, SUPER
 from matpress.export.tensors import EXACT, FP16_MINIMUM, REQUANTIZED, ExportedTensor, ExportReport, model_tensors
 from matpress.io import load, load_tokenizer, read_checkpoint
 
@@ -45,8 +48,11 @@ REQUANTIZE_TYPES = ((4.5, "Q4_0"), (5.5, "Q5_0"), (math.inf, "Q8_0"))
 # the file type recorded for a model whose weight matrices are mostly of one type
 FILE_TYPES = {
     "F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1",
-    "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1", "Q8_0": "MOSTLY_Q8_0",
+    "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1", "Q8_0": "MOSTLY_Q8_0", "Q2_K": "MOSTLY_Q2_K", "Q3_K": "MOSTLY_Q3_K_S",
+    "Q4_K": "MOSTLY_Q4_K_S", "Q5_K": "MOSTLY_Q5_K_S", "Q6_K": "MOSTLY_Q6_K",
 }
+K_TYPES = {spec.gguf_type for spec in KQUANTS.values()}
+LEGACY_FALLBACKS = {spec.fallback_type for spec in KQUANTS.values()}
 
 
 def import_gguf() -> Any:
@@ -102,13 +108,26 @@ def export_tensor(gguf: Any, name: str, source: str, value: Union[Format, torch.
         if not allow_requantize:
             raise MatpressError(
                 f"layer {source.removesuffix('.weight')}: {e}; compress it with a format GGUF holds (int 4/5-bit symmetric or asymmetric, "
-                "int 8-bit symmetric, groups of 32*k), or pass --allow-requantize (allow_requantize=True) to "
+                "int 8-bit symmetric, groups of 32*k; a K-quant grid: rtn or gptq with kquant), or pass --allow-requantize (allow_requantize=True) to "
                 "decode and re-quantize it, with the added error reported"
             ) from None
         blocks, worst, relative = requantize(gguf, value)
         return blocks, ExportedTensor(name, source, blocks.type_name, value.shape, REQUANTIZED, worst, relative)
     worst, relative = fp16_minimum_change(value, blocks)
     return blocks, ExportedTensor(name, source, blocks.type_name, value.shape, FP16_MINIMUM if worst else EXACT, worst, relative)
+
+
+def fallback_notes(report: ExportReport) -> list[str]:
+    """In a file with K-quants, which matrices hold a legacy type because their rows are not a multiple
+    of 256 long (llama.cpp's fallback, which the integer methods with ``kquant`` follow)."""
+    if not any(t.type_name in K_TYPES for t in report.tensors):
+        return []
+    return [
+        f"{t.name}: rows of {t.shape[1]} weights are not a multiple of {SUPER}, so no K-quant holds them; it is {t.type_name}, "
+        "the legacy type llama.cpp falls back to"
+        for t in report.tensors
+        if len(t.shape) == 2 and t.shape[1] % SUPER and t.type_name in LEGACY_FALLBACKS
+    ]
 
 
 # -- hyperparameters and tokenizer ----------------------------------------------------------------
@@ -247,6 +266,7 @@ def export_gguf(
         exported.append((blocks, entry))
 
     report = ExportReport(Path(out), [entry for _, entry in exported])
+    report.notes.extend(fallback_notes(report))
     matrices = Counter(e.type_name for b, e in exported if len(e.shape) == 2)
     file_type = gguf.LlamaFileType[FILE_TYPES.get(matrices.most_common(1)[0][0], "GUESSED")]
     temporary = out.with_name(f".{out.name}.matpress-{os.getpid()}.tmp")

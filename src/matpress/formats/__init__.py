@@ -6,6 +6,7 @@ from matpress.formats.base import Format
 from matpress.formats.codebook import CodebookFormat
 from matpress.formats.dense import DenseFormat
 from matpress.formats.integer import IntFormat
+from matpress.formats.kquant import KQuantFormat
 from matpress.formats.composite import LowRankFormat, SumFormat
 from matpress.formats.monarch import BlockDiagFormat, MonarchFormat
 from matpress.formats.sparse import NMSparseFormat, SparseFormat
@@ -14,14 +15,14 @@ from matpress.formats.transformed import TransformedFormat
 from matpress.formats.registry import FORMATS, format_class, register_format
 
 for cls in (
-    DenseFormat, IntFormat, CodebookFormat, TernaryFormat, LowRankFormat, SumFormat, SparseFormat, NMSparseFormat,
+    DenseFormat, IntFormat, KQuantFormat, CodebookFormat, TernaryFormat, LowRankFormat, SumFormat, SparseFormat, NMSparseFormat,
     MonarchFormat, BlockDiagFormat, TransformedFormat,
 ):
     register_format(cls)
 
 
 __all__ = [
-    "FORMATS", "BlockDiagFormat", "CodebookFormat", "DenseFormat", "Format", "IntFormat", "LowRankFormat", "MonarchFormat",
+    "FORMATS", "BlockDiagFormat", "CodebookFormat", "DenseFormat", "Format", "IntFormat", "KQuantFormat", "LowRankFormat", "MonarchFormat",
     "NMSparseFormat", "SparseFormat", "SumFormat", "TernaryFormat", "TransformedFormat", "format_class",
     "register_format",
 ]

@@ -31,7 +31,7 @@ from matpress.formats.integer import fake_quantize, grouped, quantize_codes, res
 from matpress.formats.transformed import make_transform, quantize_transformed
 from matpress.methods.base import BlockView, LayerStats, check_flag, check_int, register_block_hook, register_method
 from matpress.methods.obs import output_error
-from matpress.methods.rtn import IntParams
+from matpress.methods.rtn import IntParams, refuse_kquant
 from matpress.recipe import Rule
 
 
@@ -47,6 +47,7 @@ class AWQParams(IntParams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        refuse_kquant(self, "awq")
         check_int("grid", self.grid, minimum=0)
         check_flag("clip", self.clip)
         check_flag("fold", self.fold)

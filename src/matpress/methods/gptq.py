@@ -25,8 +25,9 @@ from typing import Callable, Optional
 import torch
 
 from matpress.errors import CalibrationError, quote
-from matpress.formats import Format, IntFormat
+from matpress.formats import Format, IntFormat, KQuantFormat
 from matpress.formats.integer import grouped, quantize_codes, resolve_group_size, rtn_parameters
+from matpress.formats.kquant import SUPER, KGrid, kquant_grid, kquant_nearest, kquant_spec
 from matpress.formats.transformed import make_transform, quantize_transformed
 from matpress.methods.awq import CLIP_RATIOS, clipped_parameters, search_input_scale
 from matpress.methods.base import LayerStats, check_flag, check_int, register_method
@@ -58,6 +59,8 @@ class GPTQParams(IntParams):
         check_int("block_size", self.block_size)
         for name in ("act_order", "rotate", "scale_inputs", "clip"):
             check_flag(name, getattr(self, name))
+        if self.kquant is not None and (self.scale_inputs or self.clip):
+            raise ValueError("gptq with kquant fits each super-block's K-quant grid itself: scale_inputs and clip do not apply; drop them")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {quote(self.seed)}")
 
@@ -102,14 +105,18 @@ def grid_sweep(
     percdamp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    span: Optional[int] = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """GPTQ onto any per-group grid: the OBS column sweep (:func:`matpress.methods.obs.obs_sweep`) with
-    each column rounded by ``nearest`` on its group's parameters from ``fit``. Returns the codes
+    each column rounded by ``nearest`` on its group's parameters from ``fit``. ``span`` (a multiple of the
+    group; one group by default) columns are fitted at once where the first of them is reached: a
+    K-quant super-block, whose sub-block scales share one quantized factor. Returns the codes
     ``(out, in)`` and the per-group parameters (each ``(out, n_groups)``)."""
     h, w = drop_dead_inputs(hessian, weight)
     out_f, n = w.shape
     group = resolve_group_size(group_size, n)
     n_groups = -(-n // group)
+    span = span or group
     # with act-order the columns are visited out of order, so the grids come from the original weight
     # ("static groups") and the result stays a plain grid of the format
     static = act_order or group >= n
@@ -123,12 +130,13 @@ def grid_sweep(
 
     def start_column(j: int, current: torch.Tensor) -> None:
         nonlocal params
-        if not static and j % group == 0:  # a group starts: its grid from its current (updated) columns
-            fitted = fit(current[:, j : j + group].unsqueeze(1), slice(j, j + group))
+        if not static and j % span == 0:  # a span starts: its grid from its current (updated) columns
+            columns = current[:, j : j + span]
+            fitted = fit(columns.reshape(out_f, -1, min(group, columns.shape[1])), slice(j, j + span))
             if params is None:
                 params = tuple(torch.empty(out_f, n_groups) for _ in fitted)
             for stored, new in zip(params, fitted):
-                stored[:, j // group] = new[:, 0]
+                stored[:, j // group : j // group + new.shape[1]] = new
 
     def round_column(j: int, col: torch.Tensor) -> torch.Tensor:
         g = group_of[j]
@@ -175,16 +183,44 @@ def gptq_quantize(
     return IntFormat.from_codes(codes, scale, zero, bits, group_size, symmetric)
 
 
+def gptq_kquant(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    kquant: str,
+    percdamp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+) -> KQuantFormat:
+    """GPTQ onto the grid of GGUF K-quant ``kquant``: each super-block's grid (:func:`kquant_grid`) is
+    fitted from its current columns where it starts, then its columns are rounded one at a time
+    (:func:`kquant_nearest`) with the error fed forward as for any grid."""
+    spec = kquant_spec(kquant)
+
+    def nearest(col: torch.Tensor, params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        return kquant_nearest(col, params[0], params[1], spec)
+
+    codes, params = grid_sweep(
+        weight, hessian, spec.sub, lambda groups, columns: kquant_grid(groups, spec), nearest,
+        percdamp, block_size, act_order, span=SUPER,
+    )
+    return KQuantFormat.from_grid(codes, KGrid(*params), spec.name)
+
+
 @register_method("gptq", GPTQParams, needs_calibration=True)
 def gptq(weight: torch.Tensor, params: GPTQParams, stats: Optional[LayerStats] = None) -> Format:
     """GPTQ (Frantar et al. 2022): second-order error compensation, optional act-order, rotation, AWQ scales."""
     if stats is None:
         raise CalibrationError("gptq needs calibration statistics of the layer's inputs")
     w = weight.float()
+    params = params.for_width(w.shape[1])
     scale = None
     if params.scale_inputs:
         scale = search_input_scale([w], stats, params.bits, params.group_size, params.symmetric)
     transform = None if scale is None and not params.rotate else make_transform(w.shape[1], params.rotate, params.seed, scale)
+    if params.kquant is not None:
+        return quantize_transformed(w, stats.hessian, transform, lambda w_t, h_t: gptq_kquant(
+            w_t, h_t, params.kquant, params.percdamp, params.block_size, params.act_order,
+        ))
     return quantize_transformed(w, stats.hessian, transform, lambda w_t, h_t: gptq_quantize(
         w_t, h_t, params.bits, params.group_size, params.symmetric, params.percdamp, params.block_size, params.act_order,
         CLIP_RATIOS if params.clip else None,

@@ -29,7 +29,7 @@ from matpress.formats.integer import (
     FP16_MIN_NORMAL, fake_quantize, grouped, quantize_codes, resolve_group_size, rtn_parameters, ungrouped,
 )
 from matpress.methods.base import LayerStats, check_flag, check_int, register_method
-from matpress.methods.rtn import IntParams
+from matpress.methods.rtn import IntParams, refuse_kquant
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ class HQQParams(IntParams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        refuse_kquant(self, "hqq")
         check_int("iters", self.iters)
         number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
         if not (number(self.lp_norm) and 0 < self.lp_norm <= 1):
