@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -59,7 +60,7 @@ def test_text_file_size_is_bounded(tmp_path, monkeypatch):
     monkeypatch.setattr("matpress.evaluation.text.MAX_TEXT_BYTES", 1000)
     path = tmp_path / "big.txt"
     path.write_text(PROSE)
-    with pytest.raises(CalibrationError, match=f"{path} is larger than 1,000 bytes"):
+    with pytest.raises(CalibrationError, match=f"{path} holds .* bytes, more than the 1,000 bytes"):
         read_text_file(path)
     assert MAX_TEXT_BYTES == 64 << 20  # the documented limit
 
@@ -69,6 +70,13 @@ def test_a_directory_or_unreadable_file_as_text_is_refused(tmp_path):
         read_text_file(tmp_path)
     with pytest.raises(CalibrationError, match="does not exist"):
         read_text_file(tmp_path / "missing.txt")
+
+
+def test_a_fifo_as_text_is_refused_instead_of_blocking(tmp_path):
+    fifo = tmp_path / "text.fifo"
+    os.mkfifo(fifo)  # opening it for reading without O_NONBLOCK would wait for a writer forever
+    with pytest.raises(CalibrationError, match=f"text file {fifo} is not a regular file"):
+        read_text_file(fifo)
 
 
 def test_calibration_strings_with_control_characters_are_refused():
@@ -129,7 +137,7 @@ def test_deeply_nested_recipe_files_are_refused(tmp_path, suffix):
 def test_recipe_file_size_is_bounded(tmp_path):
     path = tmp_path / "big.json"
     path.write_text(json.dumps({"exclude": ["x" * 100] * (MAX_RECIPE_BYTES // 100)}))
-    with pytest.raises(RecipeError, match=f"{path} is larger than {MAX_RECIPE_BYTES:,} bytes"):
+    with pytest.raises(RecipeError, match=f"{path} holds .* bytes, more than the {MAX_RECIPE_BYTES:,} bytes"):
         Recipe.load(path)
 
 

@@ -10,6 +10,8 @@ refused with the advice to convert it. A few stray bad bytes in otherwise good t
 from __future__ import annotations
 
 import json
+import os
+import stat
 from itertools import chain
 from pathlib import Path
 from typing import Any, Union
@@ -22,21 +24,36 @@ _END = object()
 _CONTROL = [chr(c) for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if chr(c) not in "\t\n\r\f"]
 
 
-def read_file(path: Union[str, Path], what: str, limit: int, error: type[MatpressError]) -> bytes:
-    """The bytes of the file at ``path`` (a ``what``, e.g. "recipe file"), at most ``limit`` of them;
-    a missing path, a directory, an unreadable or larger file raises ``error`` naming the file."""
+def read_file(
+    path: Union[str, Path], what: str, limit: int, error: type[MatpressError],
+    reason: str = "bytes matpress reads", advice: str = "pass a smaller file",
+) -> bytes:
+    """The bytes of the regular file at ``path`` (a ``what``, e.g. "recipe file"), refused before it is
+    read when it holds more than ``limit`` bytes (the ``reason`` for the limit and the ``advice`` end the
+    message); a missing path, a directory, a FIFO or device (whose read could block forever) or an
+    unreadable file raises ``error`` naming the file."""
     path = Path(path)
-    if path.is_dir():
-        raise error(f"{what} {path} is a directory; pass a file")
     try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO must not hang
     except FileNotFoundError:
         raise error(f"{what} {path} does not exist") from None
     except OSError as e:
         raise error(f"{what} {path} cannot be read ({e.strerror or e}); check the path and its permissions") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise error(f"{what} {path} is a directory; pass a file")
+        raise error(f"{what} {path} is not a regular file (a FIFO, socket or device); pass a file")
+    with os.fdopen(fd, "rb") as f:
+        if info.st_size > limit:
+            raise error(f"{what} {path} holds {info.st_size:,} bytes, more than the {limit:,} {reason}; {advice}")
+        try:
+            data = f.read(limit + 1)
+        except OSError as e:
+            raise error(f"{what} {path} cannot be read ({e.strerror or e}); check the path and its permissions") from None
     if len(data) > limit:
-        raise error(f"{what} {path} is larger than {limit:,} bytes, the most matpress reads; pass a smaller file")
+        raise error(f"{what} {path} grew past {limit:,} bytes while being read")
     return data
 
 

@@ -51,7 +51,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.nn.modules import module as torch_module
 from tqdm.auto import tqdm
@@ -60,6 +59,7 @@ from matpress import __version__
 from matpress.atomic import fresh_dir, staged_dir
 from matpress.errors import CheckpointError, FormatError, MatpressError, quote
 from matpress.formats import Format, format_class
+from matpress.inputs import read_file
 from matpress.manifest import (
     BODY_DIGEST_KEY, FORMAT_VERSION, INDEX, MANIFEST, MAX_MANIFEST_BYTES, RESAVE, TENSORS, body_digest,
     checkpoint_digest, file_name, max_manifest_bytes, normalize_digest, parse_manifest,
@@ -69,11 +69,9 @@ from matpress.nn.experts import unfuse_recorded, unfused_experts
 from matpress.nn.layers import CompressedEmbedding, CompressedLinear, FormatModule, TiedLinear
 from matpress.nn.layout import find_embeddings, find_linear_layers, linear_weight, set_submodule, tied_to
 from matpress.walk.source import (
-    DTYPES, StoredTensor, parameters_on_meta, read_header, source_of, stored_dtype_name, tensor_bytes,
+    StoredTensor, parameters_on_meta, read_header, source_of, stored_dtype_name, tensor_bytes,
 )
 
-# safetensors' dtype names -> the manifest's (torch's without "torch.")
-SAFETENSORS_DTYPES = {name: str(dtype).removeprefix("torch.") for name, dtype in DTYPES.items()}
 MAX_SHARD_BYTES = 2 << 30  # checkpoints bigger than this are written as shards with an index
 MAX_INDEX_BYTES = 64 << 20
 COPY_CHUNK = 16 << 20
@@ -90,8 +88,7 @@ class Checkpoint:
     directory: Path
     manifest: dict[str, Any]
     digest: str  # the checkpoint digest
-    stored: dict[str, tuple[tuple[int, ...], str]]  # tensor name -> (shape, dtype name), from the file headers
-    shards: dict[str, str]  # tensor name -> the file holding it (model.safetensors, or a shard)
+    stored: dict[str, StoredTensor]  # tensor name -> where it lies, its shape and dtype, from the file headers
 
     @property
     def manifest_path(self) -> Path:
@@ -136,40 +133,20 @@ def _regular_file(path: Path, what: str) -> os.stat_result:
 
 
 def _read_bounded(path: Path, limit: int, why: str, what: str = "the manifest") -> bytes:
-    """The whole regular file ``path``, refused (before reading it) when larger than ``limit``."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: a FIFO must not hang the open
-    except OSError as e:
-        raise CheckpointError(f"{path} cannot be read ({e.strerror})") from None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise CheckpointError(f"{path} is not a regular file; {what} must be one")
-        if info.st_size > limit:
-            raise CheckpointError(f"{path} holds {info.st_size} bytes, more than the {limit} {why}; {RESAVE}")
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise CheckpointError(f"{path} grew past {limit} bytes while being read")
-    return data
+    """The whole regular file ``path``, refused (before reading it) when larger than ``limit``, the
+    bytes ``why`` (a checkpoint of so many tensors) needs."""
+    return read_file(path, what, limit, CheckpointError, f"bytes {why}", RESAVE)
 
 
-def _read_header(path: Path) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict[str, str]]:
-    """Tensor names, shapes and dtypes, and the metadata, from a safetensors file's header."""
+def _read_header(path: Path) -> tuple[dict[str, StoredTensor], dict[str, str]]:
+    """The tensors of a checkpoint's safetensors file, from its header, and its metadata."""
     _regular_file(path, "the tensor file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(
-            f"{path} is not a readable safetensors file ({quote(str(e))}): it is truncated or corrupted; {RESAVE}"
-        ) from None
-    stored = {}
-    for key, (shape, dtype) in header.items():
-        if dtype not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{path}: tensor {quote(key)} has dtype {dtype}, which matpress never writes; {RESAVE}")
-        stored[key] = (shape, SAFETENSORS_DTYPES[dtype])
-    return stored, metadata
+    return read_header(path, RESAVE, CheckpointError)
+
+
+def _shape_and_dtype(tensor: StoredTensor) -> tuple[tuple[int, ...], str]:
+    """A stored tensor's shape and dtype name as the manifest records them (torch's, without "torch.")."""
+    return tensor.shape, str(tensor.dtype).removeprefix("torch.")
 
 
 def _read_index(path: Path) -> tuple[dict[str, str], dict[str, str]]:
@@ -190,10 +167,10 @@ def _read_index(path: Path) -> tuple[dict[str, str], dict[str, str]]:
     return weight_map, metadata
 
 
-def _read_shards(directory: Path, weight_map: dict[str, str], listed: dict[str, Any]) -> dict[str, tuple]:
+def _read_shards(directory: Path, weight_map: dict[str, str], listed: dict[str, Any]) -> dict[str, StoredTensor]:
     """Tensor names, shapes and dtypes from every shard's header; each shard must be one of the
     ``listed`` (digested) files and hold exactly the tensors the index says."""
-    stored: dict[str, tuple] = {}
+    stored: dict[str, StoredTensor] = {}
     for shard in sorted(set(weight_map.values())):
         if shard not in listed or shard in (INDEX, TENSORS, MANIFEST):
             raise CheckpointError(f"{directory / INDEX} names the shard {quote(shard)}, which the manifest does not list; {RESAVE}")
@@ -204,22 +181,23 @@ def _read_shards(directory: Path, weight_map: dict[str, str], listed: dict[str, 
     return stored
 
 
-def _check_listed_tensors(manifest: dict[str, Any], stored: dict[str, tuple], mpath: Path, tpath: Path) -> None:
+def _check_listed_tensors(manifest: dict[str, Any], stored: dict[str, StoredTensor], mpath: Path, tpath: Path) -> None:
     """Every tensor the manifest names is in the tensor file, with the listed shape and dtype."""
     for name, entry in manifest["layers"].items():
         where = f"{mpath}, layer {name}"
         for key, meta in entry["tensors"].items():
-            found = stored.get(f"{name}.{key}")
-            if found is None:
+            tensor = stored.get(f"{name}.{key}")
+            if tensor is None:
                 raise CheckpointError(f"{where}: tensor {name}.{key} is missing from {tpath}; {RESAVE}")
+            found = _shape_and_dtype(tensor)
             if found != (tuple(meta["shape"]), meta["dtype"]):
                 raise CheckpointError(
                     f"{where}: tensor {key} is {found[0]} {found[1]} in {tpath} but {tuple(meta['shape'])} "
                     f"{meta['dtype']} in the manifest; {RESAVE}"
                 )
         if entry.get("bias"):
-            found = stored.get(f"{name}.bias")
-            if found is None or found[0] != (entry["shape"][0],) or not _is_float(found[1]):
+            bias = stored.get(f"{name}.bias")
+            if bias is None or bias.shape != (entry["shape"][0],) or not bias.dtype.is_floating_point:
                 raise CheckpointError(f"{where}: bias is missing or has the wrong shape or dtype in {tpath}; {RESAVE}")
     for alias, kept in manifest["tied"].items():
         if alias in stored or kept not in stored:
@@ -269,7 +247,7 @@ def read_checkpoint(directory: Union[str, Path], expect_digest: Optional[str] = 
             f"{directory}: checkpoint digest sha256:{digest} is not the expected sha256:{expected}: this is a "
             "different checkpoint (modified, re-signed or replaced); get the one whose digest was published"
         )
-    return Checkpoint(directory, manifest, digest, stored, weight_map)
+    return Checkpoint(directory, manifest, digest, stored)
 
 
 def stored_nbytes(entry: dict[str, Any]) -> int:
@@ -363,10 +341,6 @@ def _unfused(model: nn.Module, checkpoint: Checkpoint) -> nn.Module:
     return model
 
 
-def _is_float(dtype_name: str) -> bool:
-    return getattr(torch, dtype_name).is_floating_point
-
-
 def _check_fits(model: nn.Module, checkpoint: Checkpoint) -> None:
     """Every compressed layer replaces a layer of its kind and shape, and every other parameter and
     saved buffer of ``model`` has a stored tensor of its shape (and the same dtype, or both floating
@@ -400,9 +374,9 @@ def _check_fits(model: nn.Module, checkpoint: Checkpoint) -> None:
             f"{tpath} does not fit the model: missing {quote(missing[:5])}, unexpected {quote(unexpected[:5])}; {RESAVE}"
         )
     for key, t in expected.items():
-        shape, dtype = stored[key]
+        shape, dtype = _shape_and_dtype(stored[key])
         model_dtype = str(t.dtype).removeprefix("torch.")
-        if shape != tuple(t.shape) or (dtype != model_dtype and not (_is_float(dtype) and t.is_floating_point())):
+        if shape != tuple(t.shape) or (stored[key].dtype != t.dtype and not (stored[key].dtype.is_floating_point and t.is_floating_point())):
             raise CheckpointError(
                 f"{tpath}: tensor {key} is {shape} {dtype}, the model's is {tuple(t.shape)} {model_dtype}; {RESAVE}"
             )
@@ -410,11 +384,11 @@ def _check_fits(model: nn.Module, checkpoint: Checkpoint) -> None:
     for alias, kept in tied.items():
         if (
             alias not in state or alias in replaced or kept not in expected or (alias in params) != (kept in params)
-            or tuple(state[alias].shape) != stored[kept][0]
+            or tuple(state[alias].shape) != stored[kept].shape
         ):
             raise CheckpointError(f"{mpath}: tied tensor {quote(alias)} cannot share {quote(kept)}; {RESAVE}")
     unsaved = sum(b.numel() for name, b in model.named_buffers() if name not in state)
-    allowance = sum(_numel(shape) for shape, _ in stored.values()) + UNSAVED_BUFFER_ALLOWANCE
+    allowance = sum(_numel(t.shape) for t in stored.values()) + UNSAVED_BUFFER_ALLOWANCE
     if unsaved > allowance:
         raise CheckpointError(
             f"{mpath}: the base model's config makes {unsaved} elements of unsaved buffers, more than the checkpoint "
@@ -425,13 +399,7 @@ def _check_fits(model: nn.Module, checkpoint: Checkpoint) -> None:
 def _load_tensors(checkpoint: Checkpoint, progress: bool) -> dict[str, torch.Tensor]:
     """Every stored tensor, each read from its file into its own buffer (no mapping of the whole file,
     no second copy): the peak is the checkpoint's size."""
-    located: dict[str, StoredTensor] = {}
-    for file in sorted(set(checkpoint.shards.values())):
-        path = checkpoint.directory / file
-        try:
-            located.update(read_header(path))
-        except MatpressError as e:
-            raise CheckpointError(str(e)) from None
+    located = checkpoint.stored
     total = sum(t.nbytes for t in located.values())
     tensors = {}
     with tqdm(total=total, desc="loading", unit="B", unit_scale=True, disable=not progress) as bar:

@@ -94,35 +94,40 @@ class StoredTensor:
                 left -= len(data)
 
 
-def read_header(file: Path) -> dict[str, StoredTensor]:
-    """Name -> :class:`StoredTensor` for every tensor of the safetensors ``file``, from its header only;
-    a header that does not describe the file is a MatpressError naming it."""
+def read_header(file: Path, damaged: str = DAMAGED, error: type[MatpressError] = MatpressError) -> tuple[dict[str, StoredTensor], dict[str, str]]:
+    """Name -> :class:`StoredTensor` for every tensor of the safetensors ``file``, and its string
+    metadata, from its header only; a header that does not describe the file raises ``error`` naming
+    it and ending with ``damaged`` (what that means for the user)."""
     size = file.stat().st_size
     with open(file, "rb") as f:
         prefix = f.read(8)
         n = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
         if not 0 < n <= min(MAX_HEADER_BYTES, size - 8):
-            raise MatpressError(f"{file} is not a safetensors file (its header length is wrong); {DAMAGED}")
+            raise error(f"{file} is not a safetensors file (its header length is wrong): it is truncated or corrupted; {damaged}")
         raw = f.read(n)
-    header = json_object(raw, f"the safetensors header of {file}", DAMAGED)
+    try:
+        header = json_object(raw, f"the safetensors header of {file}", damaged)
+    except MatpressError as e:
+        raise error(str(e)) from None
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise error(f"{file}: the safetensors metadata is not an object of strings; {damaged}")
     base = 8 + n
     tensors = {}
     for name, entry in header.items():
-        if name == "__metadata__":
-            continue
         try:
             dtype = DTYPES[entry["dtype"]]
             shape = tuple(int(s) for s in entry["shape"])
             start, end = (int(o) for o in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise MatpressError(f"{file}: tensor {quote(name)} has a malformed or unsupported header entry; {DAMAGED}") from None
+            raise error(f"{file}: tensor {quote(name)} has a malformed or unsupported header entry; {damaged}") from None
         numel = 1
         for s in shape:
             numel *= s
         if min(shape, default=0) < 0 or not 0 <= start <= end <= size - base or end - start != numel * dtype.itemsize:
-            raise MatpressError(f"{file}: tensor {quote(name)} lies outside the file or has the wrong size; {DAMAGED}")
+            raise error(f"{file}: tensor {quote(name)} lies outside the file or has the wrong size: it is truncated or corrupted; {damaged}")
         tensors[name] = StoredTensor(file, dtype, shape, base + start, base + end)
-    return tensors
+    return tensors, metadata
 
 
 def safetensors_files(directory: Path) -> Optional[list[Path]]:
@@ -194,7 +199,7 @@ class WeightSource:
             return None
         tensors: dict[str, StoredTensor] = {}
         for file in files:
-            tensors.update(read_header(file))
+            tensors.update(read_header(file)[0])
         return cls(tensors)
 
     def covers(self, model: nn.Module) -> bool:
