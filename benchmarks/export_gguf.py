@@ -1,23 +1,35 @@
-"""GGUF export of SmolLM2-135M-Instruct: does the exported file compute what matpress computes?
+"""GGUF export: does the exported file compute what matpress computes?
 
-For each export (GPTQ 4-bit groups of 64 symmetric -> Q4_0, RTN 4-bit g64 asymmetric -> Q4_1, RTN 8-bit
-g64 symmetric -> Q8_0; the linear layers of the 30 blocks, embedding / tied head and norms fp32 as
-matpress leaves them): compress with ``matpress.compress``, save, ``matpress.export(..., to="gguf")``,
-then load the file through transformers' GGUF loader (``from_pretrained(dir, gguf_file=...)``) and, when
-the ``llama_cpp`` package is importable (run this script with ``.venv-peers/bin/python``), through
-llama.cpp itself. Each runtime's next-token distributions on ``--windows`` held-out windows of
-``--seq-len`` tokens (the evaluation split of ``pydoc_data.topics``) are compared with matpress's own,
-from the loaded checkpoint: top-1 agreement and the mean per-token KL(matpress || runtime), once with
-matpress's CPU kernels (which round activations to int8 per block, as llama.cpp does) and once with
-its reference matmul (the decoded fp32 weights, what transformers multiplies by).
+Exports of SmolLM2-135M-Instruct (its linear layers of the 30 blocks compressed; embedding / tied head and
+norms fp32 as matpress leaves them): GPTQ 4-bit groups of 64 symmetric -> Q4_0, RTN 4-bit g64
+asymmetric -> Q4_1, RTN 8-bit g64 symmetric -> Q8_0, GPTQ on the Q4_K grid (its 1536-wide down
+projections Q4_K, the 576-wide layers llama.cpp's fallback Q5_0), and a budget mix (the knapsack
+choosing per layer among Q4_0, Q5_0, Q8_0, Q4_K and Q6_K grids under 5 bits per weight). And a
+random-init Llama whose widths are multiples of 256 (hidden 512, MLP 1536, 4 blocks, SmolLM2's
+tokenizer), every linear layer and the tied embedding on one K-quant grid, Q2_K to Q6_K in turn.
 
-    flock /tmp/matpress-heavy.lock .venv/bin/python benchmarks/export_gguf.py --out benchmarks/results/export_gguf.md
+Each export: compress with ``matpress.compress``, save, ``matpress.export(..., to="gguf")``, then load the
+file through transformers' GGUF loader (``from_pretrained(dir, gguf_file=...)``) and, when the
+``llama_cpp`` package is importable (run this script with ``.venv-peers/bin/python``), through llama.cpp
+itself. Each runtime's next-token distributions on ``--windows`` held-out windows of ``--seq-len`` tokens
+(the evaluation split of ``pydoc_data.topics``) are compared with matpress's own, from the loaded
+checkpoint: top-1 agreement and the mean per-token KL(matpress || runtime), once with matpress's CPU
+kernels (which round activations to int8 per block, as llama.cpp does; the ``kquant`` format has none and
+multiplies by its decoded weight either way) and once with its reference matmul (the decoded fp32
+weights, what transformers multiplies by).
+
+Each export's rows are cached as ``benchmarks/results/cache/export_gguf/<model>/<name>.json`` (committed);
+a run computes the missing ones and stops starting new ones after ``--minutes``:
+
+    flock /tmp/matpress-heavy.lock env PYTHONPATH=$PWD/src /work/main/.venv-peers/bin/python benchmarks/export_gguf.py \
+        --out benchmarks/results/export_gguf.md
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,13 +42,52 @@ import matpress
 from matpress.evaluation import token_windows
 from matpress.evaluation.text import EVALUATION, corpus
 from matpress.evaluation.timing import command_line, machine_description, publish
+from matpress.formats.kquant import KQUANTS
 from matpress.models import SMOLLM2, from_pretrained, load_pretrained
 
-EXPORTS = {  # name -> (recipe default rule, the GGUF type its layers map onto)
-    "gptq-4b-g64-sym": ({"method": "gptq", "bits": 4, "group_size": 64, "symmetric": True}, "Q4_0"),
-    "rtn-4b-g64-asym": ({"method": "rtn", "bits": 4, "group_size": 64, "symmetric": False}, "Q4_1"),
-    "rtn-8b-g64-sym": ({"method": "rtn", "bits": 8, "group_size": 64, "symmetric": True}, "Q8_0"),
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import ResultCache, add_cache_arguments  # noqa: E402
+
+RANDOM_LLAMA = "random-llama"
+# the budget mix's candidates: grids GGUF holds exactly (Q4_0, Q5_0, Q8_0 in groups of 32; Q4_K, Q6_K)
+GGUF_CANDIDATES = [
+    {"method": "rtn", "bits": 4, "group_size": 32, "symmetric": True},
+    {"method": "rtn", "bits": 5, "group_size": 32, "symmetric": True},
+    {"method": "rtn", "bits": 8, "group_size": 32, "symmetric": True},
+    {"method": "rtn", "kquant": "q4_k"},
+    {"method": "rtn", "kquant": "q6_k"},
+]
+EXPORTS: dict[str, tuple[str, dict[str, Any]]] = {  # name -> (model, recipe)
+    "gptq-4b-g64-sym": (SMOLLM2, {"default": {"method": "gptq", "bits": 4, "group_size": 64, "symmetric": True}}),
+    "rtn-4b-g64-asym": (SMOLLM2, {"default": {"method": "rtn", "bits": 4, "group_size": 64, "symmetric": False}}),
+    "rtn-8b-g64-sym": (SMOLLM2, {"default": {"method": "rtn", "bits": 8, "group_size": 64, "symmetric": True}}),
+    "gptq-q4_k": (SMOLLM2, {"default": {"method": "gptq", "kquant": "q4_k"}}),
+    "budget-5bpw-gguf-grids": (SMOLLM2, {"budget": "5bpw", "candidates": GGUF_CANDIDATES}),
+    **{
+        f"rtn-{k}": (RANDOM_LLAMA, {"default": {"method": "rtn", "kquant": k}, "rules": [{"pattern": "*embed_tokens", "method": "rtn", "kquant": k}]})
+        for k in sorted(KQUANTS)
+    },
 }
+
+
+def random_llama(folder: Path, tokenizer: Any) -> Path:
+    """A random-init Llama with every width a multiple of 256 and SmolLM2's tokenizer, saved under ``folder``.
+    Its weights' std (0.2) makes its next-token distributions peaked (mean top probability about 0.3) rather
+    than near uniform, so the KL compares distributions that say something."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True, initializer_range=0.2,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.config.architectures = [type(model).__name__]
+    source = folder / RANDOM_LLAMA
+    model.save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    return source
 
 
 @torch.inference_mode()
@@ -83,18 +134,18 @@ def with_kernels(enabled: bool, run: Callable[[], Any]) -> Any:
             os.environ["MATPRESS_KERNELS"] = previous
 
 
-def measure(name: str, rule: dict[str, Any], work: Path, windows: torch.Tensor, seq_len: int) -> list[dict[str, Any]]:
+def measure(name: str, source: str, recipe: dict[str, Any], work: Path, windows: torch.Tensor, seq_len: int) -> dict[str, Any]:
     import transformers
 
-    loaded = load_pretrained(SMOLLM2)
+    loaded = load_pretrained(source)
     start = time.perf_counter()
-    matpress.compress(loaded.model, {"default": rule}, tokenizer=loaded.tokenizer)
+    matpress.compress(loaded.model, recipe, tokenizer=loaded.tokenizer)
     compress_seconds = time.perf_counter() - start
     checkpoint = matpress.save(loaded.model, work / name, tokenizer=loaded.tokenizer)
     start = time.perf_counter()
     report = matpress.export(checkpoint, work / f"{name}.gguf")
     export_seconds = time.perf_counter() - start
-    types = sorted({t.type_name for t in report.tensors if t.source.startswith("model.layers.") and len(t.shape) == 2})
+    types = sorted({t.type_name for t in report.tensors if len(t.shape) == 2 and t.type_name != "F32"})
     model = matpress.load(checkpoint)
     ours = {kernels: with_kernels(kernels, lambda: log_probs(torch_logits(model), windows)) for kernels in (True, False)}
     runtimes = {
@@ -104,7 +155,7 @@ def measure(name: str, rule: dict[str, Any], work: Path, windows: torch.Tensor, 
     }
     rows = []
     common = {
-        "export": name, "block types": ", ".join(types), "size": (work / f"{name}.gguf").stat().st_size,
+        "export": name, "model": "SmolLM2-135M" if source == SMOLLM2 else "random Llama 512/1536", "block types": ", ".join(types), "size": (work / f"{name}.gguf").stat().st_size,
         "compress_s": compress_seconds, "export_s": export_seconds,
         "max_added": max(t.max_error for t in report.tensors),
     }
@@ -116,17 +167,17 @@ def measure(name: str, rule: dict[str, Any], work: Path, windows: torch.Tensor, 
         for kernels, reference in ours.items():
             rows.append({**common, "runtime": runtime, "matpress matmul": "kernels (int8 activations)" if kernels else "reference (fp32)", **agreement(reference, candidate)})
     (work / f"{name}.gguf").unlink()
-    return rows
+    return {"rows": rows, "fallbacks": sum("falls back" in n for n in report.notes)}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| export | GGUF block types | file MB | runtime | matpress matmul | top-1 agreement | KL(matpress ‖ runtime) | largest added weight error |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | export | GGUF block types | file MB | runtime | matpress matmul | top-1 agreement | KL(matpress ‖ runtime) | largest added weight error |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['export']} | {r['block types']} | {r['size'] / 1e6:.1f} | {r['runtime']} | {r['matpress matmul']} "
+            f"| {r['model']} | {r['export']} | {r['block types']} | {r['size'] / 1e6:.1f} | {r['runtime']} | {r['matpress matmul']} "
             f"| {r['top1']:.4f} | {r['kl']:.2e} | {r['max_added']:.2e} |"
         )
     return "\n".join(lines)
@@ -138,30 +189,49 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--only", nargs="*", choices=sorted(EXPORTS), help="run only these exports")
+    add_cache_arguments(parser, "export_gguf")
     args = parser.parse_args(argv)
-    tokenizer = load_pretrained(SMOLLM2).tokenizer
-    windows = token_windows(tokenizer, corpus(EVALUATION), args.seq_len, args.windows)
-    rows = []
+    rows, not_run = [], []
     with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+
+        def subject(model: str) -> Callable[[], dict[str, Any]]:
+            def load() -> dict[str, Any]:
+                tokenizer = load_pretrained(SMOLLM2).tokenizer
+                source = SMOLLM2 if model == SMOLLM2 else str(random_llama(work, tokenizer))
+                return {"source": source, "windows": token_windows(tokenizer, corpus(EVALUATION), args.seq_len, args.windows)}
+            return load
+
+        caches = {model: ResultCache(args, model, subject(model)) for model in (SMOLLM2, RANDOM_LLAMA)}
         for name in args.only or EXPORTS:
-            rows += measure(name, EXPORTS[name][0], Path(tmp), windows, args.seq_len)
+            model, recipe = EXPORTS[name]
+            result = caches[model].get(name, lambda s, name=name, recipe=recipe: measure(name, s["source"], recipe, work, s["windows"], args.seq_len))
+            if result is not None:
+                rows += result["rows"]
+        for cache in caches.values():
+            not_run += cache.not_run()
     llama_note = (
         "llama.cpp rows come from the `llama_cpp` package (llama-cpp-python) in this interpreter."
         if any(r["runtime"].startswith("llama.cpp") for r in rows)
         else "llama.cpp was not run: the `llama_cpp` package is not importable in this interpreter (run the script with `.venv-peers/bin/python`)."
     )
     text = "\n".join([
-        "# GGUF export of SmolLM2-135M-Instruct: the exported file against matpress's own logits",
+        "# GGUF export: the exported file against matpress's own logits",
         "",
-        f"{len(windows)} held-out windows of {args.seq_len} tokens (evaluation split of `pydoc_data.topics`); the linear "
-        "layers of the 30 blocks compressed, the tied embedding / LM head and the norms fp32 (F32 in the file). "
+        f"{args.windows} held-out windows of {args.seq_len} tokens (evaluation split of `pydoc_data.topics`). SmolLM2-135M: "
+        "the linear layers of the 30 blocks compressed, the tied embedding / LM head and the norms fp32 (F32 in the file); "
+        "the budget mix chooses per layer among the Q4_0, Q5_0, Q8_0 (groups of 32), Q4_K and Q6_K grids (RTN) under 5 bits "
+        "per weight of the block linears. Random Llama: hidden 512, MLP 1536, 4 blocks, 8 heads (4 KV), SmolLM2's "
+        "tokenizer, random init (std 0.2), every linear layer and the tied embedding on one K-quant grid. "
         "KL is the mean per-token KL(matpress ‖ runtime) of the next-token distributions; the largest added weight "
-        "error is what the export itself changed (0 for Q4_0 / Q8_0: bit-exact; the fp16 rounding of the block "
-        "minimum for Q4_1). Against matpress's reference matmul the transformers rows multiply by the same fp32 "
-        "weights; against its kernels (int8 activations) they differ by that activation rounding only. " + llama_note,
+        "error is what the export itself changed (0 for Q4_0 / Q5_0 / Q8_0 and the K-quants: bit-exact; the fp16 "
+        "rounding of the block minimum for Q4_1). Against matpress's reference matmul the transformers rows multiply by "
+        "the same fp32 weights; against its kernels (int8 activations) they differ by that activation rounding only. "
+        "llama.cpp multiplies quantized blocks by activations it rounds to 8 bits itself. " + llama_note,
         "",
         table(rows),
         "",
+        *not_run,
         f"Command: `{command_line(argv)}`  ",
         f"Machine: {machine_description()}",
         "",
