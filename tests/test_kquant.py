@@ -131,3 +131,10 @@ def test_kquant_refuses_bad_input():
                           ("gptq", {"kquant": "q4_k", "clip": True})):
         with pytest.raises(Exception, match="kquant"):
             Recipe.from_dict({"default": {"method": method, **extra}})
+
+
+def test_budget_candidates_on_kquant_grids_are_labelled_by_their_grid():
+    from matpress.recipe.budget import candidate_rules
+
+    labels = list(candidate_rules([{"method": "rtn", "kquant": "q4_k"}, {"method": "gptq", "kquant": "q6_k"}, {"method": "rtn", "bits": 4}]))
+    assert labels == ["rtn-q4_k", "gptq-q6_k", "rtn-4b-g128"]

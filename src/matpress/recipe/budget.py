@@ -53,11 +53,18 @@ class Budget:
 
 
 def candidate_label(rule: Rule) -> str:
-    """Short readable name of a candidate, e.g. ``rtn-4b-g128``, ``rtn-3b-ch-sym``, ``dense-fp16``."""
+    """Short readable name of a candidate, e.g. ``rtn-4b-g128``, ``rtn-3b-ch-sym``, ``dense-fp16``,
+    ``gptq-q4_k`` (a K-quant grid replaces bits, group and symmetry)."""
     parts = [rule.method]
+    kquant = getattr(rule.params, "kquant", None)
     for f in dataclasses.fields(rule.params):
         v = getattr(rule.params, f.name)
-        if f.name == "bits":
+        if kquant is not None and f.name in ("bits", "group_size", "symmetric"):
+            continue
+        if f.name == "kquant":
+            if v is not None:
+                parts.append(v)
+        elif f.name == "bits":
             parts.append(f"{v}b")
         elif f.name == "group_size":
             parts.append("ch" if v is None else f"g{v}")
