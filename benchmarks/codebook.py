@@ -8,6 +8,8 @@ evaluation split), scored by ``peers.measure``. Each pair compares at equal stor
   fp16 scale per 32 columns;
 - ~3.5 bits: uniform int3 g64 against 3-bit codes g32.
 
+The uniform GPTQ rows are those of the race (``peers.py``), copied from its cache when there.
+
 Both calibrated sides are GPTQ with act-order and the same randomized Hadamard rotation (seed 0);
 the codebook side rounds each column to its nearest level (``gptq_codebook``) on a fixed Lloyd-Max
 Gaussian table (``nl``) or on a table learned per layer by k-means weighted by the Hessian diagonal
@@ -38,7 +40,7 @@ from matpress.evaluation.timing import command_line, machine_description, publis
 from matpress.models import SMOLLM2, load_pretrained, smollm2_gguf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import CALIBRATION_LEN, CALIBRATION_WINDOWS, add_cache_arguments  # noqa: E402
+from harness import CACHE_ROOT, CALIBRATION_LEN, CALIBRATION_WINDOWS, add_cache_arguments  # noqa: E402
 from peers import Contender, cached_contenders, matpress_outcome  # noqa: E402
 
 CALIBRATED = {"act_order": True, "rotate": True}
@@ -57,6 +59,20 @@ CONTENDERS: list[Contender] = [
     *(contender(f"rtn-{b}b-g64", f"RTN int{b} g64", {"method": "rtn", "bits": b, "group_size": 64}) for b in (4, 3)),
     *(contender(f"rtn-codebook-{b}b-g32-nl", f"RTN onto codebook nl, {b}b g32", {"method": "codebook", "bits": b, "group_size": 32, "table": "nl"}) for b in (4, 3)),
 ]
+
+
+def borrow_uniform_rows(cache: Path) -> None:
+    """The uniform GPTQ rows are the race's configurations (``peers.py``'s ``matpress-gptq-<b>b-g64``:
+    same harness, rule and seed, a deterministic computation): copy the race's cached results instead of
+    computing them again, where this cache lacks them."""
+    race = CACHE_ROOT / "peers" / "smollm2"
+    for b in (4, 3):
+        mine, theirs = cache / "smollm2" / f"gptq-{b}b-g64.json", race / f"matpress-gptq-{b}b-g64.json"
+        if theirs.is_file() and not mine.is_file():
+            by_name = {c.name: c for c in CONTENDERS}
+            c = by_name[f"gptq-{b}b-g64"]
+            mine.parent.mkdir(parents=True, exist_ok=True)
+            mine.write_text(json.dumps({**json.loads(theirs.read_text()), "name": c.name, "family": c.family, "label": c.label}, indent=1))
 
 
 def comparison(rows: dict[str, dict[str, Any]]) -> list[str]:
@@ -110,6 +126,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if unknown:
         parser.error(f"unknown contenders {unknown}; known: {sorted(by_name)}")
     chosen = [by_name[n] for n in args.only] if args.only else CONTENDERS
+    borrow_uniform_rows(args.cache)
     rows, not_run = cached_contenders(args, CONTENDERS, chosen, Path("out/codebook"))
     publish(report(rows, not_run, args.windows, args.seq_len, argv), args.out)
 

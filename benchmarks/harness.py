@@ -28,9 +28,14 @@ from typing import Any, Callable, Optional
 from torch import nn
 
 import matpress
-from matpress.evaluation import embedding_fidelity, language_model_quality, sentence_embeddings, token_windows
+from matpress.evaluation import distortion_measure, embedding_fidelity, language_model_quality, sentence_embeddings, token_windows
 from matpress.evaluation.text import EVALUATION, corpus, sentences
 from matpress.models import MINILM, SMOLLM2, load_pretrained
+from matpress.nn.layout import find_linear_layers
+from matpress.passes.budget import BudgetMeasurement
+from matpress.passes.budget.sensitivity import SensitivityTable
+from matpress.passes.layers import CompressionReport
+from matpress.recipe import Budget, Rule, allowed_candidates, as_recipe
 from matpress.recipe.calibration import SENTENCE
 from matpress.walk import CalibrationData
 
@@ -152,6 +157,11 @@ def add_cache_arguments(parser: argparse.ArgumentParser, benchmark: str) -> None
     parser.add_argument("--cached", action="store_true", help="compute nothing: write the Markdown of the cached results")
 
 
+class Postponed(Exception):
+    """Raised by a configuration's computation when a part it needs (a piece of a sensitivity
+    measurement) was not computed for lack of time in this run: the configuration is not run yet."""
+
+
 class ResultCache:
     """The JSON results of one benchmark's configurations on one model, under ``--cache / model``; the
     model (whatever ``load`` returns) is loaded on the first result to compute, not when all are cached."""
@@ -184,7 +194,11 @@ class ResultCache:
         if self.cached_only or time.perf_counter() > self.deadline:
             self.skipped.append(name)
             return None
-        row = {"name": name, **compute(self.subject)}
+        try:
+            row = {"name": name, **compute(self.subject)}
+        except Postponed:
+            self.skipped.append(name)
+            return None
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(row, indent=1))
         print(f"{self.folder.name}: {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)), flush=True)
@@ -207,3 +221,63 @@ def compressed_row(bench: Bench, recipe: dict[str, Any]) -> dict[str, Any]:
     report = matpress.compress(model, recipe, calibration=bench.calibration, progress=False)
     seconds = time.perf_counter() - start
     return {**size_row(bench.model, report.layers), "seconds": seconds, **bench.score(model)}
+
+
+def compressed_layers(model: nn.Module) -> list[str]:
+    """The linear layers compress's default recipe takes: all but embeddings and the LM head."""
+    default = as_recipe(None)
+    return [n for n in find_linear_layers(model) if default.rule_for(n) is not None]
+
+
+def measure_piece(
+    model: nn.Module, tokenizer: Any, calibration: CalibrationData, candidates: dict[str, Rule], start: int, size: int,
+    probe: Optional[str],
+) -> dict[str, Any]:
+    """The sensitivity table of the compressed layers ``start`` to ``start + size`` of ``model`` over
+    ``candidates``, each layer weighed end to end (KL on calibration text) with ``probe``."""
+    names = compressed_layers(model)
+    piece = names[start : start + size]
+    began = time.perf_counter()
+    measured = BudgetMeasurement.measure(
+        model, piece, candidates, allowed_candidates(piece, list(candidates)),
+        calibration=calibration, distortion=distortion_measure(model, tokenizer), probe=probe, progress=True,
+    )
+    return {"table": measured.table.to_dict(), "layers_total": len(names), "seconds": time.perf_counter() - began}
+
+
+def sensitivity_table(
+    cache: ResultCache, key: str, candidates: dict[str, Rule], size: int,
+    parts: Callable[[Any], tuple[nn.Module, Any, CalibrationData]],
+) -> Optional[tuple[SensitivityTable, float]]:
+    """The sensitivity table over ``candidates`` of every compressed layer, pieced together from the
+    cached pieces ``<key>-from-<start>`` of ``size`` layers (measuring the missing ones within the
+    run's time; every piece weighs its layers with the probe candidate the first piece picked), and its
+    seconds; None while a piece is not measured yet. ``parts`` gives the model, tokenizer and calibration
+    data of the cache's subject."""
+    pieces: list[dict[str, Any]] = []
+    start, total = 0, None
+    while total is None or start < total:
+        probe = pieces[0]["table"]["probe"] if pieces else None
+        piece = cache.get(f"{key}-from-{start}", lambda subject, start=start, probe=probe: measure_piece(
+            *parts(subject), candidates, start, size, probe))
+        if piece is None:
+            return None
+        pieces.append(piece)
+        total, start = piece["layers_total"], start + size
+    data = copy.deepcopy(pieces[0]["table"])
+    for piece in pieces[1:]:
+        for k in ("layers", "n_weights", "nbytes", "error", "weight", "allowed"):
+            data[k] += piece["table"][k]
+    return SensitivityTable.from_dict(data), sum(p["seconds"] for p in pieces)
+
+
+def apply_budget(
+    model: nn.Module, table: SensitivityTable, candidates: dict[str, Rule], calibration: CalibrationData, bits: float,
+) -> tuple[CompressionReport, list[str]]:
+    """``bits`` per weight allocated on ``table`` and applied to ``model`` by the sequential calibrated
+    pass (the formats a measurement keeps for candidates whose size follows the data are not in a cached
+    table: applying re-encodes them); the report and the chosen candidate of each layer."""
+    measured = BudgetMeasurement(table, candidates, frozenset(), calibration=calibration)
+    allocation = measured.allocate(Budget(bits_per_weight=bits))
+    report = measured.apply(model, allocation, progress=False)
+    return report, [table.candidates[j] for j in allocation.choice]

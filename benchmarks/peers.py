@@ -46,7 +46,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -56,17 +56,17 @@ from torch import nn
 
 import matpress
 from matpress import CalibrationData
-from matpress.evaluation import distortion_measure, language_model_quality, token_windows
+from matpress.evaluation import language_model_quality, reference_log_probs, token_windows
 from matpress.evaluation.text import EVALUATION, corpus
 from matpress.evaluation.timing import command_line, machine_description, publish
 from matpress.models import SMOLLM2, from_pretrained, load_pretrained, smollm2_gguf
-from matpress.passes.budget import BudgetMeasurement
-from matpress.recipe import Budget, resolve_candidates
+from matpress.recipe import CALIBRATED_INT, Rule, candidate_rules, resolve_candidates
+from matpress.recipe.budget import CALIBRATED_CODEBOOK
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (  # noqa: E402
-    BLOCK_LINEARS, CALIBRATION_LEN, CALIBRATION_WINDOWS, EMBEDDING, ResultCache, add_cache_arguments, bits_per_weight,
-    block_linears, block_weight_count,
+    BLOCK_LINEARS, CALIBRATION_LEN, CALIBRATION_WINDOWS, EMBEDDING, Postponed, ResultCache, add_cache_arguments, apply_budget,
+    bits_per_weight, block_linears, block_weight_count, sensitivity_table,
 )
 
 GROUP = 64
@@ -82,7 +82,8 @@ class Context:
     gguf: Path
     work: Path  # quantized GGUFs, the importance matrix, the tools' logs
     llama_bin: Path
-    measurements: dict[bool, tuple[BudgetMeasurement, float]] = field(default_factory=dict)  # budgets' sensitivity, by calibrated
+    reference: list[torch.Tensor]  # the original's log-probabilities on the held-out windows, computed once
+    cache: Optional[ResultCache] = None  # where the budgets' sensitivity pieces are cached
 
 
 @dataclass
@@ -133,39 +134,45 @@ def matpress_contender(method: str, bits: int, name_suffix: str = "", **flags: b
     )
 
 
-def budget_measurement(ctx: Context, calibrated: bool) -> tuple[BudgetMeasurement, float]:
-    """The sensitivity table of the block linears over the ``quant`` preset's candidates, measured once
-    per run for all budgets (what ``matpress.compress`` with a budget measures before allocating), and
-    its seconds."""
-    if calibrated not in ctx.measurements:
-        start = time.perf_counter()
-        measurement = BudgetMeasurement.measure(
-            ctx.original, list(block_linears(ctx.original)), resolve_candidates("quant", calibrated=calibrated),
-            calibration=ctx.calibration, distortion=distortion_measure(ctx.original, ctx.tokenizer),
-        )
-        ctx.measurements[calibrated] = (measurement, time.perf_counter() - start)
-    return ctx.measurements[calibrated]
+# The candidate sets of the budgets: the ``quant`` preset with RTN or with GPTQ (act-order + rotation),
+# and "mixed": GPTQ (act-order + rotation) with the clipping search at 2-6 bits g64 and 3-4 bits g128,
+# and GPTQ onto the fixed non-uniform ``nl`` codebook at 2-4 bits, groups of 32 (2.5, 3.5, 4.5 bits)
+MIXED_CANDIDATES = [
+    *({**CALIBRATED_INT, "clip": True, "bits": b, "group_size": 64} for b in (2, 3, 4, 5, 6)),
+    *({**CALIBRATED_INT, "clip": True, "bits": b, "group_size": 128} for b in (3, 4)),
+    *({**CALIBRATED_CODEBOOK, "bits": b, "group_size": 32} for b in (2, 3, 4)),
+]
+BUDGET_SETS: dict[str, tuple[str, Callable[[], dict[str, Rule]], int]] = {  # kind: (description, candidates, layers per piece)
+    "rtn": ("the `quant` preset, RTN", lambda: resolve_candidates("quant", calibrated=False), 210),
+    "gptq": ("the `quant` preset, GPTQ + act-order + rotate", lambda: resolve_candidates("quant", calibrated=True), 21),
+    "mixed": ("GPTQ + act-order + rotate + clip 2-6b g64 and 3-4b g128, GPTQ onto codebook nl 2-4b g32", lambda: candidate_rules(MIXED_CANDIDATES), 21),
+}
 
 
-def budget_contender(bpw: float, calibrated: bool) -> Contender:
-    """A budget over the candidates of the ``quant`` preset (2-8 bits, groups of 64, 128 or per
-    channel, fp16): RTN, or with ``calibrated`` GPTQ with act-order and rotation; errors measured on
-    the calibration inputs and weighted end to end (KL on calibration text), the chosen candidates
-    applied by the sequential pass. The measurement serves every budget: its time is the ``+ N``."""
-    kind = "gptq" if calibrated else "rtn"
+def budget_contender(bpw: float, kind: str) -> Contender:
+    """A budget over the candidate set ``kind`` of :data:`BUDGET_SETS`: errors measured on the
+    calibration inputs and weighted end to end (KL on calibration text), in cached pieces of layers
+    (:func:`harness.sensitivity_table`), the chosen candidates applied by the sequential pass. The
+    measurement serves every budget of its set: its time is the ``+ N``."""
+    description, candidates, size = BUDGET_SETS[kind]
 
     def run(ctx: Context) -> Outcome:
-        measurement, measure_seconds = budget_measurement(ctx, calibrated)
+        rules = candidates()
+        measured = sensitivity_table(ctx.cache, f"measure-{kind}-{size}", rules, size, lambda subject: (
+            subject[0].original, subject[0].tokenizer, subject[0].calibration))
+        if measured is None:
+            raise Postponed(f"the sensitivity measurement of the {kind} budgets is not complete")
+        table, measure_seconds = measured
         model = copy.deepcopy(ctx.original)
         start = time.perf_counter()
-        report = measurement.apply(model, measurement.allocate(Budget.parse(f"{bpw}bpw")))
+        report, choice = apply_budget(model, table, rules, ctx.calibration, bpw)
         seconds = time.perf_counter() - start
-        chosen = Counter(r.format for r in report.layers)
-        note = ", ".join(f"{n} {fmt}" for fmt, n in chosen.most_common(4)) + (", ..." if len(chosen) > 4 else "")
+        chosen = Counter(choice)
+        note = ", ".join(f"{n} {label}" for label, n in chosen.most_common(4)) + (", ..." if len(chosen) > 4 else "")
         return Outcome(model, seconds, 8.0 * sum(r.nbytes for r in report.layers), note, measure_seconds)
 
     return Contender(
-        f"matpress-budget-{kind}-{bpw}bpw", f"matpress budget ({kind} candidates)", f"matpress budget {bpw} bpw, {kind} candidates",
+        f"matpress-budget-{kind}-{bpw}bpw", f"matpress budget ({kind} candidates)", f"matpress budget {bpw} bpw over {description}",
         True, run,
     )
 
@@ -287,10 +294,11 @@ CONTENDERS: list[Contender] = [
     *(dequantized_contender("hqq", b, hqq_weight) for b in (2, 3, 4)),  # hqq packs 1, 2, 3, 4 and 8 bits
     *(dequantized_contender("torchao", b, torchao_weight) for b in (2, 3, 4, 5)),
     *(llamacpp_contender(q, imatrix) for q in LLAMACPP_TYPES for imatrix in (False, True)),
-    *(budget_contender(b, calibrated=False) for b in (2.5, 3.5, 4.5)),
+    *(budget_contender(b, "rtn") for b in (2.5, 3.5, 4.5)),
     *(matpress_contender("gptq", b, act_order=True, rotate=True) for b in (3, 4, 2, 5)),
     *(matpress_contender("gptq", b, "-clip", act_order=True, rotate=True, clip=True) for b in (3, 4, 2, 5)),
-    *(budget_contender(b, calibrated=True) for b in (2.5, 3.5, 4.5)),
+    *(budget_contender(b, "mixed") for b in (2.5, 3.5, 4.5)),
+    *(budget_contender(b, "gptq") for b in (2.5, 3.5, 4.5)),
 ]
 
 
@@ -299,7 +307,7 @@ CONTENDERS: list[Contender] = [
 
 def measure(contender: Contender, ctx: Context, windows: torch.Tensor) -> dict[str, Any]:
     outcome = contender.run(ctx)
-    quality = language_model_quality(outcome.model, windows, reference=ctx.original, progress=True)
+    quality = language_model_quality(outcome.model, windows, reference=ctx.reference, progress=True)
     blocks = block_weight_count(ctx.original)
     return {
         "name": contender.name, "family": contender.family, "label": contender.label,
@@ -389,13 +397,19 @@ def scoring_context(work: Path, llama_bin: Path, n_windows: int, seq_len: int) -
     windows = token_windows(loaded.tokenizer, corpus(EVALUATION), seq_len, n_windows)
     calibration = CalibrationData.from_text(loaded.tokenizer, None, CALIBRATION_WINDOWS, CALIBRATION_LEN)  # the calibration split
     work.mkdir(parents=True, exist_ok=True)
-    return Context(loaded.model, loaded.tokenizer, calibration, smollm2_gguf(), work, llama_bin), windows
+    reference = reference_log_probs(loaded.model, windows)
+    return Context(loaded.model, loaded.tokenizer, calibration, smollm2_gguf(), work, llama_bin, reference), windows
 
 
 def cached_contenders(args: argparse.Namespace, contenders: list[Contender], chosen: list[Contender], work: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """Compute the uncached ``chosen`` contenders (within ``--minutes``), then every cached row of
     ``contenders`` and the names of those without a result."""
-    cache = ResultCache(args, "smollm2", lambda: scoring_context(work, getattr(args, "llama_bin", LLAMA_BIN), args.windows, args.seq_len))
+    def load() -> tuple[Context, torch.Tensor]:
+        ctx, windows = scoring_context(work, getattr(args, "llama_bin", LLAMA_BIN), args.windows, args.seq_len)
+        ctx.cache = cache
+        return ctx, windows
+
+    cache = ResultCache(args, "smollm2", load)
     cache.rows([(c.name, lambda subject, c=c: measure(c, *subject)) for c in chosen])
     done = [c for c in contenders if cache.path(c.name).is_file()]
     return [json.loads(cache.path(c.name).read_text()) for c in done], [c.name for c in contenders if c not in done]

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from matpress.errors import CalibrationError
-from matpress.evaluation import embedding_fidelity, language_model_quality
+from matpress.evaluation import embedding_fidelity, language_model_quality, reference_log_probs
 from matpress.evaluation.text import CALIBRATION, EVALUATION, corpus, sentences
 
 
@@ -71,3 +71,17 @@ def test_kl_matches_closed_form():
     assert same["kl_mean"] == pytest.approx(0.0, abs=1e-7)
     assert same["perplexity"] == pytest.approx(same["reference_perplexity"])
     assert math.isfinite(result["perplexity"])
+
+
+def test_precomputed_reference_log_probs_give_the_same_scores():
+    # the closed-form KL above, with the reference's log-probabilities computed once beforehand
+    p_logits, q_logits = torch.randn(7), torch.randn(7)
+    windows = torch.randint(0, 7, (5, 9))
+    reference = ConstantLM(p_logits)
+    direct = language_model_quality(ConstantLM(q_logits), windows, reference=reference, batch_size=2)
+    logp = reference_log_probs(reference, windows, batch_size=2)
+    assert [t.shape for t in logp] == [(2, 8, 7), (2, 8, 7), (1, 8, 7)]
+    cached = language_model_quality(ConstantLM(q_logits), windows, reference=logp, batch_size=2)
+    assert cached == pytest.approx(direct, rel=1e-6)
+    with pytest.raises(ValueError, match="2 batches of reference log-probabilities for 5 batches"):
+        language_model_quality(ConstantLM(q_logits), windows, reference=logp[:2], batch_size=1)

@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from matpress.errors import MatpressError
-from matpress.evaluation.metrics import embedding_fidelity, language_model_quality, sentence_embeddings, token_windows
+from matpress.evaluation.metrics import (
+    embedding_fidelity, language_model_quality, reference_log_probs, sentence_embeddings, token_windows,
+)
 from matpress.evaluation.text import CALIBRATION, EVALUATION, corpus, sentences
 from matpress.nn.layout import CAUSAL_LM, ENCODER, model_kind
 
@@ -95,6 +97,7 @@ def distortion_measure(
 
 
 __all__ = [
-    "distortion_measure", "embedding_fidelity", "evaluate", "evaluator", "language_model_quality", "sentence_embeddings",
+    "distortion_measure", "embedding_fidelity", "evaluate", "evaluator", "language_model_quality", "reference_log_probs",
+    "sentence_embeddings",
     "token_windows",
 ]

@@ -74,25 +74,37 @@ def token_windows(tokenizer: Any, text: str, seq_len: int, max_windows: int) -> 
 
 
 @torch.inference_mode()
+def reference_log_probs(reference: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> list[torch.Tensor]:
+    """``reference``'s next-token log-probabilities on ``windows``, one tensor per batch of
+    ``batch_size``: what :func:`language_model_quality` compares with, computed once for many models."""
+    device = next(reference.parameters(), torch.empty(0)).device
+    return [F.log_softmax(reference(b.to(device)).logits[:, :-1].float(), dim=-1) for b in _batches(windows, batch_size)]
+
+
+@torch.inference_mode()
 def language_model_quality(
     model: nn.Module,
     windows: torch.Tensor,
-    reference: nn.Module | None = None,
+    reference: nn.Module | list[torch.Tensor] | None = None,
     batch_size: int = 8,
     progress: bool = False,
 ) -> dict[str, float]:
-    """Perplexity of ``model`` on the windows' next tokens; with ``reference``, also the reference's
-    perplexity and the mean per-token KL(reference || model) of the next-token distributions."""
+    """Perplexity of ``model`` on the windows' next tokens; with ``reference`` (a model, or its
+    :func:`reference_log_probs` on these windows and batch size), also the reference's perplexity and
+    the mean per-token KL(reference || model) of the next-token distributions."""
     device = next(model.parameters(), torch.empty(0)).device
+    batches = list(_batches(windows, batch_size))
+    if isinstance(reference, list) and len(reference) != len(batches):
+        raise ValueError(f"{len(reference)} batches of reference log-probabilities for {len(batches)} batches of windows")
     nll_sum, kl_sum, ref_nll_sum, count = 0.0, 0.0, 0.0, 0
-    for batch in tqdm(list(_batches(windows, batch_size)), desc="scoring", unit="batch", disable=not progress):
+    for i, batch in enumerate(tqdm(batches, desc="scoring", unit="batch", disable=not progress)):
         batch = batch.to(device)
         targets = batch[:, 1:]
         logp = F.log_softmax(model(batch).logits[:, :-1].float(), dim=-1)
         nll_sum += float(-logp.gather(-1, targets.unsqueeze(-1)).sum())
         count += targets.numel()
         if reference is not None:
-            ref_logp = F.log_softmax(reference(batch).logits[:, :-1].float(), dim=-1)
+            ref_logp = reference[i].to(device) if isinstance(reference, list) else F.log_softmax(reference(batch).logits[:, :-1].float(), dim=-1)
             ref_nll_sum += float(-ref_logp.gather(-1, targets.unsqueeze(-1)).sum())
             kl_sum += float((ref_logp.exp() * (ref_logp - logp)).sum())
     result = {"perplexity": math.exp(nll_sum / count), "n_tokens": count}
