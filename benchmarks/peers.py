@@ -136,16 +136,16 @@ def matpress_contender(method: str, bits: int, name_suffix: str = "", **flags: b
 
 # The candidate sets of the budgets: the ``quant`` preset with RTN or with GPTQ (act-order + rotation),
 # and "mixed": GPTQ (act-order + rotation) with the clipping search at 2-6 bits g64 and 3-4 bits g128,
-# and GPTQ onto the fixed non-uniform ``nl`` codebook at 2-4 bits, groups of 32 (2.5, 3.5, 4.5 bits)
+# and GPTQ onto the fixed non-uniform ``nl`` codebook at 3 and 4 bits, groups of 32 (3.5 and 4.5 bits)
 MIXED_CANDIDATES = [
     *({**CALIBRATED_INT, "clip": True, "bits": b, "group_size": 64} for b in (2, 3, 4, 5, 6)),
     *({**CALIBRATED_INT, "clip": True, "bits": b, "group_size": 128} for b in (3, 4)),
-    *({**CALIBRATED_CODEBOOK, "bits": b, "group_size": 32} for b in (2, 3, 4)),
+    *({**CALIBRATED_CODEBOOK, "bits": b, "group_size": 32} for b in (3, 4)),
 ]
 BUDGET_SETS: dict[str, tuple[str, Callable[[], dict[str, Rule]], int]] = {  # kind: (description, candidates, layers per piece)
     "rtn": ("the `quant` preset, RTN", lambda: resolve_candidates("quant", calibrated=False), 210),
     "gptq": ("the `quant` preset, GPTQ + act-order + rotate", lambda: resolve_candidates("quant", calibrated=True), 21),
-    "mixed": ("GPTQ + act-order + rotate + clip 2-6b g64 and 3-4b g128, GPTQ onto codebook nl 2-4b g32", lambda: candidate_rules(MIXED_CANDIDATES), 21),
+    "mixed": ("GPTQ + act-order + rotate + clip 2-6b g64 and 3-4b g128, GPTQ onto codebook nl 3-4b g32", lambda: candidate_rules(MIXED_CANDIDATES), 21),
 }
 
 
