@@ -231,35 +231,38 @@ def compressed_layers(model: nn.Module) -> list[str]:
 
 def measure_piece(
     model: nn.Module, tokenizer: Any, calibration: CalibrationData, candidates: dict[str, Rule], start: int, size: int,
-    probe: Optional[str],
+    probe: Optional[str], distortion_windows: int = 8,
 ) -> dict[str, Any]:
     """The sensitivity table of the compressed layers ``start`` to ``start + size`` of ``model`` over
-    ``candidates``, each layer weighed end to end (KL on calibration text) with ``probe``."""
+    ``candidates``, each layer weighed end to end with ``probe`` (KL on ``distortion_windows`` windows
+    of 128 tokens of calibration text: one forward of the whole model per layer, the measurement's
+    largest part on a causal LM)."""
     names = compressed_layers(model)
     piece = names[start : start + size]
     began = time.perf_counter()
     measured = BudgetMeasurement.measure(
         model, piece, candidates, allowed_candidates(piece, list(candidates)),
-        calibration=calibration, distortion=distortion_measure(model, tokenizer), probe=probe, progress=True,
+        calibration=calibration, distortion=distortion_measure(model, tokenizer, n_windows=distortion_windows), probe=probe,
+        progress=True,
     )
     return {"table": measured.table.to_dict(), "layers_total": len(names), "seconds": time.perf_counter() - began}
 
 
 def sensitivity_table(
     cache: ResultCache, key: str, candidates: dict[str, Rule], size: int,
-    parts: Callable[[Any], tuple[nn.Module, Any, CalibrationData]],
+    parts: Callable[[Any], tuple[nn.Module, Any, CalibrationData]], distortion_windows: int = 8,
 ) -> Optional[tuple[SensitivityTable, float]]:
     """The sensitivity table over ``candidates`` of every compressed layer, pieced together from the
     cached pieces ``<key>-from-<start>`` of ``size`` layers (measuring the missing ones within the
     run's time; every piece weighs its layers with the probe candidate the first piece picked), and its
     seconds; None while a piece is not measured yet. ``parts`` gives the model, tokenizer and calibration
-    data of the cache's subject."""
+    data of the cache's subject; ``distortion_windows``: see :func:`measure_piece`."""
     pieces: list[dict[str, Any]] = []
     start, total = 0, None
     while total is None or start < total:
         probe = pieces[0]["table"]["probe"] if pieces else None
         piece = cache.get(f"{key}-from-{start}", lambda subject, start=start, probe=probe: measure_piece(
-            *parts(subject), candidates, start, size, probe))
+            *parts(subject), candidates, start, size, probe, distortion_windows))
         if piece is None:
             return None
         pieces.append(piece)
