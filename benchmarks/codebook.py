@@ -8,7 +8,8 @@ evaluation split), scored by ``peers.measure``. Each pair compares at equal stor
   fp16 scale per 32 columns;
 - ~3.5 bits: uniform int3 g64 against 3-bit codes g32.
 
-The uniform GPTQ rows are those of the race (``peers.py``), copied from its cache when there.
+The uniform rows are configurations of the race (``peers.py``), copied from its cache when there;
+each codebook row is compared with the better of uniform GPTQ with and without the clipping search.
 
 Both calibrated sides are GPTQ with act-order and the same randomized Hadamard rotation (seed 0);
 the codebook side rounds each column to its nearest level (``gptq_codebook``) on a fixed Lloyd-Max
@@ -19,7 +20,7 @@ Results are cached as ``benchmarks/results/cache/codebook/smollm2/<name>.json`` 
 computes what is missing, ``--only`` picks contenders, ``--minutes`` bounds a run), so the sweep runs in
 pieces, one heavy-lock hold each:
 
-    flock /tmp/matpress-heavy.lock .venv/bin/python benchmarks/codebook.py --only gptq-4b-g64
+    flock /tmp/matpress-heavy.lock .venv/bin/python benchmarks/codebook.py --only gptq-codebook-3b-g32-nl
     .venv/bin/python benchmarks/codebook.py --cached --out benchmarks/results/codebook.md
 """
 
@@ -53,6 +54,10 @@ def contender(name: str, label: str, rule: dict[str, Any]) -> Contender:
 CONTENDERS: list[Contender] = [
     *(contender(f"gptq-{b}b-g64", f"uniform GPTQ, int{b} g64", {"method": "gptq", "bits": b, "group_size": 64, **CALIBRATED}) for b in (4, 3)),
     *(
+        contender(f"gptq-clip-{b}b-g64", f"uniform GPTQ + clip, int{b} g64", {"method": "gptq", "bits": b, "group_size": 64, "clip": True, **CALIBRATED})
+        for b in (4, 3)
+    ),
+    *(
         contender(f"gptq-codebook-{b}b-g32-{t}", f"GPTQ onto codebook {t}, {b}b g32", {"method": "gptq_codebook", "bits": b, "group_size": 32, "table": t, **CALIBRATED})
         for b in (4, 3) for t in ("nl", "layer")
     ),
@@ -61,30 +66,39 @@ CONTENDERS: list[Contender] = [
 ]
 
 
-def borrow_uniform_rows(cache: Path) -> None:
-    """The uniform GPTQ rows are the race's configurations (``peers.py``'s ``matpress-gptq-<b>b-g64``:
-    same harness, rule and seed, a deterministic computation): copy the race's cached results instead of
-    computing them again, where this cache lacks them."""
+RACE_NAMES = {  # contenders that are configurations of the race too: this name -> peers.py's
+    **{f"{kind}-{b}b-g64": f"matpress-{kind}-{b}b-g64" for kind in ("gptq", "gptq-clip", "rtn") for b in (4, 3)},
+}
+
+
+def borrow_race_rows(cache: Path) -> None:
+    """The uniform rows are configurations of the race (``peers.py``: same harness, rule and seed, a
+    deterministic computation): copy the race's cached results instead of computing them again, where
+    this cache lacks them."""
     race = CACHE_ROOT / "peers" / "smollm2"
-    for b in (4, 3):
-        mine, theirs = cache / "smollm2" / f"gptq-{b}b-g64.json", race / f"matpress-gptq-{b}b-g64.json"
+    by_name = {c.name: c for c in CONTENDERS}
+    for name, race_name in RACE_NAMES.items():
+        mine, theirs = cache / "smollm2" / f"{name}.json", race / f"{race_name}.json"
         if theirs.is_file() and not mine.is_file():
-            by_name = {c.name: c for c in CONTENDERS}
-            c = by_name[f"gptq-{b}b-g64"]
+            c = by_name[name]
             mine.parent.mkdir(parents=True, exist_ok=True)
             mine.write_text(json.dumps({**json.loads(theirs.read_text()), "name": c.name, "family": c.family, "label": c.label}, indent=1))
 
 
 def comparison(rows: dict[str, dict[str, Any]]) -> list[str]:
-    """One line per bit width: each codebook row's KL against uniform GPTQ's at that width."""
-    lines = ["| bits | uniform GPTQ KL | codebook | codebook KL | change |", "|---|---:|---|---:|---:|"]
+    """One line per codebook row: its KL against the best uniform GPTQ row (with or without the
+    clipping search) at that width."""
+    lines = ["| bits | best uniform GPTQ | its KL | codebook | codebook KL | change |", "|---|---|---:|---|---:|---:|"]
     for b in (4, 3):
-        uniform = rows.get(f"gptq-{b}b-g64")
+        uniform = [r for r in (rows.get(f"gptq-{b}b-g64"), rows.get(f"gptq-clip-{b}b-g64")) if r]
         for t in ("nl", "layer"):
             cb = rows.get(f"gptq-codebook-{b}b-g32-{t}")
             if uniform and cb:
-                change = cb["kl_mean"] / uniform["kl_mean"] - 1
-                lines.append(f"| {cb['block_bpw']:.2f} | {uniform['kl_mean']:.4f} | {t} | {cb['kl_mean']:.4f} | {100 * change:+.1f} % |")
+                best = min(uniform, key=lambda r: r["kl_mean"])
+                change = cb["kl_mean"] / best["kl_mean"] - 1
+                lines.append(
+                    f"| {cb['block_bpw']:.2f} | {best['label']} | {best['kl_mean']:.4f} | {t} | {cb['kl_mean']:.4f} | {100 * change:+.1f} % |"
+                )
     return lines
 
 
@@ -126,7 +140,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if unknown:
         parser.error(f"unknown contenders {unknown}; known: {sorted(by_name)}")
     chosen = [by_name[n] for n in args.only] if args.only else CONTENDERS
-    borrow_uniform_rows(args.cache)
+    borrow_race_rows(args.cache)
     rows, not_run = cached_contenders(args, CONTENDERS, chosen, Path("out/codebook"))
     publish(report(rows, not_run, args.windows, args.seq_len, argv), args.out)
 
