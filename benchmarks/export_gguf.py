@@ -122,6 +122,34 @@ def llama_cpp_logits(path: Path, seq_len: int) -> Optional[Callable[[torch.Tenso
     return logits
 
 
+def rounded_activations(x: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """``x`` rounded to 8 bits per run of ``block`` values along its last dimension (step max|x| / 127),
+    as llama.cpp rounds the activations it multiplies K-quant blocks by (its Q8_K)."""
+    runs = x.reshape(-1, block)
+    step = runs.abs().amax(dim=-1, keepdim=True) / 127
+    step = torch.where(step == 0, torch.ones_like(step), step)
+    return (torch.round(runs / step) * step).reshape(x.shape)
+
+
+def activation_rounding_control(source: str, windows: torch.Tensor) -> dict[str, Any]:
+    """How far the uncompressed fp32 model's own predictions move when the input of every linear layer is
+    rounded as llama.cpp rounds it (:func:`rounded_activations`): the part of a runtime's disagreement that
+    no export can remove. A chaotic model (the random Llama) magnifies it."""
+    model = load_pretrained(source).model.eval()
+    reference = log_probs(torch_logits(model), windows)
+    hooks = [m.register_forward_pre_hook(lambda m, args: (rounded_activations(args[0]),)) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        rounded = log_probs(torch_logits(model), windows)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {"rows": [{
+        "export": "none (fp32)", "model": "SmolLM2-135M" if source == SMOLLM2 else "random Llama 512/1536", "block types": "F32",
+        "size": 0, "runtime": "the same model, every linear input rounded to 8 bits per 256 (control)",
+        "matpress matmul": "reference (fp32)", "max_added": 0.0, **agreement(reference, rounded),
+    }]}
+
+
 def with_kernels(enabled: bool, run: Callable[[], Any]) -> Any:
     previous = os.environ.get("MATPRESS_KERNELS")
     os.environ["MATPRESS_KERNELS"] = "1" if enabled else "0"
@@ -208,6 +236,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             result = caches[model].get(name, lambda s, name=name, recipe=recipe: measure(name, s["source"], recipe, work, s["windows"], args.seq_len))
             if result is not None:
                 rows += result["rows"]
+        control = caches[RANDOM_LLAMA].get("activation-rounding-control", lambda s: activation_rounding_control(s["source"], s["windows"]))
+        if control is not None:
+            rows += control["rows"]
         for cache in caches.values():
             not_run += cache.not_run()
     llama_note = (
@@ -227,7 +258,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         "error is what the export itself changed (0 for Q4_0 / Q5_0 / Q8_0 and the K-quants: bit-exact; the fp16 "
         "rounding of the block minimum for Q4_1). Against matpress's reference matmul the transformers rows multiply by "
         "the same fp32 weights; against its kernels (int8 activations) they differ by that activation rounding only. "
-        "llama.cpp multiplies quantized blocks by activations it rounds to 8 bits itself. " + llama_note,
+        "llama.cpp multiplies quantized blocks by activations it rounds to 8 bits itself; the control row measures what "
+        "that rounding alone does to the uncompressed random Llama, whose random weights make it chaotic (small input "
+        "changes grow through its blocks), so its llama.cpp rows can agree no better than that. " + llama_note,
         "",
         table(rows),
         "",
