@@ -43,6 +43,7 @@ from matpress.walk import CalibrationData
 EVAL_WINDOWS, EVAL_SEQ_LEN = 8, 512
 CALIBRATION_WINDOWS, CALIBRATION_LEN = 128, 128
 CACHE_ROOT = Path(__file__).resolve().parent / "results" / "cache"
+LLAMA_BIN = Path("build/peers/llama-build/bin")  # llama.cpp's tools, as `make peers-env` builds them
 RUN_START = time.perf_counter()  # --minutes counts from here, over every model of the run
 MINILM_CALIBRATION_SENTENCES = 128
 BLOCK_LINEARS = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")

@@ -30,11 +30,9 @@ def per_call_us(fn, calls: int) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=41)
-    parser.add_argument("--calls", type=int, default=2000)
-    args = parser.parse_args()
+def overhead_table(rounds: int, calls: int) -> list[str]:
+    """The Markdown table of per-call times, measured on one thread (the caller's thread count restored)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     weight = torch.randn(8, 64)
@@ -48,15 +46,25 @@ def main() -> None:
     }
     with torch.no_grad():
         for fn in contenders.values():
-            per_call_us(fn, args.calls)  # warm up
+            per_call_us(fn, calls)  # warm up
         times: dict[str, list[float]] = {name: [] for name in contenders}
-        for _ in range(args.rounds):
+        for _ in range(rounds):
             for name, fn in contenders.items():
-                times[name].append(per_call_us(fn, args.calls))
+                times[name].append(per_call_us(fn, calls))
+    torch.set_num_threads(threads)
+    return ["| call | median us per call |", "|---|---:|"] + [
+        f"| {name} | {statistics.median(values):.2f} |" for name, values in times.items()
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=41)
+    parser.add_argument("--calls", type=int, default=2000)
+    args = parser.parse_args()
+    table = overhead_table(args.rounds, args.calls)
     print(f"{machine_description()}; {build.kernel_path()}")
-    print("| call | median us per call |\n|---|---:|")
-    for name, values in times.items():
-        print(f"| {name} | {statistics.median(values):.2f} |")
+    print("\n".join(table))
 
 
 if __name__ == "__main__":

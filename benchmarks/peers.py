@@ -65,13 +65,12 @@ from matpress.recipe.budget import CALIBRATED_CODEBOOK
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (  # noqa: E402
-    BLOCK_LINEARS, CALIBRATION_LEN, CALIBRATION_WINDOWS, EMBEDDING, Postponed, ResultCache, add_cache_arguments, apply_budget,
-    bits_per_weight, block_linears, block_weight_count, sensitivity_table,
+    BLOCK_LINEARS, CALIBRATION_LEN, CALIBRATION_WINDOWS, EMBEDDING, LLAMA_BIN, Postponed, ResultCache, add_cache_arguments,
+    apply_budget, bits_per_weight, block_linears, block_weight_count, sensitivity_table,
 )
 
 GROUP = 64
 GGUF_BLOCK_TENSORS = re.compile(r"blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down))\.weight$")
-LLAMA_BIN = Path("build/peers/llama-build/bin")
 
 
 @dataclass

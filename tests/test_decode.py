@@ -37,6 +37,8 @@ def test_lean_loop_gives_the_logits_of_the_full_forward_at_every_step(compressed
     torch.manual_seed(0)
     ids = torch.randint(0, 128, (9,)).tolist()
     step = LeanLlama(model, 16)
+    # compressed: q, k, v as one kernel call and gate, up as another; dense: each layer on its own
+    assert all((p.layout is not None) == compressed for p in step.qkv + step.gate_up)
     with torch.inference_mode():
         assert_same_logits(step(torch.tensor([ids])), full_forward_logits(model, ids), model)
         for token in (5, 77, 3):

@@ -116,6 +116,29 @@ def test_large_batches_take_the_bf16_matmul(monkeypatch, native):
     assert bool(((y.double() - x.double() @ w.T).abs() <= bound).all())
 
 
+@pytest.mark.parametrize("batch", BATCHES)
+def test_stacked_layouts_give_each_layers_outputs_bit_for_bit(batch, native):
+    # three int formats of one input (the last with a partial tile) and a ternary one, as one call
+    fmts = [IntFormat.encode(weight(20 + i)[:rows], bits=3, group_size=64) for i, rows in enumerate((8, 12, 37))]
+    x = torch.randn(batch, IN)
+    stacked = lowbit.stacked_layout(fmts)
+    assert stacked.out_features == 8 + 12 + 37 and not any(lowbit.LAYOUT_ATTR in f.__dict__ for f in fmts)
+    assert torch.equal(lowbit.layout_matmul(stacked, x), torch.cat([kernels.matmul(f, x) for f in fmts], dim=-1))
+    ternary = TernaryFormat.encode(weight(0)[:8], group_size=64)
+    assert torch.equal(
+        lowbit.layout_matmul(lowbit.stacked_layout([ternary, ternary]), x), kernels.matmul(ternary, x).repeat(1, 2)
+    )
+
+
+def test_layouts_that_do_not_stack(native):
+    four = IntFormat.encode(weight(21)[:8], bits=4, group_size=64)
+    assert lowbit.stacked_layout([IntFormat.encode(weight(22)[:8], bits=2, group_size=64), four]) is None  # widths
+    assert lowbit.stacked_layout([IntFormat.encode(weight(23)[:8], bits=4, group_size=128), four]) is None  # groups
+    assert lowbit.stacked_layout([IntFormat.encode(weight(24)[:6], bits=4, group_size=64), four]) is None  # part tile
+    fractional = IntFormat(four.shape, 4, 64, False, four.packed, four.scales, four.zeros + 0.5)
+    assert lowbit.stacked_layout([four, fractional]) is None  # no layout
+
+
 def test_fractional_zero_points_take_the_formats_own_matmul(native):
     # HQQ-style zero points that are not integers: the layout's int16 zeros cannot hold them
     fmt = IntFormat.encode(weight(12), bits=4, group_size=64)

@@ -20,6 +20,8 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from matpress.errors import MatpressError
+from matpress.kernels import lowbit
+from matpress.nn import CompressedLinear
 
 LEAN_MODEL_TYPES = ("llama",)
 
@@ -36,19 +38,39 @@ def lean_supported(model: torch.nn.Module) -> bool:
     )
 
 
+class Projections:
+    """Linear layers that read the same input, applied as one: ``x`` -> their outputs side by side.
+    Compressed layers whose kernel layouts stack (same width and block geometry, no bias) run as one
+    kernel call over the stacked layout, each output as its own layer computes it; other layers run
+    one by one and their outputs are concatenated."""
+
+    def __init__(self, linears: list[torch.nn.Module]):
+        self.linears = linears
+        stackable = all(type(m) is CompressedLinear and m.bias is None for m in linears)
+        self.layout = lowbit.stacked_layout([m.fmt for m in linears]) if stackable else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout is not None and lowbit.takes(x):
+            return lowbit.layout_matmul(self.layout, x)
+        return torch.cat([m(x) for m in self.linears], dim=-1)
+
+
 class LeanLlama:
     """The decode loop of a Llama-family model with a static cache of ``max_tokens`` positions; each
     call takes the next ids ``(1, T)`` and returns the logits after the last of them."""
 
     def __init__(self, model: torch.nn.Module, max_tokens: int):
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+        from transformers.models.llama.modeling_llama import rotate_half
 
-        self.rotate = apply_rotary_pos_emb
+        self.rotate_half = rotate_half
         self.model, inner, cfg = model, model.model, model.config
         self.layers = list(inner.layers)
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = self.layers[0].self_attn.head_dim
         self.scaling = self.layers[0].self_attn.scaling
+        # per layer: q, k and v as one matmul, gate and up as another
+        self.qkv = [Projections([a.q_proj, a.k_proj, a.v_proj]) for a in (layer.self_attn for layer in self.layers)]
+        self.gate_up = [Projections([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in self.layers]
         dtype = inner.norm.weight.dtype
         shape = (1, self.kv_heads, max_tokens, self.head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype) for _ in self.layers]
@@ -65,24 +87,25 @@ class LeanLlama:
             )
         inner = self.model.model
         h = inner.embed_tokens(ids)
-        cos, sin = inner.rotary_emb(h, torch.arange(start, end).unsqueeze(0))
+        cos, sin = (t.unsqueeze(1) for t in inner.rotary_emb(h, torch.arange(start, end).unsqueeze(0)))
         # a causal mask only where several new tokens attend to each other (prefill)
         mask = torch.arange(end).unsqueeze(0) <= torch.arange(start, end).unsqueeze(1) if n > 1 else None
-        for layer, keys, values in zip(self.layers, self.keys, self.values):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(1, n, self.heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(1, n, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(1, n, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = self.rotate(q, k, cos, sin)
-            keys[:, :, start:end] = k
-            values[:, :, start:end] = v
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        for layer, qkv, gate_up, keys, values in zip(self.layers, self.qkv, self.gate_up, self.keys, self.values):
+            qkv_out = qkv(layer.input_layernorm(h)).view(1, n, heads + 2 * kv_heads, head_dim).transpose(1, 2)
+            # q and k rotated together: the same elementwise products as rotating each
+            qk = qkv_out[:, : heads + kv_heads]
+            qk = qk * cos + self.rotate_half(qk) * sin
+            keys[:, :, start:end] = qk[:, heads:]
+            values[:, :, start:end] = qkv_out[:, heads + kv_heads :]
             o = torch.nn.functional.scaled_dot_product_attention(
-                q, keys[:, :, :end], values[:, :, :end], attn_mask=mask, scale=self.scaling,
-                enable_gqa=self.heads != self.kv_heads,
+                qk[:, :heads], keys[:, :, :end], values[:, :, :end], attn_mask=mask, scale=self.scaling,
+                enable_gqa=heads != kv_heads,
             )
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(1, n, self.heads * self.head_dim))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(1, n, heads * head_dim))
+            mlp = layer.mlp
+            gate, up = gate_up(layer.post_attention_layernorm(h)).chunk(2, dim=-1)
+            h = h + mlp.down_proj(mlp.act_fn(gate) * up)
         self.length = end
         return self.model.lm_head(inner.norm(h[:, -1])).squeeze(0)
 

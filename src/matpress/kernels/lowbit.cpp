@@ -171,6 +171,9 @@ void mp_quantize(const float* x, int M, int K, int G, int sub, int Bo, int Bp, i
 // Scalar helpers, shared by the portable path and the decoder.
 
 static inline float half_to_float(uint16_t h) {
+#if defined(MP_AVX512_VNNI) || defined(MP_AVX2)
+    return _cvtsh_ss(h);  // F16C, exact
+#else
     const int exponent = (h >> 10) & 0x1F;
     const int mantissa = h & 0x3FF;
     float v;
@@ -178,6 +181,7 @@ static inline float half_to_float(uint16_t h) {
     else if (exponent == 31) v = mantissa ? NAN : INFINITY;
     else v = ldexpf((float)(mantissa | 0x400), exponent - 25);
     return (h & 0x8000) ? -v : v;
+#endif
 }
 
 static inline bool half_is_nonfinite(uint16_t h) { return (h & 0x7C00) == 0x7C00; }
@@ -432,6 +436,25 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* w
 
 #endif
 
+// The codes of one chunk as bytes, codes[s][16 * r + i] for row r, column 16 * s + i (what
+// unpack_chunk_scalar gives), unpacked with the widest vectors compiled in.
+template <int BITS>
+static inline void unpack_codes(const uint8_t* p, uint8_t codes[4][64]) {
+#if defined(MP_AVX512_VNNI)
+    __m512i w[4];
+    unpack_chunk<BITS>(p, w);
+    for (int s = 0; s < 4; ++s) _mm512_storeu_si512(codes[s], w[s]);
+#elif defined(MP_AVX2)
+    for (int h = 0; h < 2; ++h) {
+        __m256i w[4];
+        unpack_half<BITS>(p, h, w);
+        for (int s = 0; s < 4; ++s) _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes[s] + 32 * h), w[s]);
+    }
+#else
+    unpack_chunk_scalar<BITS>(p, codes);
+#endif
+}
+
 template <int BITS>
 static void gemm_bits(const uint8_t* w, const uint16_t* ws, const int16_t* wz, int T, int NB, int Bp,
                       const int8_t* xq, const float* xscale, const int32_t* xsum, int M, float* y, int N,
@@ -550,6 +573,24 @@ static inline uint16_t float_to_bf16(float v) {
     return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
 
+// o[i] = bf16((q[i] - zero) * scale) for the n <= 16 codes of one row in one step.
+static inline void step_to_bf16(const uint8_t* q, int zero, float scale, uint16_t* o, int n) {
+#if defined(MP_AVX512_VNNI)
+    if (n == 16) {  // the same products and rounding as float_to_bf16, 16 at a time
+        const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+        const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(codes, _mm512_set1_epi32(zero))),
+                                       _mm512_set1_ps(scale));
+        const __m512i u = _mm512_castps_si512(v);
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+        r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm512_cvtepi32_epi16(r));
+        return;
+    }
+#endif
+    for (int i = 0; i < n; ++i) o[i] = float_to_bf16((float)(q[i] - zero) * scale);
+}
+
 template <int BITS>
 static void decode_bits(const uint8_t* w, const uint16_t* ws, const int16_t* wz, int T, int NB, int Bp, int K,
                         int G, int sub, int Bo, uint16_t* out, int N, int nthreads) {
@@ -563,22 +604,15 @@ static void decode_bits(const uint8_t* w, const uint16_t* ws, const int16_t* wz,
             block_columns(b, K, G, sub, Bo, &start, &cols);
             for (int c = 0; c < nc && 64 * c < cols; ++c) {
                 uint8_t codes[4][64];
-                unpack_chunk_scalar<BITS>(w + t * tile_bytes + ((long)b * nc + c) * CB, codes);
+                unpack_codes<BITS>(w + t * tile_bytes + ((long)b * nc + c) * CB, codes);
                 for (int r = 0; r < rows; ++r) {
                     const long at = scale_index(t, NB, r, b);
                     const float scale = half_to_float(ws[at]);
                     const int zero = wz[at];
                     uint16_t* o = out + (long)(4 * t + r) * K + start + 64 * c;
                     const int n = cols - 64 * c < 64 ? cols - 64 * c : 64;
-                    for (int s = 0; s < 4 && 16 * s < n; ++s) {
-                        if (n - 16 * s >= 16) {  // whole step: a fixed-length loop the compiler vectorizes
-                            for (int i = 0; i < 16; ++i)
-                                o[16 * s + i] = float_to_bf16((float)(codes[s][16 * r + i] - zero) * scale);
-                        } else {
-                            for (int i = 0; i < n - 16 * s; ++i)
-                                o[16 * s + i] = float_to_bf16((float)(codes[s][16 * r + i] - zero) * scale);
-                        }
-                    }
+                    for (int s = 0; s < 4 && 16 * s < n; ++s)
+                        step_to_bf16(codes[s] + 16 * r, zero, scale, o + 16 * s, n - 16 * s < 16 ? n - 16 * s : 16);
                 }
             }
         }

@@ -140,6 +140,26 @@ def pack_layout(
     )
 
 
+def stack_layouts(layouts: list[LowbitLayout]) -> LowbitLayout | None:
+    """One layout holding the rows of ``layouts`` one after another (``x @ [W1; W2; ...].T`` in one
+    call, each output computed as by its own layout), or None when they differ in width or block
+    geometry, or a layout other than the last has a partial tile."""
+    first = layouts[0]
+    if any(lay.bits != first.bits or lay.geometry != first.geometry for lay in layouts) or any(
+        lay.out_features % TILE for lay in layouts[:-1]
+    ):
+        return None
+    return LowbitLayout(
+        bits=first.bits,
+        out_features=sum(lay.out_features for lay in layouts),
+        geometry=first.geometry,
+        codes=torch.cat([lay.codes for lay in layouts]),
+        scales=torch.cat([lay.scales for lay in layouts]),
+        zeros=torch.cat([lay.zeros for lay in layouts]),
+        scales_finite=all(lay.scales_finite for lay in layouts),
+    )
+
+
 def lowbit_matmul(layout: LowbitLayout, x: torch.Tensor, lib: KernelLibrary | None = None) -> torch.Tensor:
     """``x @ W.T`` (in ``x``'s dtype) with the compiled kernels ``lib`` (default: the native build)."""
     geo = layout.geometry
@@ -184,8 +204,32 @@ def layout_of(fmt: Format) -> LowbitLayout | None:
     """The format's kernel layout, built at first use and kept on the format object; None when its
     zero points do not fit the layout (then the format's own matmul runs)."""
     if LAYOUT_ATTR not in fmt.__dict__:
-        setattr(fmt, LAYOUT_ATTR, int_layout(fmt) if isinstance(fmt, IntFormat) else ternary_layout(fmt))
+        setattr(fmt, LAYOUT_ATTR, new_layout(fmt))
     return fmt.__dict__[LAYOUT_ATTR]
+
+
+def new_layout(fmt: Format) -> LowbitLayout | None:
+    """The kernel layout of an ``int`` or ``ternary`` format, built now (:func:`layout_of` keeps it)."""
+    return int_layout(fmt) if isinstance(fmt, IntFormat) else ternary_layout(fmt)
+
+
+def stacked_layout(fmts: list[Format]) -> LowbitLayout | None:
+    """One layout for several ``int`` / ``ternary`` formats of the same input (:func:`stack_layouts`),
+    or None when one has no layout or they do not stack. Layouts not built yet are built for the stack
+    only (not kept on their formats), so the stacked copy is the only one held."""
+    if not all(isinstance(f, (IntFormat, TernaryFormat)) for f in fmts):
+        return None
+    layouts = [f.__dict__[LAYOUT_ATTR] if LAYOUT_ATTR in f.__dict__ else new_layout(f) for f in fmts]
+    return None if any(lay is None for lay in layouts) else stack_layouts(layouts)
+
+
+def layout_matmul(layout: LowbitLayout, x: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T`` for a CPU input the kernels take (:func:`takes`): the integer kernel, or from
+    ``LARGE_BATCH`` rows on, where the CPU has AMX, torch's bf16 matmul of the decoded weights."""
+    if x.numel() >= LARGE_BATCH * layout.geometry.in_features and bf16_matmul_is_fast():
+        # many rows: the matmul is compute bound, and bf16 on AMX outruns the int8 kernel many times over
+        return torch.nn.functional.linear(x.to(torch.bfloat16), decode_bf16(layout)).to(x.dtype)
+    return lowbit_matmul(layout, x)
 
 
 def takes(x: torch.Tensor) -> bool:
@@ -198,9 +242,4 @@ def takes(x: torch.Tensor) -> bool:
 def lowbit_kernel(fmt: Format, x: torch.Tensor) -> torch.Tensor | None:
     """The registered fast path for ``int`` and ``ternary`` formats on the CPU."""
     layout = layout_of(fmt) if takes(x) else None
-    if layout is None:
-        return None
-    if x.numel() >= LARGE_BATCH * fmt.in_features and bf16_matmul_is_fast():
-        # many rows: the matmul is compute bound, and bf16 on AMX outruns the int8 kernel many times over
-        return torch.nn.functional.linear(x.to(torch.bfloat16), decode_bf16(layout)).to(x.dtype)
-    return lowbit_matmul(layout, x)
+    return None if layout is None else layout_matmul(layout, x)
