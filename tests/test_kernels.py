@@ -11,6 +11,7 @@ from torch import nn
 import matpress
 from format_checks import assert_within_kernel_bound, kernel_error_bound, kernel_library, outlier_weight
 from matpress import kernels
+from matpress.errors import MatpressError
 from matpress.formats import IntFormat, TernaryFormat
 from matpress.kernels import build, lowbit
 from matpress.nn.layers import CompressedLinear
@@ -206,6 +207,20 @@ def test_other_paths_equal_the_native_one(march, isa, native):
             fp32 = 2 * (layout.geometry.n_blocks + 3) * torch.finfo(torch.float32).eps
             assert bool(((a - b).abs() <= kernel_error_bound(fmt.decode(), x, group) * 254 * fp32).all())
         assert torch.equal(lowbit.decode_bf16(layout, other), lowbit.decode_bf16(layout, native))
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 build flags")
+def test_the_isa_variable_builds_the_kernels_as_another_cpu_runs_them(monkeypatch, native):
+    monkeypatch.setenv(build.ISA_VARIABLE, "avx2")
+    assert build.load_library().isa() == 2 and "AVX2" in build.kernel_path()
+    assert not lowbit.bf16_matmul_is_fast.__wrapped__()  # no AMX path either: an AVX2 CPU has none
+    fmt = IntFormat.encode(weight(8), bits=4, group_size=64)
+    x = torch.randn(3, IN)
+    y = kernels.matmul(fmt, x)
+    assert_within_kernel_bound(y, fmt, x, 64)
+    monkeypatch.setenv(build.ISA_VARIABLE, "avx9")
+    with pytest.raises(MatpressError, match="MATPRESS_KERNEL_ISA is 'avx9'; set it to one of native, avx2, portable"):
+        kernels.matmul(fmt, x)
 
 
 def test_compressed_linear_uses_the_kernel_and_survives_save_load(tmp_path, native, monkeypatch):

@@ -48,10 +48,17 @@ from typing import Callable, Optional
 import torch  # also loads torch's libgomp before ours, so both share one OpenMP runtime
 from torch.utils import cpp_extension
 
+from matpress.errors import MatpressError
+
 SOURCE = Path(__file__).with_name("lowbit.cpp")
 DEFAULT_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20")
 # The operators of the DEFAULT_FLAGS build; other builds get "matpress_<hash of their flags>".
 NAMESPACE = "matpress"
+# $MATPRESS_KERNEL_ISA: the instruction set the kernels are built for. "native" (the default) is the widest
+# this CPU has; "avx2" builds them as an AVX2-only x86 CPU runs them (AMD Zen 2/3, most laptops) and
+# "portable" the plain C++ path, so that one machine measures the paths other CPUs take.
+ISA_VARIABLE = "MATPRESS_KERNEL_ISA"
+ISA_MARCH = {"native": "native", "avx2": "x86-64-v3", "portable": "x86-64-v2"}
 
 
 @dataclass(frozen=True)
@@ -278,8 +285,24 @@ def _open(flags: tuple[str, ...]) -> tuple[KernelLibrary, Optional[str]]:
     return KernelLibrary(lib, namespace, ops.matmul.default, ops.decode_bf16.default), refused
 
 
-def load_library(flags: tuple[str, ...] = DEFAULT_FLAGS) -> Optional[KernelLibrary]:
-    """The compiled kernels (built on first call), or None after one warning when they cannot be built."""
+def chosen_isa() -> str:
+    """The instruction set of :data:`ISA_VARIABLE` (``native`` when unset)."""
+    isa = os.environ.get(ISA_VARIABLE, "native")
+    if isa not in ISA_MARCH:
+        raise MatpressError(f"${ISA_VARIABLE} is {isa!r}; set it to one of {', '.join(ISA_MARCH)} or unset it")
+    return isa
+
+
+def chosen_flags() -> tuple[str, ...]:
+    """DEFAULT_FLAGS with the ``-march`` of :func:`chosen_isa`."""
+    march = f"-march={ISA_MARCH[chosen_isa()]}"
+    return tuple(march if f == "-march=native" else f for f in DEFAULT_FLAGS)
+
+
+def load_library(flags: Optional[tuple[str, ...]] = None) -> Optional[KernelLibrary]:
+    """The compiled kernels (built on first call) with ``flags`` (default :func:`chosen_flags`), or None
+    after one warning when they cannot be built."""
+    flags = flags or chosen_flags()
     if flags not in _LOADED:
         try:
             _LOADED[flags], refused = _open(flags)

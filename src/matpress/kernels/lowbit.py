@@ -26,7 +26,7 @@ import torch
 
 from matpress.formats import Format, IntFormat, TernaryFormat
 from matpress.kernels import kernels_may_take, register_kernel
-from matpress.kernels.build import KernelLibrary, cpu_flags, load_library
+from matpress.kernels.build import KernelLibrary, chosen_isa, cpu_flags, load_library
 
 # Widest block of one int8 dot product: 255 * 127 * 256 < 2**24, so block sums convert to fp32 exactly.
 MAX_BLOCK = 256
@@ -180,8 +180,9 @@ def decode_bf16(layout: LowbitLayout, lib: KernelLibrary | None = None) -> torch
 
 @functools.lru_cache(maxsize=None)
 def bf16_matmul_is_fast() -> bool:
-    """Whether torch's bf16 matmul runs on AMX tiles here (oneDNN uses them when the CPU has them)."""
-    return "amx_bf16" in cpu_flags().split()
+    """Whether torch's bf16 matmul runs on AMX tiles here (oneDNN uses them when the CPU has them), and
+    the kernels are built for this CPU (not as another CPU runs them, see ``build.ISA_VARIABLE``)."""
+    return "amx_bf16" in cpu_flags().split() and chosen_isa() == "native"
 
 
 def int_layout(fmt: IntFormat) -> LowbitLayout | None:
