@@ -12,8 +12,8 @@ each step in its own subprocess (peak RSS from ``os.wait4``'s ``ru_maxrss``, and
     python benchmarks/memory.py [--work /tmp/matpress-mem] [--keep] [--only STEP ...] [--blocks N]
 
 Writes benchmarks/results/memory.md from the rows of every step measured so far (each kept as
-``row-<step>.json`` under --work, so steps can run one at a time with --only: rtn, load, gptq,
-budget). The models live under --work (about 19 GB for the 8B source, 6 GB for its checkpoint, plus
+``benchmarks/results/cache/memory/row-<step>[-<N>blocks].json``, committed, so steps can run one at a
+time with --only: rtn, load, gptq, budget; whole-model rows and first-blocks rows both stay). The models live under --work (about 19 GB for the 8B source, 6 GB for its checkpoint, plus
 the spill files while compressing) and are deleted afterwards unless --keep or --only.
 """
 
@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 from matpress.walk.source import INDEX_FILE, WeightSource, parameters_on_meta
 
 RESULTS = Path(__file__).parent / "results" / "memory.md"
+ROWS = Path(__file__).parent / "results" / "cache" / "memory"  # one JSON row per measured step
 SHARD_BYTES = 1 << 30
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0)
@@ -176,10 +177,12 @@ def run(work: Path, keep: bool, only: list[str], blocks: Optional[int] = None) -
             out = work / f"{label}-{name}{f'-{blocks}blocks' if blocks else ''}"
             peak, wall = measure(step, source, out)
             size = directory_bytes(out)
-            (work / f"row-{step}.json").write_text(json.dumps([row_label, step, source_bytes, size, peak, wall, invocation()]))
+            ROWS.mkdir(parents=True, exist_ok=True)
+            row = [row_label, step, source_bytes, size, peak, wall, invocation(), git_commit()]
+            (ROWS / f"row-{step}{f'-{blocks}blocks' if blocks else ''}.json").write_text(json.dumps(row))
             print(f"{label} {step}: peak RSS {peak / GB:.2f} GB, {wall:.0f} s, checkpoint {size / GB:.2f} GB", flush=True)
             # after every step, from every step's row so far: a later step running out of time leaves these
-            write_results([json.loads((work / f"row-{s}.json").read_text()) for s in TARGETS if (work / f"row-{s}.json").is_file()])
+            write_results([json.loads(path.read_text()) for path in sorted(ROWS.glob("row-*.json"), key=row_order)])
         if not keep and not only:
             for _, name in steps:
                 shutil.rmtree(work / f"{label}-{name}", ignore_errors=True)
@@ -206,13 +209,23 @@ PARTIAL = [
 ]
 
 
+def git_commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+
+
+def row_order(path: Path) -> tuple[int, int]:
+    """The table's order: by step (rtn, load, gptq, budget), whole models before their first blocks."""
+    step, _, blocks = path.stem.removeprefix("row-").partition("-")
+    return list(TARGETS).index(step), 0 if not blocks else 1
+
+
 def write_results(rows: list) -> None:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+    commits = ", ".join(dict.fromkeys(row[7] for row in rows))
     lines = [
         "# Peak memory: compressing and loading big models",
         "",
         f"Commands: {'; '.join(f'`{c}`' for c in dict.fromkeys(row[6] for row in rows))} "
-        f"(matpress at commit {commit}; torch {torch.__version__}, transformers {transformers.__version__}). "
+        f"(matpress at commit {commits}, in the order of the rows; torch {torch.__version__}, transformers {transformers.__version__}). "
         "Runs under `nice` shared the CPUs with other jobs: their peak memory does not depend on that, their wall time does.",
         f"Machine: {os.cpu_count()} cores of an {cpu_name()}, "
         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, shared with other jobs (wall times are indicative).",
