@@ -202,10 +202,23 @@ def invocation() -> str:
 PARTIAL = [
     "",
     "Rows of the first N blocks of a model (`--blocks N`) compress only those blocks, of the real shapes, streamed from the",
-    "full model's shards (its config cut to N blocks; the source column counts the tensors that model uses): the peak",
-    "is one block's, and the walk hands freed memory back after every block (a profile of the 8B model's first 3 blocks",
-    "returned to 0.46 GB of RSS after each one), so the other blocks add nothing to it. The source and load columns",
-    "are of the cut model.",
+    "full model's shards (its config cut to N blocks; the source column counts the tensors that model uses). The walk",
+    "hands freed memory back after every block (a profile of the 8B model's first 3 blocks returned to 0.46 GB of RSS",
+    "after each one), but a first-blocks peak is a lower bound of the whole model's: the 1B GPTQ row below shows the",
+    "whole run 1.04 GB above its first block. The source and load columns are of the cut model.",
+]
+# what a profile of the 1B GPTQ run showed (a sampler of /proc/self/status over the first 5 blocks, 2026-12-02)
+GPTQ_PROFILE = [
+    "",
+    "Where the 1B GPTQ peak comes from (RSS sampled every 0.2 s over the first 5 blocks): the anonymous memory returns to",
+    "0.88 GB after every block, and peaks at 3.10-3.17 GB inside a block (+2.2 GB), of which +1.07 GB is the down",
+    "projection's inverse-Hessian factor (8192 inputs: two fp64 8192x8192 matrices at once, the Cholesky factor and the",
+    "triangular inverse), next to its fp32 Hessian (0.27 GB), the block's fp32 weights and their decoded copies (0.24 GB",
+    "each). The rest of the whole-model peak is most likely file-backed (its split was not sampled over all 16 blocks):",
+    "the compressed layers are spilled to files and mapped back, and the pages the calibration forwards read stay",
+    "resident (0.34 GB of file pages after 5 blocks against 0.17 GB after loading), growing with the blocks done.",
+    "Ways down, not done yet: an in-place triangular inverse (one fp64 matrix) or an fp32 factor for wide layers, and",
+    "dropping the spilled layers' pages once their block has run.",
 ]
 
 
@@ -234,6 +247,7 @@ def write_results(rows: list) -> None:
         f"in its own process, peak RSS is that process's `ru_maxrss`. GPTQ calibrates on {CALIBRATION_WINDOWS} windows of "
         "128 random token ids; the budget measures weight errors (no calibration).",
         *(PARTIAL if any("blocks" in row[0] for row in rows) else []),
+        *(GPTQ_PROFILE if any(row[1] == "gptq" and "blocks" not in row[0] for row in rows) else []),
         "",
         "| model | step | source (bf16) | output checkpoint | peak RSS | target | wall |",
         "|---|---|---|---|---|---|---|",
