@@ -61,6 +61,9 @@ CONTENDERS: list[Contender] = [
         contender(f"gptq-codebook-{b}b-g32-{t}", f"GPTQ onto codebook {t}, {b}b g32", {"method": "gptq_codebook", "bits": b, "group_size": 32, "table": t, **CALIBRATED})
         for b in (4, 3) for t in ("nl", "layer")
     ),
+    # ~2 bits: 8-bit codes of 4 weights, one fp16 scale per row (2.0x bits), GPTQ over blocks of 4 columns
+    contender("gptq-vq-8x4-rot", "GPTQ onto vq, 8-bit codes of 4 weights, rotation", {"method": "gptq_vq", "bits": 8, "dim": 4, "rotate": True}),
+    contender("vq-8x4-rot", "RTN onto vq, 8-bit codes of 4 weights, rotation", {"method": "vq", "bits": 8, "dim": 4, "rotate": True}),
     *(contender(f"rtn-{b}b-g64", f"RTN int{b} g64", {"method": "rtn", "bits": b, "group_size": 64}) for b in (4, 3)),
     *(contender(f"rtn-codebook-{b}b-g32-nl", f"RTN onto codebook nl, {b}b g32", {"method": "codebook", "bits": b, "group_size": 32, "table": "nl"}) for b in (4, 3)),
 ]
