@@ -6,7 +6,10 @@ evaluation split), scored by ``peers.measure``. Each pair compares at equal stor
 
 - ~4.5 bits: uniform int4 with an fp16 scale and zero per 64 columns, against 4-bit codes with one
   fp16 scale per 32 columns;
-- ~3.5 bits: uniform int3 g64 against 3-bit codes g32.
+- ~3.5 bits: uniform int3 g64 against 3-bit codes g32;
+- ~2 bits: vector quantization (``gptq_vq`` and round-to-nearest ``vq``: 8-bit codes of 4 weights, one
+  fp16 scale per row, 2.0x bits) against every result under 3 bits cached by ``peers.py`` (uniform
+  GPTQ int2 g64 with act-order and rotation, RTN, hqq, torchao, llama.cpp Q2_K; 2.5 bits and more).
 
 The uniform rows are configurations of the race (``peers.py``), copied from its cache when there;
 each codebook row is compared with the better of uniform GPTQ with and without the clipping search.
@@ -105,7 +108,33 @@ def comparison(rows: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
-def report(rows: list[dict[str, Any]], not_run: list[str], n_windows: int, seq_len: int, argv: Optional[list[str]]) -> str:
+VQ_ROWS = ("gptq-vq-8x4-rot", "vq-8x4-rot")
+
+
+def peers_below_three_bits(cache: Path) -> list[dict[str, Any]]:
+    """The cached rows of ``peers.py`` (the same harness) under 3 bits per block weight: every 2-bit
+    uniform result (matpress RTN / GPTQ, hqq, torchao, llama.cpp Q2_K), the 2-bit VQ rows' opponents."""
+    folder = cache.parent / "peers" / "smollm2"
+    rows = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    return sorted((r for r in rows if r["block_bpw"] < 3.0), key=lambda r: r["kl_mean"])
+
+
+def two_bit_comparison(rows: dict[str, dict[str, Any]], peers: list[dict[str, Any]]) -> list[str]:
+    """The VQ rows against every cached 2-bit row of ``peers.py``, best first."""
+    vq = [rows[n] for n in VQ_ROWS if n in rows]
+    if not vq:
+        return []
+    lines = ["At ~2 bits: the VQ rows against every result under 3 bits cached by `peers.py` (same harness).", "",
+             "| contender | bits/weight, block linears | KL to fp32 |", "|---|---:|---:|"]
+    for r in sorted(vq + peers, key=lambda r: r["kl_mean"]):
+        lines.append(f"| {r['label']} | {r['block_bpw']:.3f} | {r['kl_mean']:.4f} |")
+    return lines + [""]
+
+
+def report(
+    rows: list[dict[str, Any]], not_run: list[str], n_windows: int, seq_len: int, argv: Optional[list[str]],
+    peers: list[dict[str, Any]],
+) -> str:
     table = ["| contender | bits/weight, block linears | perplexity | KL to fp32 | time s |", "|---|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (round(r["block_bpw"], 1), r["family"] != "gptq", r["family"], r["kl_mean"])):
         table.append(f"| {r['label']} | {r['block_bpw']:.3f} | {r['perplexity']:.2f} | {r['kl_mean']:.4f} | {r['seconds']:.1f} |")
@@ -124,6 +153,7 @@ def report(rows: list[dict[str, Any]], not_run: list[str], n_windows: int, seq_l
         "",
         *comparison({r["name"]: r for r in rows}),
         "",
+        *two_bit_comparison({r["name"]: r for r in rows}, peers),
         *table,
         "",
         *([f"Not run yet: {', '.join(not_run)}.", ""] if not_run else []),
@@ -145,7 +175,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     chosen = [by_name[n] for n in args.only] if args.only else CONTENDERS
     borrow_race_rows(args.cache)
     rows, not_run = cached_contenders(args, CONTENDERS, chosen, Path("out/codebook"))
-    publish(report(rows, not_run, args.windows, args.seq_len, argv), args.out)
+    publish(report(rows, not_run, args.windows, args.seq_len, argv, peers_below_three_bits(args.cache)), args.out)
 
 
 if __name__ == "__main__":
