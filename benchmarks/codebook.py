@@ -66,6 +66,7 @@ CONTENDERS: list[Contender] = [
     ),
     # ~2 bits: 8-bit codes of 4 weights, one fp16 scale per row (2.0x bits), GPTQ over blocks of 4 columns
     contender("gptq-vq-8x4-rot", "GPTQ onto vq, 8-bit codes of 4 weights, rotation", {"method": "gptq_vq", "bits": 8, "dim": 4, "rotate": True}),
+    contender("gptq-vq-8x4-rot-refit", "GPTQ onto vq, 8-bit codes of 4 weights, rotation, codebook refit", {"method": "gptq_vq", "bits": 8, "dim": 4, "rotate": True, "refit_steps": 10}),
     contender("vq-8x4-rot", "RTN onto vq, 8-bit codes of 4 weights, rotation", {"method": "vq", "bits": 8, "dim": 4, "rotate": True}),
     *(contender(f"rtn-{b}b-g64", f"RTN int{b} g64", {"method": "rtn", "bits": b, "group_size": 64}) for b in (4, 3)),
     *(contender(f"rtn-codebook-{b}b-g32-nl", f"RTN onto codebook nl, {b}b g32", {"method": "codebook", "bits": b, "group_size": 32, "table": "nl"}) for b in (4, 3)),
@@ -108,7 +109,7 @@ def comparison(rows: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
-VQ_ROWS = ("gptq-vq-8x4-rot", "vq-8x4-rot")
+VQ_ROWS = ("gptq-vq-8x4-rot", "gptq-vq-8x4-rot-refit", "vq-8x4-rot")
 
 
 def peers_below_three_bits(cache: Path) -> list[dict[str, Any]]:

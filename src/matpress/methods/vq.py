@@ -13,7 +13,8 @@ vectors of ``dim`` weights, fp16 scales per row or group).
   ``W_R -= (W_S - Q_S) U_SS^-1 U_SR``. The OBS column sweep (:func:`matpress.methods.obs.obs_sweep`)
   applies exactly that update when the block's values are fixed at its first column: its steps
   ``e_j = (w_j - q_j - sum_{i<j} e_i U_ij) / U_jj`` solve ``e U_SS = W_S - Q_S``. No act-order (the
-  blocks are consecutive columns); ``rotate`` (randomized Hadamard incoherence processing, as for
+  blocks are consecutive columns); ``refit_steps`` then re-fits the codebook to the codes by least
+  squares on the output error (AQLM alternates such codebook updates with its code search); ``rotate`` (randomized Hadamard incoherence processing, as for
   ``gptq``) is what makes 2-bit vectors work: rotated weights are nearly Gaussian in every block.
 """
 
@@ -33,7 +34,7 @@ from matpress.formats.transformed import make_transform, quantize_transformed
 from matpress.formats.vq import BITS, DIMS, check_vq, learn_codebook, nearest_vectors, rms_scales, scaled_vectors
 from matpress.methods.base import LayerStats, check_flag, check_int, register_method
 from matpress.methods.gptq import GPTQParams, inverse_hessian_factor
-from matpress.methods.obs import live_inputs, obs_sweep
+from matpress.methods.obs import live_inputs, obs_sweep, output_error
 
 
 @dataclass(frozen=True)
@@ -66,13 +67,17 @@ class VQParams:
 
 @dataclass(frozen=True)
 class GPTQVQParams(VQParams):
-    """VQ parameters plus GPTQ's percdamp and block_size (a multiple of dim; see ``gptq``)."""
+    """VQ parameters plus GPTQ's percdamp and block_size (a multiple of dim; see ``gptq``), and
+    refit_steps: conjugate-gradient steps re-fitting the codebook to the sweep's codes under the
+    layer's output error (:func:`refit_codebook`; 0: none)."""
 
     percdamp: float = 0.01
     block_size: int = 128
+    refit_steps: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_int("refit_steps", self.refit_steps, minimum=0)
         GPTQParams(percdamp=self.percdamp, block_size=self.block_size)  # the checks gptq makes of them
         if self.block_size % self.dim:
             raise ValueError(f"block_size must be a multiple of dim={self.dim}, got {self.block_size}")
@@ -114,7 +119,46 @@ def gptq_vq_quantize(weight: torch.Tensor, hessian: torch.Tensor, params: GPTQVQ
         return chosen[:, j % dim]
 
     obs_sweep(weight, hinv, round_column, blocksize=params.block_size, start_column=start_column)
+    if params.refit_steps:
+        codebook = refit_codebook(weight, hessian, codes, s, codebook, params.refit_steps)
     return VQFormat.from_codes(codes, scales, codebook, params.group_size)
+
+
+def refit_codebook(
+    weight: torch.Tensor, hessian: torch.Tensor, codes: torch.Tensor, s: torch.Tensor, codebook: torch.Tensor, steps: int
+) -> torch.Tensor:
+    """The codebook ``(K, dim)`` minimising the output error ``tr((W - Q) H (W - Q)^T)`` for fixed
+    ``codes`` ``(out, in / dim)`` and scales ``s`` ``(out, in)``, ``Q = s * codebook[codes]``: a linear
+    least-squares problem in the codebook, solved by ``steps`` conjugate-gradient steps from
+    ``codebook`` (the normal equations ``A c = b`` with ``A c`` the codeword sums of ``s (Q(c) H)``
+    and ``b`` those of ``s (W H)``; codewords no vector uses keep their value). Rounded to fp16 and
+    kept only if that lowers the error as stored, so never worse than ``codebook``."""
+    out_f, n = weight.shape
+    index = codes.reshape(-1)
+
+    def decoded(c: torch.Tensor) -> torch.Tensor:
+        return c[codes].reshape(out_f, n) * s
+
+    def codeword_sums(m: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(codebook).index_add_(0, index, (m * s).reshape(-1, codebook.shape[1]))
+
+    x = codebook.clone()
+    r = codeword_sums((weight - decoded(x)) @ hessian)
+    p, rs = r.clone(), float((r * r).sum())
+    for _ in range(steps):
+        if rs == 0:
+            break
+        ap = codeword_sums(decoded(p) @ hessian)
+        alpha = rs / float((p * ap).sum())
+        x += alpha * p
+        r -= alpha * ap
+        rs, previous = float((r * r).sum()), rs
+        p = r + (rs / previous) * p
+    fitted = x.half().float()
+    if not bool(torch.isfinite(fitted).all()):
+        return codebook
+    before = output_error(weight, decoded(codebook), hessian)
+    return fitted if output_error(weight, decoded(fitted), hessian) < before else codebook
 
 
 def _calibrated(
