@@ -51,7 +51,7 @@ def uncompressed_warnings(record) -> list[str]:
 @pytest.mark.parametrize("name", sorted(FORMATS))
 def test_decode_rows_equals_the_rows_of_decode_for_every_format(name):
     torch.manual_seed(0)
-    shape = {"nm_sparse": (40, 48), "monarch": (40, 48), "blockdiag": (40, 48), "kquant": (37, 256)}.get(name, (37, 50))
+    shape = {"nm_sparse": (40, 48), "monarch": (40, 48), "blockdiag": (40, 48), "kquant": (37, 256), "vq": (37, 48)}.get(name, (37, 50))
     fmt = format_class(name).encode(torch.randn(*shape))
     for dtype in (torch.float32, torch.float16):
         assert torch.equal(fmt.decode_rows(ROWS, dtype), fmt.decode(dtype)[ROWS])
