@@ -178,6 +178,22 @@ def child_from_tensors(
     return format_class(spec["format"]).from_tensors(tuple(shape), spec["config"], mine)
 
 
+def config_values(name: str, config: dict[str, Any], *keys: str) -> tuple[Any, ...]:
+    """The values of ``keys`` in a stored format ``config``, in order; a missing one is a FormatError
+    naming it and the format ``name``."""
+    try:
+        return tuple(config[k] for k in keys)
+    except KeyError as e:
+        raise FormatError(f"{name} format: config lacks {e.args[0]!r}") from None
+
+
+def check_stored(name: str, tensors: dict[str, torch.Tensor], allowed: set[str]) -> None:
+    """Refuse stored tensors the format ``name`` does not store (a checkpoint of another format or version)."""
+    extra = set(tensors) - allowed
+    if extra:
+        raise FormatError(f"{name} format: unexpected stored tensors {sorted(extra)}")
+
+
 def is_positive_int(value: Any) -> bool:
     """An ``int`` (not a bool) above zero, as sizes read from a config must be."""
     return isinstance(value, int) and not isinstance(value, bool) and value > 0

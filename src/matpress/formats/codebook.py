@@ -34,7 +34,7 @@ from typing import Any, Optional
 import torch
 
 from matpress.errors import FormatError, quote
-from matpress.formats.base import Format, check_weight, expect_tensor, is_positive_int
+from matpress.formats.base import Format, check_stored, check_weight, config_values, expect_tensor, is_positive_int
 from matpress.formats.integer import FP16_MAX, FP16_MIN_NORMAL, grouped, resolve_group_size
 from matpress.formats.packing import pack_rows, packed_row_bytes, unpack_rows
 from matpress.formats.ternary import expand_groups
@@ -253,15 +253,10 @@ class CodebookFormat(Format):
     def from_tensors(
         cls, shape: tuple[int, int], config: dict[str, Any], tensors: dict[str, torch.Tensor]
     ) -> "CodebookFormat":
-        try:
-            bits, group_size, table = config["bits"], config["group_size"], config["table"]
-        except KeyError as e:
-            raise FormatError(f"codebook format: config lacks {e.args[0]!r}") from None
+        bits, group_size, table = config_values("codebook", config, "bits", "group_size", "table")
         if group_size is not None and not is_positive_int(group_size):
             raise FormatError(f"codebook format: group_size must be a positive integer or null, got {quote(group_size)}")
-        extra = set(tensors) - {"packed", "scales", "table"}
-        if extra:
-            raise FormatError(f"codebook format: unexpected stored tensors {sorted(extra)}")
+        check_stored("codebook", tensors, {"packed", "scales", "table"})
         return cls(shape, bits, group_size, table, tensors.get("packed"), tensors.get("scales"), tensors.get("table"))
 
     def describe(self) -> str:

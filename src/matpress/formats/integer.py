@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from matpress.errors import FormatError, quote
-from matpress.formats.base import Format, check_weight, expect_tensor, is_positive_int
+from matpress.formats.base import Format, check_stored, check_weight, config_values, expect_tensor, is_positive_int
 from matpress.formats.packing import pack_rows, packed_row_bytes, unpack_rows
 
 FP16_MIN_NORMAL = 2.0**-14
@@ -219,13 +219,8 @@ class IntFormat(Format):
     def from_tensors(
         cls, shape: tuple[int, int], config: dict[str, Any], tensors: dict[str, torch.Tensor]
     ) -> "IntFormat":
-        try:
-            bits, group_size, symmetric = config["bits"], config["group_size"], config["symmetric"]
-        except KeyError as e:
-            raise FormatError(f"int format: config lacks {e.args[0]!r}") from None
-        extra = set(tensors) - {"packed", "scales", "zeros"}
-        if extra:
-            raise FormatError(f"int format: unexpected stored tensors {sorted(extra)}")
+        bits, group_size, symmetric = config_values("int", config, "bits", "group_size", "symmetric")
+        check_stored("int", tensors, {"packed", "scales", "zeros"})
         return cls(shape, bits, group_size, symmetric, tensors.get("packed"), tensors.get("scales"), tensors.get("zeros"))
 
     def describe(self) -> str:

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import torch
 
 from matpress.errors import FormatError, quote
-from matpress.formats.base import Format, check_weight, expect_tensor, fp16_factor
+from matpress.formats.base import Format, check_stored, check_weight, config_values, expect_tensor, fp16_factor
 from matpress.formats.packing import pack_rows, packed_row_bytes, unpack_rows
 
 SUPER = 256  # weights per super-block (ggml's QK_K)
@@ -285,12 +285,10 @@ class KQuantFormat(Format):
 
     @classmethod
     def from_tensors(cls, shape: tuple[int, int], config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "KQuantFormat":
-        if "kquant" not in config:
-            raise FormatError("kquant format: config lacks 'kquant'")
-        extra = set(tensors) - {"packed", "scales", "mins", "d", "dmin"}
-        if extra:
-            raise FormatError(f"kquant format: unexpected stored tensors {sorted(extra)}")
-        return cls(shape, config["kquant"], *(tensors.get(k) for k in ("packed", "scales", "mins", "d", "dmin")))
+        (kquant,) = config_values("kquant", config, "kquant")
+        stored = ("packed", "scales", "mins", "d", "dmin")
+        check_stored("kquant", tensors, set(stored))
+        return cls(shape, kquant, *(tensors.get(k) for k in stored))
 
     def describe(self) -> str:
         return self.spec.gguf_type

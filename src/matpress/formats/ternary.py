@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 
 from matpress.errors import FormatError
-from matpress.formats.base import Format, check_weight, expect_tensor, fp16_factor
+from matpress.formats.base import Format, check_stored, check_weight, config_values, expect_tensor, fp16_factor
 from matpress.formats.integer import resolve_group_size, to_fp16_scale
 from matpress.formats.packing import check_trit_bytes, pack_trits, packed_trit_row_bytes, unpack_trits
 
@@ -105,12 +105,9 @@ class TernaryFormat(Format):
     def from_tensors(
         cls, shape: tuple[int, int], config: dict[str, Any], tensors: dict[str, torch.Tensor]
     ) -> "TernaryFormat":
-        if "group_size" not in config:
-            raise FormatError("ternary format: config lacks 'group_size'")
-        extra = set(tensors) - {"packed", "scales"}
-        if extra:
-            raise FormatError(f"ternary format: unexpected stored tensors {sorted(extra)}")
-        return cls(shape, config["group_size"], tensors.get("packed"), tensors.get("scales"))
+        (group_size,) = config_values("ternary", config, "group_size")
+        check_stored("ternary", tensors, {"packed", "scales"})
+        return cls(shape, group_size, tensors.get("packed"), tensors.get("scales"))
 
     def describe(self) -> str:
         return "ternary " + ("ch" if self.group_size == self.in_features else f"g{self.group_size}")

@@ -30,7 +30,7 @@ from typing import Any, Optional
 import torch
 
 from matpress.errors import FormatError, quote
-from matpress.formats.base import Format, check_weight, expect_tensor, fp16_factor, is_positive_int
+from matpress.formats.base import Format, check_stored, check_weight, config_values, expect_tensor, fp16_factor, is_positive_int
 from matpress.formats.integer import FP16_MIN_NORMAL, grouped, resolve_group_size
 from matpress.formats.packing import pack_rows, packed_row_bytes, unpack_rows
 from matpress.formats.ternary import expand_groups
@@ -228,13 +228,8 @@ class VQFormat(Format):
 
     @classmethod
     def from_tensors(cls, shape: tuple[int, int], config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "VQFormat":
-        try:
-            bits, dim, group_size = config["bits"], config["dim"], config["group_size"]
-        except KeyError as e:
-            raise FormatError(f"vq format: config lacks {e.args[0]!r}") from None
-        extra = set(tensors) - {"packed", "scales", "codebook"}
-        if extra:
-            raise FormatError(f"vq format: unexpected stored tensors {sorted(extra)}")
+        bits, dim, group_size = config_values("vq", config, "bits", "dim", "group_size")
+        check_stored("vq", tensors, {"packed", "scales", "codebook"})
         return cls(shape, bits, dim, group_size, tensors.get("packed"), tensors.get("scales"), tensors.get("codebook"))
 
     def describe(self) -> str:
