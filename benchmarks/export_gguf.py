@@ -63,6 +63,9 @@ EXPORTS: dict[str, tuple[str, dict[str, Any]]] = {  # name -> (model, recipe)
     "rtn-8b-g64-sym": (SMOLLM2, {"default": {"method": "rtn", "bits": 8, "group_size": 64, "symmetric": True}}),
     "gptq-q4_k": (SMOLLM2, {"default": {"method": "gptq", "kquant": "q4_k"}}),
     "budget-5bpw-gguf-grids": (SMOLLM2, {"budget": "5bpw", "candidates": GGUF_CANDIDATES}),
+    # each runtime's own disagreement, with no quantized block at all
+    "dense-f32-smollm2": (SMOLLM2, {"default": {"method": "dense", "dtype": "fp32"}}),
+    "dense-f32": (RANDOM_LLAMA, {"default": {"method": "dense", "dtype": "fp32"}}),
     **{
         f"rtn-{k}": (RANDOM_LLAMA, {"default": {"method": "rtn", "kquant": k}, "rules": [{"pattern": "*embed_tokens", "method": "rtn", "kquant": k}]})
         for k in sorted(KQUANTS)

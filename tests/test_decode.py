@@ -37,8 +37,10 @@ def test_lean_loop_gives_the_logits_of_the_full_forward_at_every_step(compressed
     torch.manual_seed(0)
     ids = torch.randint(0, 128, (9,)).tolist()
     step = LeanLlama(model, 16)
-    # compressed: q, k, v as one kernel call and gate, up as another; dense: each layer on its own
+    # compressed: q, k, v as one kernel call and gate, up as another, and one token's step through each
+    # block as one call of the decode-block kernel; dense: each layer on its own
     assert all((p.layout is not None) == compressed for p in step.qkv + step.gate_up)
+    assert (step.blocks is not None) == compressed
     with torch.inference_mode():
         assert_same_logits(step(torch.tensor([ids])), full_forward_logits(model, ids), model)
         for token in (5, 77, 3):
@@ -47,6 +49,36 @@ def test_lean_loop_gives_the_logits_of_the_full_forward_at_every_step(compressed
         # a second prefill of several tokens after the cache holds some: the causal mask is offset
         ids += [1, 2, 3]
         assert_same_logits(step(torch.tensor([[1, 2, 3]])), full_forward_logits(model, ids), model)
+
+
+def test_a_block_the_decode_block_kernel_does_not_know_runs_through_its_modules():
+    """GELU instead of SiLU: no one-call block step; the modules' own step gives the full forward's logits."""
+    model = tiny_llama()
+    model.config.hidden_act = "gelu"
+    for layer in model.model.layers:
+        layer.mlp.act_fn = torch.nn.GELU()
+    matpress.compress(model, RTN, progress=False)
+    step = LeanLlama(model, 8)
+    assert step.blocks is None and step.qkv[0].layout is not None
+    with torch.inference_mode():
+        step(torch.tensor([[3, 9, 27]]))
+        assert_same_logits(step(torch.tensor([[81]])), full_forward_logits(model, [3, 9, 27, 81]), model)
+
+
+def test_the_decode_block_kernel_refuses_a_position_outside_its_cache():
+    from matpress.kernels import lowbit
+
+    model = tiny_llama()
+    matpress.compress(model, RTN, progress=False)
+    step = LeanLlama(model, 4)
+    layer, h = model.model.layers[0], torch.zeros(model.config.hidden_size)
+    rotary = (torch.ones(step.head_dim), torch.zeros(step.head_dim))
+    norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+    cache = (step.keys[0][0], step.values[0][0])
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="at position 4 of a cache of 4"):
+        lowbit.decode_block(step.blocks[0], h, norms, step.eps, rotary, cache, 4, step.heads, step.scaling)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="h must be a contiguous fp32 CPU vector of 64"):
+        lowbit.decode_block(step.blocks[0], h.double(), norms, step.eps, rotary, cache, 0, step.heads, step.scaling)
 
 
 def test_greedy_generation_equals_transformers_generate():

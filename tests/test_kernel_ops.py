@@ -73,6 +73,23 @@ def test_operator_refuses_a_layout_that_does_not_match_its_geometry(native):
         native.matmul(*args)
 
 
+def test_layout_stores_codes_of_the_blocks_that_hold_columns_only():
+    """300 columns in groups of 64 are 5 blocks; the scale arithmetic pads them to a quad of 8, the
+    codes stay at 5 blocks of one 128-byte 4-bit chunk per tile."""
+    layout = lowbit.layout_of(FORMATS["int4-g64"]())
+    geo = layout.geometry
+    assert (geo.code_blocks, geo.n_blocks) == (5, 8)
+    assert layout.codes.shape == (-(-OUT // lowbit.TILE), 5 * 128)
+    assert layout.scales.numel() == layout.codes.shape[0] * 8 * lowbit.TILE
+
+
+def test_operator_refuses_an_input_narrower_than_its_layout(native):
+    layout = lowbit.layout_of(FORMATS["int4-g64"]())
+    args = list(op_args(layout, torch.randn(1, 128)))  # 2 blocks of columns against the layout's 5
+    with pytest.raises(RuntimeError, match="codes hold 640 bytes per tile, the geometry needs 256"):
+        native.matmul(*args)
+
+
 @pytest.mark.parametrize("name", sorted(FORMATS))
 def test_compressed_layer_compiles_in_one_graph_to_the_same_output(name, native):
     module = layer(FORMATS[name]())

@@ -99,9 +99,13 @@ def test_every_expert_is_compressed_and_computes_with_its_decoded_weight(family,
             for e, layer in enumerate(getattr(unfused, projection)):
                 getattr(fused, projection).data[e] = layer.fmt.decode()
     # with the kernels off both sides run F.linear on the same fp32 weights and inputs in the same
-    # order, so no rounding difference at all
+    # order; the BLAS may still sum a product in another order for a weight that is a slice of the fused
+    # parameter (seen on an AMD EPYC, not on a Xeon), so each logit may move by fp32 roundings of sums of
+    # at most hidden + intermediate + positions terms per block, each at most max|logit| in size
     with exact_matmul():
-        assert torch.equal(logits(model, ids()), logits(reference, ids()))
+        ours, theirs = logits(model, ids()), logits(reference, ids())
+    terms = LAYERS * (SHAPE["hidden_size"] + 128 + SHAPE["max_position_embeddings"])
+    assert bool(((ours - theirs).abs() <= terms * torch.finfo(torch.float32).eps * theirs.abs().max()).all())
     seen = {}  # through the kernels, an expert is within the kernels' tested bound of x @ decode().T
     name, layer = next(iter(layers.items()))
     layer.register_forward_hook(lambda m, args, out: seen.update(x=args[0], y=out))

@@ -46,12 +46,19 @@ class Projections:
 
     def __init__(self, linears: list[torch.nn.Module]):
         self.linears = linears
-        stackable = all(type(m) is CompressedLinear and m.bias is None for m in linears)
-        self.layout = lowbit.stacked_layout([m.fmt for m in linears]) if stackable else None
+        stackable = all(isinstance(m, CompressedLinear) and m.bias is None and lowbit.has_kernel_format(m.fmt) for m in linears)
+        if not stackable:
+            self.layout = None
+        elif len(linears) == 1:  # the layer's own layout, kept on its format (as its forward keeps it)
+            self.layout = lowbit.layout_of(linears[0].fmt)
+        else:
+            self.layout = lowbit.stacked_layout([m.fmt for m in linears])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout is not None and lowbit.takes(x):
             return lowbit.layout_matmul(self.layout, x)
+        if len(self.linears) == 1:
+            return self.linears[0](x)
         return torch.cat([m(x) for m in self.linears], dim=-1)
 
 
@@ -71,11 +78,32 @@ class LeanLlama:
         # per layer: q, k and v as one matmul, gate and up as another
         self.qkv = [Projections([a.q_proj, a.k_proj, a.v_proj]) for a in (layer.self_attn for layer in self.layers)]
         self.gate_up = [Projections([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in self.layers]
+        # single layers straight to their kernel layout too: the module call and the dispatch cost more
+        # than a 576-wide matrix's arithmetic
+        self.o = [Projections([layer.self_attn.o_proj]) for layer in self.layers]
+        self.down = [Projections([layer.mlp.down_proj]) for layer in self.layers]
+        self.head = Projections([model.lm_head])
+        self.blocks = self._block_layouts()
         dtype = inner.norm.weight.dtype
         shape = (1, self.kv_heads, max_tokens, self.head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype) for _ in self.layers]
         self.values = [torch.zeros(shape, dtype=dtype) for _ in self.layers]
         self.max_tokens, self.length = max_tokens, 0
+
+    def _block_layouts(self) -> Optional[list[lowbit.BlockLayouts]]:
+        """Every block's projections for the one-call decode step, or None unless every block can take
+        it: all four projections in kernel layouts, fp32 RMS norms of one epsilon, SiLU."""
+        norms = [n for layer in self.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        fits = (
+            getattr(self.model.config, "hidden_act", None) == "silu"
+            and all(getattr(n, "weight", None) is not None and n.weight.dtype == torch.float32 for n in norms)
+            and len({getattr(n, "variance_epsilon", None) for n in norms}) == 1
+            and all(p.layout is not None for p in (*self.qkv, *self.o, *self.gate_up, *self.down))
+        )
+        if not fits:
+            return None
+        self.eps = norms[0].variance_epsilon
+        return [lowbit.BlockLayouts.of([p.layout for p in ps]) for ps in zip(self.qkv, self.o, self.gate_up, self.down)]
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         n = ids.shape[1]
@@ -91,23 +119,53 @@ class LeanLlama:
         # a causal mask only where several new tokens attend to each other (prefill)
         mask = torch.arange(end).unsqueeze(0) <= torch.arange(start, end).unsqueeze(1) if n > 1 else None
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
-        for layer, qkv, gate_up, keys, values in zip(self.layers, self.qkv, self.gate_up, self.keys, self.values):
-            qkv_out = qkv(layer.input_layernorm(h)).view(1, n, heads + 2 * kv_heads, head_dim).transpose(1, 2)
+        if n == 1 and self.blocks is not None and h.dtype == torch.float32 and lowbit.takes(h):
+            # one token: each block in one kernel call
+            x, rotary = h.reshape(-1), (cos.reshape(-1), sin.reshape(-1))
+            for layer, block, keys, values in zip(self.layers, self.blocks, self.keys, self.values):
+                norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+                x = lowbit.decode_block(block, x, norms, self.eps, rotary, (keys[0], values[0]), start, heads, self.scaling)
+            self.length = end
+            return self.head(rms_norm(inner.norm, x.view(1, -1))).squeeze(0)
+        layers = zip(self.layers, self.qkv, self.o, self.gate_up, self.down, self.keys, self.values)
+        for layer, qkv, o_proj, gate_up, down, keys, values in layers:
+            qkv_out = qkv(rms_norm(layer.input_layernorm, h)).view(1, n, heads + 2 * kv_heads, head_dim).transpose(1, 2)
             # q and k rotated together: the same elementwise products as rotating each
             qk = qkv_out[:, : heads + kv_heads]
             qk = qk * cos + self.rotate_half(qk) * sin
             keys[:, :, start:end] = qk[:, heads:]
             values[:, :, start:end] = qkv_out[:, heads + kv_heads :]
-            o = torch.nn.functional.scaled_dot_product_attention(
-                qk[:, :heads], keys[:, :, :end], values[:, :, :end], attn_mask=mask, scale=self.scaling,
-                enable_gqa=heads != kv_heads,
-            )
-            h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(1, n, heads * head_dim))
-            mlp = layer.mlp
-            gate, up = gate_up(layer.post_attention_layernorm(h)).chunk(2, dim=-1)
-            h = h + mlp.down_proj(mlp.act_fn(gate) * up)
+            if n == 1:
+                o = single_query_attention(qk[0, :heads, 0], keys[0, :, :end], values[0, :, :end], self.scaling)
+            else:
+                o = torch.nn.functional.scaled_dot_product_attention(
+                    qk[:, :heads], keys[:, :, :end], values[:, :, :end], attn_mask=mask, scale=self.scaling,
+                    enable_gqa=heads != kv_heads,
+                ).transpose(1, 2)
+            h = h + o_proj(o.reshape(1, n, heads * head_dim))
+            gate, up = gate_up(rms_norm(layer.post_attention_layernorm, h)).chunk(2, dim=-1)
+            h = h + down(layer.mlp.act_fn(gate) * up)
         self.length = end
-        return self.model.lm_head(inner.norm(h[:, -1])).squeeze(0)
+        return self.head(rms_norm(inner.norm, h[:, -1])).squeeze(0)
+
+
+def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` of a Llama RMS norm as one fused op where that is the same arithmetic (fp32: the
+    module computes in fp32 and casts back), else through the module."""
+    if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
+        return torch.nn.functional.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+    return norm(x)
+
+
+def single_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of one new token: ``q`` ``(heads, d)`` over ``keys`` / ``values`` ``(kv_heads, T, d)``,
+    each group of ``heads / kv_heads`` query heads sharing one key/value head (as SDPA's GQA maps them).
+    Two batched matmuls and a softmax: scaled_dot_product_attention's set-up costs more than this
+    arithmetic at decode. Returns ``(heads, d)``."""
+    kv_heads = keys.shape[0]
+    grouped = q.reshape(kv_heads, -1, q.shape[-1]) * scale
+    weights = torch.bmm(grouped, keys.transpose(1, 2)).softmax(dim=-1)
+    return torch.bmm(weights, values).reshape(q.shape)
 
 
 class ModelStep:

@@ -69,6 +69,7 @@ class KernelLibrary:
     namespace: str
     matmul: Callable[..., torch.Tensor]  # torch.ops.<namespace>.matmul.default
     decode_bf16: Callable[..., torch.Tensor]
+    decode_block: Callable[..., torch.Tensor]  # one Llama block for one token (see lowbit.cpp)
 
     def isa(self) -> int:
         """The path compiled in: 1 AVX-512 VNNI, 2 AVX2, 0 portable C++."""
@@ -282,7 +283,7 @@ def _open(flags: tuple[str, ...]) -> tuple[KernelLibrary, Optional[str]]:
         os.unlink(library)
         raise KernelCacheError(f"{e}; deleted it") from None
     ops = getattr(torch.ops, namespace)
-    return KernelLibrary(lib, namespace, ops.matmul.default, ops.decode_bf16.default), refused
+    return KernelLibrary(lib, namespace, ops.matmul.default, ops.decode_bf16.default, ops.decode_block.default), refused
 
 
 def chosen_isa() -> str:

@@ -8,8 +8,9 @@
 // llama.cpp and in "LUT-GEMM" / "QServe" style mixed-precision kernels.
 //
 // Weight layout (built once by matpress.kernels.lowbit.pack_layout): rows are grouped in tiles of 4;
-// each row's columns in blocks of Bp (a multiple of 64) columns, the number of blocks NB a multiple of
-// 4 (padded with empty blocks), and each block in chunks of 64 columns. A chunk of one tile is a few 512-bit vectors whose 128-bit lane r holds row r: in "step" s
+// each row's columns in blocks of Bp (a multiple of 64) columns, and each block in chunks of 64 columns.
+// The codes hold the blocks that hold columns; the scale arithmetic takes blocks four at a time, so the
+// scales, zero points and activations count NB blocks, a multiple of 4 (padded with empty blocks). A chunk of one tile is a few 512-bit vectors whose 128-bit lane r holds row r: in "step" s
 // (0..3) byte i of lane r is the code of column 16*s + i. For
 //   8 bits: 4 vectors, one per step (256 bytes);
 //   4 bits: 2 vectors, vector v holds step 2v in the low and step 2v+1 in the high nibbles (128 bytes);
@@ -134,6 +135,9 @@ static inline void block_columns(int b, int K, int G, int sub, int Bo, int* star
 
 // Weight rows in tile t of a matrix of N rows (4, fewer in the last tile).
 static inline int tile_rows(int t, int N) { return N - 4 * t < 4 ? N - 4 * t : 4; }
+// Blocks that hold columns: the codes store these only; scales and zeros are padded to whole quads of
+// NB blocks (their padding is a few bytes, the codes' would be a quarter of a 576-wide matrix at g64).
+static inline int code_blocks(int K, int G, int sub) { return (K + G - 1) / G * sub; }
 
 extern "C" {
 
@@ -243,7 +247,7 @@ static inline void unpack_chunk(const uint8_t* p, __m512i w[4]) {
 // 4x4 transpose-add per 128-bit lane turns the four accumulators into the four block sums of each row,
 // so the zero correction, conversion and scaling are one vector operation per quad.
 template <int BITS, int MB>
-static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* wzt, int NB, int Bp,
+static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* wzt, int NB, int NBc, int Bp,
                         const int8_t* xq, long xstride, const float* xscale, const int32_t* xsum,
                         float* y, long ystride, int rows) {
     constexpr int CB = chunk_bytes(BITS);
@@ -257,7 +261,8 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* w
             for (int m = 0; m < MB; ++m) acc[m][j] = _mm512_setzero_si512();
             const uint8_t* pb = wt + (long)b * nc * CB;
             const int8_t* xb = xq + (long)b * Bp;
-            for (int c = 0; c < nc; ++c) {
+            const int chunks = b < NBc ? nc : 0;  // the quad's empty blocks store no codes
+            for (int c = 0; c < chunks; ++c) {
                 __m512i w[4];
                 prefetch_ahead<CB>(pb + (long)c * CB);
                 unpack_chunk<BITS>(pb + (long)c * CB, w);
@@ -335,7 +340,7 @@ static inline void unpack_half(const uint8_t* p, int h, __m256i w[4]) {
 }
 
 template <int BITS, int MB>
-static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* wzt, int NB, int Bp,
+static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* wzt, int NB, int NBc, int Bp,
                         const int8_t* xq, long xstride, const float* xscale, const int32_t* xsum,
                         float* y, long ystride, int rows) {
     constexpr int CB = chunk_bytes(BITS);
@@ -351,7 +356,8 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* w
             const int8_t* xb = xq + (long)b * Bp;
             __m256i acc[MB][2];
             for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
-            for (int c = 0; c < nc; ++c) {
+            const int chunks = b < NBc ? nc : 0;  // the quad's empty blocks store no codes
+            for (int c = 0; c < chunks; ++c) {
                 prefetch_ahead<CB>(pb + (long)c * CB);
                 for (int h = 0; h < 2; ++h) {
                     __m256i w[4];
@@ -404,12 +410,12 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* w
 #else  // portable path: the same layout and arithmetic, written plainly
 
 template <int BITS, int MB>
-static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* wzt, int NB, int Bp,
+static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* wzt, int NB, int NBc, int Bp,
                         const int8_t* xq, long xstride, const float* xscale, const int32_t* xsum,
                         float* y, long ystride, int rows) {
     const int CB = chunk_bytes(BITS), nc = Bp / 64;
     float yv[MB][4] = {};
-    for (int b = 0; b < NB; ++b) {
+    for (int b = 0; b < NBc; ++b) {  // the empty blocks after them add nothing
         int32_t acc[MB][4] = {};
         for (int c = 0; c < nc; ++c) {
             uint8_t w[4][64];
@@ -456,10 +462,10 @@ static inline void unpack_codes(const uint8_t* p, uint8_t codes[4][64]) {
 }
 
 template <int BITS>
-static void gemm_bits(const uint8_t* w, const uint16_t* ws, const int16_t* wz, int T, int NB, int Bp,
+static void gemm_bits(const uint8_t* w, const uint16_t* ws, const int16_t* wz, int T, int NB, int NBc, int Bp,
                       const int8_t* xq, const float* xscale, const int32_t* xsum, int M, float* y, int N,
                       int nthreads) {
-    const long tile_bytes = (long)NB * (Bp / 64) * chunk_bytes(BITS);
+    const long tile_bytes = (long)NBc * (Bp / 64) * chunk_bytes(BITS);
     const long xstride = (long)NB * Bp;
     // Threads only for more than a few microseconds of work: waking them costs more on small matrices.
 #pragma omp parallel for num_threads(nthreads) schedule(static) if ((long)T * tile_bytes * M > (1 << 15))
@@ -471,13 +477,13 @@ static void gemm_bits(const uint8_t* w, const uint16_t* ws, const int16_t* wz, i
         int m = 0;
         // Activation rows in runs of 4, then 2, 1: each run reuses the tile's unpacked codes.
         for (; m + 4 <= M; m += 4)
-            tile_kernel<BITS, 4>(wt, wst, wzt, NB, Bp, xq + m * xstride, xstride, xscale + (long)m * NB,
+            tile_kernel<BITS, 4>(wt, wst, wzt, NB, NBc, Bp, xq + m * xstride, xstride, xscale + (long)m * NB,
                                  xsum + (long)m * NB, y + (long)m * N + 4 * t, N, rows);
         for (; m + 2 <= M; m += 2)
-            tile_kernel<BITS, 2>(wt, wst, wzt, NB, Bp, xq + m * xstride, xstride, xscale + (long)m * NB,
+            tile_kernel<BITS, 2>(wt, wst, wzt, NB, NBc, Bp, xq + m * xstride, xstride, xscale + (long)m * NB,
                                  xsum + (long)m * NB, y + (long)m * N + 4 * t, N, rows);
         for (; m < M; ++m)
-            tile_kernel<BITS, 1>(wt, wst, wzt, NB, Bp, xq + m * xstride, xstride, xscale + (long)m * NB,
+            tile_kernel<BITS, 1>(wt, wst, wzt, NB, NBc, Bp, xq + m * xstride, xstride, xscale + (long)m * NB,
                                  xsum + (long)m * NB, y + (long)m * N + 4 * t, N, rows);
     }
 }
@@ -495,7 +501,7 @@ static void fix_nonfinite(const uint8_t* w, const uint16_t* ws, const int16_t* w
     for (long mb = 0; mb < total && !any; ++mb) any = xscale[mb] != xscale[mb];
     if (!any) return;
     const int CB = chunk_bytes(BITS), nc = Bp / 64;
-    const long tile_bytes = (long)NB * nc * CB;
+    const long tile_bytes = (long)code_blocks(K, G, sub) * nc * CB;
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic)
     for (int t = 0; t < T; ++t) {
         const int rows = tile_rows(t, N);
@@ -503,7 +509,7 @@ static void fix_nonfinite(const uint8_t* w, const uint16_t* ws, const int16_t* w
             for (int m = 0; m < M; ++m) {
                 float sum = 0.f;
                 bool reached = false;
-                for (int b = 0; b < (K + G - 1) / G * sub; ++b) {
+                for (int b = 0; b < code_blocks(K, G, sub); ++b) {
                     const long at = scale_index(t, NB, r, b);
                     const float a = xscale[(long)m * NB + b];
                     if (a == a && !(scales_nonfinite && half_is_nonfinite(ws[at]))) continue;
@@ -531,7 +537,7 @@ struct MatmulArgs {
 
 template <int BITS>
 static void matmul_bits(const MatmulArgs& a) {
-    gemm_bits<BITS>(a.w, a.ws, a.wz, a.T, a.NB, a.Bp, a.xq, a.xscale, a.xsum, a.M, a.y, a.N, a.nthreads);
+    gemm_bits<BITS>(a.w, a.ws, a.wz, a.T, a.NB, code_blocks(a.K, a.G, a.sub), a.Bp, a.xq, a.xscale, a.xsum, a.M, a.y, a.N, a.nthreads);
     fix_nonfinite<BITS>(a.w, a.ws, a.wz, a.T, a.NB, a.Bp, a.x, a.M, a.K, a.G, a.sub, a.Bo, a.xscale,
                         a.scales_nonfinite, a.y, a.N, a.nthreads);
 }
@@ -595,11 +601,11 @@ template <int BITS>
 static void decode_bits(const uint8_t* w, const uint16_t* ws, const int16_t* wz, int T, int NB, int Bp, int K,
                         int G, int sub, int Bo, uint16_t* out, int N, int nthreads) {
     const int CB = chunk_bytes(BITS), nc = Bp / 64;
-    const long tile_bytes = (long)NB * nc * CB;
+    const long tile_bytes = (long)code_blocks(K, G, sub) * nc * CB;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int t = 0; t < T; ++t) {
         const int rows = tile_rows(t, N);
-        for (int b = 0; b < (K + G - 1) / G * sub; ++b) {
+        for (int b = 0; b < code_blocks(K, G, sub); ++b) {
             int start, cols;
             block_columns(b, K, G, sub, Bo, &start, &cols);
             for (int c = 0; c < nc && 64 * c < cols; ++c) {
@@ -647,18 +653,25 @@ int mp_decode_bf16(int bits, const uint8_t* w, const uint16_t* ws, const int16_t
 #include <torch/library.h>
 
 #include <memory>
+#include <vector>
 #include <string>
 
 static void check_layout(int64_t bits, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros,
-                         int64_t n_blocks, int64_t padded, int64_t out_features) {
+                         int64_t n_blocks, int64_t padded, int64_t in_features, int64_t group, int64_t sub,
+                         int64_t out_features) {
+    TORCH_CHECK(group > 0 && sub > 0 && in_features > 0 && padded > 0 && padded % 64 == 0,
+                "low-bit kernel: group, sub, in_features and padded must be positive, padded a multiple of 64");
+    const int64_t stored = code_blocks((int)in_features, (int)group, (int)sub);
+    TORCH_CHECK(stored <= n_blocks && n_blocks % 4 == 0, "low-bit kernel: ", n_blocks,
+                " blocks (a multiple of 4) cannot hold the ", stored, " blocks of ", in_features, " columns");
     TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "low-bit kernel: no layout for ", bits,
                 " bits (2, 3, 4 or 8)");
     TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
                     codes.dim() == 2 && codes.size(0) == (out_features + 3) / 4,
                 "low-bit kernel: codes must be a contiguous uint8 CPU tensor of one row per 4-row tile");
-    TORCH_CHECK(codes.size(1) == n_blocks * (padded / 64) * chunk_bytes((int)bits),
+    TORCH_CHECK(codes.size(1) == stored * (padded / 64) * chunk_bytes((int)bits),
                 "low-bit kernel: codes hold ", codes.size(1), " bytes per tile, the geometry needs ",
-                n_blocks * (padded / 64) * chunk_bytes((int)bits));
+                stored * (padded / 64) * chunk_bytes((int)bits));
     TORCH_CHECK(scales.scalar_type() == at::kHalf && zeros.scalar_type() == at::kShort && scales.is_contiguous() &&
                     zeros.is_contiguous() && scales.numel() == codes.size(0) * n_blocks * 4 &&
                     zeros.numel() == scales.numel(),
@@ -669,9 +682,9 @@ static void check_layout(int64_t bits, const at::Tensor& codes, const at::Tensor
 static at::Tensor op_matmul(int64_t bits, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros,
                             int64_t n_blocks, int64_t padded, const at::Tensor& x, int64_t group, int64_t sub,
                             int64_t width, int64_t out_features, bool scales_nonfinite) {
-    check_layout(bits, codes, scales, zeros, n_blocks, padded, out_features);
     TORCH_CHECK(x.device().is_cpu() && x.dim() >= 1 && x.size(-1) > 0,
                 "low-bit kernel: x must be a CPU tensor with features in its last dimension");
+    check_layout(bits, codes, scales, zeros, n_blocks, padded, x.size(-1), group, sub, out_features);
     // fp32 contiguous input (the common case) goes in as it is: no conversion, no copy
     const bool direct = x.scalar_type() == at::kFloat && x.is_contiguous();
     const at::Tensor xf = direct ? x : x.to(at::kFloat).contiguous();
@@ -694,7 +707,7 @@ static at::Tensor op_matmul(int64_t bits, const at::Tensor& codes, const at::Ten
 static at::Tensor op_decode_bf16(int64_t bits, const at::Tensor& codes, const at::Tensor& scales,
                                  const at::Tensor& zeros, int64_t n_blocks, int64_t padded, int64_t in_features,
                                  int64_t group, int64_t sub, int64_t width, int64_t out_features) {
-    check_layout(bits, codes, scales, zeros, n_blocks, padded, out_features);
+    check_layout(bits, codes, scales, zeros, n_blocks, padded, in_features, group, sub, out_features);
     at::Tensor out = at::empty({out_features, in_features}, codes.options().dtype(at::kBFloat16));
     mp_decode_bf16((int)bits, codes.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
                    zeros.data_ptr<int16_t>(), (int)codes.size(0), (int)n_blocks, (int)padded, (int)in_features,
@@ -703,9 +716,135 @@ static at::Tensor op_decode_bf16(int64_t bits, const at::Tensor& codes, const at
     return out;
 }
 
+// ---- One decode step of a Llama block ------------------------------------------------------------------
+// For one new token in fp32, everything a Llama-family block does, in one call: RMS norm, the stacked
+// q/k/v projection, the rotary embedding of q and k (rotate-half form), the key/value cache write,
+// attention over the cached positions (grouped-query: query head h reads key/value head h / (heads /
+// kv_heads)), the output projection and residual, RMS norm, the stacked gate/up projection, SiLU(gate) *
+// up, the down projection and residual. At decode each step of this is a few microseconds of arithmetic
+// on 576-wide vectors, where a PyTorch op costs about as much again to dispatch; the projections are the
+// kernels of mp_matmul, the same arithmetic as four matmul calls.
+
+namespace {
+
+struct Projection {
+    int bits; const uint8_t* w; const uint16_t* ws; const int16_t* wz; int T, NB, Bp, K, G, sub, Bo, N; int nonfinite;
+    void apply(const float* x, float* y, int nthreads) const {
+        const int status = mp_matmul(bits, w, ws, wz, T, NB, Bp, x, 1, K, G, sub, Bo, y, N, nonfinite, nthreads);
+        TORCH_CHECK(status == 0, "low-bit kernel: no scratch memory for one row of ", K, " activations");
+    }
+};
+
+// HF's LlamaRMSNorm in fp32: weight * (x * rsqrt(mean(x^2) + eps))
+void rms_norm(const float* x, const float* weight, int n, float eps, float* out) {
+    float ss = 0.f;
+    for (int i = 0; i < n; ++i) ss += x[i] * x[i];
+    const float r = 1.f / sqrtf(ss / (float)n + eps);
+    for (int i = 0; i < n; ++i) out[i] = weight[i] * (x[i] * r);
+}
+
+// x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[d/2:], x[:d/2])
+void rotate(float* x, const float* cos, const float* sin, int d) {
+    const int half = d / 2;
+    for (int i = 0; i < half; ++i) {
+        const float a = x[i], b = x[i + half];
+        x[i] = a * cos[i] - b * sin[i];
+        x[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+}  // namespace
+
+static at::Tensor op_decode_block(const at::Tensor& h, at::TensorList codes, at::TensorList scales,
+                                  at::TensorList zeros, at::IntArrayRef geometry, const at::Tensor& input_norm,
+                                  const at::Tensor& post_norm, double eps, const at::Tensor& cos, const at::Tensor& sin,
+                                  at::Tensor& keys, at::Tensor& values, int64_t position, int64_t heads, double scale) {
+    auto fp32_vector = [](const at::Tensor& t, int64_t n, const char* what) {
+        TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 1 &&
+                        t.size(0) == n, "decode block: ", what, " must be a contiguous fp32 CPU vector of ", n, " values");
+    };
+    TORCH_CHECK(codes.size() == 4 && scales.size() == 4 && zeros.size() == 4 && geometry.size() == 32,
+                "decode block: four projections (q/k/v, o, gate/up, down), eight geometry values each");
+    TORCH_CHECK(keys.device().is_cpu() && keys.scalar_type() == at::kFloat && keys.is_contiguous() && keys.dim() == 3 &&
+                    values.sizes() == keys.sizes() && values.scalar_type() == at::kFloat && values.is_contiguous(),
+                "decode block: keys and values must be contiguous fp32 CPU caches (kv_heads, positions, head_dim)");
+    const int64_t kv_heads = keys.size(0), max_len = keys.size(1), d = keys.size(2);
+    TORCH_CHECK(heads > 0 && heads % kv_heads == 0 && d % 2 == 0 && position >= 0 && position < max_len,
+                "decode block: ", heads, " heads over ", kv_heads, " key/value heads of width ", d, " at position ",
+                position, " of a cache of ", max_len);
+    const int64_t hidden = h.numel(), inner = geometry[2 * 8 + 6] / 2;
+    fp32_vector(h, hidden, "h");
+    fp32_vector(input_norm, hidden, "the input norm's weight");
+    fp32_vector(post_norm, hidden, "the post-attention norm's weight");
+    fp32_vector(cos, d, "cos");
+    fp32_vector(sin, d, "sin");
+    const int64_t in_features[4] = {hidden, heads * d, hidden, inner};
+    const int64_t out_features[4] = {(heads + 2 * kv_heads) * d, hidden, 2 * inner, hidden};
+    Projection proj[4];
+    for (int i = 0; i < 4; ++i) {
+        const int64_t* g = geometry.data() + 8 * i;  // bits, n_blocks, padded, group, sub, width, out_features, nonfinite
+        TORCH_CHECK(g[6] == out_features[i], "decode block: projection ", i, " has ", g[6], " outputs, the block needs ",
+                    out_features[i]);
+        check_layout(g[0], codes[i], scales[i], zeros[i], g[1], g[2], in_features[i], g[3], g[4], g[6]);
+        proj[i] = Projection{(int)g[0], codes[i].data_ptr<uint8_t>(),
+                             reinterpret_cast<const uint16_t*>(scales[i].data_ptr<at::Half>()), zeros[i].data_ptr<int16_t>(),
+                             (int)codes[i].size(0), (int)g[1], (int)g[2], (int)in_features[i], (int)g[3], (int)g[4],
+                             (int)g[5], (int)g[6], (int)g[7]};
+    }
+    const int nthreads = at::get_num_threads();
+    at::Tensor out = at::empty({hidden}, h.options());
+    std::vector<float> x(hidden), qkv(out_features[0]), attn(heads * d), gate_up(2 * inner), scores(position + 1);
+    const float* hp = h.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    float* kc = keys.data_ptr<float>();
+    float* vc = values.data_ptr<float>();
+
+    rms_norm(hp, input_norm.data_ptr<float>(), (int)hidden, (float)eps, x.data());
+    proj[0].apply(x.data(), qkv.data(), nthreads);
+    for (int64_t head = 0; head < heads + kv_heads; ++head)
+        rotate(qkv.data() + head * d, cos.data_ptr<float>(), sin.data_ptr<float>(), (int)d);
+    for (int64_t g = 0; g < kv_heads; ++g) {
+        memcpy(kc + (g * max_len + position) * d, qkv.data() + (heads + g) * d, d * sizeof(float));
+        memcpy(vc + (g * max_len + position) * d, qkv.data() + (heads + kv_heads + g) * d, d * sizeof(float));
+    }
+    const int64_t group = heads / kv_heads, length = position + 1;
+    for (int64_t head = 0; head < heads; ++head) {
+        const float* q = qkv.data() + head * d;
+        const float* k = kc + (head / group) * max_len * d;
+        const float* v = vc + (head / group) * max_len * d;
+        float top = -INFINITY;
+        for (int64_t t = 0; t < length; ++t) {
+            float dot = 0.f;
+            for (int64_t i = 0; i < d; ++i) dot += q[i] * k[t * d + i];
+            scores[t] = dot * (float)scale;
+            top = scores[t] > top ? scores[t] : top;
+        }
+        float total = 0.f;
+        for (int64_t t = 0; t < length; ++t) total += (scores[t] = expf(scores[t] - top));
+        float* o = attn.data() + head * d;
+        for (int64_t i = 0; i < d; ++i) o[i] = 0.f;
+        for (int64_t t = 0; t < length; ++t) {
+            const float p = scores[t] / total;
+            for (int64_t i = 0; i < d; ++i) o[i] += p * v[t * d + i];
+        }
+    }
+    proj[1].apply(attn.data(), op, nthreads);
+    for (int64_t i = 0; i < hidden; ++i) op[i] += hp[i];
+    rms_norm(op, post_norm.data_ptr<float>(), (int)hidden, (float)eps, x.data());
+    proj[2].apply(x.data(), gate_up.data(), nthreads);
+    for (int64_t i = 0; i < inner; ++i) {
+        const float g = gate_up[i];
+        gate_up[i] = g / (1.f + expf(-g)) * gate_up[inner + i];
+    }
+    std::vector<float> down(hidden);
+    proj[3].apply(gate_up.data(), down.data(), nthreads);
+    for (int64_t i = 0; i < hidden; ++i) op[i] += down[i];
+    return out;
+}
+
 extern "C" {
 
-// Define and implement (CPU) the operators <ns>::matmul and <ns>::decode_bf16. Returns 0, or -1 with
+// Define and implement (CPU) the operators <ns>::matmul, <ns>::decode_bf16 and <ns>::decode_block. Returns 0, or -1 with
 // the reason in `error` (e.g. the namespace is taken).
 int mp_register_ops(const char* ns, char* error, int error_len) {
     try {
@@ -716,9 +855,13 @@ int mp_register_ops(const char* ns, char* error, int error_len) {
                  "int group, int sub, int width, int out_features, bool scales_nonfinite) -> Tensor");
         def->def("decode_bf16(int bits, Tensor codes, Tensor scales, Tensor zeros, int n_blocks, int padded, "
                  "int in_features, int group, int sub, int width, int out_features) -> Tensor");
+        def->def("decode_block(Tensor h, Tensor[] codes, Tensor[] scales, Tensor[] zeros, int[] geometry, "
+                 "Tensor input_norm, Tensor post_norm, float eps, Tensor cos, Tensor sin, Tensor(a!) keys, "
+                 "Tensor(b!) values, int position, int heads, float scale) -> Tensor");
         auto* impl = new torch::Library(torch::Library::IMPL, ns, c10::DispatchKey::CPU, __FILE__, __LINE__);
         impl->impl("matmul", TORCH_FN(op_matmul));
         impl->impl("decode_bf16", TORCH_FN(op_decode_bf16));
+        impl->impl("decode_block", TORCH_FN(op_decode_block));
         return 0;
     } catch (const std::exception& e) {
         snprintf(error, error_len, "%s", e.what());

@@ -4,8 +4,9 @@ The weights are repacked once, at first use, into the tiled layout of ``lowbit.c
 format object, never saved); activations are quantized to int8 per block on every call and multiplied
 by integer dot products (AVX-512 VNNI, else AVX2, else portable C++), the group scales and zero points
 applied once per block. The kernels are PyTorch custom operators (see ``build.py``), so compressed
-layers trace under ``torch.compile`` and ``torch.export``. From ``LARGE_BATCH`` rows on, CPUs with AMX decode the weights to bf16 and use
-torch's matmul instead. See ``docs/kernels.md`` for the layout and the measured speed.
+layers trace under ``torch.compile`` and ``torch.export``. From ``LARGE_BATCH`` rows on, CPUs with AMX
+(and, for small matrices, CPUs with AVX-512 BF16) decode the weights to bf16 and use torch's matmul
+instead. See ``docs/kernels.md`` for the layout and the measured speed.
 
 Non-finite values propagate as in ``x @ W.T`` of the decoded weights: the kernel flags activation
 blocks that hold a NaN or an infinity (and the layout records whether a scale is one) and recomputes
@@ -37,14 +38,20 @@ QUAD = 4  # blocks per step of the kernel's scale arithmetic
 LAYOUT_BITS = (2, 3, 4, 8)
 LAYOUT_ATTR = "_lowbit_layout"
 # From this many activation rows on, CPUs with AMX decode the weights to bf16 and use torch's matmul
-# (measured crossover on a Sapphire Rapids: see docs/kernels.md).
+# (measured crossover on a Sapphire Rapids: see docs/kernels.md). CPUs with AVX-512 BF16 but no AMX
+# (AMD Zen 4/5) do so too for matrices of up to BF16_MAX_WEIGHTS weights: there the decode of a bigger
+# matrix costs more than the bf16 matmul saves at a few hundred rows (measured on a Zen 5 EPYC: 0.6-0.9x
+# the int kernel's time for SmolLM2's 576- and 1536-wide matrices at 128-512 rows, 1.0-2.3x for
+# Llama-1B's 2048x8192).
 LARGE_BATCH = 128
+BF16_MAX_WEIGHTS = 1 << 22
 
 
 @dataclass(frozen=True)
 class BlockGeometry:
     """How the columns of a row split into kernel blocks: each weight group of ``group`` columns into
-    ``sub`` blocks of ``width`` columns (the last possibly shorter), each padded to ``padded``."""
+    ``sub`` blocks of ``width`` columns (the last possibly shorter), each padded to ``padded``. The codes
+    hold ``code_blocks`` blocks; scales, zero points and activations ``n_blocks``, padded to whole quads."""
 
     in_features: int
     group: int
@@ -62,15 +69,18 @@ class BlockGeometry:
         n_blocks = math.ceil(math.ceil(in_features / group) * sub / QUAD) * QUAD
         return cls(in_features, group, sub, width, padded, n_blocks)
 
+    @property
+    def code_blocks(self) -> int:
+        return math.ceil(self.in_features / self.group) * self.sub
+
     def blocked(self, per_column: torch.Tensor) -> torch.Tensor:
-        """``(rows, in_features)`` -> ``(rows, n_blocks, padded)``, zeros in the padding."""
+        """``(rows, in_features)`` -> ``(rows, code_blocks, padded)``, zeros in the padding."""
         rows = per_column.shape[0]
         n_groups = math.ceil(self.in_features / self.group)
         t = torch.nn.functional.pad(per_column, (0, n_groups * self.group - self.in_features))
         t = torch.nn.functional.pad(t.view(rows, n_groups, self.group), (0, self.sub * self.width - self.group))
         t = torch.nn.functional.pad(t.view(rows, n_groups, self.sub, self.width), (0, self.padded - self.width))
-        t = t.reshape(rows, n_groups * self.sub, self.padded)
-        return torch.nn.functional.pad(t, (0, 0, 0, self.n_blocks - n_groups * self.sub))
+        return t.reshape(rows, n_groups * self.sub, self.padded)
 
     def per_block(self, per_group: torch.Tensor) -> torch.Tensor:
         """``(rows, n_groups)`` -> ``(rows, n_blocks)``, zeros for the empty blocks."""
@@ -92,7 +102,7 @@ class LowbitLayout:
 
 
 def _interleave(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """``(tiles, TILE, n_blocks, padded)`` codes -> the byte stream of each tile, ``(tiles, bytes)``."""
+    """``(tiles, TILE, code_blocks, padded)`` codes -> the byte stream of each tile, ``(tiles, bytes)``."""
     t, _, nb, padded = codes.shape
     # steps[t, b, c, s, r, i]: code of row r, column 64 c + 16 s + i of block b
     steps = codes.view(t, TILE, nb, padded // CHUNK, 4, 16).permute(0, 2, 3, 4, 1, 5)
@@ -127,7 +137,7 @@ def pack_layout(
         return t.view(tiles, TILE, geo.n_blocks // QUAD, QUAD).transpose(1, 2).contiguous()
 
     blocked = torch.nn.functional.pad(geo.blocked(codes.to(torch.uint8)), (0, 0, 0, 0, 0, pad_rows))
-    packed = _interleave(blocked.view(tiles, TILE, geo.n_blocks, geo.padded), layout_bits)
+    packed = _interleave(blocked.view(tiles, TILE, geo.code_blocks, geo.padded), layout_bits)
     scales = tiled(scale.half())
     return LowbitLayout(
         bits=layout_bits,
@@ -185,6 +195,22 @@ def bf16_matmul_is_fast() -> bool:
     return "amx_bf16" in cpu_flags().split() and chosen_isa() == "native"
 
 
+@functools.lru_cache(maxsize=None)
+def bf16_dot_is_fast() -> bool:
+    """Whether torch's bf16 matmul has the AVX-512 BF16 dot product here (and the kernels are built for
+    this CPU), which pays for the decode on small matrices only (see ``BF16_MAX_WEIGHTS``)."""
+    return "avx512_bf16" in cpu_flags().split() and chosen_isa() == "native"
+
+
+def takes_bf16_path(layout: "LowbitLayout", x: torch.Tensor) -> bool:
+    """Whether ``x @ W.T`` is faster as torch's bf16 matmul of the decoded weights than in the integer
+    kernel: many rows (``LARGE_BATCH``), on AMX, or on AVX-512 BF16 for a small enough matrix."""
+    if x.numel() < LARGE_BATCH * layout.geometry.in_features:
+        return False
+    weights = layout.out_features * layout.geometry.in_features
+    return bf16_matmul_is_fast() or (weights <= BF16_MAX_WEIGHTS and bf16_dot_is_fast())
+
+
 def int_layout(fmt: IntFormat) -> LowbitLayout | None:
     """The kernel layout of an ``int`` format; None when a zero point is not an int16 integer (e.g.
     HQQ's fractional zeros). Scales are stored as fp16, as the layout keeps them."""
@@ -214,20 +240,62 @@ def new_layout(fmt: Format) -> LowbitLayout | None:
     return int_layout(fmt) if isinstance(fmt, IntFormat) else ternary_layout(fmt)
 
 
+def has_kernel_format(fmt: Format) -> bool:
+    """Whether ``fmt`` is of a kind these kernels multiply (``int`` or ``ternary``; an ``int`` format's
+    zero points may still rule out a layout, :func:`layout_of`)."""
+    return isinstance(fmt, (IntFormat, TernaryFormat))
+
+
 def stacked_layout(fmts: list[Format]) -> LowbitLayout | None:
     """One layout for several ``int`` / ``ternary`` formats of the same input (:func:`stack_layouts`),
     or None when one has no layout or they do not stack. Layouts not built yet are built for the stack
     only (not kept on their formats), so the stacked copy is the only one held."""
-    if not all(isinstance(f, (IntFormat, TernaryFormat)) for f in fmts):
+    if not all(has_kernel_format(f) for f in fmts):
         return None
     layouts = [f.__dict__[LAYOUT_ATTR] if LAYOUT_ATTR in f.__dict__ else new_layout(f) for f in fmts]
     return None if any(lay is None for lay in layouts) else stack_layouts(layouts)
 
 
+@dataclass(frozen=True)
+class BlockLayouts:
+    """The four projections of a Llama block (stacked q/k/v, o, stacked gate/up, down) as the
+    arguments of the one-call decode step (:func:`decode_block`)."""
+
+    codes: list[torch.Tensor]
+    scales: list[torch.Tensor]
+    zeros: list[torch.Tensor]
+    geometry: list[int]  # per projection: bits, n_blocks, padded, group, sub, width, out_features, nonfinite
+
+    @classmethod
+    def of(cls, layouts: list[LowbitLayout]) -> "BlockLayouts":
+        geometry = []
+        for lay in layouts:
+            geo = lay.geometry
+            geometry += [lay.bits, geo.n_blocks, geo.padded, geo.group, geo.sub, geo.width, lay.out_features, int(not lay.scales_finite)]
+        return cls([lay.codes for lay in layouts], [lay.scales for lay in layouts], [lay.zeros for lay in layouts], geometry)
+
+
+def decode_block(
+    block: BlockLayouts, h: torch.Tensor, norms: tuple[torch.Tensor, torch.Tensor], eps: float,
+    rotary: tuple[torch.Tensor, torch.Tensor], cache: tuple[torch.Tensor, torch.Tensor], position: int, heads: int,
+    scale: float,
+) -> torch.Tensor:
+    """One token through one Llama block in one kernel call (fp32): ``h`` ``(hidden,)`` -> the block's
+    output; ``norms`` the input and post-attention RMS norm weights, ``rotary`` the token's ``(cos, sin)``
+    ``(head_dim,)``, ``cache`` the block's keys and values ``(kv_heads, positions, head_dim)``, written at
+    ``position``. The same arithmetic as the block's modules up to fp32 rounding, with the projections'
+    activations rounded to int8 per block as in :func:`lowbit_matmul`."""
+    return load_library().decode_block(
+        h, block.codes, block.scales, block.zeros, block.geometry, norms[0], norms[1], eps, rotary[0], rotary[1],
+        cache[0], cache[1], position, heads, scale,
+    )
+
+
 def layout_matmul(layout: LowbitLayout, x: torch.Tensor) -> torch.Tensor:
     """``x @ W.T`` for a CPU input the kernels take (:func:`takes`): the integer kernel, or from
-    ``LARGE_BATCH`` rows on, where the CPU has AMX, torch's bf16 matmul of the decoded weights."""
-    if x.numel() >= LARGE_BATCH * layout.geometry.in_features and bf16_matmul_is_fast():
+    ``LARGE_BATCH`` rows on, where the CPU's bf16 matmul is fast (:func:`takes_bf16_path`), torch's bf16
+    matmul of the decoded weights."""
+    if takes_bf16_path(layout, x):
         # many rows: the matmul is compute bound, and bf16 on AMX outruns the int8 kernel many times over
         return torch.nn.functional.linear(x.to(torch.bfloat16), decode_bf16(layout)).to(x.dtype)
     return lowbit_matmul(layout, x)
