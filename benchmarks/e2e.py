@@ -11,6 +11,13 @@ one-token prompt (``llama-bench``'s ``tg``, which starts from an empty context);
 over a random prompt (``pp``). Then the per-call cost of the kernels (``op_overhead.py``'s table).
 
     python benchmarks/e2e.py --llama-bin build/peers/llama-build/bin --out benchmarks/results/e2e.md
+
+``--model llama-1b``: a Llama-3.2-1B-shaped model with random weights instead (hidden 2048, MLP 8192, 16
+blocks, 32 heads over 8 key/value heads, tied embedding; SmolLM2's tokenizer, so a vocabulary of 49152
+where Llama 3.2 has 128256); llama.cpp gets the same weights: the int4 g32 symmetric checkpoint exported
+by ``matpress export`` (Q4_0, bit-exact).
+
+    python benchmarks/e2e.py --model llama-1b --out benchmarks/results/e2e_llama1b.md
 """
 
 from __future__ import annotations
@@ -45,6 +52,41 @@ def int4(group: int, symmetric: bool) -> dict:
 
 RECIPES = {"int4 g32 sym (Q4_0's grid)": int4(32, True), "int4 g64 (the default)": int4(64, False)}
 LLAMA = "llama.cpp Q4_0 (llama-bench)"
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, rope_theta=500000.0, max_position_embeddings=4096, tie_word_embeddings=True)
+TITLES = {"smollm2": "SmolLM2-135M-Instruct", "llama-1b": "a Llama-3.2-1B-shaped model (random weights)"}
+
+
+def random_llama_1b(tokenizer) -> torch.nn.Module:
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                      eos_token_id=tokenizer.eos_token_id, **LLAMA_1B)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.config.architectures = [type(model).__name__]
+    return model
+
+
+def subjects(name: str, llama_bin: Path, work: Path) -> tuple[dict[str, torch.nn.Module], Path]:
+    """The compressed models by recipe name and the Q4_0 GGUF llama.cpp runs, for ``name``."""
+    loaded = load_pretrained(SMOLLM2)
+    if name == "smollm2":
+        models = {}
+        for recipe_name, recipe in RECIPES.items():
+            models[recipe_name] = copy.deepcopy(loaded.model)
+            matpress.compress(models[recipe_name], recipe, progress=False)
+        return models, quantized_gguf(llama_bin, work)
+    models = {}
+    gguf = work / "llama-1b-q4_0.gguf"
+    for recipe_name, recipe in RECIPES.items():  # one fp32 model at a time: 4.3 GB each
+        model = random_llama_1b(loaded.tokenizer)
+        matpress.compress(model, recipe, progress=False)
+        if recipe["default"]["group_size"] == 32 and not gguf.is_file():  # Q4_0's grid: exported bit-exactly
+            checkpoint = matpress.save(model, work / "llama-1b-int4-g32", tokenizer=loaded.tokenizer)
+            matpress.export(checkpoint, gguf)
+        models[recipe_name] = model
+    return models, gguf
 
 
 def quantized_gguf(llama_bin: Path, work: Path) -> Path:
@@ -101,18 +143,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--llama-bin", type=Path, default=LLAMA_BIN, help="folder with llama-quantize and llama-bench")
     parser.add_argument("--cache", type=Path, default=CACHE_ROOT / "e2e", help="the Q4_0 GGUF and the raw timings (JSON)")
     parser.add_argument("--overhead-rounds", type=int, default=41, help="rounds of the per-call table")
+    parser.add_argument("--model", choices=sorted(TITLES), default="smollm2")
     parser.add_argument("--out", help="write the markdown here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    gguf = quantized_gguf(args.llama_bin, Path("/tmp/matpress-e2e"))
-    dense = load_pretrained(SMOLLM2).model
-    models = {}
-    for name, recipe in RECIPES.items():
-        models[name] = copy.deepcopy(dense)
-        matpress.compress(models[name], recipe, progress=False)
-    del dense
+    models, gguf = subjects(args.model, args.llama_bin, Path("/tmp/matpress-e2e"))
     generator = torch.Generator().manual_seed(0)
-    prompts = {n: torch.randint(0, 49152, (1, n), generator=generator) for n in args.prompts}
+    vocab = next(iter(models.values())).config.vocab_size
+    prompts = {n: torch.randint(0, vocab, (1, n), generator=generator) for n in args.prompts}
     contenders: dict[str, Callable[[], dict[str, float]]] = {
         name: (lambda m=model: matpress_rates(m, prompts, args.new_tokens)) for name, model in models.items()
     }
@@ -127,9 +165,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     tests = [f"prefill {n}" for n in args.prompts] + ["decode"]
     medians = {name: {t: statistics.median(s[t] for s in runs) for t in tests} for name, runs in samples.items()}
     args.cache.mkdir(parents=True, exist_ok=True)
-    (args.cache / "smollm2.json").write_text(json.dumps({"machine": machine_description(), "samples": samples}, indent=1))
+    (args.cache / f"{args.model}.json").write_text(json.dumps({"machine": machine_description(), "samples": samples}, indent=1))
     lines = [
-        "# End-to-end speed against llama.cpp: SmolLM2-135M-Instruct, 4-bit block weights",
+        f"# End-to-end speed against llama.cpp: {TITLES[args.model]}, 4-bit block weights",
         "",
         f"Command: `{command_line(argv)}`  ",
         f"Machine: {machine_description()}  ",
