@@ -24,6 +24,7 @@ ISA_PATHS = {
 }
 FORMATS = {
     "int2-g64": lambda w: IntFormat.encode(w, bits=2, group_size=64),
+    "int4-g32": lambda w: IntFormat.encode(w, bits=4, group_size=32),
     "int3-g100": lambda w: IntFormat.encode(w, bits=3, group_size=100),
     "int4-ch-sym": lambda w: IntFormat.encode(w, bits=4, group_size=None, symmetric=True),
     "int5-g64": lambda w: IntFormat.encode(w, bits=5, group_size=64),

@@ -83,6 +83,15 @@ def test_layout_stores_codes_of_the_blocks_that_hold_columns_only():
     assert layout.scales.numel() == layout.codes.shape[0] * 8 * lowbit.TILE
 
 
+def test_blocks_of_32_columns_share_their_chunks():
+    """300 columns in groups of 32 are 10 blocks of 32 columns: 5 chunks of 64 columns (4-bit: 128
+    bytes a tile each), none padded to 64 columns of its own."""
+    layout = lowbit.layout_of(IntFormat.encode(outlier_weight(4, OUT, IN), bits=4, group_size=32))
+    geo = layout.geometry
+    assert (geo.padded, geo.code_blocks, geo.code_chunks, geo.n_blocks) == (32, 10, 5, 12)
+    assert layout.codes.shape[1] == 5 * 128
+
+
 def test_operator_refuses_an_input_narrower_than_its_layout(native):
     layout = lowbit.layout_of(FORMATS["int4-g64"]())
     args = list(op_args(layout, torch.randn(1, 128)))  # 2 blocks of columns against the layout's 5

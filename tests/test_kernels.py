@@ -41,7 +41,7 @@ def test_native_build_uses_the_widest_path_the_cpu_has(native):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("symmetric", [False, True])
-@pytest.mark.parametrize("group_size", [None, 64, 128, 100])
+@pytest.mark.parametrize("group_size", [None, 64, 128, 100, 32, 16])
 @pytest.mark.parametrize("batch", BATCHES)
 def test_int_kernel_matches_decode_then_matmul(bits, symmetric, group_size, batch, native):
     fmt = IntFormat.encode(weight(bits), bits=bits, group_size=group_size, symmetric=symmetric)
@@ -62,7 +62,7 @@ def test_other_widths_run_in_the_next_wider_layout(bits, native):
     assert lowbit.layout_of(fmt).bits == {1: 2, 5: 8, 7: 8}[bits]
 
 
-@pytest.mark.parametrize("group_size", [None, 64, 100])
+@pytest.mark.parametrize("group_size", [None, 64, 100, 32])
 @pytest.mark.parametrize("batch", BATCHES)
 def test_ternary_kernel_matches_decode_then_matmul(group_size, batch, native):
     fmt = TernaryFormat.encode(weight(0), group_size=group_size)
@@ -209,6 +209,8 @@ def test_other_paths_equal_the_native_one(march, isa, native):
         IntFormat.encode(weight(6), bits=8, group_size=None, symmetric=True),
         IntFormat.encode(weight(7), bits=4, group_size=64),
         TernaryFormat.encode(weight(7), group_size=64),
+        # blocks of 32 and 16 columns: two blocks to a chunk, 300 columns an odd number of 16-column blocks
+        *(IntFormat.encode(weight(9), bits=b, group_size=g) for b in (2, 3, 4, 8) for g in (32, 16)),
     ):
         layout = lowbit.layout_of(fmt)
         group = fmt.group if isinstance(fmt, IntFormat) else fmt.group_size

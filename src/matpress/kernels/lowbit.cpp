@@ -10,7 +10,8 @@
 // Weight layout (built once by matpress.kernels.lowbit.pack_layout): rows are grouped in tiles of 4;
 // each row's columns in blocks of Bp (a multiple of 64) columns, and each block in chunks of 64 columns.
 // The codes hold the blocks that hold columns; the scale arithmetic takes blocks four at a time, so the
-// scales, zero points and activations count NB blocks, a multiple of 4 (padded with empty blocks). A chunk of one tile is a few 512-bit vectors whose 128-bit lane r holds row r: in "step" s
+// scales, zero points and activations count NB blocks, a multiple of 4 (padded with empty blocks).
+// Blocks of up to 32 columns (Bp = 32) are padded to 32 and share chunks two by two (block_codes). A chunk of one tile is a few 512-bit vectors whose 128-bit lane r holds row r: in "step" s
 // (0..3) byte i of lane r is the code of column 16*s + i. For
 //   8 bits: 4 vectors, one per step (256 bytes);
 //   4 bits: 2 vectors, vector v holds step 2v in the low and step 2v+1 in the high nibbles (128 bytes);
@@ -139,6 +140,20 @@ static inline int tile_rows(int t, int N) { return N - 4 * t < 4 ? N - 4 * t : 4
 // NB blocks (their padding is a few bytes, the codes' would be a quarter of a 576-wide matrix at g64).
 static inline int code_blocks(int K, int G, int sub) { return (K + G - 1) / G * sub; }
 
+// Where block b's codes lie. Blocks of 32 columns (Bp == 32: groups of 32, such as GGUF's Q4_0 grid)
+// share 64-column chunks: block b is steps 2 (b % 2) and 2 (b % 2) + 1 of chunk b / 2, so no column of
+// the codes is padding. Wider blocks own Bp / 64 chunks each.
+struct BlockCodes {
+    long chunk;  // its first chunk
+    int chunks, step0, steps;
+};
+static inline BlockCodes block_codes(int b, int Bp) {
+    return Bp == 32 ? BlockCodes{b / 2, 1, 2 * (b % 2), 2} : BlockCodes{(long)b * (Bp / 64), Bp / 64, 0, 4};
+}
+// Chunks of codes per tile, of `blocks` blocks that hold columns.
+static inline long chunks_of(int blocks, int Bp) { return Bp == 32 ? (blocks + 1) / 2 : (long)blocks * (Bp / 64); }
+static inline long code_chunks(int K, int G, int sub, int Bp) { return chunks_of(code_blocks(K, G, sub), Bp); }
+
 extern "C" {
 
 // Which path was compiled in: 1 AVX-512 VNNI, 2 AVX2, 0 portable C++.
@@ -251,7 +266,6 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* w
                         const int8_t* xq, long xstride, const float* xscale, const int32_t* xsum,
                         float* y, long ystride, int rows) {
     constexpr int CB = chunk_bytes(BITS);
-    const int nc = Bp / 64;
     __m512 yv[MB];
     for (int m = 0; m < MB; ++m) yv[m] = _mm512_setzero_ps();
     for (int q = 0; q < NB / 4; ++q) {
@@ -259,20 +273,34 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* w
         for (int j = 0; j < 4; ++j) {
             const int b = 4 * q + j;
             for (int m = 0; m < MB; ++m) acc[m][j] = _mm512_setzero_si512();
-            const uint8_t* pb = wt + (long)b * nc * CB;
+            const BlockCodes bc = block_codes(b, Bp);
+            const uint8_t* pb = wt + bc.chunk * CB;
             const int8_t* xb = xq + (long)b * Bp;
-            const int chunks = b < NBc ? nc : 0;  // the quad's empty blocks store no codes
+            const int chunks = b < NBc ? bc.chunks : 0;  // the quad's empty blocks store no codes
             for (int c = 0; c < chunks; ++c) {
                 __m512i w[4];
                 prefetch_ahead<CB>(pb + (long)c * CB);
                 unpack_chunk<BITS>(pb + (long)c * CB, w);
+                if (bc.steps == 4) {
 #pragma GCC unroll 4
-                for (int s = 0; s < 4; ++s) {
+                    for (int s = 0; s < 4; ++s) {
 #pragma GCC unroll 4
-                    for (int m = 0; m < MB; ++m) {
-                        const __m512i xv = _mm512_broadcast_i32x4(
-                            _mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + m * xstride + c * 64 + s * 16)));
-                        acc[m][j] = _mm512_dpbusd_epi32(acc[m][j], w[s], xv);
+                        for (int m = 0; m < MB; ++m) {
+                            const __m512i xv = _mm512_broadcast_i32x4(
+                                _mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + m * xstride + c * 64 + s * 16)));
+                            acc[m][j] = _mm512_dpbusd_epi32(acc[m][j], w[s], xv);
+                        }
+                    }
+                } else {  // a 32-column block: two steps of its chunk
+                    const __m512i step[2] = {bc.step0 ? w[2] : w[0], bc.step0 ? w[3] : w[1]};
+#pragma GCC unroll 2
+                    for (int s = 0; s < 2; ++s) {
+#pragma GCC unroll 4
+                        for (int m = 0; m < MB; ++m) {
+                            const __m512i xv = _mm512_broadcast_i32x4(
+                                _mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + m * xstride + s * 16)));
+                            acc[m][j] = _mm512_dpbusd_epi32(acc[m][j], step[s], xv);
+                        }
                     }
                 }
             }
@@ -344,7 +372,6 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* w
                         const int8_t* xq, long xstride, const float* xscale, const int32_t* xsum,
                         float* y, long ystride, int rows) {
     constexpr int CB = chunk_bytes(BITS);
-    const int nc = Bp / 64;
     const __m256i ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16), m4 = _mm256_set1_epi8(0x0F);
     __m256 yv[MB][2];
     for (int m = 0; m < MB; ++m) yv[m][0] = yv[m][1] = _mm256_setzero_ps();
@@ -352,16 +379,23 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* w
         alignas(32) int32_t sums[MB][16];  // (row, block) for this quad
         for (int j = 0; j < 4; ++j) {
             const int b = 4 * q + j;
-            const uint8_t* pb = wt + (long)b * nc * CB;
+            const BlockCodes bc = block_codes(b, Bp);
+            const uint8_t* pb = wt + bc.chunk * CB;
             const int8_t* xb = xq + (long)b * Bp;
             __m256i acc[MB][2];
             for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
-            const int chunks = b < NBc ? nc : 0;  // the quad's empty blocks store no codes
+            const int chunks = b < NBc ? bc.chunks : 0;  // the quad's empty blocks store no codes
             for (int c = 0; c < chunks; ++c) {
                 prefetch_ahead<CB>(pb + (long)c * CB);
                 for (int h = 0; h < 2; ++h) {
-                    __m256i w[4];
-                    unpack_half<BITS>(pb + (long)c * CB, h, w);
+                    __m256i all[4];
+                    unpack_half<BITS>(pb + (long)c * CB, h, all);
+                    // a 32-column block: its two steps first, zero weights after them (the activations
+                    // those meet are the next block's, or scratch past the last: times zero, nothing)
+                    const bool half = bc.steps == 2;
+                    const __m256i none = _mm256_setzero_si256();
+                    const __m256i w[4] = {bc.step0 ? all[2] : all[0], bc.step0 ? all[3] : all[1], half ? none : all[2],
+                                          half ? none : all[3]};
                     for (int m = 0; m < MB; ++m) {
                         __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
                         for (int s = 0; s < 4; ++s) {
@@ -413,19 +447,21 @@ template <int BITS, int MB>
 static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* wzt, int NB, int NBc, int Bp,
                         const int8_t* xq, long xstride, const float* xscale, const int32_t* xsum,
                         float* y, long ystride, int rows) {
-    const int CB = chunk_bytes(BITS), nc = Bp / 64;
+    const int CB = chunk_bytes(BITS);
     float yv[MB][4] = {};
     for (int b = 0; b < NBc; ++b) {  // the empty blocks after them add nothing
         int32_t acc[MB][4] = {};
-        for (int c = 0; c < nc; ++c) {
+        const BlockCodes bc = block_codes(b, Bp);
+        for (int c = 0; c < bc.chunks; ++c) {
             uint8_t w[4][64];
-            unpack_chunk_scalar<BITS>(wt + ((long)b * nc + c) * CB, w);
+            unpack_chunk_scalar<BITS>(wt + (bc.chunk + c) * CB, w);
             for (int m = 0; m < MB; ++m) {
                 const int8_t* xc = xq + m * xstride + (long)b * Bp + c * 64;
                 for (int r = 0; r < 4; ++r) {
                     int32_t s32 = 0;
-                    for (int s = 0; s < 4; ++s)
-                        for (int i = 0; i < 16; ++i) s32 += (int32_t)w[s][16 * r + i] * (int32_t)xc[16 * s + i];
+                    for (int s = 0; s < bc.steps; ++s)
+                        for (int i = 0; i < 16; ++i)
+                            s32 += (int32_t)w[bc.step0 + s][16 * r + i] * (int32_t)xc[16 * s + i];
                     acc[m][r] += s32;
                 }
             }
@@ -465,7 +501,7 @@ template <int BITS>
 static void gemm_bits(const uint8_t* w, const uint16_t* ws, const int16_t* wz, int T, int NB, int NBc, int Bp,
                       const int8_t* xq, const float* xscale, const int32_t* xsum, int M, float* y, int N,
                       int nthreads) {
-    const long tile_bytes = (long)NBc * (Bp / 64) * chunk_bytes(BITS);
+    const long tile_bytes = chunks_of(NBc, Bp) * chunk_bytes(BITS);
     const long xstride = (long)NB * Bp;
     // Threads only for more than a few microseconds of work: waking them costs more on small matrices.
 #pragma omp parallel for num_threads(nthreads) schedule(static) if ((long)T * tile_bytes * M > (1 << 15))
@@ -500,8 +536,8 @@ static void fix_nonfinite(const uint8_t* w, const uint16_t* ws, const int16_t* w
     bool any = scales_nonfinite;
     for (long mb = 0; mb < total && !any; ++mb) any = xscale[mb] != xscale[mb];
     if (!any) return;
-    const int CB = chunk_bytes(BITS), nc = Bp / 64;
-    const long tile_bytes = (long)code_blocks(K, G, sub) * nc * CB;
+    const int CB = chunk_bytes(BITS);
+    const long tile_bytes = code_chunks(K, G, sub, Bp) * CB;
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic)
     for (int t = 0; t < T; ++t) {
         const int rows = tile_rows(t, N);
@@ -517,9 +553,11 @@ static void fix_nonfinite(const uint8_t* w, const uint16_t* ws, const int16_t* w
                     int start, cols;
                     block_columns(b, K, G, sub, Bo, &start, &cols);
                     const float scale = half_to_float(ws[at]);
-                    const uint8_t* pb = w + t * tile_bytes + (long)b * nc * CB;
+                    const BlockCodes bc = block_codes(b, Bp);
+                    const uint8_t* pb = w + t * tile_bytes + bc.chunk * CB;
                     for (int i = 0; i < cols; ++i) {
-                        const int code = code_at<BITS>(pb + (i / 64) * CB, (i % 64) / 16, 16 * r + i % 16);
+                        const int k = 16 * bc.step0 + i;  // the column's place in its chunks
+                        const int code = code_at<BITS>(pb + (k / 64) * CB, (k % 64) / 16, 16 * r + k % 16);
                         sum += (float)(code - wz[at]) * scale * x[(long)m * K + start + i];
                     }
                 }
@@ -600,25 +638,26 @@ static inline void step_to_bf16(const uint8_t* q, int zero, float scale, uint16_
 template <int BITS>
 static void decode_bits(const uint8_t* w, const uint16_t* ws, const int16_t* wz, int T, int NB, int Bp, int K,
                         int G, int sub, int Bo, uint16_t* out, int N, int nthreads) {
-    const int CB = chunk_bytes(BITS), nc = Bp / 64;
-    const long tile_bytes = (long)code_blocks(K, G, sub) * nc * CB;
+    const int CB = chunk_bytes(BITS);
+    const long tile_bytes = code_chunks(K, G, sub, Bp) * CB;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int t = 0; t < T; ++t) {
         const int rows = tile_rows(t, N);
         for (int b = 0; b < code_blocks(K, G, sub); ++b) {
             int start, cols;
             block_columns(b, K, G, sub, Bo, &start, &cols);
-            for (int c = 0; c < nc && 64 * c < cols; ++c) {
+            const BlockCodes bc = block_codes(b, Bp);
+            for (int c = 0; c < bc.chunks && 64 * c < cols; ++c) {
                 uint8_t codes[4][64];
-                unpack_codes<BITS>(w + t * tile_bytes + ((long)b * nc + c) * CB, codes);
+                unpack_codes<BITS>(w + t * tile_bytes + (bc.chunk + c) * CB, codes);
                 for (int r = 0; r < rows; ++r) {
                     const long at = scale_index(t, NB, r, b);
                     const float scale = half_to_float(ws[at]);
                     const int zero = wz[at];
                     uint16_t* o = out + (long)(4 * t + r) * K + start + 64 * c;
                     const int n = cols - 64 * c < 64 ? cols - 64 * c : 64;
-                    for (int s = 0; s < 4 && 16 * s < n; ++s)
-                        step_to_bf16(codes[s] + 16 * r, zero, scale, o + 16 * s, n - 16 * s < 16 ? n - 16 * s : 16);
+                    for (int s = 0; s < bc.steps && 16 * s < n; ++s)
+                        step_to_bf16(codes[bc.step0 + s] + 16 * r, zero, scale, o + 16 * s, n - 16 * s < 16 ? n - 16 * s : 16);
                 }
             }
         }
@@ -659,8 +698,8 @@ int mp_decode_bf16(int bits, const uint8_t* w, const uint16_t* ws, const int16_t
 static void check_layout(int64_t bits, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros,
                          int64_t n_blocks, int64_t padded, int64_t in_features, int64_t group, int64_t sub,
                          int64_t out_features) {
-    TORCH_CHECK(group > 0 && sub > 0 && in_features > 0 && padded > 0 && padded % 64 == 0,
-                "low-bit kernel: group, sub, in_features and padded must be positive, padded a multiple of 64");
+    TORCH_CHECK(group > 0 && sub > 0 && in_features > 0 && (padded == 32 || (padded > 0 && padded % 64 == 0)),
+                "low-bit kernel: group, sub and in_features must be positive, padded 32 or a multiple of 64");
     const int64_t stored = code_blocks((int)in_features, (int)group, (int)sub);
     TORCH_CHECK(stored <= n_blocks && n_blocks % 4 == 0, "low-bit kernel: ", n_blocks,
                 " blocks (a multiple of 4) cannot hold the ", stored, " blocks of ", in_features, " columns");
@@ -669,9 +708,9 @@ static void check_layout(int64_t bits, const at::Tensor& codes, const at::Tensor
     TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
                     codes.dim() == 2 && codes.size(0) == (out_features + 3) / 4,
                 "low-bit kernel: codes must be a contiguous uint8 CPU tensor of one row per 4-row tile");
-    TORCH_CHECK(codes.size(1) == stored * (padded / 64) * chunk_bytes((int)bits),
-                "low-bit kernel: codes hold ", codes.size(1), " bytes per tile, the geometry needs ",
-                stored * (padded / 64) * chunk_bytes((int)bits));
+    const int64_t needed = code_chunks((int)in_features, (int)group, (int)sub, (int)padded) * chunk_bytes((int)bits);
+    TORCH_CHECK(codes.size(1) == needed, "low-bit kernel: codes hold ", codes.size(1), " bytes per tile, the geometry needs ",
+                needed);
     TORCH_CHECK(scales.scalar_type() == at::kHalf && zeros.scalar_type() == at::kShort && scales.is_contiguous() &&
                     zeros.is_contiguous() && scales.numel() == codes.size(0) * n_blocks * 4 &&
                     zeros.numel() == scales.numel(),

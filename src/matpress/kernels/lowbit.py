@@ -32,6 +32,7 @@ from matpress.kernels.build import KernelLibrary, chosen_isa, cpu_flags, load_li
 # Widest block of one int8 dot product: 255 * 127 * 256 < 2**24, so block sums convert to fp32 exactly.
 MAX_BLOCK = 256
 CHUNK = 64  # columns per SIMD chunk
+HALF_CHUNK = 32  # columns of a block that shares its chunk with the next
 TILE = 4  # weight rows per tile
 QUAD = 4  # blocks per step of the kernel's scale arithmetic
 # Code widths that have a layout; other widths are held in the next wider one.
@@ -50,8 +51,9 @@ BF16_MAX_WEIGHTS = 1 << 22
 @dataclass(frozen=True)
 class BlockGeometry:
     """How the columns of a row split into kernel blocks: each weight group of ``group`` columns into
-    ``sub`` blocks of ``width`` columns (the last possibly shorter), each padded to ``padded``. The codes
-    hold ``code_blocks`` blocks; scales, zero points and activations ``n_blocks``, padded to whole quads."""
+    ``sub`` blocks of ``width`` columns (the last possibly shorter), each padded to ``padded`` (32, or a
+    multiple of 64). The codes hold ``code_blocks`` blocks (two 32-column blocks share a 64-column
+    chunk); scales, zero points and activations ``n_blocks``, padded to whole quads."""
 
     in_features: int
     group: int
@@ -64,7 +66,8 @@ class BlockGeometry:
     def of(cls, in_features: int, group: int) -> "BlockGeometry":
         sub = math.ceil(group / MAX_BLOCK)
         width = math.ceil(group / sub)
-        padded = math.ceil(width / CHUNK) * CHUNK
+        # blocks of up to 32 columns (groups of 32: GGUF's Q4_0 / Q8_0 grids) are half chunks, not padded to 64
+        padded = HALF_CHUNK if width <= HALF_CHUNK else math.ceil(width / CHUNK) * CHUNK
         # the kernel takes blocks four at a time; the extra blocks are empty
         n_blocks = math.ceil(math.ceil(in_features / group) * sub / QUAD) * QUAD
         return cls(in_features, group, sub, width, padded, n_blocks)
@@ -72,6 +75,13 @@ class BlockGeometry:
     @property
     def code_blocks(self) -> int:
         return math.ceil(self.in_features / self.group) * self.sub
+
+    @property
+    def code_chunks(self) -> int:
+        """64-column chunks of codes per row."""
+        if self.padded == HALF_CHUNK:
+            return math.ceil(self.code_blocks / 2)
+        return self.code_blocks * self.padded // CHUNK
 
     def blocked(self, per_column: torch.Tensor) -> torch.Tensor:
         """``(rows, in_features)`` -> ``(rows, code_blocks, padded)``, zeros in the padding."""
@@ -102,7 +112,7 @@ class LowbitLayout:
 
 
 def _interleave(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """``(tiles, TILE, code_blocks, padded)`` codes -> the byte stream of each tile, ``(tiles, bytes)``."""
+    """``(tiles, TILE, chunks, CHUNK)`` codes -> the byte stream of each tile, ``(tiles, bytes)``."""
     t, _, nb, padded = codes.shape
     # steps[t, b, c, s, r, i]: code of row r, column 64 c + 16 s + i of block b
     steps = codes.view(t, TILE, nb, padded // CHUNK, 4, 16).permute(0, 2, 3, 4, 1, 5)
@@ -137,7 +147,9 @@ def pack_layout(
         return t.view(tiles, TILE, geo.n_blocks // QUAD, QUAD).transpose(1, 2).contiguous()
 
     blocked = torch.nn.functional.pad(geo.blocked(codes.to(torch.uint8)), (0, 0, 0, 0, 0, pad_rows))
-    packed = _interleave(blocked.view(tiles, TILE, geo.code_blocks, geo.padded), layout_bits)
+    if geo.padded == HALF_CHUNK:  # pairs of 32-column blocks side by side in one chunk (an odd last one padded)
+        blocked = torch.nn.functional.pad(blocked, (0, 0, 0, 2 * geo.code_chunks - geo.code_blocks))
+    packed = _interleave(blocked.reshape(tiles, TILE, geo.code_chunks, CHUNK), layout_bits)
     scales = tiled(scale.half())
     return LowbitLayout(
         bits=layout_bits,
