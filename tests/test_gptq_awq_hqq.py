@@ -176,14 +176,56 @@ def test_cli_gptq_with_calibration(tiny_causal_dir, tmp_path, capsys):
     assert "unknown parameter(s) ['rotate']" in capsys.readouterr().err
 
 
-def test_the_inverse_hessian_factor_holds_two_fp64_matrices_at_most():
-    """A down projection's 8192x8192 Hessian is 0.5 GB in fp64: the factor of its inverse took five such
-    matrices at once (the 1B GPTQ run peaked at 4.7 GB), now two (and fp32 copies of at most one)."""
-    n = 256
+def torch_inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """The factor as matpress computed it through torch before LAPACK in place (a second fp64 matrix
+    for the Cholesky factor, then for the inverse): the reference the in-place one must agree with."""
+    h = hessian.flip(0, 1).double()
+    damp = percdamp * float(h.diagonal().mean().clamp(min=1e-12))
+    h.diagonal().add_(damp)
+    for attempt in range(4):
+        factor, info = torch.linalg.cholesky_ex(h)
+        if int(info) == 0:
+            inverse = torch.linalg.solve_triangular(factor, torch.eye(factor.shape[0], dtype=torch.float64), upper=False)
+            return inverse.float().flip(0, 1)
+        h.diagonal().add_(damp * 10**attempt)
+    raise AssertionError("the reference needs a Hessian that damping makes positive definite")
+
+
+@pytest.mark.parametrize("n, tokens, percdamp", [(300, 1200, 0.01), (64, 10, 1e-7)])  # the second needs two retries
+def test_the_inverse_hessian_factor_matches_torchs_and_inverts_the_damped_hessian(n, tokens, percdamp):
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(tokens, n, generator=gen, dtype=torch.float64)
+    h = (x.T @ x / tokens).float()
+    u, reference = inverse_hessian_factor(h, percdamp), torch_inverse_hessian_factor(h, percdamp)
+    assert torch.equal(u, u.triu()) and bool((u.diagonal() > 0).all())
+    # the damping the reference ended with (the same retries): the smallest whose Cholesky succeeds
+    damp = percdamp * float(h.diagonal().double().mean())
+    for extra in [0.0] + [damp * 10**i for i in range(3)]:
+        damp += extra
+        damped = h.double() + damp * torch.eye(n, dtype=torch.float64)
+        if int(torch.linalg.cholesky_ex(damped).info) == 0:
+            break
+    condition = float(torch.linalg.cond(damped))
+    eps32, eps64 = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps
+    # both are fp64 results rounded to fp32: they differ by that rounding (an ulp, <= eps32 |u|) plus
+    # the two LAPACKs' fp64 errors, O(n cond eps64) relative to the factor's largest entry
+    scale = float(reference.abs().max())
+    assert ((u - reference).abs() <= eps32 * reference.abs() + n * condition * eps64 * scale).all()
+    # U^T U (H + damp I) = I but for U's fp32 rounding E (|E| <= eps32/2 |U| elementwise, so
+    # ||E|| <= eps32/2 sqrt(n) ||U||): ||U^T U H - I|| <= 2 ||E|| ||U|| ||H|| <= eps32 sqrt(n) cond
+    residual = u.double().T @ u.double() @ damped - torch.eye(n, dtype=torch.float64)
+    assert float(torch.linalg.matrix_norm(residual, ord=2)) <= eps32 * n**0.5 * condition * 1.01
+
+
+def test_the_inverse_hessian_factor_holds_one_fp64_matrix_at_most():
+    """A down projection's 8192x8192 Hessian is 0.5 GB in fp64: the factor of its inverse held two such
+    matrices at once (1.04 GB above the Hessian on an 8192 one), now one and its fp32 result (0.79 GB)."""
+    n = 1024
     x = torch.randn(4 * n, n, dtype=torch.float64)
     h = (x.T @ x / (4 * n)).float()
-    with NewTensorBytes() as inverse:
+    with NewTensorBytes() as new:
         u = inverse_hessian_factor(h, 0.01)
-    assert inverse.peak <= 2 * 8 * n * n + 1024
+    # the fp64 matrix, the fp32 factor, and the reversed band of rows being copied (256 rows, in fp32 or fp64)
+    assert new.peak <= 8 * n * n + 4 * n * n + 8 * 256 * n
     damped = h.double() + 0.01 * float(h.diagonal().mean()) * torch.eye(n, dtype=torch.float64)
     torch.testing.assert_close(u.double().T @ u.double(), torch.linalg.inv(damped), rtol=0, atol=1e-4 * float(torch.linalg.inv(damped).abs().max()))

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+from scipy.linalg.lapack import dpotrf, dtrtri
 
 from matpress.errors import CalibrationError, quote
 from matpress.formats import Format, IntFormat, KQuantFormat
@@ -72,21 +73,42 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> torch.Tens
     Without forming the inverse: with ``J`` the reversal permutation and ``J H J = L L^T``,
     ``H^-1 = (J L^-1 J)^T (J L^-1 J)``, and ``J L^-1 J`` is upper triangular with a positive diagonal,
     so it is the factor: one Cholesky and one triangular inverse instead of three factorisations."""
-    # memory: a down projection's 8192x8192 Hessian is 0.5 GB in fp64, so at most two fp64 matrices are
-    # alive at once (the reversed copy is made in fp32, the inverse is solved in place of the identity)
-    h = hessian.flip(0, 1).double()  # J H J (a copy)
-    damp = percdamp * float(h.diagonal().mean().clamp(min=1e-12))
-    h.diagonal().add_(damp)
+    # memory: a down projection's 8192x8192 Hessian is 0.5 GB in fp64, so one fp64 matrix is alive at a
+    # time: LAPACK factors and inverts it in place (torch's cholesky and solve_triangular each write a
+    # second one), and the reversals are copied a band of rows at a time
+    device, hessian = hessian.device, hessian.detach().cpu()  # LAPACK on the CPU; a GPU's memory is not the limit
+    n = hessian.shape[0]
+    damp = percdamp * float(hessian.diagonal().double().mean().clamp(min=1e-12))
+    work = torch.empty(n, n, dtype=torch.float64)
+    # the row-major buffer read column-major is its transpose: L L^T = J H J row-major is U^T U
+    # column-major with U = L^T, so LAPACK's upper routines on ``work.T`` leave L, then L^-1, in the
+    # lower triangle of ``work``
+    lapack_view = work.numpy().T
     for attempt in range(4):  # an ill-conditioned Hessian (few tokens) gets more damping
-        factor, info = torch.linalg.cholesky_ex(h)
-        if int(info) == 0:
-            del h
-            inverse = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
-            torch.linalg.solve_triangular(factor, inverse, upper=False, out=inverse)
-            del factor
-            return inverse.float().flip(0, 1)
-        h.diagonal().add_(damp * 10**attempt)
+        _reversed_into(work, hessian)
+        diagonal = work.diagonal()
+        for extra in [damp] + [damp * 10**i for i in range(attempt)]:
+            diagonal.add_(extra)  # the damping of each failed attempt added on, as before
+        _, info = dpotrf(lapack_view, lower=0, clean=0, overwrite_a=1)
+        if info < 0:
+            raise RuntimeError(f"LAPACK dpotrf rejected argument {-info}")  # a bug here, not the user's input
+        if info == 0:
+            _, info = dtrtri(lapack_view, lower=0, unitdiag=0, overwrite_c=1)
+            if info != 0:  # a Cholesky factor has a positive diagonal: not singular
+                raise RuntimeError(f"LAPACK dtrtri failed with info {info} on a Cholesky factor")
+            factor = torch.empty(n, n, dtype=torch.float32)
+            _reversed_into(factor, work)
+            return factor.triu_().to(device)  # the other triangle of ``work`` still holds J H J
     raise CalibrationError("the layer's input Hessian is not positive definite even after damping; use more calibration data")
+
+
+def _reversed_into(out: torch.Tensor, matrix: torch.Tensor, band: int = 256) -> None:
+    """``out = J matrix J`` (rows and columns reversed, cast to ``out``'s dtype), ``band`` rows at a
+    time so that the temporaries stay small."""
+    n = matrix.shape[0]
+    for start in range(0, n, band):
+        stop = min(start + band, n)
+        out[start:stop].copy_(matrix[n - stop : n - start].flip(0, 1))
 
 
 # A grid's fit: per-group parameters (each ``(out, k)``) of ``groups`` ``(out, k, group)``, which cover
