@@ -66,13 +66,15 @@ class GPTQParams(IntParams):
             raise ValueError(f"seed must be an integer, got {quote(self.seed)}")
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
+def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, overwrite: bool = False) -> torch.Tensor:
     """Upper Cholesky factor ``U`` of ``(H + damp I)^-1`` (``U^T U`` is that inverse), in fp64 for
     stability; its rows give the error propagation coefficients GPTQ uses.
 
     Without forming the inverse: with ``J`` the reversal permutation and ``J H J = L L^T``,
     ``H^-1 = (J L^-1 J)^T (J L^-1 J)``, and ``J L^-1 J`` is upper triangular with a positive diagonal,
-    so it is the factor: one Cholesky and one triangular inverse instead of three factorisations."""
+    so it is the factor: one Cholesky and one triangular inverse instead of three factorisations.
+    ``overwrite``: the factor is written over ``hessian`` (a contiguous fp32 CPU matrix the caller no
+    longer needs), saving its fp32 copy."""
     # memory: a down projection's 8192x8192 Hessian is 0.5 GB in fp64, so one fp64 matrix is alive at a
     # time: LAPACK factors and inverts it in place (torch's cholesky and solve_triangular each write a
     # second one), and the reversals are copied a band of rows at a time
@@ -96,7 +98,8 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> torch.Tens
             _, info = dtrtri(lapack_view, lower=0, unitdiag=0, overwrite_c=1)
             if info != 0:  # a Cholesky factor has a positive diagonal: not singular
                 raise RuntimeError(f"LAPACK dtrtri failed with info {info} on a Cholesky factor")
-            factor = torch.empty(n, n, dtype=torch.float32)
+            in_place = overwrite and hessian.dtype == torch.float32 and hessian.is_contiguous() and device.type == "cpu"
+            factor = hessian if in_place else torch.empty(n, n, dtype=torch.float32)
             _reversed_into(factor, work)
             return factor.triu_().to(device)  # the other triangle of ``work`` still holds J H J
     raise CalibrationError("the layer's input Hessian is not positive definite even after damping; use more calibration data")
@@ -165,9 +168,10 @@ def grid_sweep(
         codes[:, j], values = nearest(col, tuple(p[:, g] for p in params))
         return values
 
-    h = h[perm][:, perm]
-    hinv = inverse_hessian_factor(h, percdamp)
-    del h  # one fp32 Hessian less during the sweep
+    if act_order:  # one gather: two (h[perm][:, perm]) held three fp32 Hessians at once
+        h = h[perm[:, None], perm]
+    hinv = inverse_hessian_factor(h, percdamp, overwrite=True)  # h is this sweep's own copy
+    del h
     obs_sweep(w[:, perm], hinv, round_column, blocksize=block_size, start_column=start_column)
     return codes[:, torch.argsort(perm)], params
 
