@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import mmap
 import os
 import re
 import shutil
@@ -185,6 +186,7 @@ class WeightSource:
         # a measured format) is spilled again, and its old tensors forgotten
         self.spilled_modules: "weakref.WeakValueDictionary[str, nn.Module]" = weakref.WeakValueDictionary()
         self._spill_files = 0
+        self._mapped: dict[str, torch.UntypedStorage] = {}  # each spilled layer's mapping, by layer name
         self.reads = 0  # parameters materialised so far
         # the parameters read and not yet released: their names and (module, attribute) owners, kept so
         # that a layer replaced meanwhile (by its compressed form) still lets its weight go
@@ -252,6 +254,18 @@ class WeightSource:
             spillable = isinstance(module, FormatModule) and not isinstance(module, TiedLinear)
             if spillable and (name == prefix or name.startswith(start)) and self.spilled_modules.get(name) is not module:
                 self._spill(name, module)
+        self.drop_mapped_pages()
+
+    def drop_mapped_pages(self) -> None:
+        """Drop the pages of the spill files that reading the spilled layers brought into memory: a
+        mapped file's resident pages count in the process's RSS, and without this the layers run since
+        (the propagation through the blocks compressed so far) stayed resident, growing with the blocks
+        done. The next read maps them in again from the file (the kernel's page cache, usually);
+        nothing writes to a spilled tensor, so no change is lost (the mapping is private)."""
+        if _MADVISE is None:
+            return
+        for storage in self._mapped.values():
+            _MADVISE(ctypes.c_void_p(storage.data_ptr()), ctypes.c_size_t(storage.nbytes()), mmap.MADV_DONTNEED)
 
     def _spill(self, name: str, module: FormatModule) -> None:
         """Write ``module``'s stored tensors to a spill file and map them back from it."""
@@ -279,6 +293,10 @@ class WeightSource:
         originals = {id(getattr(module, key)): key for key in module._format_keys}
         module._apply(lambda t: mapped[originals[id(t)]] if id(t) in originals else t)
         self.spilled_modules[name] = module
+        if storage is not None:
+            self._mapped[name] = storage
+        else:
+            self._mapped.pop(name, None)
 
 
 def _holds(value: torch.Tensor, stored: StoredTensor) -> bool:
@@ -323,6 +341,12 @@ try:
     _MALLOC_TRIM: Optional[Callable[[int], int]] = ctypes.CDLL(None).malloc_trim
 except (OSError, AttributeError):  # not glibc (macOS, musl)
     _MALLOC_TRIM = None
+
+
+try:  # Linux: madvise(MADV_DONTNEED) drops a private file mapping's resident pages
+    _MADVISE: Optional[Callable[..., int]] = ctypes.CDLL(None).madvise if hasattr(mmap, "MADV_DONTNEED") and os.uname().sysname == "Linux" else None
+except (OSError, AttributeError):
+    _MADVISE = None
 
 
 def return_freed_memory() -> None:
