@@ -135,6 +135,14 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+# the machine of the rows measured before rows named their own (2026-12-01 and earlier)
+EARLIER_MACHINE = "2 cores of an Intel(R) Xeon(R) Processor, 24 GiB RAM"
+
+
+def machine() -> str:
+    return f"{os.cpu_count()} cores of an {cpu_name()}, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"
+
+
 def first_blocks(source: Path, blocks: int) -> tuple[Path, int]:
     """A model directory beside ``source`` whose config keeps only its first ``blocks`` blocks, its
     weight files linked to ``source``'s (the skeleton then streams only those); and the bytes of the
@@ -178,7 +186,7 @@ def run(work: Path, keep: bool, only: list[str], blocks: Optional[int] = None) -
             peak, wall = measure(step, source, out)
             size = directory_bytes(out)
             ROWS.mkdir(parents=True, exist_ok=True)
-            row = [row_label, step, source_bytes, size, peak, wall, invocation(), git_commit()]
+            row = [row_label, step, source_bytes, size, peak, wall, invocation(), git_commit(), machine()]
             (ROWS / f"row-{step}{f'-{blocks}blocks' if blocks else ''}.json").write_text(json.dumps(row))
             print(f"{label} {step}: peak RSS {peak / GB:.2f} GB, {wall:.0f} s, checkpoint {size / GB:.2f} GB", flush=True)
             # after every step, from every step's row so far: a later step running out of time leaves these
@@ -204,21 +212,25 @@ PARTIAL = [
     "Rows of the first N blocks of a model (`--blocks N`) compress only those blocks, of the real shapes, streamed from the",
     "full model's shards (its config cut to N blocks; the source column counts the tensors that model uses). The walk",
     "hands freed memory back after every block (a profile of the 8B model's first 3 blocks returned to 0.46 GB of RSS",
-    "after each one), but a first-blocks peak is a lower bound of the whole model's: the 1B GPTQ row below shows the",
-    "whole run 1.04 GB above its first block. The source and load columns are of the cut model.",
+    "after each one), and the 1B GPTQ profile below stays level over all 16 blocks, but a first-blocks row leaves out",
+    "the rest of the model's blocks: read it as a lower bound. The source and load columns are of the cut model.",
 ]
-# what a profile of the 1B GPTQ run showed (a sampler of /proc/self/status over the first 5 blocks, 2026-12-02)
+# what a profile of the 1B GPTQ run showed (a sampler of /proc/<pid>/status every 0.2 s over the whole run at
+# commit 9f581bf, measured as 91cf8c2 before its rebase onto b74b7af, which changed only kernels and docs; 2026-12-02;
+# the run before, at 30ef856, was sampled over its first 5 blocks)
 GPTQ_PROFILE = [
     "",
-    "Where the 1B GPTQ peak comes from (RSS sampled every 0.2 s over the first 5 blocks): the anonymous memory returns to",
-    "0.88 GB after every block, and peaks at 3.10-3.17 GB inside a block (+2.2 GB), of which +1.07 GB is the down",
-    "projection's inverse-Hessian factor (8192 inputs: two fp64 8192x8192 matrices at once, the Cholesky factor and the",
-    "triangular inverse), next to its fp32 Hessian (0.27 GB), the block's fp32 weights and their decoded copies (0.24 GB",
-    "each). The rest of the whole-model peak is most likely file-backed (its split was not sampled over all 16 blocks):",
-    "the compressed layers are spilled to files and mapped back, and the pages the calibration forwards read stay",
-    "resident (0.34 GB of file pages after 5 blocks against 0.17 GB after loading), growing with the blocks done.",
-    "Ways down, not done yet: an in-place triangular inverse (one fp64 matrix) or an fp32 factor for wide layers, and",
-    "dropping the spilled layers' pages once their block has run.",
+    "Where the 1B GPTQ peak comes from (RSS sampled every 0.2 s over the whole run): between blocks the anonymous memory",
+    "returns to 0.80-0.96 GB, inside every block it peaks at 2.50-2.65 GB (the sampled RSS at 2.70-2.85 GB, with no",
+    "trend over the 16 blocks), and the file-backed pages (the libraries' code, the spilled layers while read) stay at",
+    "0.19-0.20 GB. The peak inside a block is the down projection's inverse-Hessian factor: one fp64 8192x8192 matrix",
+    "(0.5 GB, factored and inverted in place by LAPACK's dpotrf and dtrtri, and written back over the sweep's fp32",
+    "Hessian copy) on top of the layer's fp32 Hessian and that copy (0.27 GB each), the block's fp32 weights and their",
+    "decoded copies. Before (3.94 GB at 30ef856): the factor held two fp64 matrices and an fp32 copy (on an 8192x8192",
+    "Hessian alone, peak RSS +1.04 GB above it, now +0.79 GB, and 0.25 GB less again written over the copy), the",
+    "Hessian was permuted even without act-order (`h[perm][:, perm]`: three fp32 Hessians at once), and the spilled",
+    "layers' pages, once read, stayed resident (file pages 0.34 GB after 5 blocks); every block's release now drops",
+    "them (`madvise(MADV_DONTNEED)` on the spill files' mappings).",
 ]
 
 
@@ -232,6 +244,16 @@ def row_order(path: Path) -> tuple[int, int]:
     return list(TARGETS).index(step), 0 if not blocks else 1
 
 
+def machines_line(rows: list) -> str:
+    """Which machine measured which rows (numbered in the table's order): the rows are kept across runs."""
+    where: dict[str, list[int]] = {}
+    for i, row in enumerate(rows, 1):
+        where.setdefault(row[8] if len(row) > 8 else EARLIER_MACHINE, []).append(i)
+    if len(where) == 1:
+        return f"Machine: {next(iter(where))}"
+    return "Machines: " + "; ".join(f"{m} ({'rows' if len(numbers) > 1 else 'row'} {', '.join(map(str, numbers))})" for m, numbers in where.items())
+
+
 def write_results(rows: list) -> None:
     commits = ", ".join(dict.fromkeys(row[7] for row in rows))
     lines = [
@@ -240,8 +262,7 @@ def write_results(rows: list) -> None:
         f"Commands: {'; '.join(f'`{c}`' for c in dict.fromkeys(row[6] for row in rows))} "
         f"(matpress at commit {commits}, in the order of the rows; torch {torch.__version__}, transformers {transformers.__version__}). "
         "Runs under `nice` shared the CPUs with other jobs: their peak memory does not depend on that, their wall time does.",
-        f"Machine: {os.cpu_count()} cores of an {cpu_name()}, "
-        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, shared with other jobs (wall times are indicative).",
+        f"{machines_line(rows)}, shared with other jobs (wall times are indicative).",
         "",
         "Random-init models of the real shapes written as bf16 safetensors shards of 1 GiB with an index; each step runs "
         f"in its own process, peak RSS is that process's `ru_maxrss`. GPTQ calibrates on {CALIBRATION_WINDOWS} windows of "
