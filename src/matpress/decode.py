@@ -83,16 +83,17 @@ class LeanLlama:
         self.o = [Projections([layer.self_attn.o_proj]) for layer in self.layers]
         self.down = [Projections([layer.mlp.down_proj]) for layer in self.layers]
         self.head = Projections([model.lm_head])
-        self.blocks = self._block_layouts()
+        self.blocks, self.eps = self._block_layouts()
         dtype = inner.norm.weight.dtype
         shape = (1, self.kv_heads, max_tokens, self.head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype) for _ in self.layers]
         self.values = [torch.zeros(shape, dtype=dtype) for _ in self.layers]
         self.max_tokens, self.length = max_tokens, 0
 
-    def _block_layouts(self) -> Optional[list[lowbit.BlockLayouts]]:
-        """Every block's projections for the one-call decode step, or None unless every block can take
-        it: all four projections in kernel layouts, fp32 RMS norms of one epsilon, SiLU."""
+    def _block_layouts(self) -> tuple[Optional[list[lowbit.BlockLayouts]], Optional[float]]:
+        """Every block's projections for the one-call decode step and the norms' epsilon, or (None, None)
+        unless every block can take it: all four projections in kernel layouts, fp32 RMS norms of one
+        epsilon, SiLU."""
         norms = [n for layer in self.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
         fits = (
             getattr(self.model.config, "hidden_act", None) == "silu"
@@ -101,9 +102,9 @@ class LeanLlama:
             and all(p.layout is not None for p in (*self.qkv, *self.o, *self.gate_up, *self.down))
         )
         if not fits:
-            return None
-        self.eps = norms[0].variance_epsilon
-        return [lowbit.BlockLayouts.of([p.layout for p in ps]) for ps in zip(self.qkv, self.o, self.gate_up, self.down)]
+            return None, None
+        blocks = [lowbit.BlockLayouts.of([p.layout for p in ps]) for ps in zip(self.qkv, self.o, self.gate_up, self.down)]
+        return blocks, norms[0].variance_epsilon
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         n = ids.shape[1]
