@@ -84,12 +84,12 @@ def matpress_file(ctx: Context, qtype: str, embedding: str) -> tuple[Path, float
     return out, seconds
 
 
-def row(ctx: Context, who: str, qtype: str, text: Path, seq_len: int, chunks: int) -> dict[str, Any]:
+def row(ctx: Context, who: str, qtype: str, text: Path, seq_len: int, chunks: int, embedding: str = "") -> dict[str, Any]:
+    """One file's row; matpress's embedding on ``embedding``, the type llama.cpp's file of ``qtype`` gave it."""
     if who == "llama.cpp":
         path, seconds = llamacpp_file(ctx, qtype)
     else:
-        reference, _ = llamacpp_file(ctx, qtype)  # its embedding type
-        path, seconds = matpress_file(ctx, qtype, embedding_type(reference))
+        path, seconds = matpress_file(ctx, qtype, embedding)
     bits, types = gguf_block_bits(path)
     ppl, error = perplexity(ctx, path, text, seq_len, chunks)
     blocks = sum(p.numel() for n, p in ctx.original.named_parameters() if ".layers." in n and p.dim() == 2)
@@ -117,11 +117,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     text.write_text(corpus(EVALUATION))
     rows = []
     for qtype in args.types:
-        for who in ("llama.cpp", "matpress"):
+        for who in ("llama.cpp", "matpress"):  # llama.cpp's first: matpress stores the embedding as it does
             cached = args.cache / f"{who.replace('.', '')}-{qtype}.json"
             if not cached.is_file():
                 print(f"{who} {qtype}", flush=True)
-                cached.write_text(json.dumps(row(ctx, who, qtype, text, args.seq_len, args.chunks), indent=1))
+                embedding = rows[-1]["embedding"] if who == "matpress" else ""
+                cached.write_text(json.dumps(row(ctx, who, qtype, text, args.seq_len, args.chunks, embedding), indent=1))
             rows.append(json.loads(cached.read_text()))
     original, original_error = perplexity(ctx, ctx.gguf, text, args.seq_len, args.chunks)
     lines = [

@@ -8,11 +8,11 @@
 // llama.cpp and in "LUT-GEMM" / "QServe" style mixed-precision kernels.
 //
 // Weight layout (built once by matpress.kernels.lowbit.pack_layout): rows are grouped in tiles of 4;
-// each row's columns in blocks of Bp (a multiple of 64) columns, and each block in chunks of 64 columns.
-// The codes hold the blocks that hold columns; the scale arithmetic takes blocks four at a time, so the
-// scales, zero points and activations count NB blocks, a multiple of 4 (padded with empty blocks).
-// Blocks of up to 32 columns (Bp = 32) are padded to 32 and share chunks two by two (block_codes). A chunk of one tile is a few 512-bit vectors whose 128-bit lane r holds row r: in "step" s
-// (0..3) byte i of lane r is the code of column 16*s + i. For
+// each row's columns in blocks of Bp columns (a multiple of 64), each block in chunks of 64 columns;
+// blocks of up to 32 columns have Bp = 32 and share chunks two by two (block_codes). The codes hold the
+// blocks that hold columns; the scale arithmetic takes blocks four at a time, so the scales, zero points
+// and activations count NB blocks, a multiple of 4 (padded with empty blocks). A chunk of one tile is a
+// few 512-bit vectors whose 128-bit lane r holds row r: in "step" s (0..3) byte i of lane r is the code of column 16*s + i. For
 //   8 bits: 4 vectors, one per step (256 bytes);
 //   4 bits: 2 vectors, vector v holds step 2v in the low and step 2v+1 in the high nibbles (128 bytes);
 //   2 bits: 1 vector, step s in bits 2s..2s+1 (64 bytes);
@@ -875,9 +875,8 @@ static at::Tensor op_decode_block(const at::Tensor& h, at::TensorList codes, at:
         const float g = gate_up[i];
         gate_up[i] = g / (1.f + expf(-g)) * gate_up[inner + i];
     }
-    std::vector<float> down(hidden);
-    proj[3].apply(gate_up.data(), down.data(), nthreads);
-    for (int64_t i = 0; i < hidden; ++i) op[i] += down[i];
+    proj[3].apply(gate_up.data(), x.data(), nthreads);  // x (the normed input) is no longer needed
+    for (int64_t i = 0; i < hidden; ++i) op[i] += x[i];
     return out;
 }
 
