@@ -64,6 +64,8 @@ CONTENDERS: list[Contender] = [
         contender(f"gptq-codebook-{b}b-g32-{t}", f"GPTQ onto codebook {t}, {b}b g32", {"method": "gptq_codebook", "bits": b, "group_size": 32, "table": t, **CALIBRATED})
         for b in (4, 3) for t in ("nl", "layer")
     ),
+    # llama.cpp's IQ4_NL grid (its levels, one scale per 32): the codebook that exports to GGUF as IQ4_NL
+    contender("gptq-codebook-4b-g32-iq4nl", "GPTQ onto codebook iq4nl, 4b g32", {"method": "gptq_codebook", "bits": 4, "group_size": 32, "table": "iq4nl", **CALIBRATED}),
     # ~2 bits: 8-bit codes of 4 weights, one fp16 scale per row (2.0x bits), GPTQ over blocks of 4 columns
     contender("gptq-vq-8x4-rot", "GPTQ onto vq, 8-bit codes of 4 weights, rotation", {"method": "gptq_vq", "bits": 8, "dim": 4, "rotate": True}),
     contender("gptq-vq-8x4-rot-refit", "GPTQ onto vq, 8-bit codes of 4 weights, rotation, codebook refit", {"method": "gptq_vq", "bits": 8, "dim": 4, "rotate": True, "refit_steps": 10}),
@@ -98,7 +100,7 @@ def comparison(rows: dict[str, dict[str, Any]]) -> list[str]:
     lines = ["| bits | best uniform GPTQ | its KL | codebook | codebook KL | change |", "|---|---|---:|---|---:|---:|"]
     for b in (4, 3):
         uniform = [r for r in (rows.get(f"gptq-{b}b-g64"), rows.get(f"gptq-clip-{b}b-g64")) if r]
-        for t in ("nl", "layer"):
+        for t in ("nl", "layer", "iq4nl"):
             cb = rows.get(f"gptq-codebook-{b}b-g32-{t}")
             if uniform and cb:
                 best = min(uniform, key=lambda r: r["kl_mean"])

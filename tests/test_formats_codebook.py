@@ -8,9 +8,11 @@ import torch
 from format_checks import check_format, run_method
 from matpress.errors import FormatError, RecipeError
 from matpress.formats import CodebookFormat, IntFormat, TransformedFormat
-from matpress.formats.codebook import SCALE_FACTORS, fixed_table, lloyd_max_levels, normal_quantile_levels
+from matpress.formats.codebook import (
+    LEVEL_MAX, SCALE_FACTORS, fixed_table, has_integer_levels, lloyd_max_levels, normal_quantile_levels,
+)
 from matpress.formats.integer import grouped
-from matpress.methods.codebook import rounded_weight, learn_table, weighted_error
+from matpress.methods.codebook import CodebookParams, learn_table, rounded_weight, weighted_error
 from matpress.methods.obs import output_error
 from matpress.recipe import Recipe
 
@@ -47,16 +49,32 @@ def test_lloyd_max_levels_match_the_tabulated_optimum(bits):
     assert torch.allclose(levels[len(levels) // 2 :], expected / expected[-1], atol=1e-3)
 
 
-def test_fixed_tables_are_fp16_ascending_and_learned_ones_are_not_fixed():
-    for kind in ("nf", "nl"):
-        t = fixed_table(kind, 4)
-        assert torch.equal(t, t.half().float()) and bool((t[1:] > t[:-1]).all())
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_fixed_tables_are_ascending_integers_of_their_normalised_levels(bits):
+    for kind, levels in (("nf", normal_quantile_levels(bits)), ("nl", lloyd_max_levels(bits))):
+        t = fixed_table(kind, bits)
+        assert bool((t[1:] > t[:-1]).all()) and has_integer_levels(t) and float(t.abs().max()) == LEVEL_MAX
+        # each level the nearest integer to 127 times the normalised one: within half a unit
+        assert float((t.double() - LEVEL_MAX * levels).abs().max()) <= 0.5
     with pytest.raises(FormatError, match="learned"):
-        fixed_table("layer", 4)
+        fixed_table("layer", bits)
 
 
-@pytest.mark.parametrize("table", ["nf", "nl"])
-@pytest.mark.parametrize("bits, group_size, shape", [(4, 32, (16, 96)), (3, 24, (9, 70)), (2, None, (5, 33))])
+def test_the_iq4nl_table_is_llama_cpps_and_four_bit_only():
+    t = fixed_table("iq4nl", 4)
+    assert t.tolist() == [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]
+    with pytest.raises(FormatError, match="iq4nl table has 16 levels"):
+        fixed_table("iq4nl", 3)
+    with pytest.raises(ValueError, match="needs bits=4"):
+        CodebookParams(bits=3, table="iq4nl")
+
+
+SHAPES = [(4, 32, (16, 96)), (3, 24, (9, 70)), (2, None, (5, 33))]
+
+
+@pytest.mark.parametrize(
+    "table, bits, group_size, shape", [(t, *case) for t in ("nf", "nl") for case in SHAPES] + [("iq4nl", *SHAPES[0])]
+)
 def test_rtn_takes_the_nearest_level_and_the_best_searched_scale(table, bits, group_size, shape):
     torch.manual_seed(bits)
     w = torch.randn(shape) * torch.rand(shape[0], 1)
@@ -122,6 +140,7 @@ def test_kmeans_objective_never_worse_than_its_start_and_better_on_heavy_tails(p
     assert weighted_error(w, rounded_weight(w, table, scales, 32), importance) == pytest.approx(min(history), rel=1e-6)
     assert min(history) < 0.97 * history[0]
     assert table.shape == ((24 if per_row else 1), 8) and bool((table[:, 1:] >= table[:, :-1]).all())
+    assert has_integer_levels(table)
 
 
 @pytest.mark.parametrize("table", ["nl", "layer"])
@@ -158,3 +177,14 @@ def test_bad_codebook_input_fails_clearly():
         Recipe.from_dict({"default": {"method": "codebook", "table": "e8"}})
     with pytest.raises(RecipeError, match="percdamp"):
         Recipe.from_dict({"default": {"method": "gptq_codebook", "percdamp": 2}})
+
+
+def test_small_weights_keep_their_precision_through_subnormal_scales():
+    # groups whose largest weight is below 127 * 2**-14 need fp16 scales under the least normal fp16;
+    # at 1e-3 the subnormal scales (~2e-5, steps of 2**-24) are 0.3 % coarse, so the error relative to
+    # the weights' size stays that of unit weights within a few per cent (a clamp at 2**-14 would not)
+    torch.manual_seed(0)
+    w = torch.randn(32, 128)
+    unit = ((CodebookFormat.encode(w).decode() - w) ** 2).mean()
+    small = ((CodebookFormat.encode(w * 1e-3).decode() - w * 1e-3) ** 2).mean() / 1e-6
+    assert float(small) == pytest.approx(float(unit), rel=0.05)

@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kquant", choices=sorted(KQUANTS), help="rtn, gptq: codes on the exact grid of this GGUF K-quant (exported bit for bit; --bits, --group, --symmetric unused); layers whose rows are not a multiple of 256 get the legacy type llama.cpp falls back to")
     p.add_argument("--act-order", action="store_true", default=None, help="gptq: quantize columns in order of decreasing activation energy")
     p.add_argument("--rotate", action="store_true", default=None, help="gptq: randomized Hadamard rotation of each layer's inputs")
-    p.add_argument("--table", choices=TABLES, help="codebook, gptq_codebook: the table of levels: nf or nl (fixed), layer or row (learned per layer or per output channel)")
+    p.add_argument("--table", choices=TABLES, help="codebook, gptq_codebook: the table of levels: nf, nl or iq4nl (fixed; iq4nl: llama.cpp's IQ4_NL levels, 4 bits), layer or row (learned per layer or per output channel)")
     p.add_argument("--calib", help="calibration text for calibrated methods (gptq, awq, sparsegpt, wanda, svd_llm, eora, ...) and budgets: 'builtin' (default; the calibration split of pydoc_data.topics), a text file, or a .jsonl file with a 'text' or 'messages' field a line; formatted with the tokenizer's chat template when it has one")
     p.add_argument("--samples", type=int, help="calibration samples: sentences for encoders, token windows for causal LMs (default 128)")
     p.add_argument("--seq-len", type=int, help="tokens per calibration window / longest calibration sentence (default 128)")

@@ -10,15 +10,25 @@ Kim et al. 2023, https://arxiv.org/abs/2306.07629, learns one table per output c
 layer and ``t(o) = o`` for one table per output channel. Codes are bit-packed as the ``int`` format's
 (:mod:`matpress.formats.packing`); the table is stored as fp16 ``(1 or out_features, 2**bits)``.
 
+The levels are integers in ``[-127, 127]`` (:data:`LEVEL_MAX`), as IQ4_NL's are: the kernels then look
+each code up into an int8 register and multiply it by int8 activations exactly, and a table of IQ4_NL's
+own levels exports to GGUF bit for bit. (A file written before tables were integer still loads and
+decodes; the kernels leave it to the dense path.) The scales are accordingly about ``max|w| / 127``; a
+group whose largest weight is below ``127 * 2**-14`` (about 0.008) gets a subnormal fp16 scale, a
+multiple of ``2**-24``, as IQ4_NL's and Q8_0's do.
+
 Tables (``table`` in the config, which names how the stored levels were made):
 
 - ``nf``: normal quantiles (NF4-style): the levels split a standard normal into ``2**bits`` bins of
-  equal probability and sit at their median, ``Phi^-1((k + 1/2) / 2**bits)``, normalised to ``max |l| = 1``.
+  equal probability and sit at their median, ``Phi^-1((k + 1/2) / 2**bits)``, scaled to ``max |l| = 127``
+  and rounded.
 - ``nl``: the mean-square-optimal levels of a standard normal (Lloyd-Max: each level the centroid of
-  its cell, each cell boundary the midpoint of its levels), normalised to ``max |l| = 1``: a fixed
-  non-linear grid in the spirit of IQ4_NL, tighter in the centre than ``nf``.
+  its cell, each cell boundary the midpoint of its levels), scaled to ``max |l| = 127`` and rounded: a
+  fixed non-linear grid in the spirit of IQ4_NL, tighter in the centre than ``nf``.
+- ``iq4nl`` (4 bits only): llama.cpp's IQ4_NL levels (``kvalues_iq4nl`` in ggml), asymmetric, so that a
+  codebook of groups of 32 on it is an IQ4_NL tensor (:mod:`matpress.export.gguf`).
 - ``layer`` / ``row``: learned (weighted k-means, :mod:`matpress.methods.codebook`), one table per
-  layer or per output channel.
+  layer or per output channel, rounded to integers.
 
 Encoding to a table (round-to-nearest here): each weight takes the level nearest to ``w / scale``; the
 scale of each group is chosen by a small search over multiples of ``max|w| / max|level|`` for the least
@@ -35,12 +45,16 @@ import torch
 
 from matpress.errors import FormatError, quote
 from matpress.formats.base import Format, check_stored, check_weight, config_values, expect_tensor, is_positive_int
-from matpress.formats.integer import FP16_MAX, FP16_MIN_NORMAL, grouped, resolve_group_size
+from matpress.formats.integer import FP16_MAX, grouped, resolve_group_size
 from matpress.formats.packing import pack_rows, packed_row_bytes, unpack_rows
 from matpress.formats.ternary import expand_groups
 
-FIXED_TABLES = ("nf", "nl")
+FIXED_TABLES = ("nf", "nl", "iq4nl")
 LEARNED_TABLES = ("layer", "row")
+LEVEL_MAX = 127  # levels are integers in [-LEVEL_MAX, LEVEL_MAX]
+# llama.cpp's IQ4_NL levels (ggml-common.h, kvalues_iq4nl): a fixed non-uniform 4-bit grid
+IQ4NL_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+FP16_MIN_SUBNORMAL = 2.0**-24  # the least positive fp16: a scale never rounds to zero
 TABLES = FIXED_TABLES + LEARNED_TABLES
 BITS = (2, 3, 4)
 # Multiples of max|w| / max|level| the scale search tries: 1 puts the top level on the group's
@@ -54,6 +68,8 @@ def check_codebook(bits: Any, table: Any) -> None:
         raise FormatError(f"codebook format: bits must be 2, 3 or 4, got {quote(bits)}")
     if table not in TABLES:
         raise FormatError(f"codebook format: table must be one of {list(TABLES)}, got {quote(table)}")
+    if table == "iq4nl" and bits != 4:
+        raise FormatError(f"codebook format: the iq4nl table has 16 levels (4 bits), got bits={bits}")
 
 
 def _normal_cdf(x: torch.Tensor) -> torch.Tensor:
@@ -91,16 +107,31 @@ def lloyd_max_levels(bits: int, iterations: int = 500) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _fixed_table(kind: str, bits: int) -> torch.Tensor:
+    if kind == "iq4nl":
+        return torch.tensor(IQ4NL_LEVELS, dtype=torch.float16)
     levels = normal_quantile_levels(bits) if kind == "nf" else lloyd_max_levels(bits)
-    return levels.to(torch.float16)
+    return (levels * LEVEL_MAX).round().to(torch.float16)
 
 
 def fixed_table(kind: str, bits: int) -> torch.Tensor:
-    """The fixed table ``kind`` (``nf`` or ``nl``) of ``2**bits`` ascending levels, fp32 holding fp16 values."""
+    """The fixed table ``kind`` (``nf``, ``nl`` or ``iq4nl``) of ``2**bits`` ascending integer levels,
+    fp32."""
     check_codebook(bits, kind)
     if kind not in FIXED_TABLES:
         raise FormatError(f"codebook format: table {kind!r} is learned from the weight; fixed tables are {list(FIXED_TABLES)}")
     return _fixed_table(kind, bits).float()
+
+
+def integer_levels(levels: torch.Tensor) -> torch.Tensor:
+    """Learned levels rounded to the integers a table holds (``[-LEVEL_MAX, LEVEL_MAX]``)."""
+    return levels.round().clamp(-LEVEL_MAX, LEVEL_MAX)
+
+
+def has_integer_levels(table: torch.Tensor) -> bool:
+    """Whether a stored table holds integer levels in ``[-LEVEL_MAX, LEVEL_MAX]`` (every table written
+    since tables became integer; the kernels take only those)."""
+    t = table.float()
+    return bool(torch.equal(t, integer_levels(t)))
 
 
 def nearest_codes(values: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -134,14 +165,15 @@ def search_scales(groups: torch.Tensor, table: torch.Tensor, weights: torch.Tens
     """Per-group fp16 scales ``(out, k)`` for ``groups`` ``(out, k, group)`` on ``table`` ``(1 or out, L)``:
     of the :data:`SCALE_FACTORS` multiples ``f`` of ``base = max|w| / max|level|``, the one with the
     least ``sum weights * (w - f base level)**2``, ``weights`` ``(k, group)``; then rounded to fp16 (a
-    relative change of at most 2**-11, as stored). Returned as fp32 holding fp16 values.
+    relative change of at most 2**-11, as stored; subnormal scales to a multiple of 2**-24). Returned as
+    fp32 holding fp16 values.
 
     The error of ``f`` is ``base**2 sum weights (v - f level)**2`` with ``v = w / base``, and the level
     nearest to ``v / f`` is the one whose cell, scaled by ``f``, holds ``v``: the values are divided once
     and each factor only scales the table's ``L - 1`` cell edges."""
     out_f = groups.shape[0]
     reach = table.abs().amax(dim=1).expand(out_f).view(out_f, 1)
-    base = (groups.abs().amax(dim=-1) / reach).clamp(min=FP16_MIN_NORMAL)
+    base = (groups.abs().amax(dim=-1) / reach).clamp(min=FP16_MIN_SUBNORMAL)
     if float(base.max()) * SCALE_FACTORS[-1] > FP16_MAX:
         raise FormatError(
             f"a codebook scale of {float(base.max()):.3g} overflows fp16; the weight's range is too large for "
@@ -158,7 +190,7 @@ def search_scales(groups: torch.Tensor, table: torch.Tensor, weights: torch.Tens
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_factor = torch.where(better, factor, best_factor)
-    return (base * best_factor).clamp(min=FP16_MIN_NORMAL).half().float()
+    return (base * best_factor).clamp(min=FP16_MIN_SUBNORMAL).half().float()
 
 
 class CodebookFormat(Format):

@@ -2,7 +2,7 @@
 :class:`~matpress.formats.CodebookFormat`).
 
 - ``codebook``: round-to-nearest: each weight takes the nearest level given its group's scale, the
-  scale chosen per group by a small error search; fixed tables (``nf``, ``nl``) or tables learned from
+  scale chosen per group by a small error search; fixed tables (``nf``, ``nl``, ``iq4nl``) or tables learned from
   the weight (``layer``: one per layer, ``row``: one per output channel) by k-means.
 - ``gptq_codebook``: GPTQ's column sweep with error feedback through the inverse Hessian
   (:func:`matpress.methods.gptq.grid_sweep`), each column rounded to its nearest codebook level; a
@@ -14,8 +14,8 @@ Learned tables (:func:`learn_table`) minimise ``sum_i h_i (w_i - s_i t[c_i])**2`
 importance of weight i's input column, ``s_i`` its group's scale) by alternating exact steps from the
 ``nl`` table and its searched scales: codes = the nearest levels; each level = the weighted least-
 squares fit of the weights assigned to it; codes again; each group's scale = its weighted least-squares
-fit. Every step lowers the objective; the stored fp16 rounding may not, so the best iterate as stored
-is kept, never worse than the start.
+fit. Every step lowers the objective; the rounding as stored (integer levels, fp16 scales) may not, so
+the best iterate as stored is kept, never worse than the start.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ import torch
 from matpress.errors import quote
 from matpress.formats import CodebookFormat, Format
 from matpress.formats.codebook import (
-    BITS, TABLES, fixed_table, group_weights, level_values, nearest_codes, search_scales,
+    BITS, FIXED_TABLES, FP16_MIN_SUBNORMAL, TABLES, fixed_table, group_weights, integer_levels,
+    level_values, nearest_codes, search_scales,
 )
-from matpress.formats.integer import FP16_MIN_NORMAL, grouped, resolve_group_size
+from matpress.formats.integer import grouped, resolve_group_size
 from matpress.formats.ternary import expand_groups
 from matpress.formats.transformed import make_transform, quantize_transformed
 from matpress.methods.base import LayerStats, check_int, register_method
@@ -41,8 +42,8 @@ from matpress.methods.obs import live_inputs
 @dataclass(frozen=True)
 class CodebookParams:
     """bits: 2 to 4 (a table of 2**bits levels). group_size: input columns sharing one scale, or None
-    for one per output channel. table: nf or nl (fixed), layer or row (learned per layer or per output
-    channel). iterations: k-means rounds of a learned table."""
+    for one per output channel. table: nf, nl or iq4nl (fixed; iq4nl is 4-bit), layer or row (learned
+    per layer or per output channel). iterations: k-means rounds of a learned table."""
 
     bits: int = 4
     group_size: Optional[int] = 32
@@ -55,6 +56,8 @@ class CodebookParams:
         check_int("group_size", self.group_size, null="per channel")
         if self.table not in TABLES:
             raise ValueError(f"table must be one of {list(TABLES)}, got {quote(self.table)}")
+        if self.table == "iq4nl" and self.bits != 4:
+            raise ValueError(f"the iq4nl table has 16 levels: it needs bits=4, got bits={self.bits}")
         check_int("iterations", self.iterations, minimum=0)
 
 
@@ -112,13 +115,13 @@ def learn_table(
         num = _sums(h * s * weight, index, n_tables * n_levels).view(n_tables, n_levels)
         den = _sums(h * s * s, index, n_tables * n_levels).view(n_tables, n_levels)
         fitted = torch.where(den > 0, num / den.clamp(min=1e-30), table)
-        table = fitted.sort(dim=1).values.half().float()
+        table = integer_levels(fitted.sort(dim=1).values)
         # each group's scale: sum h t w / sum h t^2 over its weights, for the codes nearest the new table
         t = level_values(nearest_codes(weight / s, table), table)
         imp = group_weights(importance, n, group)
         num = (grouped(t * weight, group) * imp).sum(-1)
         den = (grouped(t * t, group) * imp).sum(-1)
-        scales = torch.where(den > 0, num / den.clamp(min=1e-30), scales).clamp(min=FP16_MIN_NORMAL).half().float()
+        scales = torch.where(den > 0, num / den.clamp(min=1e-30), scales).clamp(min=FP16_MIN_SUBNORMAL).half().float()
         err = weighted_error(weight, rounded_weight(weight, table, scales, group), importance)
         history.append(err)
         if err < best[0]:
@@ -131,7 +134,7 @@ def codebook_table(
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The table of ``params`` for ``weight`` ``(1 or out, 2**bits)``, and the scales k-means found with
     a learned one (None for a fixed table)."""
-    if params.table in ("nf", "nl"):
+    if params.table in FIXED_TABLES:
         return fixed_table(params.table, params.bits).unsqueeze(0), None
     group = resolve_group_size(params.group_size, weight.shape[1])
     table, scales, _ = learn_table(weight, params.bits, group, params.table == "row", importance, params.iterations)
@@ -140,7 +143,7 @@ def codebook_table(
 
 @register_method("codebook", CodebookParams)
 def codebook(weight: torch.Tensor, params: CodebookParams, stats: Optional[LayerStats] = None) -> CodebookFormat:
-    """Round-to-nearest onto a codebook (fixed nf / nl table, or learned per layer or per row by k-means)."""
+    """Round-to-nearest onto a codebook (fixed nf / nl / iq4nl table, or learned per layer or per row by k-means)."""
     w = weight.detach().float()
     table, scales = codebook_table(w, params, torch.ones(w.shape[1]))
     if scales is None:
