@@ -28,11 +28,15 @@ def assert_same_logits(a: torch.Tensor, b: torch.Tensor, model) -> None:
     assert bool(((a - b).abs() <= terms * EPS * b.abs().max()).all())
 
 
-@pytest.mark.parametrize("compressed", [False, True])
-def test_lean_loop_gives_the_logits_of_the_full_forward_at_every_step(compressed):
+CODEBOOK = {"default": {"method": "codebook", "bits": 4, "group_size": 32, "table": "iq4nl"}}
+
+
+@pytest.mark.parametrize("recipe", [None, RTN, CODEBOOK], ids=["dense", "int4", "codebook4"])
+def test_lean_loop_gives_the_logits_of_the_full_forward_at_every_step(recipe):
     model = tiny_llama()
+    compressed = recipe is not None
     if compressed:
-        matpress.compress(model, RTN, progress=False)
+        matpress.compress(model, recipe, progress=False)
     assert lean_supported(model)
     torch.manual_seed(0)
     ids = torch.randint(0, 128, (9,)).tolist()

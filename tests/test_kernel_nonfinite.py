@@ -11,7 +11,7 @@ import torch
 
 from format_checks import assert_within_kernel_bound, kernel_library, outlier_weight
 from matpress import kernels
-from matpress.formats import Format, IntFormat, TernaryFormat
+from matpress.formats import CodebookFormat, Format, IntFormat, TernaryFormat
 from matpress.formats.packing import pack_trits
 from matpress.kernels import build, lowbit
 
@@ -31,6 +31,8 @@ FORMATS = {
     "int8-ch": lambda w: IntFormat.encode(w, bits=8, group_size=None),
     "ternary-g64": lambda w: TernaryFormat.encode(w, group_size=64),
     "ternary-ch": lambda w: TernaryFormat.encode(w, group_size=None),
+    "codebook4-g32-iq4nl": lambda w: CodebookFormat.encode(w, bits=4, group_size=32, table="iq4nl"),
+    "codebook3-g100-nf": lambda w: CodebookFormat.encode(w, bits=3, group_size=100, table="nf"),
 }
 NONFINITE = {"nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf")}
 
@@ -52,7 +54,7 @@ def isa_lib(request):
 
 
 def group_of(fmt: Format) -> int:
-    return fmt.group if isinstance(fmt, IntFormat) else fmt.group_size
+    return fmt.group_size if isinstance(fmt, TernaryFormat) else fmt.group
 
 
 def assert_same_nonfinite(y: torch.Tensor, reference: torch.Tensor) -> None:
@@ -100,6 +102,12 @@ def with_nonfinite_scales(fmt: Format, value: float) -> Format:
         scales = fmt.scales.clone()
         scales[3, g], scales[8, 0] = value, value
         return TernaryFormat(fmt.shape, fmt.group_size, pack_trits(trits), scales)
+    if isinstance(fmt, CodebookFormat):  # the top level: a positive weight (these tables have no zero level)
+        codes = fmt.codes()
+        codes[3, cols] = 2**fmt.bits - 1
+        scales = fmt.scales.clone()
+        scales[3, g], scales[8, 0] = value, value
+        return CodebookFormat.from_codes(codes, scales.float(), fmt.table, fmt.bits, fmt.group_size, fmt.table_kind)
     codes = fmt.codes()
     scale, zero = fmt.scale_zero()
     z = int(zero[3, g])

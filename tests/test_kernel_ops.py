@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from format_checks import assert_within_kernel_bound, outlier_weight
-from matpress.formats import IntFormat, TernaryFormat
+from matpress.formats import CodebookFormat, IntFormat, TernaryFormat
 from matpress.kernels import build, lowbit
 from matpress.nn.layers import CompressedLinear
 
@@ -32,13 +32,14 @@ FORMATS = {
     "int3-g100": lambda: IntFormat.encode(outlier_weight(1, OUT, IN), bits=3, group_size=100),
     "int8-ch": lambda: IntFormat.encode(outlier_weight(2, OUT, IN), bits=8, group_size=None),
     "ternary-g64": lambda: TernaryFormat.encode(outlier_weight(3, OUT, IN), group_size=64),
+    "codebook4-g32-iq4nl": lambda: CodebookFormat.encode(outlier_weight(4, OUT, IN), bits=4, group_size=32, table="iq4nl"),
 }
 
 
 def op_args(layout: lowbit.LowbitLayout, x: torch.Tensor) -> tuple:
     geo = layout.geometry
-    return (layout.bits, layout.codes, layout.scales, layout.zeros, geo.n_blocks, geo.padded, x, geo.group,
-            geo.sub, geo.width, layout.out_features, not layout.scales_finite)
+    return (layout.bits, layout.codes, layout.scales, layout.zeros, layout.levels, geo.n_blocks, geo.padded, x,
+            geo.group, geo.sub, geo.width, layout.out_features, not layout.scales_finite)
 
 
 @pytest.mark.parametrize("name", sorted(FORMATS))
@@ -47,8 +48,8 @@ def test_operators_pass_opcheck(name, native):
     geo = layout.geometry
     for x in (torch.randn(1, IN), torch.randn(2, 5, IN), torch.randn(0, IN), torch.randn(3, IN).bfloat16()):
         torch.library.opcheck(native.matmul, op_args(layout, x))
-    decode = (layout.bits, layout.codes, layout.scales, layout.zeros, geo.n_blocks, geo.padded, IN, geo.group,
-              geo.sub, geo.width, OUT)
+    decode = (layout.bits, layout.codes, layout.scales, layout.zeros, layout.levels, geo.n_blocks, geo.padded, IN,
+              geo.group, geo.sub, geo.width, OUT)
     torch.library.opcheck(native.decode_bf16, decode)
 
 
@@ -70,6 +71,19 @@ def test_operator_refuses_a_layout_that_does_not_match_its_geometry(native):
     args = list(op_args(layout, torch.randn(1, IN)))
     args[1] = layout.codes[:, :-1].contiguous()
     with pytest.raises(RuntimeError, match="codes hold"):
+        native.matmul(*args)
+
+
+def test_operator_refuses_lookup_tables_of_the_wrong_shape_or_width(native):
+    layout = lowbit.layout_of(FORMATS["codebook4-g32-iq4nl"]())
+    args = list(op_args(layout, torch.randn(1, IN)))
+    args[4] = layout.levels[:, :32].contiguous()
+    with pytest.raises(RuntimeError, match="levels must be a contiguous uint8 CPU tensor of 64 bytes"):
+        native.matmul(*args)
+    eight = lowbit.layout_of(FORMATS["int8-ch"]())
+    args = list(op_args(eight, torch.randn(1, IN)))
+    args[4] = layout.levels
+    with pytest.raises(RuntimeError, match="lookup tables are for codes of up to 4 bits, not 8"):
         native.matmul(*args)
 
 

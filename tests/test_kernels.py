@@ -12,7 +12,8 @@ import matpress
 from format_checks import assert_within_kernel_bound, kernel_error_bound, kernel_library, outlier_weight
 from matpress import kernels
 from matpress.errors import MatpressError
-from matpress.formats import IntFormat, TernaryFormat
+from format_checks import run_method
+from matpress.formats import CodebookFormat, IntFormat, TernaryFormat
 from matpress.kernels import build, lowbit
 from matpress.nn.layers import CompressedLinear
 
@@ -70,6 +71,64 @@ def test_ternary_kernel_matches_decode_then_matmul(group_size, batch, native):
     y = kernels.matmul(fmt, x)
     assert lowbit.layout_of(fmt).bits == 2
     assert_within_kernel_bound(y, fmt, x, fmt.group_size)
+
+
+def codebooks(seed: int) -> list[CodebookFormat]:
+    """Codebooks of every width and table kind: fixed tables, a learned one per layer and one per row."""
+    w = weight(seed)
+    return [
+        CodebookFormat.encode(w, bits=4, group_size=32, table="iq4nl"),
+        CodebookFormat.encode(w, bits=4, group_size=64, table="nl"),
+        CodebookFormat.encode(w, bits=3, group_size=100, table="nf"),
+        CodebookFormat.encode(w, bits=2, group_size=None, table="nl"),
+        CodebookFormat.encode(w, bits=3, group_size=16, table="nl"),
+        run_method("codebook", w, None, bits=3, group_size=32, table="layer", iterations=2),
+        run_method("codebook", w, None, bits=4, group_size=64, table="row", iterations=2),
+    ]
+
+
+CODEBOOK_IDS = ["4b-g32-iq4nl", "4b-g64-nl", "3b-g100-nf", "2b-ch-nl", "3b-g16-nl", "3b-g32-layer", "4b-g64-row"]
+
+
+@pytest.mark.parametrize("index", range(len(CODEBOOK_IDS)), ids=CODEBOOK_IDS)
+@pytest.mark.parametrize("batch", BATCHES)
+def test_codebook_kernel_looks_codes_up_within_the_int_kernels_bound(index, batch, native):
+    fmt = codebooks(index)[index]
+    torch.manual_seed(batch)
+    x = torch.randn(batch, IN)
+    x[:, 7] = 6.0
+    y = kernels.matmul(fmt, x)
+    layout = fmt.__dict__.get(lowbit.LAYOUT_ATTR)
+    assert isinstance(layout, lowbit.LowbitLayout) and layout.levels is not None  # the lookup path ran
+    assert layout.levels.shape[0] == (layout.codes.shape[0] if fmt.table_kind == "row" else 1)
+    # the levels are integers, so the lookup is exact: the int kernel's bound (activation rounding only)
+    assert_within_kernel_bound(y, fmt, x, fmt.group)
+    assert torch.equal(lowbit.decode_bf16(layout), fmt.decode().bfloat16())
+
+
+def test_a_codebook_with_fractional_levels_takes_its_own_matmul(native):
+    # files from before tables held integer levels: no lookup layout, the dense path instead
+    fmt = CodebookFormat.encode(weight(13), bits=4, group_size=32)
+    old = CodebookFormat(fmt.shape, 4, 32, "nl", fmt.packed, fmt.scales, fmt.table / 127)
+    x = torch.randn(3, IN)
+    assert lowbit.layout_of(old) is None
+    assert torch.equal(kernels.matmul(old, x), old.matmul(x))
+
+
+def test_codebooks_stack_with_each_other_and_with_int_layouts(native):
+    w = weight(14)
+    nl = [CodebookFormat.encode(w[:8], bits=4, group_size=64, table="nl"), CodebookFormat.encode(w[8:37], bits=4, group_size=64, table="nl")]
+    shared = lowbit.stacked_layout(nl)
+    assert shared.levels.shape[0] == 1  # one table for both
+    row = run_method("codebook", w[:12], None, bits=4, group_size=64, table="row", iterations=1)
+    uniform = IntFormat.encode(w[12:24], bits=4, group_size=64)
+    mixed = lowbit.stacked_layout([row, uniform, nl[1]])
+    assert mixed.levels.shape[0] == mixed.codes.shape[0]  # per tile: row tables, identity, the nl table
+    x = torch.randn(5, IN)
+    assert torch.equal(lowbit.layout_matmul(shared, x), torch.cat([kernels.matmul(f, x) for f in nl], dim=-1))
+    assert torch.equal(
+        lowbit.layout_matmul(mixed, x), torch.cat([kernels.matmul(f, x) for f in (row, uniform, nl[1])], dim=-1)
+    )
 
 
 def test_per_channel_rows_longer_than_a_block(native):
@@ -211,9 +270,10 @@ def test_other_paths_equal_the_native_one(march, isa, native):
         TernaryFormat.encode(weight(7), group_size=64),
         # blocks of 32 and 16 columns: two blocks to a chunk, 300 columns an odd number of 16-column blocks
         *(IntFormat.encode(weight(9), bits=b, group_size=g) for b in (2, 3, 4, 8) for g in (32, 16)),
+        *codebooks(10),  # the lookup path: every width, shared and per-row tables
     ):
         layout = lowbit.layout_of(fmt)
-        group = fmt.group if isinstance(fmt, IntFormat) else fmt.group_size
+        group = fmt.group_size if isinstance(fmt, TernaryFormat) else fmt.group
         for batch in (1, 7):
             x = torch.randn(batch, IN)
             a, b = lowbit.lowbit_matmul(layout, x, other), lowbit.lowbit_matmul(layout, x, native)

@@ -135,11 +135,11 @@ def namespace_of(flags: tuple[str, ...]) -> str:
     return f"{NAMESPACE}_{hashlib.sha256(chr(0).join(flags).encode()).hexdigest()[:12]}"
 
 
-def _fake_matmul(bits, codes, scales, zeros, n_blocks, padded, x, group, sub, width, out_features, scales_nonfinite):
+def _fake_matmul(bits, codes, scales, zeros, levels, n_blocks, padded, x, group, sub, width, out_features, scales_nonfinite):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-def _fake_decode_bf16(bits, codes, scales, zeros, n_blocks, padded, in_features, group, sub, width, out_features):
+def _fake_decode_bf16(bits, codes, scales, zeros, levels, n_blocks, padded, in_features, group, sub, width, out_features):
     return codes.new_empty((out_features, in_features), dtype=torch.bfloat16)
 
 

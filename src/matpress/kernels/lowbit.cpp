@@ -19,7 +19,13 @@
 //   3 bits: the 2-bit vector of the low bits, then 4 64-bit masks of the high bit, bit 16*r + i of mask
 //           s for column 16*s + i of row r (96 bytes).
 // So unpacking is a shift and a mask per step, with no shuffles, and the activations of a step are one
-// 16-byte broadcast. Per tile and quad of blocks: 16 fp16 scales and 16 int16 zero points, ordered
+// 16-byte broadcast.
+//
+// Lookup layouts (codebooks: W = table[q] * s with integer levels in [-127, 127]) keep the codes as they
+// are and add 64 bytes per tile (or one 64-byte table for all tiles): lane r holds the 16 bytes
+// level + 128 of row r's table, so after unpacking one vpshufb per step turns each code into its byte
+// (lane r looks up in lane r, which is row r's table, as in llama.cpp's IQ4_NL kernels), and the zero
+// point 128 gives (level + 128 - 128) * s, exactly. From there the arithmetic is that of 8-bit codes. Per tile and quad of blocks: 16 fp16 scales and 16 int16 zero points, ordered
 // (row, block).
 //
 // Non-finite values: int8 activations and integer sums cannot carry a NaN or an infinity, so a block
@@ -228,6 +234,12 @@ static inline void unpack_chunk_scalar(const uint8_t* p, uint8_t w[4][64]) {
         for (int k = 0; k < 64; ++k) w[s][k] = code_at<BITS>(p, s, k);
 }
 
+// A lookup layout's values: code q of row r becomes the table byte lut[16 r + q] (the tile's table).
+static inline void lookup_codes(const uint8_t* lut, uint8_t w[4][64]) {
+    for (int s = 0; s < 4; ++s)
+        for (int k = 0; k < 64; ++k) w[s][k] = lut[16 * (k / 16) + w[s][k]];
+}
+
 #ifdef MP_AVX512_VNNI
 
 template <int BITS>
@@ -261,11 +273,13 @@ static inline void unpack_chunk(const uint8_t* p, __m512i w[4]) {
 // Each block accumulates into its own register (independent vpdpbusd chains); at the end of a quad one
 // 4x4 transpose-add per 128-bit lane turns the four accumulators into the four block sums of each row,
 // so the zero correction, conversion and scaling are one vector operation per quad.
-template <int BITS, int MB>
-static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* wzt, int NB, int NBc, int Bp,
-                        const int8_t* xq, long xstride, const float* xscale, const int32_t* xsum,
+template <int BITS, int MB, bool LUT>
+static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* wzt, const uint8_t* lut, int NB,
+                        int NBc, int Bp, const int8_t* xq, long xstride, const float* xscale, const int32_t* xsum,
                         float* y, long ystride, int rows) {
     constexpr int CB = chunk_bytes(BITS);
+    // lane r of the table: row r's 16 code values (the codes of a lookup layout index it, vpshufb)
+    const __m512i tv = LUT ? _mm512_loadu_si512(lut) : _mm512_setzero_si512();
     __m512 yv[MB];
     for (int m = 0; m < MB; ++m) yv[m] = _mm512_setzero_ps();
     for (int q = 0; q < NB / 4; ++q) {
@@ -281,6 +295,8 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* w
                 __m512i w[4];
                 prefetch_ahead<CB>(pb + (long)c * CB);
                 unpack_chunk<BITS>(pb + (long)c * CB, w);
+                if constexpr (LUT)
+                    for (int s = 0; s < 4; ++s) w[s] = _mm512_shuffle_epi8(tv, w[s]);
                 if (bc.steps == 4) {
 #pragma GCC unroll 4
                     for (int s = 0; s < 4; ++s) {
@@ -367,12 +383,16 @@ static inline void unpack_half(const uint8_t* p, int h, __m256i w[4]) {
     }
 }
 
-template <int BITS, int MB>
-static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* wzt, int NB, int NBc, int Bp,
-                        const int8_t* xq, long xstride, const float* xscale, const int32_t* xsum,
+template <int BITS, int MB, bool LUT>
+static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* wzt, const uint8_t* lut, int NB,
+                        int NBc, int Bp, const int8_t* xq, long xstride, const float* xscale, const int32_t* xsum,
                         float* y, long ystride, int rows) {
     constexpr int CB = chunk_bytes(BITS);
+    constexpr bool BYTES = BITS == 8 || LUT;  // 8-bit values: split into nibbles so vpmaddubsw cannot saturate
     const __m256i ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16), m4 = _mm256_set1_epi8(0x0F);
+    // half h of the table: rows 2h and 2h+1 (one 128-bit lane each), as the halves of a step hold them
+    const __m256i tv[2] = {LUT ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lut)) : _mm256_setzero_si256(),
+                           LUT ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lut + 32)) : _mm256_setzero_si256()};
     __m256 yv[MB][2];
     for (int m = 0; m < MB; ++m) yv[m][0] = yv[m][1] = _mm256_setzero_ps();
     for (int q = 0; q < NB / 4; ++q) {
@@ -390,6 +410,8 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* w
                 for (int h = 0; h < 2; ++h) {
                     __m256i all[4];
                     unpack_half<BITS>(pb + (long)c * CB, h, all);
+                    if constexpr (LUT)
+                        for (int s = 0; s < 4; ++s) all[s] = _mm256_shuffle_epi8(tv[h], all[s]);
                     // a 32-column block: its two steps first, zero weights after them (the activations
                     // those meet are the next block's, or scratch past the last: times zero, nothing)
                     const bool half = bc.steps == 2;
@@ -401,7 +423,7 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* w
                         for (int s = 0; s < 4; ++s) {
                             const __m256i xv = _mm256_broadcastsi128_si256(
                                 _mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + m * xstride + c * 64 + s * 16)));
-                            if constexpr (BITS == 8) {
+                            if constexpr (BYTES) {
                                 lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(_mm256_and_si256(w[s], m4), xv));
                                 hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w[s], 4), m4), xv));
                             } else {
@@ -409,7 +431,7 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* w
                             }
                         }
                         acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_madd_epi16(lo, ones));
-                        if constexpr (BITS == 8) acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_madd_epi16(hi, sixteen));
+                        if constexpr (BYTES) acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_madd_epi16(hi, sixteen));
                     }
                 }
             }
@@ -443,9 +465,9 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* w
 
 #else  // portable path: the same layout and arithmetic, written plainly
 
-template <int BITS, int MB>
-static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* wzt, int NB, int NBc, int Bp,
-                        const int8_t* xq, long xstride, const float* xscale, const int32_t* xsum,
+template <int BITS, int MB, bool LUT>
+static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* wzt, const uint8_t* lut, int NB,
+                        int NBc, int Bp, const int8_t* xq, long xstride, const float* xscale, const int32_t* xsum,
                         float* y, long ystride, int rows) {
     const int CB = chunk_bytes(BITS);
     float yv[MB][4] = {};
@@ -455,6 +477,7 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* w
         for (int c = 0; c < bc.chunks; ++c) {
             uint8_t w[4][64];
             unpack_chunk_scalar<BITS>(wt + (bc.chunk + c) * CB, w);
+            if (LUT) lookup_codes(lut, w);
             for (int m = 0; m < MB; ++m) {
                 const int8_t* xc = xq + m * xstride + (long)b * Bp + c * 64;
                 for (int r = 0; r < 4; ++r) {
@@ -497,10 +520,10 @@ static inline void unpack_codes(const uint8_t* p, uint8_t codes[4][64]) {
 #endif
 }
 
-template <int BITS>
-static void gemm_bits(const uint8_t* w, const uint16_t* ws, const int16_t* wz, int T, int NB, int NBc, int Bp,
-                      const int8_t* xq, const float* xscale, const int32_t* xsum, int M, float* y, int N,
-                      int nthreads) {
+template <int BITS, bool LUT>
+static void gemm_bits(const uint8_t* w, const uint16_t* ws, const int16_t* wz, const uint8_t* lut, long lut_stride,
+                      int T, int NB, int NBc, int Bp, const int8_t* xq, const float* xscale, const int32_t* xsum,
+                      int M, float* y, int N, int nthreads) {
     const long tile_bytes = chunks_of(NBc, Bp) * chunk_bytes(BITS);
     const long xstride = (long)NB * Bp;
     // Threads only for more than a few microseconds of work: waking them costs more on small matrices.
@@ -509,17 +532,18 @@ static void gemm_bits(const uint8_t* w, const uint16_t* ws, const int16_t* wz, i
         const uint8_t* wt = w + t * tile_bytes;
         const uint16_t* wst = ws + (long)t * NB * 4;
         const int16_t* wzt = wz + (long)t * NB * 4;
+        const uint8_t* lutt = LUT ? lut + t * lut_stride : nullptr;
         const int rows = tile_rows(t, N);
         int m = 0;
         // Activation rows in runs of 4, then 2, 1: each run reuses the tile's unpacked codes.
         for (; m + 4 <= M; m += 4)
-            tile_kernel<BITS, 4>(wt, wst, wzt, NB, NBc, Bp, xq + m * xstride, xstride, xscale + (long)m * NB,
+            tile_kernel<BITS, 4, LUT>(wt, wst, wzt, lutt, NB, NBc, Bp, xq + m * xstride, xstride, xscale + (long)m * NB,
                                  xsum + (long)m * NB, y + (long)m * N + 4 * t, N, rows);
         for (; m + 2 <= M; m += 2)
-            tile_kernel<BITS, 2>(wt, wst, wzt, NB, NBc, Bp, xq + m * xstride, xstride, xscale + (long)m * NB,
+            tile_kernel<BITS, 2, LUT>(wt, wst, wzt, lutt, NB, NBc, Bp, xq + m * xstride, xstride, xscale + (long)m * NB,
                                  xsum + (long)m * NB, y + (long)m * N + 4 * t, N, rows);
         for (; m < M; ++m)
-            tile_kernel<BITS, 1>(wt, wst, wzt, NB, NBc, Bp, xq + m * xstride, xstride, xscale + (long)m * NB,
+            tile_kernel<BITS, 1, LUT>(wt, wst, wzt, lutt, NB, NBc, Bp, xq + m * xstride, xstride, xscale + (long)m * NB,
                                  xsum + (long)m * NB, y + (long)m * N + 4 * t, N, rows);
     }
 }
@@ -529,7 +553,8 @@ static void gemm_bits(const uint8_t* w, const uint16_t* ws, const int16_t* wz, i
 // infinite. Such a block's sum is NaN or infinite, and finite blocks cannot change that, so the sum over
 // these blocks alone is the NaN or signed infinity of x @ W^T.
 template <int BITS>
-static void fix_nonfinite(const uint8_t* w, const uint16_t* ws, const int16_t* wz, int T, int NB, int Bp,
+static void fix_nonfinite(const uint8_t* w, const uint16_t* ws, const int16_t* wz, const uint8_t* lut,
+                          long lut_stride, int T, int NB, int Bp,
                           const float* x, int M, int K, int G, int sub, int Bo, const float* xscale,
                           bool scales_nonfinite, float* y, int N, int nthreads) {
     const long total = (long)M * NB;
@@ -557,7 +582,8 @@ static void fix_nonfinite(const uint8_t* w, const uint16_t* ws, const int16_t* w
                     const uint8_t* pb = w + t * tile_bytes + bc.chunk * CB;
                     for (int i = 0; i < cols; ++i) {
                         const int k = 16 * bc.step0 + i;  // the column's place in its chunks
-                        const int code = code_at<BITS>(pb + (k / 64) * CB, (k % 64) / 16, 16 * r + k % 16);
+                        int code = code_at<BITS>(pb + (k / 64) * CB, (k % 64) / 16, 16 * r + k % 16);
+                        if (lut) code = lut[t * lut_stride + 16 * r + code];
                         sum += (float)(code - wz[at]) * scale * x[(long)m * K + start + i];
                     }
                 }
@@ -567,28 +593,32 @@ static void fix_nonfinite(const uint8_t* w, const uint16_t* ws, const int16_t* w
 }
 
 struct MatmulArgs {
-    const uint8_t* w; const uint16_t* ws; const int16_t* wz; int T, NB, Bp;
+    const uint8_t* w; const uint16_t* ws; const int16_t* wz; const uint8_t* lut; long lut_stride; int T, NB, Bp;
     const float* x; int M, K, G, sub, Bo;
     const int8_t* xq; const float* xscale; const int32_t* xsum;
     float* y; int N; bool scales_nonfinite; int nthreads;
 };
 
-template <int BITS>
+template <int BITS, bool LUT>
 static void matmul_bits(const MatmulArgs& a) {
-    gemm_bits<BITS>(a.w, a.ws, a.wz, a.T, a.NB, code_blocks(a.K, a.G, a.sub), a.Bp, a.xq, a.xscale, a.xsum, a.M, a.y, a.N, a.nthreads);
-    fix_nonfinite<BITS>(a.w, a.ws, a.wz, a.T, a.NB, a.Bp, a.x, a.M, a.K, a.G, a.sub, a.Bo, a.xscale,
-                        a.scales_nonfinite, a.y, a.N, a.nthreads);
+    gemm_bits<BITS, LUT>(a.w, a.ws, a.wz, a.lut, a.lut_stride, a.T, a.NB, code_blocks(a.K, a.G, a.sub), a.Bp, a.xq,
+                         a.xscale, a.xsum, a.M, a.y, a.N, a.nthreads);
+    fix_nonfinite<BITS>(a.w, a.ws, a.wz, a.lut, a.lut_stride, a.T, a.NB, a.Bp, a.x, a.M, a.K, a.G, a.sub, a.Bo,
+                        a.xscale, a.scales_nonfinite, a.y, a.N, a.nthreads);
 }
 
 extern "C" {
 
 // y (M, N) = x (M, K) @ W^T for a packed layout of T = ceil(N / 4) tiles, block geometry as in
-// mp_quantize; `scales_nonfinite` says whether a scale of the layout is NaN or infinite. Returns 0, -1
-// when `bits` has no layout, -2 when scratch memory is short.
-int mp_matmul(int bits, const uint8_t* w, const uint16_t* ws, const int16_t* wz, int T, int NB, int Bp,
-              const float* x, int M, int K, int G, int sub, int Bo, float* y, int N, int scales_nonfinite,
-              int nthreads) {
+// mp_quantize; `scales_nonfinite` says whether a scale of the layout is NaN or infinite. A lookup layout
+// (codebooks) passes `lut`: per tile, 64 bytes, lane r holding the 16 values that row r's codes of up to
+// 4 bits stand for (W = (lut[r][q] - z) * s), `lut_stride` bytes apart (0: one table for every tile);
+// otherwise lut is null. Returns 0, -1 when `bits` has no layout, -2 when scratch memory is short.
+int mp_matmul(int bits, const uint8_t* w, const uint16_t* ws, const int16_t* wz, const uint8_t* lut, long lut_stride,
+              int T, int NB, int Bp, const float* x, int M, int K, int G, int sub, int Bo, float* y, int N,
+              int scales_nonfinite, int nthreads) {
     if (bits != 2 && bits != 3 && bits != 4 && bits != 8) return -1;
+    if (lut && bits == 8) return -1;
     const size_t nq = (size_t)M * NB * Bp, ns = (size_t)M * NB;
     char* scratch = static_cast<char*>(malloc(nq + 8 * ns + 64));
     if (!scratch) return -2;
@@ -596,12 +626,16 @@ int mp_matmul(int bits, const uint8_t* w, const uint16_t* ws, const int16_t* wz,
     float* xscale = reinterpret_cast<float*>(scratch + ((nq + 63) & ~(size_t)63));
     int32_t* xsum = reinterpret_cast<int32_t*>(xscale + ns);
     mp_quantize(x, M, K, G, sub, Bo, Bp, NB, xq, xscale, xsum, nthreads);
-    const MatmulArgs a{w, ws, wz, T, NB, Bp, x, M, K, G, sub, Bo, xq, xscale, xsum, y, N, scales_nonfinite != 0, nthreads};
-    switch (bits) {
-        case 2: matmul_bits<2>(a); break;
-        case 3: matmul_bits<3>(a); break;
-        case 4: matmul_bits<4>(a); break;
-        case 8: matmul_bits<8>(a); break;
+    const MatmulArgs a{w, ws, wz, lut, lut_stride, T, NB, Bp, x, M, K, G, sub, Bo, xq, xscale, xsum, y, N,
+                       scales_nonfinite != 0, nthreads};
+    switch (bits + (lut ? 100 : 0)) {
+        case 2: matmul_bits<2, false>(a); break;
+        case 3: matmul_bits<3, false>(a); break;
+        case 4: matmul_bits<4, false>(a); break;
+        case 8: matmul_bits<8, false>(a); break;
+        case 102: matmul_bits<2, true>(a); break;
+        case 103: matmul_bits<3, true>(a); break;
+        case 104: matmul_bits<4, true>(a); break;
     }
     free(scratch);
     return 0;
@@ -636,8 +670,8 @@ static inline void step_to_bf16(const uint8_t* q, int zero, float scale, uint16_
 }
 
 template <int BITS>
-static void decode_bits(const uint8_t* w, const uint16_t* ws, const int16_t* wz, int T, int NB, int Bp, int K,
-                        int G, int sub, int Bo, uint16_t* out, int N, int nthreads) {
+static void decode_bits(const uint8_t* w, const uint16_t* ws, const int16_t* wz, const uint8_t* lut, long lut_stride,
+                        int T, int NB, int Bp, int K, int G, int sub, int Bo, uint16_t* out, int N, int nthreads) {
     const int CB = chunk_bytes(BITS);
     const long tile_bytes = code_chunks(K, G, sub, Bp) * CB;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
@@ -650,6 +684,7 @@ static void decode_bits(const uint8_t* w, const uint16_t* ws, const int16_t* wz,
             for (int c = 0; c < bc.chunks && 64 * c < cols; ++c) {
                 uint8_t codes[4][64];
                 unpack_codes<BITS>(w + t * tile_bytes + (bc.chunk + c) * CB, codes);
+                if (lut) lookup_codes(lut + t * lut_stride, codes);
                 for (int r = 0; r < rows; ++r) {
                     const long at = scale_index(t, NB, r, b);
                     const float scale = half_to_float(ws[at]);
@@ -668,13 +703,15 @@ extern "C" {
 
 // The weights of a packed layout as a dense (N, K) bf16 matrix (bit patterns), for large batches where
 // a bf16 matrix multiply beats the integer kernel; returns -1 when `bits` has no layout.
-int mp_decode_bf16(int bits, const uint8_t* w, const uint16_t* ws, const int16_t* wz, int T, int NB, int Bp,
-                   int K, int G, int sub, int Bo, uint16_t* out, int N, int nthreads) {
+int mp_decode_bf16(int bits, const uint8_t* w, const uint16_t* ws, const int16_t* wz, const uint8_t* lut,
+                   long lut_stride, int T, int NB, int Bp, int K, int G, int sub, int Bo, uint16_t* out, int N,
+                   int nthreads) {
+    if (lut && bits == 8) return -1;
     switch (bits) {
-        case 2: decode_bits<2>(w, ws, wz, T, NB, Bp, K, G, sub, Bo, out, N, nthreads); return 0;
-        case 3: decode_bits<3>(w, ws, wz, T, NB, Bp, K, G, sub, Bo, out, N, nthreads); return 0;
-        case 4: decode_bits<4>(w, ws, wz, T, NB, Bp, K, G, sub, Bo, out, N, nthreads); return 0;
-        case 8: decode_bits<8>(w, ws, wz, T, NB, Bp, K, G, sub, Bo, out, N, nthreads); return 0;
+        case 2: decode_bits<2>(w, ws, wz, lut, lut_stride, T, NB, Bp, K, G, sub, Bo, out, N, nthreads); return 0;
+        case 3: decode_bits<3>(w, ws, wz, lut, lut_stride, T, NB, Bp, K, G, sub, Bo, out, N, nthreads); return 0;
+        case 4: decode_bits<4>(w, ws, wz, lut, lut_stride, T, NB, Bp, K, G, sub, Bo, out, N, nthreads); return 0;
+        case 8: decode_bits<8>(w, ws, wz, lut, lut_stride, T, NB, Bp, K, G, sub, Bo, out, N, nthreads); return 0;
         default: return -1;
     }
 }
@@ -718,12 +755,29 @@ static void check_layout(int64_t bits, const at::Tensor& codes, const at::Tensor
                 "and block");
 }
 
+// A lookup layout's tables (uint8, one row of 64 bytes for every tile or one for all), or none (an
+// undefined or empty tensor): the pointer and per-tile stride mp_matmul takes.
+struct Lookup {
+    const uint8_t* lut;
+    long stride;
+};
+static Lookup lookup_of(const at::Tensor& levels, int64_t bits, const at::Tensor& codes) {
+    if (!levels.defined() || levels.numel() == 0) return {nullptr, 0};
+    TORCH_CHECK(bits <= 4, "low-bit kernel: lookup tables are for codes of up to 4 bits, not ", bits);
+    TORCH_CHECK(levels.device().is_cpu() && levels.scalar_type() == at::kByte && levels.is_contiguous() &&
+                    levels.dim() == 2 && levels.size(1) == 64 && (levels.size(0) == 1 || levels.size(0) == codes.size(0)),
+                "low-bit kernel: levels must be a contiguous uint8 CPU tensor of 64 bytes for one tile or for each of ",
+                codes.size(0));
+    return {levels.data_ptr<uint8_t>(), levels.size(0) == 1 ? 0L : 64L};
+}
+
 static at::Tensor op_matmul(int64_t bits, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros,
-                            int64_t n_blocks, int64_t padded, const at::Tensor& x, int64_t group, int64_t sub,
-                            int64_t width, int64_t out_features, bool scales_nonfinite) {
+                            const std::optional<at::Tensor>& levels, int64_t n_blocks, int64_t padded, const at::Tensor& x,
+                            int64_t group, int64_t sub, int64_t width, int64_t out_features, bool scales_nonfinite) {
     TORCH_CHECK(x.device().is_cpu() && x.dim() >= 1 && x.size(-1) > 0,
                 "low-bit kernel: x must be a CPU tensor with features in its last dimension");
     check_layout(bits, codes, scales, zeros, n_blocks, padded, x.size(-1), group, sub, out_features);
+    const Lookup lookup = lookup_of(levels.value_or(at::Tensor()), bits, codes);
     // fp32 contiguous input (the common case) goes in as it is: no conversion, no copy
     const bool direct = x.scalar_type() == at::kFloat && x.is_contiguous();
     const at::Tensor xf = direct ? x : x.to(at::kFloat).contiguous();
@@ -734,8 +788,8 @@ static at::Tensor op_matmul(int64_t bits, const at::Tensor& codes, const at::Ten
     if (M) {
         const int status = mp_matmul((int)bits, codes.data_ptr<uint8_t>(),
                                      reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
-                                     zeros.data_ptr<int16_t>(), (int)codes.size(0), (int)n_blocks, (int)padded,
-                                     xf.data_ptr<float>(), (int)M, (int)K, (int)group, (int)sub, (int)width,
+                                     zeros.data_ptr<int16_t>(), lookup.lut, lookup.stride, (int)codes.size(0),
+                                     (int)n_blocks, (int)padded, xf.data_ptr<float>(), (int)M, (int)K, (int)group, (int)sub, (int)width,
                                      y.data_ptr<float>(), (int)out_features, scales_nonfinite,
                                      at::get_num_threads());
         TORCH_CHECK(status == 0, "low-bit kernel: no scratch memory for ", M, " x ", K, " activations");
@@ -744,12 +798,14 @@ static at::Tensor op_matmul(int64_t bits, const at::Tensor& codes, const at::Ten
 }
 
 static at::Tensor op_decode_bf16(int64_t bits, const at::Tensor& codes, const at::Tensor& scales,
-                                 const at::Tensor& zeros, int64_t n_blocks, int64_t padded, int64_t in_features,
-                                 int64_t group, int64_t sub, int64_t width, int64_t out_features) {
+                                 const at::Tensor& zeros, const std::optional<at::Tensor>& levels, int64_t n_blocks,
+                                 int64_t padded, int64_t in_features, int64_t group, int64_t sub, int64_t width,
+                                 int64_t out_features) {
     check_layout(bits, codes, scales, zeros, n_blocks, padded, in_features, group, sub, out_features);
+    const Lookup lookup = lookup_of(levels.value_or(at::Tensor()), bits, codes);
     at::Tensor out = at::empty({out_features, in_features}, codes.options().dtype(at::kBFloat16));
     mp_decode_bf16((int)bits, codes.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
-                   zeros.data_ptr<int16_t>(), (int)codes.size(0), (int)n_blocks, (int)padded, (int)in_features,
+                   zeros.data_ptr<int16_t>(), lookup.lut, lookup.stride, (int)codes.size(0), (int)n_blocks, (int)padded, (int)in_features,
                    (int)group, (int)sub, (int)width, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()),
                    (int)out_features, at::get_num_threads());
     return out;
@@ -767,9 +823,11 @@ static at::Tensor op_decode_bf16(int64_t bits, const at::Tensor& codes, const at
 namespace {
 
 struct Projection {
-    int bits; const uint8_t* w; const uint16_t* ws; const int16_t* wz; int T, NB, Bp, K, G, sub, Bo, N; int nonfinite;
+    int bits; const uint8_t* w; const uint16_t* ws; const int16_t* wz; Lookup lookup; int T, NB, Bp, K, G, sub, Bo, N;
+    int nonfinite;
     void apply(const float* x, float* y, int nthreads) const {
-        const int status = mp_matmul(bits, w, ws, wz, T, NB, Bp, x, 1, K, G, sub, Bo, y, N, nonfinite, nthreads);
+        const int status = mp_matmul(bits, w, ws, wz, lookup.lut, lookup.stride, T, NB, Bp, x, 1, K, G, sub, Bo, y, N,
+                                     nonfinite, nthreads);
         TORCH_CHECK(status == 0, "low-bit kernel: no scratch memory for one row of ", K, " activations");
     }
 };
@@ -795,15 +853,17 @@ void rotate(float* x, const float* cos, const float* sin, int d) {
 }  // namespace
 
 static at::Tensor op_decode_block(const at::Tensor& h, at::TensorList codes, at::TensorList scales,
-                                  at::TensorList zeros, at::IntArrayRef geometry, const at::Tensor& input_norm,
+                                  at::TensorList zeros, at::TensorList levels, at::IntArrayRef geometry, const at::Tensor& input_norm,
                                   const at::Tensor& post_norm, double eps, const at::Tensor& cos, const at::Tensor& sin,
                                   at::Tensor& keys, at::Tensor& values, int64_t position, int64_t heads, double scale) {
     auto fp32_vector = [](const at::Tensor& t, int64_t n, const char* what) {
         TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 1 &&
                         t.size(0) == n, "decode block: ", what, " must be a contiguous fp32 CPU vector of ", n, " values");
     };
-    TORCH_CHECK(codes.size() == 4 && scales.size() == 4 && zeros.size() == 4 && geometry.size() == 32,
-                "decode block: four projections (q/k/v, o, gate/up, down), eight geometry values each");
+    TORCH_CHECK(codes.size() == 4 && scales.size() == 4 && zeros.size() == 4 && levels.size() == 4 &&
+                    geometry.size() == 32,
+                "decode block: four projections (q/k/v, o, gate/up, down), eight geometry values each (levels empty "
+                "where a projection has no lookup table)");
     TORCH_CHECK(keys.device().is_cpu() && keys.scalar_type() == at::kFloat && keys.is_contiguous() && keys.dim() == 3 &&
                     values.sizes() == keys.sizes() && values.scalar_type() == at::kFloat && values.is_contiguous(),
                 "decode block: keys and values must be contiguous fp32 CPU caches (kv_heads, positions, head_dim)");
@@ -827,7 +887,7 @@ static at::Tensor op_decode_block(const at::Tensor& h, at::TensorList codes, at:
         check_layout(g[0], codes[i], scales[i], zeros[i], g[1], g[2], in_features[i], g[3], g[4], g[6]);
         proj[i] = Projection{(int)g[0], codes[i].data_ptr<uint8_t>(),
                              reinterpret_cast<const uint16_t*>(scales[i].data_ptr<at::Half>()), zeros[i].data_ptr<int16_t>(),
-                             (int)codes[i].size(0), (int)g[1], (int)g[2], (int)in_features[i], (int)g[3], (int)g[4],
+                             lookup_of(levels[i], g[0], codes[i]), (int)codes[i].size(0), (int)g[1], (int)g[2], (int)in_features[i], (int)g[3], (int)g[4],
                              (int)g[5], (int)g[6], (int)g[7]};
     }
     const int nthreads = at::get_num_threads();
@@ -889,11 +949,11 @@ int mp_register_ops(const char* ns, char* error, int error_len) {
         // Never freed: the registrations must outlive every call, and the dispatcher may be torn down
         // before this library's static destructors would run.
         auto* def = new torch::Library(torch::Library::DEF, ns, std::nullopt, __FILE__, __LINE__);
-        def->def("matmul(int bits, Tensor codes, Tensor scales, Tensor zeros, int n_blocks, int padded, Tensor x, "
-                 "int group, int sub, int width, int out_features, bool scales_nonfinite) -> Tensor");
-        def->def("decode_bf16(int bits, Tensor codes, Tensor scales, Tensor zeros, int n_blocks, int padded, "
-                 "int in_features, int group, int sub, int width, int out_features) -> Tensor");
-        def->def("decode_block(Tensor h, Tensor[] codes, Tensor[] scales, Tensor[] zeros, int[] geometry, "
+        def->def("matmul(int bits, Tensor codes, Tensor scales, Tensor zeros, Tensor? levels, int n_blocks, int padded, "
+                 "Tensor x, int group, int sub, int width, int out_features, bool scales_nonfinite) -> Tensor");
+        def->def("decode_bf16(int bits, Tensor codes, Tensor scales, Tensor zeros, Tensor? levels, int n_blocks, "
+                 "int padded, int in_features, int group, int sub, int width, int out_features) -> Tensor");
+        def->def("decode_block(Tensor h, Tensor[] codes, Tensor[] scales, Tensor[] zeros, Tensor[] levels, int[] geometry, "
                  "Tensor input_norm, Tensor post_norm, float eps, Tensor cos, Tensor sin, Tensor(a!) keys, "
                  "Tensor(b!) values, int position, int heads, float scale) -> Tensor");
         auto* impl = new torch::Library(torch::Library::IMPL, ns, c10::DispatchKey::CPU, __FILE__, __LINE__);

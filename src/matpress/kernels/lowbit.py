@@ -1,9 +1,12 @@
-"""Fast CPU ``x @ W.T`` for packed low-bit integer weights (``int`` 1-8 bits, ``ternary``).
+"""Fast CPU ``x @ W.T`` for packed low-bit weights (``int`` 1-8 bits, ``ternary``, ``codebook``).
 
 The weights are repacked once, at first use, into the tiled layout of ``lowbit.cpp`` (cached on the
 format object, never saved); activations are quantized to int8 per block on every call and multiplied
 by integer dot products (AVX-512 VNNI, else AVX2, else portable C++), the group scales and zero points
-applied once per block. The kernels are PyTorch custom operators (see ``build.py``), so compressed
+applied once per block. A codebook's codes go in as they are and are looked up in registers (one
+``vpshufb`` per 64 codes) into the byte ``level + 128`` of their row's table, with the zero point 128:
+its levels are integers (:mod:`matpress.formats.codebook`), so ``(level + 128 - 128) * scale`` is the
+stored weight exactly and the kernel is the ``int`` kernel's arithmetic plus one shuffle. The kernels are PyTorch custom operators (see ``build.py``), so compressed
 layers trace under ``torch.compile`` and ``torch.export``. From ``LARGE_BATCH`` rows on, CPUs with AMX
 (and, for small matrices, CPUs with AVX-512 BF16) decode the weights to bf16 and use torch's matmul
 instead. See ``docs/kernels.md`` for the layout and the measured speed.
@@ -25,7 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from matpress.formats import Format, IntFormat, TernaryFormat
+from matpress.formats import CodebookFormat, Format, IntFormat, TernaryFormat
+from matpress.formats.codebook import has_integer_levels
 from matpress.kernels import kernels_may_take, register_kernel
 from matpress.kernels.build import KernelLibrary, chosen_isa, cpu_flags, load_library
 
@@ -38,6 +42,8 @@ QUAD = 4  # blocks per step of the kernel's scale arithmetic
 # Code widths that have a layout; other widths are held in the next wider one.
 LAYOUT_BITS = (2, 3, 4, 8)
 LAYOUT_ATTR = "_lowbit_layout"
+LOOKUP_ZERO = 128  # a lookup layout stores level + 128 (a byte) with this zero point
+LOOKUP_BYTES = 16  # table bytes per row: codes of up to 4 bits
 # From this many activation rows on, CPUs with AMX decode the weights to bf16 and use torch's matmul
 # (measured crossover on a Sapphire Rapids: see docs/kernels.md). CPUs with AVX-512 BF16 but no AMX
 # (AMD Zen 4/5) do so too for matrices of up to BF16_MAX_WEIGHTS weights: there the decode of a bigger
@@ -109,6 +115,9 @@ class LowbitLayout:
     scales: torch.Tensor  # float16, (tiles, n_blocks / QUAD, TILE, QUAD)
     zeros: torch.Tensor  # int16, (tiles, n_blocks / QUAD, TILE, QUAD)
     scales_finite: bool  # no scale is NaN or infinite (else the kernel recomputes the outputs they reach)
+    # a lookup layout's tables (codebooks): uint8 (1 or tiles, TILE * 16), row r's code q standing for
+    # byte [r * 16 + q] of its tile's row (one row of the tensor for all tiles when the layer has one table)
+    levels: torch.Tensor | None = None
 
 
 def _interleave(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -132,10 +141,12 @@ def _interleave(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def pack_layout(
-    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, bits: int
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, bits: int,
+    levels: torch.Tensor | None = None,
 ) -> LowbitLayout:
     """Repack ``(out, in)`` unsigned codes with per-group fp16-exact ``scale`` and int16 ``zero``
-    ``(out, n_groups)`` (weight ``(q - zero) * scale``) into the kernel layout."""
+    ``(out, n_groups)`` (weight ``(q - zero) * scale``, or ``(levels[q] - zero) * scale`` for a lookup
+    layout's tables ``levels``, see :class:`LowbitLayout`) into the kernel layout."""
     layout_bits = next(b for b in LAYOUT_BITS if b >= bits)
     out_f, in_f = codes.shape
     geo = BlockGeometry.of(in_f, group)
@@ -159,7 +170,31 @@ def pack_layout(
         scales=scales,
         zeros=tiled(zero.to(torch.int16)),
         scales_finite=bool(torch.isfinite(scales).all()),
+        levels=levels,
     )
+
+
+def identity_levels() -> torch.Tensor:
+    """The table under which a lookup layout's codes stand for themselves (an ``int`` layout's meaning)."""
+    return torch.arange(LOOKUP_BYTES, dtype=torch.uint8).repeat(TILE).unsqueeze(0)
+
+
+def tile_levels(layout: LowbitLayout) -> torch.Tensor:
+    """The layout's tables as one row per tile (identity for a layout without tables)."""
+    tiles = layout.codes.shape[0]
+    levels = identity_levels() if layout.levels is None else layout.levels
+    return levels.expand(tiles, -1) if levels.shape[0] == 1 else levels
+
+
+def stacked_levels(layouts: list[LowbitLayout]) -> torch.Tensor | None:
+    """The tables of the stack of ``layouts``: none if none has any, the one shared table if all share
+    it, else one per tile (identity tables for the ``int`` layouts among them)."""
+    if all(lay.levels is None for lay in layouts):
+        return None
+    first = layouts[0].levels
+    if first is not None and first.shape[0] == 1 and all(lay.levels is not None and torch.equal(lay.levels, first) for lay in layouts):
+        return first
+    return torch.cat([tile_levels(lay) for lay in layouts])
 
 
 def stack_layouts(layouts: list[LowbitLayout]) -> LowbitLayout | None:
@@ -179,6 +214,7 @@ def stack_layouts(layouts: list[LowbitLayout]) -> LowbitLayout | None:
         scales=torch.cat([lay.scales for lay in layouts]),
         zeros=torch.cat([lay.zeros for lay in layouts]),
         scales_finite=all(lay.scales_finite for lay in layouts),
+        levels=stacked_levels(layouts),
     )
 
 
@@ -186,7 +222,7 @@ def lowbit_matmul(layout: LowbitLayout, x: torch.Tensor, lib: KernelLibrary | No
     """``x @ W.T`` (in ``x``'s dtype) with the compiled kernels ``lib`` (default: the native build)."""
     geo = layout.geometry
     return (lib or load_library()).matmul(
-        layout.bits, layout.codes, layout.scales, layout.zeros, geo.n_blocks, geo.padded, x, geo.group, geo.sub,
+        layout.bits, layout.codes, layout.scales, layout.zeros, layout.levels, geo.n_blocks, geo.padded, x, geo.group, geo.sub,
         geo.width, layout.out_features, not layout.scales_finite,
     )
 
@@ -195,7 +231,7 @@ def decode_bf16(layout: LowbitLayout, lib: KernelLibrary | None = None) -> torch
     """The layout's weights as a dense bf16 ``(out, in)`` matrix (``(q - z) * s`` rounded to nearest)."""
     geo = layout.geometry
     return (lib or load_library()).decode_bf16(
-        layout.bits, layout.codes, layout.scales, layout.zeros, geo.n_blocks, geo.padded, geo.in_features,
+        layout.bits, layout.codes, layout.scales, layout.zeros, layout.levels, geo.n_blocks, geo.padded, geo.in_features,
         geo.group, geo.sub, geo.width, layout.out_features,
     )
 
@@ -239,6 +275,23 @@ def ternary_layout(fmt: TernaryFormat) -> LowbitLayout:
     return pack_layout(codes, scale, torch.ones_like(scale), fmt.group_size, 2)
 
 
+def codebook_layout(fmt: CodebookFormat) -> LowbitLayout | None:
+    """The lookup layout of a ``codebook`` format: its codes, its scales, the zero point
+    :data:`LOOKUP_ZERO` and its tables as bytes ``level + 128``; None for a table that is not integer
+    (a file from before tables were, decoded by the dense path instead)."""
+    if not has_integer_levels(fmt.table):
+        return None
+    values = (fmt.table.float() + LOOKUP_ZERO).to(torch.uint8)
+    values = torch.nn.functional.pad(values, (0, LOOKUP_BYTES - values.shape[1]))  # 2 and 3 bits: unused entries
+    if values.shape[0] == 1:
+        levels = values.repeat(1, TILE)
+    else:
+        tiles = math.ceil(fmt.out_features / TILE)
+        levels = torch.nn.functional.pad(values, (0, 0, 0, tiles * TILE - fmt.out_features)).reshape(tiles, TILE * LOOKUP_BYTES)
+    scale = fmt.scales.float()
+    return pack_layout(fmt.codes(), scale, torch.full_like(scale, LOOKUP_ZERO), fmt.group, fmt.bits, levels.contiguous())
+
+
 def layout_of(fmt: Format) -> LowbitLayout | None:
     """The format's kernel layout, built at first use and kept on the format object; None when its
     zero points do not fit the layout (then the format's own matmul runs)."""
@@ -248,14 +301,17 @@ def layout_of(fmt: Format) -> LowbitLayout | None:
 
 
 def new_layout(fmt: Format) -> LowbitLayout | None:
-    """The kernel layout of an ``int`` or ``ternary`` format, built now (:func:`layout_of` keeps it)."""
-    return int_layout(fmt) if isinstance(fmt, IntFormat) else ternary_layout(fmt)
+    """The kernel layout of an ``int``, ``ternary`` or ``codebook`` format, built now (:func:`layout_of`
+    keeps it)."""
+    if isinstance(fmt, IntFormat):
+        return int_layout(fmt)
+    return codebook_layout(fmt) if isinstance(fmt, CodebookFormat) else ternary_layout(fmt)
 
 
 def has_kernel_format(fmt: Format) -> bool:
-    """Whether ``fmt`` is of a kind these kernels multiply (``int`` or ``ternary``; an ``int`` format's
-    zero points may still rule out a layout, :func:`layout_of`)."""
-    return isinstance(fmt, (IntFormat, TernaryFormat))
+    """Whether ``fmt`` is of a kind these kernels multiply (``int``, ``ternary`` or ``codebook``; an
+    ``int`` format's zero points or a codebook's table may still rule out a layout, :func:`layout_of`)."""
+    return isinstance(fmt, (IntFormat, TernaryFormat, CodebookFormat))
 
 
 def stacked_layout(fmts: list[Format]) -> LowbitLayout | None:
@@ -276,6 +332,7 @@ class BlockLayouts:
     codes: list[torch.Tensor]
     scales: list[torch.Tensor]
     zeros: list[torch.Tensor]
+    levels: list[torch.Tensor]  # a lookup layout's tables, empty for a projection without
     geometry: list[int]  # per projection: bits, n_blocks, padded, group, sub, width, out_features, nonfinite
 
     @classmethod
@@ -284,7 +341,8 @@ class BlockLayouts:
         for lay in layouts:
             geo = lay.geometry
             geometry += [lay.bits, geo.n_blocks, geo.padded, geo.group, geo.sub, geo.width, lay.out_features, int(not lay.scales_finite)]
-        return cls([lay.codes for lay in layouts], [lay.scales for lay in layouts], [lay.zeros for lay in layouts], geometry)
+        levels = [torch.empty(0, dtype=torch.uint8) if lay.levels is None else lay.levels for lay in layouts]
+        return cls([lay.codes for lay in layouts], [lay.scales for lay in layouts], [lay.zeros for lay in layouts], levels, geometry)
 
 
 def decode_block(
@@ -298,7 +356,7 @@ def decode_block(
     ``position``. The same arithmetic as the block's modules up to fp32 rounding, with the projections'
     activations rounded to int8 per block as in :func:`lowbit_matmul`."""
     return load_library().decode_block(
-        h, block.codes, block.scales, block.zeros, block.geometry, norms[0], norms[1], eps, rotary[0], rotary[1],
+        h, block.codes, block.scales, block.zeros, block.levels, block.geometry, norms[0], norms[1], eps, rotary[0], rotary[1],
         cache[0], cache[1], position, heads, scale,
     )
 
@@ -320,7 +378,8 @@ def takes(x: torch.Tensor) -> bool:
 
 @register_kernel(IntFormat)
 @register_kernel(TernaryFormat)
+@register_kernel(CodebookFormat)
 def lowbit_kernel(fmt: Format, x: torch.Tensor) -> torch.Tensor | None:
-    """The registered fast path for ``int`` and ``ternary`` formats on the CPU."""
+    """The registered fast path for ``int``, ``ternary`` and ``codebook`` formats on the CPU."""
     layout = layout_of(fmt) if takes(x) else None
     return None if layout is None else layout_matmul(layout, x)
