@@ -10,6 +10,10 @@ The Q4_0 file is made once with ``llama-quantize --allow-requantize --pure`` fro
 one-token prompt (``llama-bench``'s ``tg``, which starts from an empty context); prefill: one forward
 over a random prompt (``pp``). Then the per-call cost of the kernels (``op_overhead.py``'s table).
 
+On SmolLM2 the non-uniform pair runs too (issue 15): matpress's ``codebook`` 4-bit g32 on the ``iq4nl``
+table (IQ4_NL's levels, through the lookup kernel) against ``llama-bench`` on an IQ4_NL file made the same
+way (``llama-quantize --pure ... IQ4_NL``).
+
     python benchmarks/e2e.py --llama-bin build/peers/llama-build/bin --out benchmarks/results/e2e.md
 
 ``--model llama-1b``: a Llama-3.2-1B-shaped model with random weights instead (hidden 2048, MLP 8192, 16
@@ -50,8 +54,15 @@ def int4(group: int, symmetric: bool) -> dict:
     return {"default": rule, "rules": [{"pattern": f"*{EMBEDDING.split('.')[-1]}", **rule}]}
 
 
+def codebook4() -> dict:
+    rule = {"method": "codebook", "bits": 4, "group_size": 32, "table": "iq4nl"}
+    return {"default": rule, "rules": [{"pattern": f"*{EMBEDDING.split('.')[-1]}", **rule}]}
+
+
 RECIPES = {"int4 g32 sym (Q4_0's grid)": int4(32, True), "int4 g64 (the default)": int4(64, False)}
+CODEBOOK = "codebook4 g32 iq4nl (IQ4_NL's grid)"
 LLAMA = "llama.cpp Q4_0 (llama-bench)"
+LLAMA_IQ4NL = "llama.cpp IQ4_NL (llama-bench)"
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                 num_key_value_heads=8, rope_theta=500000.0, max_position_embeddings=4096, tie_word_embeddings=True)
 TITLES = {"smollm2": "SmolLM2-135M-Instruct", "llama-1b": "a Llama-3.2-1B-shaped model (random weights)"}
@@ -68,15 +79,15 @@ def random_llama_1b(tokenizer) -> torch.nn.Module:
     return model
 
 
-def subjects(name: str, llama_bin: Path, work: Path) -> tuple[dict[str, torch.nn.Module], Path]:
-    """The compressed models by recipe name and the Q4_0 GGUF llama.cpp runs, for ``name``."""
+def subjects(name: str, llama_bin: Path, work: Path) -> tuple[dict[str, torch.nn.Module], dict[str, Path]]:
+    """The compressed models by recipe name and the GGUFs llama.cpp runs by contender name, for ``name``."""
     loaded = load_pretrained(SMOLLM2)
     if name == "smollm2":
         models = {}
-        for recipe_name, recipe in RECIPES.items():
+        for recipe_name, recipe in {**RECIPES, CODEBOOK: codebook4()}.items():
             models[recipe_name] = copy.deepcopy(loaded.model)
             matpress.compress(models[recipe_name], recipe, progress=False)
-        return models, quantized_gguf(llama_bin, work)
+        return models, {LLAMA: quantized_gguf(llama_bin, work, "Q4_0"), LLAMA_IQ4NL: quantized_gguf(llama_bin, work, "IQ4_NL")}
     models = {}
     gguf = work / "llama-1b-q4_0.gguf"
     for recipe_name, recipe in RECIPES.items():  # one fp32 model at a time: 4.3 GB each
@@ -86,15 +97,15 @@ def subjects(name: str, llama_bin: Path, work: Path) -> tuple[dict[str, torch.nn
             checkpoint = matpress.save(model, work / "llama-1b-int4-g32", tokenizer=loaded.tokenizer)
             matpress.export(checkpoint, gguf)
         models[recipe_name] = model
-    return models, gguf
+    return models, {LLAMA: gguf}
 
 
-def quantized_gguf(llama_bin: Path, work: Path) -> Path:
-    """The Q4_0 GGUF of SmolLM2 (every tensor Q4_0), made once under ``work``."""
-    out = work / "smollm2-q4_0-pure.gguf"
+def quantized_gguf(llama_bin: Path, work: Path, type_name: str) -> Path:
+    """The GGUF of SmolLM2 with every tensor of ``type_name`` (Q4_0, IQ4_NL), made once under ``work``."""
+    out = work / f"smollm2-{type_name.lower()}-pure.gguf"
     if not out.is_file():
         work.mkdir(parents=True, exist_ok=True)
-        quantize = [str(llama_bin / "llama-quantize"), "--allow-requantize", "--pure", str(smollm2_gguf()), str(out), "Q4_0"]
+        quantize = [str(llama_bin / "llama-quantize"), "--allow-requantize", "--pure", str(smollm2_gguf()), str(out), type_name]
         done = subprocess.run(quantize, capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"llama-quantize failed ({done.returncode}):\n{done.stderr[-2000:]}")
@@ -147,14 +158,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--out", help="write the markdown here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    models, gguf = subjects(args.model, args.llama_bin, Path("/tmp/matpress-e2e"))
+    models, ggufs = subjects(args.model, args.llama_bin, Path("/tmp/matpress-e2e"))
     generator = torch.Generator().manual_seed(0)
     vocab = next(iter(models.values())).config.vocab_size
     prompts = {n: torch.randint(0, vocab, (1, n), generator=generator) for n in args.prompts}
     contenders: dict[str, Callable[[], dict[str, float]]] = {
         name: (lambda m=model: matpress_rates(m, prompts, args.new_tokens)) for name, model in models.items()
     }
-    contenders[LLAMA] = lambda: llama_bench(args.llama_bin, gguf, args.prompts, args.new_tokens, args.threads)
+    for llama_name, gguf in ggufs.items():
+        contenders[llama_name] = lambda g=gguf: llama_bench(args.llama_bin, g, args.prompts, args.new_tokens, args.threads)
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in contenders}
     with torch.inference_mode():
         for fn in contenders.values():
@@ -167,7 +179,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args.cache.mkdir(parents=True, exist_ok=True)
     (args.cache / f"{args.model}.json").write_text(json.dumps({"machine": machine_description(), "samples": samples}, indent=1))
     lines = [
-        f"# End-to-end speed against llama.cpp: {TITLES[args.model]}, 4-bit block weights",
+        f"# End-to-end speed against llama.cpp: {TITLES[args.model]}, 4-bit weights",
         "",
         f"Command: `{command_line(argv)}`  ",
         f"Machine: {machine_description()}  ",
@@ -180,9 +192,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     ]
     for name in contenders:
         lines.append(f"| {name} | " + " | ".join(f"{medians[name][t]:.1f}" for t in tests) + " |")
-    for name in models:
-        ratios = [medians[name][t] / medians[LLAMA][t] for t in tests]
-        lines.append(f"| {name} / llama.cpp | " + " | ".join(f"{r:.2f}x" for r in ratios) + " |")
+    for name in models:  # each against llama.cpp on its grid's GGUF type
+        peer = LLAMA_IQ4NL if name == CODEBOOK else LLAMA
+        ratios = [medians[name][t] / medians[peer][t] for t in tests]
+        lines.append(f"| {name} / {peer.split(' (')[0]} | " + " | ".join(f"{r:.2f}x" for r in ratios) + " |")
+    if CODEBOOK in models:
+        ratios = [medians[CODEBOOK][t] / medians["int4 g32 sym (Q4_0's grid)"][t] for t in tests]
+        lines.append(f"| {CODEBOOK} / int4 g32 sym | " + " | ".join(f"{r:.2f}x" for r in ratios) + " |")
     lines += [
         "",
         "## Per-call cost of the kernels",

@@ -59,15 +59,21 @@ def weight_copies(tensors: Iterable[torch.Tensor], pool_bytes: float) -> int:
 def layout_copy(layout: lowbit.LowbitLayout) -> lowbit.LowbitLayout:
     """The kernel layout with its own copies of its tensors, to be read from memory apart from the others."""
     return dataclasses.replace(
-        layout, codes=layout.codes.clone(), scales=layout.scales.clone(), zeros=layout.zeros.clone()
+        layout, codes=layout.codes.clone(), scales=layout.scales.clone(), zeros=layout.zeros.clone(),
+        levels=None if layout.levels is None else layout.levels.clone(),
     )
 
 
 class Contender:
-    """One way to compute ``x @ W.T``: a pool of weight copies and the call on copy ``i``."""
+    """One way to compute ``x @ W.T``: a pool of weight copies and the call on copy ``i``; ``around``
+    (if given) is called with True before and False after each timed pass, outside the timing (a
+    thread pool woken for its pass and paused after it)."""
 
-    def __init__(self, name: str, nbytes: int, copies: int, call: Callable[[int, torch.Tensor], torch.Tensor]):
-        self.name, self.nbytes, self.copies, self.call = name, nbytes, copies, call
+    def __init__(
+        self, name: str, nbytes: int, copies: int, call: Callable[[int, torch.Tensor], torch.Tensor],
+        around: Optional[Callable[[bool], None]] = None,
+    ):
+        self.name, self.nbytes, self.copies, self.call, self.around = name, nbytes, copies, call, around
 
 
 def dense(name: str, w: torch.Tensor, pool_bytes: float) -> Contender:
@@ -101,7 +107,7 @@ def torch_int4(w: torch.Tensor, pool_bytes: float) -> Contender:
 
 def ours(name: str, fmt: Format, pool_bytes: float) -> Contender:
     layout = lowbit.layout_of(fmt)
-    parts = [layout.codes, layout.scales, layout.zeros]
+    parts = [layout.codes, layout.scales, layout.zeros] + ([] if layout.levels is None else [layout.levels])
     pool = []
     for _ in range(weight_copies(parts, pool_bytes)):
         # the format object is shared state-free; each copy gets its own kernel layout in memory
@@ -122,19 +128,27 @@ def time_contenders(contenders: list[Contender], x: torch.Tensor, repeats: int) 
     """Median seconds per call; each repeat runs every contender in turn over its copies. A contender
     slower than PASS_SECONDS per pass (compute bound: torch's low-bit kernels at batch > 1) uses fewer
     copies, at least 2, which can only favour it."""
+    def around(c: Contender, running: bool) -> None:
+        if c.around is not None:
+            c.around(running)
+
     used = {}
     for c in contenders:
+        around(c, True)
         start = time.perf_counter()
         c.call(0, x)
         used[c.name] = min(c.copies, max(2, math.ceil(PASS_SECONDS / (time.perf_counter() - start))))
+        around(c, False)
     times: dict[str, list[float]] = {c.name: [] for c in contenders}
     for r in range(repeats + 1):  # the first pass warms up (and is dropped)
         for c in contenders:
+            around(c, True)
             start = time.perf_counter()
             for i in range(used[c.name]):
                 c.call(i, x)
             if r:
                 times[c.name].append((time.perf_counter() - start) / used[c.name])
+            around(c, False)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
