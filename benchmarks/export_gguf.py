@@ -4,7 +4,9 @@ Exports of SmolLM2-135M-Instruct (its linear layers of the 30 blocks compressed;
 norms fp32 as matpress leaves them): GPTQ 4-bit groups of 64 symmetric -> Q4_0, RTN 4-bit g64
 asymmetric -> Q4_1, RTN 8-bit g64 symmetric -> Q8_0, GPTQ on the Q4_K grid (its 1536-wide down
 projections Q4_K, the 576-wide layers llama.cpp's fallback Q5_0), and a budget mix (the knapsack
-choosing per layer among Q4_0, Q5_0, Q8_0, Q4_K and Q6_K grids under 5 bits per weight). And a
+choosing per layer among Q4_0, Q5_0, Q8_0, Q4_K and Q6_K grids under 5 bits per weight), and 4-bit
+codebooks on llama.cpp's IQ4_NL levels in groups of 32 -> IQ4_NL, by GPTQ (with act-order; not rotated,
+as a rotation has no GGUF counterpart) and by round-to-nearest. And a
 random-init Llama whose widths are multiples of 256 (hidden 512, MLP 1536, 4 blocks, SmolLM2's
 tokenizer), every linear layer and the tied embedding on one K-quant grid, Q2_K to Q6_K in turn.
 
@@ -14,8 +16,8 @@ file through transformers' GGUF loader (``from_pretrained(dir, gguf_file=...)``)
 itself. Each runtime's next-token distributions on ``--windows`` held-out windows of ``--seq-len`` tokens
 (the evaluation split of ``pydoc_data.topics``) are compared with matpress's own, from the loaded
 checkpoint: top-1 agreement and the mean per-token KL(matpress || runtime), once with matpress's CPU
-kernels (which round activations to int8 per block, as llama.cpp does; the ``kquant`` format has none and
-multiplies by its decoded weight either way) and once with its reference matmul (the decoded fp32
+kernels (which round activations to int8 per block, as llama.cpp does; the ``kquant`` and ``codebook`` formats
+have none yet and multiply by their decoded weight either way) and once with its reference matmul (the decoded fp32
 weights, what transformers multiplies by).
 
 Each export's rows are cached as ``benchmarks/results/cache/export_gguf/<model>/<name>.json`` (committed);
@@ -63,6 +65,10 @@ EXPORTS: dict[str, tuple[str, dict[str, Any]]] = {  # name -> (model, recipe)
     "rtn-8b-g64-sym": (SMOLLM2, {"default": {"method": "rtn", "bits": 8, "group_size": 64, "symmetric": True}}),
     "gptq-q4_k": (SMOLLM2, {"default": {"method": "gptq", "kquant": "q4_k"}}),
     "budget-5bpw-gguf-grids": (SMOLLM2, {"budget": "5bpw", "candidates": GGUF_CANDIDATES}),
+    "gptq-codebook-iq4nl-g32-act-order": (
+        SMOLLM2, {"default": {"method": "gptq_codebook", "bits": 4, "group_size": 32, "table": "iq4nl", "act_order": True}}
+    ),
+    "codebook-iq4nl-g32": (SMOLLM2, {"default": {"method": "codebook", "bits": 4, "group_size": 32, "table": "iq4nl"}}),
     # each runtime's own disagreement, with no quantized block at all
     "dense-f32-smollm2": (SMOLLM2, {"default": {"method": "dense", "dtype": "fp32"}}),
     "dense-f32": (RANDOM_LLAMA, {"default": {"method": "dense", "dtype": "fp32"}}),
@@ -255,12 +261,15 @@ def main(argv: Optional[list[str]] = None) -> None:
         f"{args.windows} held-out windows of {args.seq_len} tokens (evaluation split of `pydoc_data.topics`). SmolLM2-135M: "
         "the linear layers of the 30 blocks compressed, the tied embedding / LM head and the norms fp32 (F32 in the file); "
         "the budget mix chooses per layer among the Q4_0, Q5_0, Q8_0 (groups of 32), Q4_K and Q6_K grids (RTN) under 5 bits "
-        "per weight of the block linears. Random Llama: hidden 512, MLP 1536, 4 blocks, 8 heads (4 KV), SmolLM2's "
+        "per weight of the block linears; the iq4nl rows put them on 4-bit codebooks of llama.cpp's IQ4_NL levels, an fp16 "
+        "scale per 32 columns (GPTQ with act-order, or round-to-nearest), exported as IQ4_NL. Random Llama: hidden 512, MLP 1536, 4 blocks, 8 heads (4 KV), SmolLM2's "
         "tokenizer, random init (std 0.2), every linear layer and the tied embedding on one K-quant grid. "
         "KL is the mean per-token KL(matpress ‖ runtime) of the next-token distributions; the largest added weight "
-        "error is what the export itself changed (0 for Q4_0 / Q5_0 / Q8_0 and the K-quants: bit-exact; the fp16 "
+        "error is what the export itself changed (0 for Q4_0 / Q5_0 / Q8_0, IQ4_NL and the K-quants: bit-exact; the fp16 "
         "rounding of the block minimum for Q4_1). Against matpress's reference matmul the transformers rows multiply by "
-        "the same fp32 weights; against its kernels (int8 activations) they differ by that activation rounding only. "
+        "the same fp32 weights; against its kernels (int8 activations) they differ by that activation rounding only "
+        "(the K-quant and codebook layers have no kernel yet and multiply by the decoded weight, so an all-codebook export's "
+        "two matpress rows are the same). "
         "llama.cpp multiplies quantized blocks by activations it rounds to 8 bits itself; the control row measures what "
         "that rounding alone does to the uncompressed random Llama, whose random weights make it chaotic (small input "
         "changes grow through its blocks), so its llama.cpp rows can agree no better than that. " + llama_note,

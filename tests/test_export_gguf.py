@@ -19,7 +19,9 @@ from matpress.evaluation.text import builtin_documents
 from matpress.export.blocks import BLOCK, format_blocks, q1_minimum_error
 from matpress.export.gguf import EXACT, FP16_MINIMUM, REQUANTIZED, qk_row_order
 from matpress.formats import IntFormat
+from matpress.formats.codebook import IQ4NL_LEVELS, CodebookFormat
 from matpress.formats.dense import DenseFormat
+from matpress.formats.transformed import TransformedFormat
 from matpress.nn.layers import FormatModule, TiedLinear
 
 from conftest import tiny_gpt2
@@ -76,6 +78,58 @@ def test_int_formats_without_a_gguf_grid_are_refused(bits, symmetric, group, why
     fmt = IntFormat.encode(torch.randn(8, 64), bits=bits, group_size=group, symmetric=symmetric)
     with pytest.raises(MatpressError, match=why):
         format_blocks(fmt)
+
+
+FP16_MIN_NORMAL = 2.0**-14
+
+
+@pytest.mark.parametrize("group,magnitude", [(32, 1.0), (64, 1.0), (None, 1.0), (32, 1e-4)])
+def test_iq4nl_codebook_blocks_dequantize_to_matpress_decode(group, magnitude):
+    # 224 columns: 7 blocks, so a group of 64 leaves a last group of one block. Weights of 1e-4 put every
+    # scale (about max|w| / 127) below fp16's normal range: subnormal d, still bit-exact
+    torch.manual_seed(3)
+    weight = torch.randn(37, 224) * torch.logspace(-1, 0, 37).unsqueeze(1) * magnitude
+    fmt = CodebookFormat.encode(weight, bits=4, group_size=group, table="iq4nl")
+    if magnitude < 1:
+        assert (fmt.scales.float().abs() < FP16_MIN_NORMAL).all() and (fmt.scales != 0).all()
+    blocks = format_blocks(fmt)
+    assert blocks.type_name == "IQ4_NL" and blocks.data.shape == (37, 224 // BLOCK * 18)  # 2 bytes of d + 16 of codes
+    # the same fp16 scale times the same integer level, both products exact in fp32: bit-exact
+    assert torch.equal(dequantized(blocks.data, "IQ4_NL"), fmt.decode())
+
+
+def test_learned_tables_equal_to_iq4nl_levels_map_and_others_do_not():
+    torch.manual_seed(4)
+    weight = torch.randn(6, 64)
+    exact = CodebookFormat.encode(weight, bits=4, group_size=32, table="iq4nl")
+    rows = torch.tensor(IQ4NL_LEVELS).expand(6, -1)
+    for kind, table in (("layer", rows[:1]), ("row", rows)):  # what a table is called does not decide: its levels do
+        fmt = CodebookFormat.from_codes(exact.codes(), exact.scales, table, 4, 32, kind)
+        assert torch.equal(dequantized(format_blocks(fmt).data, "IQ4_NL"), fmt.decode())
+    one_row_off = rows.clone()
+    one_row_off[5, 0] = -126
+    fmt = CodebookFormat.from_codes(exact.codes(), exact.scales, one_row_off, 4, 32, "row")
+    with pytest.raises(MatpressError, match="row table's levels are not IQ4_NL's.*--table iq4nl --bits 4 --group 32"):
+        format_blocks(fmt)
+
+
+@pytest.mark.parametrize("bits,group,table,columns,why", [
+    (4, 32, "nl", 64, "nl table's levels are not IQ4_NL's"),
+    (3, 32, "nl", 64, "codes are 3-bit, not 4-bit"),
+    (4, 16, "iq4nl", 64, r"the group \(16\) must be multiples of 32"),
+    (4, None, "iq4nl", 80, r"row length \(80\).*multiples of 32"),
+])
+def test_codebooks_without_an_iq4nl_counterpart_are_refused_saying_what_maps(bits, group, table, columns, why):
+    fmt = CodebookFormat.encode(torch.randn(8, columns), bits=bits, group_size=group, table=table)
+    with pytest.raises(MatpressError, match=why + r".*compress with --method gptq_codebook.*--table iq4nl --bits 4 --group 32"):
+        format_blocks(fmt)
+
+
+def test_a_rotated_iq4nl_codebook_is_refused_naming_the_rotation():
+    fmt = TransformedFormat.encode(torch.randn(8, 64), rotate=True, child="codebook", bits=4, group_size=32, table="iq4nl")
+    with pytest.raises(MatpressError, match="Hadamard rotation.*cannot be folded into GGUF.*without rotate"):
+        format_blocks(fmt)
+    format_blocks(fmt.child)  # the child alone maps: the transform is what is refused
 
 
 def test_qk_row_order_is_llama_cpps_rotary_interleave():
@@ -188,6 +242,25 @@ def test_every_exported_tensor_dequantizes_to_matpress_decode(mixed):
     assert types == {"q_proj": "Q4_0", "k_proj": "Q4_1", "v_proj": "Q5_0", "o_proj": "Q5_1", "gate_proj": "Q8_0",
                      "up_proj": "F16", "down_proj": "Q4_0", "input_layernorm": "F32", "post_attention_layernorm": "F32"}
     assert entries["token_embd.weight"].type_name == "Q4_0"
+
+
+# every layer a 4-bit codebook on IQ4_NL's levels: groups of 32, 64 (the down projection's 160 columns: a
+# last group of one block), per channel, and the embedding (so the tied head) too
+IQ4NL_CODEBOOK = {"method": "codebook", "bits": 4, "group_size": 32, "table": "iq4nl"}
+IQ4NL_RULES = [
+    {"pattern": "*k_proj", "group_size": 64}, {"pattern": "*down_proj", "group_size": 64},
+    {"pattern": "*v_proj", "group_size": None}, {"pattern": "*embed_tokens", **IQ4NL_CODEBOOK},
+]
+
+
+def test_iq4nl_codebook_model_exports_every_tensor_exactly(tmp_path):
+    checkpoint = llama_checkpoint(tmp_path, "iq4nl", IQ4NL_RULES, IQ4NL_CODEBOOK)
+    report = matpress.export(checkpoint, tmp_path / "iq4nl.gguf")
+    entries = assert_exported_tensors_dequantize_to_decode(checkpoint, tmp_path / "iq4nl.gguf", report)
+    assert {e.type_name for e in entries.values() if len(e.shape) == 2} == {"IQ4_NL"}
+    assert {e.how for e in entries.values()} == {EXACT}
+    reader = gguf.GGUFReader(tmp_path / "iq4nl.gguf")
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_IQ4_NL
 
 
 # one K-quant per layer kind; the down projection's rows (576) are no multiple of 256 and fall back

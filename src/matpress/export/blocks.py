@@ -22,28 +22,46 @@ with ``in_features`` a multiple of 32) a block takes its group's ``d = s`` and t
 The ``kquant`` format stores the grid of a K-quant (Q2_K .. Q6_K) as GGUF does, so its blocks are the
 same integers rearranged into ggml's ``block_q*_K`` byte layouts (:func:`kquant_blocks`): exact.
 
+``IQ4_NL`` (ggml's ``block_iq4_nl``: an fp16 ``d`` and 16 bytes of 4-bit codes in Q4_0's nibble order)
+is ``w = d * kvalues_iq4nl[q]``, a fixed table of 16 integer levels. The ``codebook`` format stores
+``w = table[q] * s`` with an fp16 scale ``s`` per group; when it has 4-bit codes, every row's table holds
+exactly those levels (:data:`~matpress.formats.codebook.IQ4NL_LEVELS`: the ``iq4nl`` table, or a
+learned one that landed on them) and every block of 32 lies inside one group, a block takes its
+group's ``d = s`` and the codes as they are (:func:`codebook_blocks`). That is exact bit for bit, the
+rounding included: both sides multiply the same fp16 scale by the same integer level of at most 7 bits
+in fp32, and an 11-bit significand times a 7-bit integer fits fp32's 24 bits, so neither product is
+rounded (subnormal fp16 scales too: they are normal in fp32).
+
 Dense matrices are F32, F16 or BF16 in their stored dtype, bit for bit. Anything else has no GGUF
 counterpart here (:class:`NoCounterpart` says why); :mod:`matpress.export.gguf` refuses it or, when
-asked, decodes and re-quantizes it.
+asked, decodes and re-quantizes it. A ``transformed`` format (Hadamard rotation and / or AWQ input
+scales applied to the activations at run time) is refused even when its child maps: GGUF has no input
+transform, and the rotated weight ``W T^-1`` is not on the child's grid, so the transform cannot be
+folded into the blocks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Union
 
 import torch
 
 from matpress.errors import FormatError
 from matpress.formats import Format
+from matpress.formats.codebook import IQ4NL_LEVELS, CodebookFormat
 from matpress.formats.dense import DenseFormat
 from matpress.formats.integer import IntFormat
 from matpress.formats.kquant import SUPER, KQuantFormat
 from matpress.formats.packing import unpack_rows
+from matpress.formats.transformed import TransformedFormat
 
 BLOCK = 32  # weights per block of the legacy types Q4_0 .. Q8_0
 # (bits, symmetric) of an int format -> the GGUF type that holds its grid
 INT_TYPES = {(4, True): "Q4_0", (4, False): "Q4_1", (5, True): "Q5_0", (5, False): "Q5_1", (8, True): "Q8_0"}
 DENSE_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+CODEBOOK_TYPE = "IQ4_NL"  # the one GGUF type holding a codebook: 4-bit codes on IQ4NL_LEVELS, blocks of 32
+CODEBOOK_RECIPE = "--method gptq_codebook (or codebook) --table iq4nl --bits 4 --group 32 (or a multiple of 32)"
 
 
 class NoCounterpart(FormatError):
@@ -113,7 +131,7 @@ def int_type(fmt: IntFormat) -> str:
     return found
 
 
-def per_block(t: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
+def per_block(t: torch.Tensor, fmt: Union[IntFormat, CodebookFormat]) -> torch.Tensor:
     """A per-group ``(out, n_groups)`` tensor repeated for each block of 32 in the group: ``(out, in / 32)``."""
     return t.repeat_interleave(fmt.group // BLOCK, dim=1)[:, : fmt.in_features // BLOCK]
 
@@ -196,6 +214,33 @@ def kquant_blocks(fmt: KQuantFormat) -> Blocks:
     return Blocks(spec.gguf_type, torch.cat(parts, dim=-1).reshape(rows, -1).contiguous())
 
 
+def has_iq4nl_levels(fmt: CodebookFormat) -> bool:
+    """Whether every row's stored table is exactly IQ4_NL's levels (whatever ``table_kind`` says)."""
+    levels = torch.tensor(IQ4NL_LEVELS, dtype=torch.float32)
+    return fmt.table.shape[1] == levels.numel() and bool((fmt.table.float() == levels).all())
+
+
+def codebook_blocks(fmt: CodebookFormat) -> Blocks:
+    """``fmt`` as IQ4_NL blocks (``d``, then the codes as Q4_0's nibbles), exact bit for bit (see the
+    module docstring), or :class:`NoCounterpart` saying what does not fit and what would."""
+    misfits = []
+    if fmt.bits != 4:
+        misfits.append(f"its codes are {fmt.bits}-bit, not 4-bit")
+    elif not has_iq4nl_levels(fmt):
+        misfits.append(f"its {fmt.table_kind} table's levels are not IQ4_NL's {list(IQ4NL_LEVELS)}")
+    if fmt.in_features % BLOCK or fmt.group % BLOCK:
+        misfits.append(f"the row length ({fmt.in_features}) and the group ({fmt.group}) must be multiples of {BLOCK}")
+    if misfits:
+        raise NoCounterpart(
+            f"{fmt.describe()}: GGUF holds a codebook only as {CODEBOOK_TYPE} (4-bit codes on llama.cpp's IQ4_NL levels, "
+            f"blocks of {BLOCK} inside one scale group), and {'; '.join(misfits)}; compress with {CODEBOOK_RECIPE}"
+        )
+    rows = fmt.out_features
+    q = fmt.codes().to(torch.int64).reshape(rows, -1, BLOCK)
+    parts = [_fp16_bytes(per_block(fmt.scales, fmt)), _low_nibbles(q)]
+    return Blocks(CODEBOOK_TYPE, torch.cat(parts, dim=-1).reshape(rows, -1).contiguous())
+
+
 def format_blocks(fmt: Format) -> Blocks:
     """A compressed layer's stored matrix as GGUF blocks, exact up to :func:`q1_minimum_error`; a format
     with no counterpart raises :class:`NoCounterpart`."""
@@ -205,4 +250,16 @@ def format_blocks(fmt: Format) -> Blocks:
         return int_blocks(fmt)
     if isinstance(fmt, KQuantFormat):
         return kquant_blocks(fmt)
+    if isinstance(fmt, CodebookFormat):
+        return codebook_blocks(fmt)
+    if isinstance(fmt, TransformedFormat):
+        parts = [(what, fix) for what, fix, on in (
+            ("Hadamard rotation", "without rotate", fmt.transform.signs is not None),
+            ("input scales", "with no input scales kept in the layer (gptq: no scale_inputs; awq keeps them where they do not fold into the preceding layer)", fmt.transform.scale is not None),
+        ) if on]
+        raise NoCounterpart(
+            f"{fmt.describe()}: its {' and '.join(w for w, _ in parts)} of the layer's inputs cannot be folded into GGUF "
+            f"blocks (GGUF applies no input transform, and the weight with the transform undone is off any GGUF grid); "
+            f"compress it {' and '.join(f for _, f in parts)}"
+        )
     raise NoCounterpart(f"{fmt.describe()}: the {fmt.name} format has no GGUF block type")

@@ -9,7 +9,7 @@ with token types, merges, special token ids, whether BOS/EOS are added, and the 
 ``gguf`` package's ``SpecialVocab`` reads those from the checkpoint's tokenizer files).
 
 Each compressed layer travels as the GGUF block type that holds its grid (:mod:`matpress.export.blocks`;
-K-quants from the ``kquant`` format, and in a file with K-quants the report notes the matrices that hold
+K-quants from the ``kquant`` format, IQ4_NL from a 4-bit codebook on the ``iq4nl`` table, and in a file with K-quants the report notes the matrices that hold
 llama.cpp's legacy fallback because their rows are not a multiple of 256);
 a layer whose format has none is refused, naming it and its format, or with ``allow_requantize``
 decoded and re-quantized by the ``gguf`` package to the nearest legacy type (Q4_0 / Q5_0 / Q8_0 by its
@@ -49,7 +49,7 @@ REQUANTIZE_TYPES = ((4.5, "Q4_0"), (5.5, "Q5_0"), (math.inf, "Q8_0"))
 FILE_TYPES = {
     "F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1",
     "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1", "Q8_0": "MOSTLY_Q8_0", "Q2_K": "MOSTLY_Q2_K", "Q3_K": "MOSTLY_Q3_K_S",
-    "Q4_K": "MOSTLY_Q4_K_S", "Q5_K": "MOSTLY_Q5_K_S", "Q6_K": "MOSTLY_Q6_K",
+    "Q4_K": "MOSTLY_Q4_K_S", "Q5_K": "MOSTLY_Q5_K_S", "Q6_K": "MOSTLY_Q6_K", "IQ4_NL": "MOSTLY_IQ4_NL",
 }
 K_TYPES = {spec.gguf_type for spec in KQUANTS.values()}
 LEGACY_FALLBACKS = {spec.fallback_type for spec in KQUANTS.values()}
@@ -108,7 +108,8 @@ def export_tensor(gguf: Any, name: str, source: str, value: Union[Format, torch.
         if not allow_requantize:
             raise MatpressError(
                 f"layer {source.removesuffix('.weight')}: {e}; compress it with a format GGUF holds (int 4/5-bit symmetric or asymmetric, "
-                "int 8-bit symmetric, groups of 32*k; a K-quant grid: rtn or gptq with kquant), or pass --allow-requantize (allow_requantize=True) to "
+                "int 8-bit symmetric, groups of 32*k; a K-quant grid: rtn or gptq with kquant; IQ4_NL: a 4-bit codebook on the iq4nl table in groups "
+                "of 32*k, codebook or gptq_codebook with table iq4nl), or pass --allow-requantize (allow_requantize=True) to "
                 "decode and re-quantize it, with the added error reported"
             ) from None
         blocks, worst, relative = requantize(gguf, value)
