@@ -268,8 +268,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         "error is what the export itself changed (0 for Q4_0 / Q5_0 / Q8_0, IQ4_NL and the K-quants: bit-exact; the fp16 "
         "rounding of the block minimum for Q4_1). Against matpress's reference matmul the transformers rows multiply by "
         "the same fp32 weights; against its kernels (int8 activations) they differ by that activation rounding only "
-        "(the K-quant and codebook layers have no kernel yet and multiply by the decoded weight, so an all-codebook export's "
-        "two matpress rows are the same). "
+        "(the K-quant layers have no kernel yet and multiply by the decoded weight; the codebook layers run the lookup kernel). "
         "llama.cpp multiplies quantized blocks by activations it rounds to 8 bits itself; the control row measures what "
         "that rounding alone does to the uncompressed random Llama, whose random weights make it chaotic (small input "
         "changes grow through its blocks), so its llama.cpp rows can agree no better than that. " + llama_note,
