@@ -502,21 +502,26 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* w
 #endif
 
 // The codes of one chunk as bytes, codes[s][16 * r + i] for row r, column 16 * s + i (what
-// unpack_chunk_scalar gives), unpacked with the widest vectors compiled in.
+// unpack_chunk_scalar gives), unpacked with the widest vectors compiled in; a lookup layout's tile
+// table `lut` (or null) turns them into their values, as in the kernels.
 template <int BITS>
-static inline void unpack_codes(const uint8_t* p, uint8_t codes[4][64]) {
+static inline void unpack_codes(const uint8_t* p, const uint8_t* lut, uint8_t codes[4][64]) {
 #if defined(MP_AVX512_VNNI)
     __m512i w[4];
     unpack_chunk<BITS>(p, w);
-    for (int s = 0; s < 4; ++s) _mm512_storeu_si512(codes[s], w[s]);
+    const __m512i tv = lut ? _mm512_loadu_si512(lut) : _mm512_setzero_si512();
+    for (int s = 0; s < 4; ++s) _mm512_storeu_si512(codes[s], lut ? _mm512_shuffle_epi8(tv, w[s]) : w[s]);
 #elif defined(MP_AVX2)
     for (int h = 0; h < 2; ++h) {
         __m256i w[4];
         unpack_half<BITS>(p, h, w);
-        for (int s = 0; s < 4; ++s) _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes[s] + 32 * h), w[s]);
+        const __m256i tv = lut ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lut + 32 * h)) : _mm256_setzero_si256();
+        for (int s = 0; s < 4; ++s)
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes[s] + 32 * h), lut ? _mm256_shuffle_epi8(tv, w[s]) : w[s]);
     }
 #else
     unpack_chunk_scalar<BITS>(p, codes);
+    if (lut) lookup_codes(lut, codes);
 #endif
 }
 
@@ -683,8 +688,7 @@ static void decode_bits(const uint8_t* w, const uint16_t* ws, const int16_t* wz,
             const BlockCodes bc = block_codes(b, Bp);
             for (int c = 0; c < bc.chunks && 64 * c < cols; ++c) {
                 uint8_t codes[4][64];
-                unpack_codes<BITS>(w + t * tile_bytes + (bc.chunk + c) * CB, codes);
-                if (lut) lookup_codes(lut + t * lut_stride, codes);
+                unpack_codes<BITS>(w + t * tile_bytes + (bc.chunk + c) * CB, lut ? lut + t * lut_stride : nullptr, codes);
                 for (int r = 0; r < rows; ++r) {
                     const long at = scale_index(t, NB, r, b);
                     const float scale = half_to_float(ws[at]);
