@@ -19,14 +19,15 @@
 //   3 bits: the 2-bit vector of the low bits, then 4 64-bit masks of the high bit, bit 16*r + i of mask
 //           s for column 16*s + i of row r (96 bytes).
 // So unpacking is a shift and a mask per step, with no shuffles, and the activations of a step are one
-// 16-byte broadcast.
+// 16-byte broadcast. Per tile and quad of blocks: 16 fp16 scales and 16 int16 zero points, ordered
+// (row, block).
 //
 // Lookup layouts (codebooks: W = table[q] * s with integer levels in [-127, 127]) keep the codes as they
 // are and add 64 bytes per tile (or one 64-byte table for all tiles): lane r holds the 16 bytes
 // level + 128 of row r's table, so after unpacking one vpshufb per step turns each code into its byte
 // (lane r looks up in lane r, which is row r's table, as in llama.cpp's IQ4_NL kernels), and the zero
-// point 128 gives (level + 128 - 128) * s, exactly. From there the arithmetic is that of 8-bit codes. Per tile and quad of blocks: 16 fp16 scales and 16 int16 zero points, ordered
-// (row, block).
+// point 128 gives (level + 128 - 128) * s, exactly. From there AVX-512 and the portable path take the
+// bytes as 8-bit codes; AVX2 takes them as signed bytes (see its tile kernel).
 //
 // Non-finite values: int8 activations and integer sums cannot carry a NaN or an infinity, so a block
 // whose activations hold one gets the scale NaN in mp_quantize (one compare per 16 values while the
@@ -388,11 +389,15 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* w
                         int NBc, int Bp, const int8_t* xq, long xstride, const float* xscale, const int32_t* xsum,
                         float* y, long ystride, int rows) {
     constexpr int CB = chunk_bytes(BITS);
-    constexpr bool BYTES = BITS == 8 || LUT;  // 8-bit values: split into nibbles so vpmaddubsw cannot saturate
     const __m256i ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16), m4 = _mm256_set1_epi8(0x0F);
-    // half h of the table: rows 2h and 2h+1 (one 128-bit lane each), as the halves of a step hold them
-    const __m256i tv[2] = {LUT ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lut)) : _mm256_setzero_si256(),
-                           LUT ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lut + 32)) : _mm256_setzero_si256()};
+    // A lookup layout's table as signed bytes v = level + 128 - 128 (half h: rows 2h and 2h+1, one 128-bit
+    // lane each, as the halves of a step hold them). A looked-up v meets the activations as
+    // vpmaddubsw(|v|, sign(x, v)) = v * x, each pair below 2 * 128 * 127 < 2^15, one step at a time; the
+    // zero point is then z - 128 (0 for a codebook's 128).
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    const __m256i tv[2] = {
+        LUT ? _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lut)), flip) : _mm256_setzero_si256(),
+        LUT ? _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lut + 32)), flip) : _mm256_setzero_si256()};
     __m256 yv[MB][2];
     for (int m = 0; m < MB; ++m) yv[m][0] = yv[m][1] = _mm256_setzero_ps();
     for (int q = 0; q < NB / 4; ++q) {
@@ -418,12 +423,24 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* w
                     const __m256i none = _mm256_setzero_si256();
                     const __m256i w[4] = {bc.step0 ? all[2] : all[0], bc.step0 ? all[3] : all[1], half ? none : all[2],
                                           half ? none : all[3]};
+                    if constexpr (LUT) {
+                        __m256i magnitude[4];
+                        for (int s = 0; s < 4; ++s) magnitude[s] = _mm256_abs_epi8(w[s]);
+                        for (int m = 0; m < MB; ++m)
+                            for (int s = 0; s < 4; ++s) {
+                                const __m256i xv = _mm256_broadcastsi128_si256(
+                                    _mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + m * xstride + c * 64 + s * 16)));
+                                const __m256i pairs = _mm256_maddubs_epi16(magnitude[s], _mm256_sign_epi8(xv, w[s]));
+                                acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_madd_epi16(pairs, ones));
+                            }
+                        continue;
+                    }
                     for (int m = 0; m < MB; ++m) {
                         __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
                         for (int s = 0; s < 4; ++s) {
                             const __m256i xv = _mm256_broadcastsi128_si256(
                                 _mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + m * xstride + c * 64 + s * 16)));
-                            if constexpr (BYTES) {
+                            if constexpr (BITS == 8) {
                                 lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(_mm256_and_si256(w[s], m4), xv));
                                 hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w[s], 4), m4), xv));
                             } else {
@@ -431,7 +448,7 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* w
                             }
                         }
                         acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_madd_epi16(lo, ones));
-                        if constexpr (BYTES) acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_madd_epi16(hi, sixteen));
+                        if constexpr (BITS == 8) acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_madd_epi16(hi, sixteen));
                     }
                 }
             }
@@ -444,7 +461,8 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* w
                 }
         }
         for (int h = 0; h < 2; ++h) {
-            const __m256i zv = _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wzt + 16 * q + 8 * h)));
+            __m256i zv = _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wzt + 16 * q + 8 * h)));
+            if constexpr (LUT) zv = _mm256_sub_epi32(zv, _mm256_set1_epi32(128));  // the sums are of v = value - 128
             const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wst + 16 * q + 8 * h)));
             for (int m = 0; m < MB; ++m) {
                 const __m256i xs = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xsum + m * NB + 4 * q)));
