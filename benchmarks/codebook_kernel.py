@@ -37,13 +37,12 @@ from matpress.formats import CodebookFormat, IntFormat
 from matpress.kernels import build
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import LLAMA_BIN  # noqa: E402
+from harness import GGML_HEADERS, LLAMA_BIN  # noqa: E402
 from kernels import Contender, dense, ours, time_contenders, weight_copies  # noqa: E402
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576), (4096, 4096), (11008, 4096)]
 BATCHES = [1, 4, 16]
 GGML_TYPES = {"IQ4_NL": 20, "Q4_0": 2}  # ggml_type values (ggml.h)
-GGML_HEADERS = Path("build/peers/llama_cpp_python-0.3.36/vendor/llama.cpp/ggml/include")
 SHIM = Path(__file__).resolve().parent / "native" / "ggml_gemv.cpp"
 UNIFORM = "matpress int4 g32 sym"
 
@@ -130,8 +129,6 @@ def shape_rows(shape: tuple[int, int], batches: list[int], repeats: int, pool_by
 
 
 def markdown(rows: list[dict], batches: list[int], pool_mb: float, argv: Optional[list[str]], ggml: bool) -> str:
-    lib = build.load_library()
-    isa = {1: "AVX-512 VNNI", 2: "AVX2", 0: "portable C++"}[lib.isa()] if lib else "none (no compiler)"
     head = "| shape | kernel | weight MB | " + " | ".join(f"batch {b} µs | x int4 g32 | x fp32" for b in batches) + " | x ggml IQ4_NL (batch 1) |"
     table = [head, "|---|---|---:|" + "---:|---:|---:|" * len(batches) + "---:|"]
     for r in rows:
@@ -151,7 +148,7 @@ def markdown(rows: list[dict], batches: list[int], pool_mb: float, argv: Optiona
         "",
         f"Command: `{command_line(argv)}`  ",
         f"Machine: {machine_description()}  ",
-        f"matpress kernel build: {isa}; ggml: {'the peers build (make peers-env), its CPU backend as built for this CPU' if ggml else 'not built (make peers-env)'}",
+        f"matpress: {build.kernel_path()}; ggml: {'the peers build (make peers-env), its CPU backend as built for this CPU' if ggml else 'not built (make peers-env)'}",
         "",
         f"`x @ W.T`, fp32 activations, every contender rotating through {pool_mb:.0f} MB of weight copies (read from memory on every call); "
         "median µs per call over interleaved repeats, and the ratio of the other kernel's time to this one's (above 1: this one is faster). "

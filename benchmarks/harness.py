@@ -44,6 +44,8 @@ EVAL_WINDOWS, EVAL_SEQ_LEN = 8, 512
 CALIBRATION_WINDOWS, CALIBRATION_LEN = 128, 128
 CACHE_ROOT = Path(__file__).resolve().parent / "results" / "cache"
 LLAMA_BIN = Path("build/peers/llama-build/bin")  # llama.cpp's tools, as `make peers-env` builds them
+# ggml's headers in the llama.cpp source that `make peers-env` builds (the Makefile's LLAMA_SRC)
+GGML_HEADERS = Path("build/peers/llama_cpp_python-0.3.36/vendor/llama.cpp/ggml/include")
 RUN_START = time.perf_counter()  # --minutes counts from here, over every model of the run
 MINILM_CALIBRATION_SENTENCES = 128
 BLOCK_LINEARS = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")

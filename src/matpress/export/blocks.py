@@ -49,7 +49,7 @@ import torch
 
 from matpress.errors import FormatError
 from matpress.formats import Format
-from matpress.formats.codebook import IQ4NL_LEVELS, CodebookFormat
+from matpress.formats.codebook import IQ4NL_LEVELS, CodebookFormat, fixed_table
 from matpress.formats.dense import DenseFormat
 from matpress.formats.integer import IntFormat
 from matpress.formats.kquant import SUPER, KQuantFormat
@@ -216,7 +216,7 @@ def kquant_blocks(fmt: KQuantFormat) -> Blocks:
 
 def has_iq4nl_levels(fmt: CodebookFormat) -> bool:
     """Whether every row's stored table is exactly IQ4_NL's levels (whatever ``table_kind`` says)."""
-    levels = torch.tensor(IQ4NL_LEVELS, dtype=torch.float32)
+    levels = fixed_table("iq4nl", 4)
     return fmt.table.shape[1] == levels.numel() and bool((fmt.table.float() == levels).all())
 
 

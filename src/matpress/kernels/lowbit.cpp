@@ -433,22 +433,22 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* w
                                 const __m256i pairs = _mm256_maddubs_epi16(magnitude[s], _mm256_sign_epi8(xv, w[s]));
                                 acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_madd_epi16(pairs, ones));
                             }
-                        continue;
-                    }
-                    for (int m = 0; m < MB; ++m) {
-                        __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
-                        for (int s = 0; s < 4; ++s) {
-                            const __m256i xv = _mm256_broadcastsi128_si256(
-                                _mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + m * xstride + c * 64 + s * 16)));
-                            if constexpr (BITS == 8) {
-                                lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(_mm256_and_si256(w[s], m4), xv));
-                                hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w[s], 4), m4), xv));
-                            } else {
-                                lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(w[s], xv));
+                    } else {
+                        for (int m = 0; m < MB; ++m) {
+                            __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+                            for (int s = 0; s < 4; ++s) {
+                                const __m256i xv = _mm256_broadcastsi128_si256(
+                                    _mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + m * xstride + c * 64 + s * 16)));
+                                if constexpr (BITS == 8) {
+                                    lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(_mm256_and_si256(w[s], m4), xv));
+                                    hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w[s], 4), m4), xv));
+                                } else {
+                                    lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(w[s], xv));
+                                }
                             }
+                            acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_madd_epi16(lo, ones));
+                            if constexpr (BITS == 8) acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_madd_epi16(hi, sixteen));
                         }
-                        acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_madd_epi16(lo, ones));
-                        if constexpr (BITS == 8) acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_madd_epi16(hi, sixteen));
                     }
                 }
             }

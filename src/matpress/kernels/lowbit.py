@@ -228,7 +228,8 @@ def lowbit_matmul(layout: LowbitLayout, x: torch.Tensor, lib: KernelLibrary | No
 
 
 def decode_bf16(layout: LowbitLayout, lib: KernelLibrary | None = None) -> torch.Tensor:
-    """The layout's weights as a dense bf16 ``(out, in)`` matrix (``(q - z) * s`` rounded to nearest)."""
+    """The layout's weights as a dense bf16 ``(out, in)`` matrix (``(q - z) * s``, or ``(levels[q] - z) * s``
+    for a lookup layout, rounded to nearest)."""
     geo = layout.geometry
     return (lib or load_library()).decode_bf16(
         layout.bits, layout.codes, layout.scales, layout.zeros, layout.levels, geo.n_blocks, geo.padded, geo.in_features,
