@@ -104,6 +104,50 @@ static void quantize_block(const float* x, int n, int8_t* q, int Bp, float* scal
     *scale = nonfinite ? NAN : amax / 127.f;
     *sum = _mm512_reduce_add_epi32(s);
 }
+#elif defined(MP_AVX2)
+// The portable quantize_block's arithmetic 8 values at a time (vcvtps2dq rounds to nearest even, as
+// nearbyintf does), the rest one by one.
+static void quantize_block(const float* x, int n, int8_t* q, int Bp, float* scale, int32_t* sum) {
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)), inf = _mm256_set1_ps(INFINITY);
+    __m256 mx = _mm256_setzero_ps(), nonfinite = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 a = _mm256_and_ps(_mm256_loadu_ps(x + i), magnitude);
+        nonfinite = _mm256_or_ps(nonfinite, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));  // NaN or infinite
+        mx = _mm256_max_ps(mx, a);
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
+    bool bad = _mm256_movemask_ps(nonfinite) != 0;
+    for (int k = i; k < n; ++k) {
+        const float a = fabsf(x[k]);
+        bad |= !(a < INFINITY);
+        amax = a > amax ? a : amax;
+    }
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    const __m256 iv = _mm256_set1_ps(inv);
+    const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+    __m256i s = _mm256_setzero_si256();
+    for (i = 0; i + 8 <= n; i += 8) {
+        __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), iv));
+        v = _mm256_min_epi32(_mm256_max_epi32(v, lo), hi);
+        s = _mm256_add_epi32(s, v);
+        const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(q + i), _mm_packs_epi16(words, words));
+    }
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+    int32_t total = _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1)));
+    for (; i < n; ++i) {
+        const float v = fminf(127.f, fmaxf(-127.f, nearbyintf(x[i] * inv)));
+        q[i] = (int8_t)v;
+        total += (int32_t)v;
+    }
+    memset(q + n, 0, Bp - n);
+    *scale = bad ? NAN : amax / 127.f;
+    *sum = total;
+}
 #else
 static void quantize_block(const float* x, int n, int8_t* q, int Bp, float* scale, int32_t* sum) {
     float amax = 0.f;
@@ -347,9 +391,7 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* w
 
 #elif defined(MP_AVX2)  // AVX2 (e.g. AMD Zen 2/3): the same layout, each 512-bit vector as two halves
 
-// Half h of a chunk's step s holds rows 2h and 2h+1. Codes of up to 4 bits go through vpmaddubsw
-// (u8 x s8 pairs summed to s16: 2 * 15 * 127 per pair, four steps stay below 2^15) and vpmaddwd;
-// 8-bit codes are split into nibbles so that the 16-bit sums cannot saturate.
+// Half h of a chunk's step s holds rows 2h and 2h+1.
 template <int BITS>
 static inline void unpack_half(const uint8_t* p, int h, __m256i w[4]) {
     const uint8_t* ph = p + 32 * h;
@@ -389,84 +431,88 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* w
                         int NBc, int Bp, const int8_t* xq, long xstride, const float* xscale, const int32_t* xsum,
                         float* y, long ystride, int rows) {
     constexpr int CB = chunk_bytes(BITS);
-    const __m256i ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16), m4 = _mm256_set1_epi8(0x0F);
-    // A lookup layout's table as signed bytes v = level + 128 - 128 (half h: rows 2h and 2h+1, one 128-bit
-    // lane each, as the halves of a step hold them). A looked-up v meets the activations as
+    // Lookup layouts and 8-bit codes take their bytes as signed values v: a lookup layout's table byte
+    // level + 128 minus 128, an 8-bit code minus 128. A v meets the activations as
     // vpmaddubsw(|v|, sign(x, v)) = v * x, each pair below 2 * 128 * 127 < 2^15, one step at a time; the
-    // zero point is then z - 128 (0 for a codebook's 128).
-    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    // zero point is then z - 128 (0 for a codebook's 128). Unsigned codes of up to 4 bits go through
+    // vpmaddubsw directly and sum their four steps in 16 bits first (2 * 15 * 127 per pair).
+    constexpr bool SIGNED = LUT || BITS == 8;
+    const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
+    // A lookup layout's table as the signed v (half h: rows 2h and 2h+1, one 128-bit lane each, as the
+    // halves of a step hold them)
     const __m256i tv[2] = {
         LUT ? _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lut)), flip) : _mm256_setzero_si256(),
         LUT ? _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lut + 32)), flip) : _mm256_setzero_si256()};
     __m256 yv[MB][2];
     for (int m = 0; m < MB; ++m) yv[m][0] = yv[m][1] = _mm256_setzero_ps();
     for (int q = 0; q < NB / 4; ++q) {
-        alignas(32) int32_t sums[MB][16];  // (row, block) for this quad
+        // block j's sums of activation row m and half h: lane r, the 8 partial sums of row 2h + r
+        alignas(32) __m256i sums[MB][2][4];
         for (int j = 0; j < 4; ++j) {
             const int b = 4 * q + j;
             const BlockCodes bc = block_codes(b, Bp);
             const uint8_t* pb = wt + bc.chunk * CB;
             const int8_t* xb = xq + (long)b * Bp;
-            __m256i acc[MB][2];
-            for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
             const int chunks = b < NBc ? bc.chunks : 0;  // the quad's empty blocks store no codes
-            for (int c = 0; c < chunks; ++c) {
-                prefetch_ahead<CB>(pb + (long)c * CB);
-                for (int h = 0; h < 2; ++h) {
+            // One half at a time keeps its MB accumulators, its codes and an activation in registers.
+            auto half_sums = [&]<int STEPS>(int h) {
+                __m256i acc[MB];
+                for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_si256();
+                for (int c = 0; c < chunks; ++c) {
+                    if (h == 0) prefetch_ahead<CB>(pb + (long)c * CB);
                     __m256i all[4];
                     unpack_half<BITS>(pb + (long)c * CB, h, all);
-                    if constexpr (LUT)
-                        for (int s = 0; s < 4; ++s) all[s] = _mm256_shuffle_epi8(tv[h], all[s]);
-                    // a 32-column block: its two steps first, zero weights after them (the activations
-                    // those meet are the next block's, or scratch past the last: times zero, nothing)
-                    const bool half = bc.steps == 2;
-                    const __m256i none = _mm256_setzero_si256();
-                    const __m256i w[4] = {bc.step0 ? all[2] : all[0], bc.step0 ? all[3] : all[1], half ? none : all[2],
-                                          half ? none : all[3]};
-                    if constexpr (LUT) {
-                        __m256i magnitude[4];
-                        for (int s = 0; s < 4; ++s) magnitude[s] = _mm256_abs_epi8(w[s]);
+                    for (int s = 0; s < 4; ++s) {
+                        if constexpr (LUT) all[s] = _mm256_shuffle_epi8(tv[h], all[s]);
+                        if constexpr (BITS == 8) all[s] = _mm256_xor_si256(all[s], flip);
+                    }
+                    // a 32-column block: its two steps only
+                    const __m256i w[4] = {bc.step0 ? all[2] : all[0], bc.step0 ? all[3] : all[1], all[2], all[3]};
+                    const int8_t* xc = xb + c * 64;
+                    if constexpr (SIGNED) {
+                        __m256i magnitude[STEPS];
+                        for (int s = 0; s < STEPS; ++s) magnitude[s] = _mm256_abs_epi8(w[s]);
+#pragma GCC unroll 4
                         for (int m = 0; m < MB; ++m)
-                            for (int s = 0; s < 4; ++s) {
+#pragma GCC unroll 4
+                            for (int s = 0; s < STEPS; ++s) {
                                 const __m256i xv = _mm256_broadcastsi128_si256(
-                                    _mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + m * xstride + c * 64 + s * 16)));
+                                    _mm_loadu_si128(reinterpret_cast<const __m128i*>(xc + m * xstride + s * 16)));
                                 const __m256i pairs = _mm256_maddubs_epi16(magnitude[s], _mm256_sign_epi8(xv, w[s]));
-                                acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_madd_epi16(pairs, ones));
+                                acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(pairs, ones));
                             }
                     } else {
+#pragma GCC unroll 4
                         for (int m = 0; m < MB; ++m) {
-                            __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
-                            for (int s = 0; s < 4; ++s) {
+                            __m256i pairs = _mm256_setzero_si256();
+#pragma GCC unroll 4
+                            for (int s = 0; s < STEPS; ++s) {
                                 const __m256i xv = _mm256_broadcastsi128_si256(
-                                    _mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + m * xstride + c * 64 + s * 16)));
-                                if constexpr (BITS == 8) {
-                                    lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(_mm256_and_si256(w[s], m4), xv));
-                                    hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w[s], 4), m4), xv));
-                                } else {
-                                    lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(w[s], xv));
-                                }
+                                    _mm_loadu_si128(reinterpret_cast<const __m128i*>(xc + m * xstride + s * 16)));
+                                pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(w[s], xv));
                             }
-                            acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_madd_epi16(lo, ones));
-                            if constexpr (BITS == 8) acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_madd_epi16(hi, sixteen));
+                            acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(pairs, ones));
                         }
                     }
                 }
+                for (int m = 0; m < MB; ++m) sums[m][h][j] = acc[m];
+            };
+            for (int h = 0; h < 2; ++h) {
+                if (bc.steps == 4) half_sums.template operator()<4>(h);
+                else half_sums.template operator()<2>(h);
             }
-            for (int m = 0; m < MB; ++m)
-                for (int h = 0; h < 2; ++h) {
-                    __m256i a = _mm256_hadd_epi32(acc[m][h], acc[m][h]);
-                    a = _mm256_hadd_epi32(a, a);  // each 128-bit lane: its row's block sum
-                    sums[m][4 * (2 * h) + j] = _mm256_extract_epi32(a, 0);
-                    sums[m][4 * (2 * h + 1) + j] = _mm256_extract_epi32(a, 4);
-                }
         }
         for (int h = 0; h < 2; ++h) {
             __m256i zv = _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wzt + 16 * q + 8 * h)));
-            if constexpr (LUT) zv = _mm256_sub_epi32(zv, _mm256_set1_epi32(128));  // the sums are of v = value - 128
+            if constexpr (SIGNED) zv = _mm256_sub_epi32(zv, _mm256_set1_epi32(128));  // the sums are of v = value - 128
             const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wst + 16 * q + 8 * h)));
             for (int m = 0; m < MB; ++m) {
+                // transpose-add: lane r, slot j = the sum of block 4q + j for row 2h + r, as the scales are ordered
+                const __m256i* t = sums[m][h];
+                const __m256i t0 = _mm256_add_epi32(_mm256_unpacklo_epi32(t[0], t[1]), _mm256_unpackhi_epi32(t[0], t[1]));
+                const __m256i t1 = _mm256_add_epi32(_mm256_unpacklo_epi32(t[2], t[3]), _mm256_unpackhi_epi32(t[2], t[3]));
+                __m256i a = _mm256_add_epi32(_mm256_unpacklo_epi64(t0, t1), _mm256_unpackhi_epi64(t0, t1));
                 const __m256i xs = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xsum + m * NB + 4 * q)));
-                __m256i a = _mm256_load_si256(reinterpret_cast<const __m256i*>(sums[m] + 8 * h));
                 a = _mm256_sub_epi32(a, _mm256_mullo_epi32(zv, xs));
                 const __m256 xa = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(xscale + m * NB + 4 * q));
                 yv[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), _mm256_mul_ps(sv, xa), yv[m][h]);
@@ -543,31 +589,45 @@ static inline void unpack_codes(const uint8_t* p, const uint8_t* lut, uint8_t co
 #endif
 }
 
+#ifndef MP_PANEL_BYTES
+#define MP_PANEL_BYTES (96 * 1024)
+#endif
+
 template <int BITS, bool LUT>
 static void gemm_bits(const uint8_t* w, const uint16_t* ws, const int16_t* wz, const uint8_t* lut, long lut_stride,
                       int T, int NB, int NBc, int Bp, const int8_t* xq, const float* xscale, const int32_t* xsum,
                       int M, float* y, int N, int nthreads) {
     const long tile_bytes = chunks_of(NBc, Bp) * chunk_bytes(BITS);
     const long xstride = (long)NB * Bp;
+    // Activation rows in panels of up to MP_PANEL_BYTES of int8 activations (a multiple of 4 rows), each
+    // panel multiplied by every tile before the next: a panel stays in the core's L2 cache while the
+    // tiles stream past it, where a pass of every row per tile would read all activations from the last
+    // level cache or memory once per 4 weight rows.
+    long panel = MP_PANEL_BYTES / xstride / 4 * 4;
+    if (panel < 4) panel = 4;
+    if (panel > M) panel = M;
+    const long panels = (M + panel - 1) / panel, work = panels * T;
     // Threads only for more than a few microseconds of work: waking them costs more on small matrices.
 #pragma omp parallel for num_threads(nthreads) schedule(static) if ((long)T * tile_bytes * M > (1 << 15))
-    for (int t = 0; t < T; ++t) {
+    for (long i = 0; i < work; ++i) {
+        const int t = (int)(i % T);
+        const long m0 = i / T * panel, m1 = m0 + panel < M ? m0 + panel : M;
         const uint8_t* wt = w + t * tile_bytes;
         const uint16_t* wst = ws + (long)t * NB * 4;
         const int16_t* wzt = wz + (long)t * NB * 4;
         const uint8_t* lutt = LUT ? lut + t * lut_stride : nullptr;
         const int rows = tile_rows(t, N);
-        int m = 0;
+        long m = m0;
         // Activation rows in runs of 4, then 2, 1: each run reuses the tile's unpacked codes.
-        for (; m + 4 <= M; m += 4)
-            tile_kernel<BITS, 4, LUT>(wt, wst, wzt, lutt, NB, NBc, Bp, xq + m * xstride, xstride, xscale + (long)m * NB,
-                                 xsum + (long)m * NB, y + (long)m * N + 4 * t, N, rows);
-        for (; m + 2 <= M; m += 2)
-            tile_kernel<BITS, 2, LUT>(wt, wst, wzt, lutt, NB, NBc, Bp, xq + m * xstride, xstride, xscale + (long)m * NB,
-                                 xsum + (long)m * NB, y + (long)m * N + 4 * t, N, rows);
-        for (; m < M; ++m)
-            tile_kernel<BITS, 1, LUT>(wt, wst, wzt, lutt, NB, NBc, Bp, xq + m * xstride, xstride, xscale + (long)m * NB,
-                                 xsum + (long)m * NB, y + (long)m * N + 4 * t, N, rows);
+        for (; m + 4 <= m1; m += 4)
+            tile_kernel<BITS, 4, LUT>(wt, wst, wzt, lutt, NB, NBc, Bp, xq + m * xstride, xstride, xscale + m * NB,
+                                      xsum + m * NB, y + m * N + 4 * t, N, rows);
+        for (; m + 2 <= m1; m += 2)
+            tile_kernel<BITS, 2, LUT>(wt, wst, wzt, lutt, NB, NBc, Bp, xq + m * xstride, xstride, xscale + m * NB,
+                                      xsum + m * NB, y + m * N + 4 * t, N, rows);
+        for (; m < m1; ++m)
+            tile_kernel<BITS, 1, LUT>(wt, wst, wzt, lutt, NB, NBc, Bp, xq + m * xstride, xstride, xscale + m * NB,
+                                      xsum + m * NB, y + m * N + 4 * t, N, rows);
     }
 }
 
