@@ -3,7 +3,8 @@
 For each weight shape (out x in) and batch (activation rows), times ``x @ W.T`` with fp32 activations
 for: torch dense fp32 and bf16, ``torch._weight_int8pack_mm`` (int8 per channel),
 ``torch._weight_int4pack_mm_for_cpu`` (int4, groups of 128), and matpress ``int`` 8/4/3/2-bit (groups
-of 128, asymmetric) and ``ternary`` (per channel) through ``matpress.kernels.matmul``. Honest timing:
+of 128, asymmetric; 64 where the width is not a multiple of 128), ``ternary`` (per channel) and
+``codebook`` 4-bit g32 on the ``iq4nl`` table (the lookup kernel) through ``matpress.kernels.matmul``. Honest timing:
 all contenders interleaved in one run, medians of repeats, the same threads; every contender rotates
 through enough distinct copies of its weights (> 1 GB) that none stays in the last-level cache, so each
 call reads its weights from memory as token-by-token decoding does. Effective GB/s = weight bytes read
@@ -38,7 +39,7 @@ import matpress
 from matpress import kernels
 from matpress.evaluation.text import sentences
 from matpress.evaluation.timing import command_line, interleaved_medians, machine_description, publish
-from matpress.formats import Format, IntFormat, TernaryFormat
+from matpress.formats import CodebookFormat, Format, IntFormat, TernaryFormat
 from matpress.kernels import build, lowbit
 from matpress.models import MINILM, SMOLLM2, load_pretrained
 
@@ -152,19 +153,18 @@ def time_contenders(contenders: list[Contender], x: torch.Tensor, repeats: int) 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def kernel_rows(shape: tuple[int, int], batches: list[int], repeats: int, pool_bytes: float) -> list[dict]:
+def kernel_rows(shape: tuple[int, int], batches: list[int], repeats: int, pool_bytes: float, torch_lowbit: bool = True) -> list[dict]:
     out_f, in_f = shape
+    group = GROUP if in_f % GROUP == 0 else 64  # SmolLM2's 576 columns: groups of 64
     torch.manual_seed(0)
     w = torch.randn(out_f, in_f) * 0.02
-    contenders = [
-        dense("dense fp32", w, pool_bytes),
-        dense("dense bf16", w.bfloat16(), pool_bytes),
-        torch_int8(w, pool_bytes),
-        torch_int4(w, pool_bytes),
-    ]
+    contenders = [dense("dense fp32", w, pool_bytes), dense("dense bf16", w.bfloat16(), pool_bytes)]
+    if torch_lowbit and group == GROUP:
+        contenders += [torch_int8(w, pool_bytes), torch_int4(w, pool_bytes)]
     for bits in (8, 4, 3, 2):
-        contenders.append(ours(f"matpress int{bits} g{GROUP}", IntFormat.encode(w, bits=bits, group_size=GROUP), pool_bytes))
+        contenders.append(ours(f"matpress int{bits} g{group}", IntFormat.encode(w, bits=bits, group_size=group), pool_bytes))
     contenders.append(ours("matpress ternary", TernaryFormat.encode(w), pool_bytes))
+    contenders.append(ours("matpress codebook4 g32 iq4nl", CodebookFormat.encode(w, bits=4, group_size=32, table="iq4nl"), pool_bytes))
     rows = [{"shape": f"{out_f}x{in_f}", "name": c.name, "MB": c.nbytes / 1e6} for c in contenders]
     for batch in batches:
         x = torch.randn(batch, in_f)
@@ -227,11 +227,17 @@ def markdown(rows: list[dict], batches: list[int], bandwidth: float, e2e, pool_g
         "",
         "`x @ W.T`, fp32 activations, weights read from memory on every call (each contender rotates "
         f"through >= {pool_gb:g} GB of weight copies); median ms per call, speed-up over dense fp32 in the same run, "
-        "and effective GB/s of weight bytes (codes + scales + zeros as the kernel reads them) at batch 1.",
+        f"and effective GB/s of weight bytes (codes + scales + zeros as the kernel reads them) at batch {batches[0]}.",
+        *([] if len(batches) and max(batches) <= 16 else [
+            "",
+            "Batches above 16 are the prefill and batched-embedding case (issue 14: every width at least as fast "
+            "as fp32 at 16 to 512 rows); torch's own int8 / int4 kernels, per-token kernels hundreds of times "
+            "slower there, are left out of such runs.",
+        ]),
         "",
         "| shape (out x in) | kernel | weight MB | "
         + " | ".join(f"batch {b} ms | x fp32" for b in batches)
-        + " | GB/s (batch 1) |",
+        + f" | GB/s (batch {batches[0]}) |",
         "|---|---|---:|" + "---:|---:|" * len(batches) + "---:|",
     ]
     for row in rows:
@@ -250,7 +256,7 @@ def markdown(rows: list[dict], batches: list[int], bandwidth: float, e2e, pool_g
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, batch: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -261,14 +267,14 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(11, 4.5))
     width = 0.8 / len(names)
     for j, name in enumerate(names):
-        ratios = [next(r["ratio1"] for r in rows if r["shape"] == s and r["name"] == name) for s in shapes]
+        ratios = [next((r[f"ratio{batch}"] for r in rows if r["shape"] == s and r["name"] == name), 0.0) for s in shapes]
         ax.bar([i + j * width for i in range(len(shapes))], ratios, width, label=name)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))], shapes)
-    ax.set_ylabel("speed-up over dense fp32 (batch 1)")
+    ax.set_ylabel(f"speed-up over dense fp32 (batch {batch})")
     ax.axhline(1, color="black", linewidth=0.8)
-    ax.set_ylim(0, 1.3 * max(r["ratio1"] for r in rows))
+    ax.set_ylim(0, 1.3 * max(r[f"ratio{batch}"] for r in rows))
     ax.legend(fontsize=7, ncol=5, loc="upper left")
-    ax.set_title("x @ W.T, one activation row, weights from memory")
+    ax.set_title(f"x @ W.T, {batch} activation row{'s' if batch > 1 else ''}, weights from memory")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -281,6 +287,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--pool-gb", type=float, default=1.0, help="weight copies per contender, GB")
     parser.add_argument("--shapes", default=",".join(f"{o}x{i}" for o, i in SHAPES))
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end models")
+    parser.add_argument("--batches", type=int, nargs="+", default=BATCHES, help="activation rows per call")
+    parser.add_argument("--no-torch-lowbit", action="store_true", help="leave out torch's int8 / int4 kernels (slow at large batches)")
     add_cache_arguments(parser, "kernels")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -290,17 +298,20 @@ def main(argv: Optional[list[str]] = None) -> None:
     bandwidth = cache.get("bandwidth", lambda _: {"GBps": streaming_bandwidth(args.repeats)})
     rows = []
     for o, i in shapes:
-        shape = cache.get(f"shape-{o}x{i}", lambda _, o=o, i=i: {"rows": kernel_rows((o, i), BATCHES, args.repeats, args.pool_gb * 1e9)})
+        key = f"shape-{o}x{i}" + ("" if args.batches == BATCHES else "-b" + "-".join(map(str, args.batches)))
+        key += "-no-torch-lowbit" if args.no_torch_lowbit else ""
+        shape = cache.get(key, lambda _, o=o, i=i: {"rows": kernel_rows(
+            (o, i), args.batches, args.repeats, args.pool_gb * 1e9, torch_lowbit=not args.no_torch_lowbit)})
         rows += shape["rows"] if shape else []
     e2e = [] if args.no_e2e else cache.rows([
         (f"e2e-{name}", lambda _, name=name, recipe=recipe, label=label: end_to_end(name, recipe, label, args.repeats))
         for name, recipe, label in END_TO_END
     ])
-    text = markdown(rows, BATCHES, bandwidth["GBps"] if bandwidth else float("nan"), e2e, args.pool_gb, command_line(argv))
+    text = markdown(rows, args.batches, bandwidth["GBps"] if bandwidth else float("nan"), e2e, args.pool_gb, command_line(argv))
     text += "\n".join(["", *cache.not_run()])
     publish(text, args.out)
     if args.out and rows:
-        plot(rows, args.out.with_suffix(".png"))
+        plot(rows, args.out.with_suffix(".png"), args.batches[0])
 
 
 if __name__ == "__main__":

@@ -148,6 +148,18 @@ def test_nonfinite_scales_propagate_as_in_the_reference(name, value, isa_lib):
 
 
 @pytest.mark.parametrize("value", sorted(NONFINITE))
+@pytest.mark.parametrize("name", ["int4-g32", "int3-g100", "int8-ch", "ternary-g64", "codebook4-g32-iq4nl"])
+def test_nonfinite_values_propagate_with_many_activation_rows(name, value, isa_lib):
+    """40 rows: the AVX2 path's kernel on rearranged pairs of tiles (16 rows and more)."""
+    fmt = with_nonfinite_scales(FORMATS[name](outlier_weight(4, OUT, IN)), NONFINITE[value])
+    torch.manual_seed(3)
+    x = torch.randn(40, IN)
+    x[:4] = activations_for_scales(fmt)
+    x[4:10] = with_nonfinite_activations(-NONFINITE[value], fmt)
+    assert_same_nonfinite(lowbit.lowbit_matmul(lowbit.layout_of(fmt), x, isa_lib), fmt.matmul(x))
+
+
+@pytest.mark.parametrize("value", sorted(NONFINITE))
 def test_nonfinite_zero_points_take_the_formats_own_matmul(value):
     fmt = IntFormat.encode(outlier_weight(5, OUT, IN), bits=4, group_size=64)
     zeros = fmt.zeros.clone()

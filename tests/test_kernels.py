@@ -19,8 +19,9 @@ from matpress.nn.layers import CompressedLinear
 
 # Odd shapes: 37 rows is not a multiple of the 4-row tile, 300 columns not a multiple of the groups.
 OUT, IN = 37, 300
-# 15 activation rows run through the 8-, 4-, 2- and 1-row variants of the kernel.
-BATCHES = [1, 15]
+# 15 activation rows run through the 4-, 2- and 1-row variants of the tile kernel; 37 through the AVX2
+# path's kernel on rearranged pairs of tiles (16 rows and more), in runs of 4 and 1.
+BATCHES = [1, 15, 37]
 
 @pytest.fixture(scope="module")
 def native():
@@ -274,7 +275,7 @@ def test_other_paths_equal_the_native_one(march, isa, native):
     ):
         layout = lowbit.layout_of(fmt)
         group = fmt.group_size if isinstance(fmt, TernaryFormat) else fmt.group
-        for batch in (1, 7):
+        for batch in (1, 7, 37):
             x = torch.randn(batch, IN)
             a, b = lowbit.lowbit_matmul(layout, x, other), lowbit.lowbit_matmul(layout, x, native)
             assert_within_kernel_bound(a, fmt, x, group)
