@@ -391,6 +391,10 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* w
 
 #elif defined(MP_AVX2)  // AVX2 (e.g. AMD Zen 2/3): the same layout, each 512-bit vector as two halves
 
+// Lookup layouts and 8-bit codes: bytes the AVX2 kernels take as signed values v = value - 128 (see the tile kernel).
+template <int BITS, bool LUT>
+constexpr bool SIGNED_BYTES = LUT || BITS == 8;
+
 // Half h of a chunk's step s holds rows 2h and 2h+1.
 template <int BITS>
 static inline void unpack_half(const uint8_t* p, int h, __m256i w[4]) {
@@ -436,7 +440,7 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* w
     // vpmaddubsw(|v|, sign(x, v)) = v * x, each pair below 2 * 128 * 127 < 2^15, one step at a time; the
     // zero point is then z - 128 (0 for a codebook's 128). Unsigned codes of up to 4 bits go through
     // vpmaddubsw directly and sum their four steps in 16 bits first (2 * 15 * 127 per pair).
-    constexpr bool SIGNED = LUT || BITS == 8;
+    constexpr bool SIGNED = SIGNED_BYTES<BITS, LUT>;
     const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
     // A lookup layout's table as the signed v (half h: rows 2h and 2h+1, one 128-bit lane each, as the
     // halves of a step hold them)
@@ -597,8 +601,9 @@ static inline void unpack_codes(const uint8_t* p, const uint8_t* lut, uint8_t co
 // (one row per 128-bit lane) pays a transpose-add per quad and activation row. Rearranging costs a pass
 // over the pair's codes, which MP_REPACK_MIN_ROWS activation rows and more repay, on rows of up to
 // MP_REPACK_MAX_BYTES / 8 columns.
-// Measured on a Zen 3 EPYC: faster than the tile kernel from 8 to 16 rows on for rows of up to 2048
-// columns, slower at 4096 columns (a pair's 32 KB of codes and the rows it meets no longer share L1).
+// Measured on a Zen 3 EPYC: about level with the tile kernel at 8 rows and faster from 16 on, for rows of
+// up to 2048 columns; slower at 4096 columns (a pair's 32 KB of codes and the rows it meets no longer
+// share L1).
 #ifndef MP_REPACK_MIN_ROWS
 #define MP_REPACK_MIN_ROWS 16
 #endif
@@ -618,7 +623,7 @@ struct RepackedPair {
 // (one 128-bit lane each, element r of a lane = row r's 4 bytes), hi[s] = quads 4s + 2 and 4s + 3.
 template <int BITS, bool LUT>
 static inline void chunk_quads(const uint8_t* p, const uint8_t* tile_lut, __m256i lo[4], __m256i hi[4]) {
-    constexpr bool SIGNED = LUT || BITS == 8;
+    constexpr bool SIGNED = SIGNED_BYTES<BITS, LUT>;
     const __m256i flip = _mm256_set1_epi8((char)0x80), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     __m256i half[2][4];  // half h: rows 2h (low lane) and 2h + 1 (high lane), 16 columns per step
     for (int h = 0; h < 2; ++h) {
@@ -640,7 +645,7 @@ static inline void chunk_quads(const uint8_t* p, const uint8_t* tile_lut, __m256
 template <int BITS, bool LUT>
 static void repack_pair(const uint8_t* w, const uint16_t* ws, const int16_t* wz, const uint8_t* lut, long lut_stride,
                         int T, int pair, int NB, int NBc, int Bp, long tile_bytes, const RepackedPair& out) {
-    constexpr bool SIGNED = LUT || BITS == 8;
+    constexpr bool SIGNED = SIGNED_BYTES<BITS, LUT>;
     constexpr int CB = chunk_bytes(BITS);
     const long quads = (long)Bp / 4;
     const int ta = 2 * pair, tb = 2 * pair + 1;  // an odd tile count: the last pair's second tile is empty
@@ -676,7 +681,7 @@ static void repack_pair(const uint8_t* w, const uint16_t* ws, const int16_t* wz,
 template <int BITS, int MB, bool LUT>
 static void pair_kernel(const RepackedPair& wp, int NBc, int Bp, int NB, const int8_t* xq, long xstride,
                         const float* xscale, const int32_t* xsum, float* y, long ystride, int rows) {
-    constexpr bool SIGNED = LUT || BITS == 8;
+    constexpr bool SIGNED = SIGNED_BYTES<BITS, LUT>;
     // column quads whose unsigned 16-bit sums fit in 2^15 (each pair at most 2 * (2^BITS - 1) * 127)
     constexpr int FLUSH = SIGNED ? 1 : 32767 / (2 * ((1 << BITS) - 1) * 127);
     const int quads = Bp / 4;
@@ -727,19 +732,26 @@ static void pair_kernel(const RepackedPair& wp, int NBc, int Bp, int NB, const i
     }
 }
 
+// Returns false, having computed nothing, when the per-thread buffers cannot be had.
 template <int BITS, bool LUT>
-static void gemm_repacked(const uint8_t* w, const uint16_t* ws, const int16_t* wz, const uint8_t* lut, long lut_stride,
+static bool gemm_repacked(const uint8_t* w, const uint16_t* ws, const int16_t* wz, const uint8_t* lut, long lut_stride,
                           int T, int NB, int NBc, int Bp, const int8_t* xq, const float* xscale, const int32_t* xsum,
                           int M, float* y, int N, int nthreads, long panel) {
     const long tile_bytes = chunks_of(NBc, Bp) * chunk_bytes(BITS);
     const long xstride = (long)NB * Bp;
     const int pairs = (T + 1) / 2;
     const long panels = (M + panel - 1) / panel, work = panels * pairs;
-    const size_t code_bytes = (size_t)NBc * Bp * 8, side_bytes = (size_t)NBc * 32;
+    // one pair's rearranged codes, scales and zeros per thread (a few KB to tens of KB: L1 / L2)
+    const size_t code_bytes = (size_t)NBc * Bp * 8, side_bytes = (size_t)NBc * 32, thread_bytes = code_bytes + 2 * side_bytes;
+    uint8_t* buffers = static_cast<uint8_t*>(aligned_alloc(32, thread_bytes * nthreads));
+    if (!buffers) return false;
 #pragma omp parallel num_threads(nthreads)
     {
-        // one pair's rearranged codes, scales and zeros per thread (a few KB to tens of KB: L1 / L2)
-        uint8_t* buffer = static_cast<uint8_t*>(aligned_alloc(32, code_bytes + 2 * side_bytes));
+#ifdef _OPENMP
+        uint8_t* buffer = buffers + thread_bytes * omp_get_thread_num();
+#else
+        uint8_t* buffer = buffers;
+#endif
         const RepackedPair wp{buffer, reinterpret_cast<float*>(buffer + code_bytes),
                               reinterpret_cast<int32_t*>(buffer + code_bytes + side_bytes)};
         int repacked = -1;
@@ -761,14 +773,21 @@ static void gemm_repacked(const uint8_t* w, const uint16_t* ws, const int16_t* w
                 pair_kernel<BITS, 1, LUT>(wp, NBc, Bp, NB, xq + m * xstride, xstride, xscale + m * NB, xsum + m * NB,
                                           yp + m * N, N, rows);
         }
-        free(buffer);
     }
+    free(buffers);
+    return true;
 }
 #endif
 
 #ifndef MP_PANEL_BYTES
 #define MP_PANEL_BYTES (96 * 1024)
 #endif
+
+// Activation rows per panel: as many as `bytes` of int8 activations hold, a multiple of 4, 4 to M.
+static inline long panel_rows(long bytes, long xstride, int M) {
+    const long rows = bytes / xstride / 4 * 4;
+    return rows < 4 ? 4 : rows > M ? M : rows;
+}
 
 template <int BITS, bool LUT>
 static void gemm_bits(const uint8_t* w, const uint16_t* ws, const int16_t* wz, const uint8_t* lut, long lut_stride,
@@ -780,18 +799,14 @@ static void gemm_bits(const uint8_t* w, const uint16_t* ws, const int16_t* wz, c
     // panel multiplied by every tile before the next: a panel stays in the core's L2 cache while the
     // tiles stream past it, where a pass of every row per tile would read all activations from the last
     // level cache or memory once per 4 weight rows.
-    long panel = MP_PANEL_BYTES / xstride / 4 * 4;
-    if (panel < 4) panel = 4;
-    if (panel > M) panel = M;
 #ifdef MP_AVX2
-    if (M >= MP_REPACK_MIN_ROWS && (long)NBc * Bp * 8 <= MP_REPACK_MAX_BYTES) {
-        // panels of up to 2 MP_PANEL_BYTES here: each rearranged pair is then reused by more rows
-        long rows = 2 * MP_PANEL_BYTES / xstride / 4 * 4;
-        rows = rows < 4 ? 4 : rows > M ? M : rows;
-        gemm_repacked<BITS, LUT>(w, ws, wz, lut, lut_stride, T, NB, NBc, Bp, xq, xscale, xsum, M, y, N, nthreads, rows);
+    // panels of up to 2 MP_PANEL_BYTES here: each rearranged pair is then reused by more rows
+    if (M >= MP_REPACK_MIN_ROWS && (long)NBc * Bp * 8 <= MP_REPACK_MAX_BYTES &&
+        gemm_repacked<BITS, LUT>(w, ws, wz, lut, lut_stride, T, NB, NBc, Bp, xq, xscale, xsum, M, y, N, nthreads,
+                                 panel_rows(2 * MP_PANEL_BYTES, xstride, M)))
         return;
-    }
 #endif
+    const long panel = panel_rows(MP_PANEL_BYTES, xstride, M);
     const long panels = (M + panel - 1) / panel, work = panels * T;
     // Threads only for more than a few microseconds of work: waking them costs more on small matrices.
 #pragma omp parallel for num_threads(nthreads) schedule(static) if ((long)T * tile_bytes * M > (1 << 15))
