@@ -55,6 +55,29 @@ def test_lean_loop_gives_the_logits_of_the_full_forward_at_every_step(recipe):
         assert_same_logits(step(torch.tensor([[1, 2, 3]])), full_forward_logits(model, ids), model)
 
 
+def test_a_block_shared_among_threads_gives_one_threads_logits():
+    """Wide enough (over the 64 KiB of codes below which the decode-block kernel stays on one thread)
+    that each projection's tiles are split between two threads: every output is still computed by the
+    same arithmetic, so two threads give one thread's logits exactly, and those of the full forward."""
+    model = tiny_llama(layers=1, hidden=192)
+    matpress.compress(model, RTN, progress=False)
+    ids = [4, 8, 15, 16]
+    threads = torch.get_num_threads()
+    logits = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            step = LeanLlama(model, 8)
+            assert sum(codes.numel() for codes in step.blocks[0].codes) > 64 * 1024
+            with torch.inference_mode():
+                step(torch.tensor([ids[:-1]]))
+                logits.append(step(torch.tensor([ids[-1:]])))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(logits[0], logits[1])
+    assert_same_logits(logits[1], full_forward_logits(model, ids), model)
+
+
 def test_a_block_the_decode_block_kernel_does_not_know_runs_through_its_modules():
     """GELU instead of SiLU: no one-call block step; the modules' own step gives the full forward's logits."""
     model = tiny_llama()

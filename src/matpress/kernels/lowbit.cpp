@@ -789,6 +789,29 @@ static inline long panel_rows(long bytes, long xstride, int M) {
     return rows < 4 ? 4 : rows > M ? M : rows;
 }
 
+// Activation rows [m0, m1) times tile t, in runs of 4, then 2, 1: each run reuses the tile's unpacked codes.
+template <int BITS, bool LUT>
+static inline void tile_times_rows(const uint8_t* w, const uint16_t* ws, const int16_t* wz, const uint8_t* lut,
+                                   long lut_stride, int t, int NB, int NBc, int Bp, const int8_t* xq,
+                                   const float* xscale, const int32_t* xsum, long m0, long m1, float* y, int N) {
+    const long tile_bytes = chunks_of(NBc, Bp) * chunk_bytes(BITS), xstride = (long)NB * Bp;
+    const uint8_t* wt = w + t * tile_bytes;
+    const uint16_t* wst = ws + (long)t * NB * 4;
+    const int16_t* wzt = wz + (long)t * NB * 4;
+    const uint8_t* lutt = LUT ? lut + t * lut_stride : nullptr;
+    const int rows = tile_rows(t, N);
+    long m = m0;
+    for (; m + 4 <= m1; m += 4)
+        tile_kernel<BITS, 4, LUT>(wt, wst, wzt, lutt, NB, NBc, Bp, xq + m * xstride, xstride, xscale + m * NB,
+                                  xsum + m * NB, y + m * N + 4 * t, N, rows);
+    for (; m + 2 <= m1; m += 2)
+        tile_kernel<BITS, 2, LUT>(wt, wst, wzt, lutt, NB, NBc, Bp, xq + m * xstride, xstride, xscale + m * NB,
+                                  xsum + m * NB, y + m * N + 4 * t, N, rows);
+    for (; m < m1; ++m)
+        tile_kernel<BITS, 1, LUT>(wt, wst, wzt, lutt, NB, NBc, Bp, xq + m * xstride, xstride, xscale + m * NB,
+                                  xsum + m * NB, y + m * N + 4 * t, N, rows);
+}
+
 template <int BITS, bool LUT>
 static void gemm_bits(const uint8_t* w, const uint16_t* ws, const int16_t* wz, const uint8_t* lut, long lut_stride,
                       int T, int NB, int NBc, int Bp, const int8_t* xq, const float* xscale, const int32_t* xsum,
@@ -811,34 +834,19 @@ static void gemm_bits(const uint8_t* w, const uint16_t* ws, const int16_t* wz, c
     // Threads only for more than a few microseconds of work: waking them costs more on small matrices.
 #pragma omp parallel for num_threads(nthreads) schedule(static) if ((long)T * tile_bytes * M > (1 << 15))
     for (long i = 0; i < work; ++i) {
-        const int t = (int)(i % T);
         const long m0 = i / T * panel, m1 = m0 + panel < M ? m0 + panel : M;
-        const uint8_t* wt = w + t * tile_bytes;
-        const uint16_t* wst = ws + (long)t * NB * 4;
-        const int16_t* wzt = wz + (long)t * NB * 4;
-        const uint8_t* lutt = LUT ? lut + t * lut_stride : nullptr;
-        const int rows = tile_rows(t, N);
-        long m = m0;
-        // Activation rows in runs of 4, then 2, 1: each run reuses the tile's unpacked codes.
-        for (; m + 4 <= m1; m += 4)
-            tile_kernel<BITS, 4, LUT>(wt, wst, wzt, lutt, NB, NBc, Bp, xq + m * xstride, xstride, xscale + m * NB,
-                                      xsum + m * NB, y + m * N + 4 * t, N, rows);
-        for (; m + 2 <= m1; m += 2)
-            tile_kernel<BITS, 2, LUT>(wt, wst, wzt, lutt, NB, NBc, Bp, xq + m * xstride, xstride, xscale + m * NB,
-                                      xsum + m * NB, y + m * N + 4 * t, N, rows);
-        for (; m < m1; ++m)
-            tile_kernel<BITS, 1, LUT>(wt, wst, wzt, lutt, NB, NBc, Bp, xq + m * xstride, xstride, xscale + m * NB,
-                                      xsum + m * NB, y + m * N + 4 * t, N, rows);
+        tile_times_rows<BITS, LUT>(w, ws, wz, lut, lut_stride, (int)(i % T), NB, NBc, Bp, xq, xscale, xsum, m0, m1, y, N);
     }
 }
 
 // Recompute in fp32 every output y[m, n] that a non-finite value reaches: over the blocks b where the
 // activations of row m hold one (xscale NaN) or, when `scales_nonfinite`, where row n's scale is NaN or
 // infinite. Such a block's sum is NaN or infinite, and finite blocks cannot change that, so the sum over
-// these blocks alone is the NaN or signed infinity of x @ W^T.
+// these blocks alone is the NaN or signed infinity of x @ W^T. Over tiles [t0, t1): the decoder's
+// threads each fix their own share.
 template <int BITS>
 static void fix_nonfinite(const uint8_t* w, const uint16_t* ws, const int16_t* wz, const uint8_t* lut,
-                          long lut_stride, int T, int NB, int Bp,
+                          long lut_stride, int t0, int t1, int NB, int Bp,
                           const float* x, int M, int K, int G, int sub, int Bo, const float* xscale,
                           bool scales_nonfinite, float* y, int N, int nthreads) {
     const long total = (long)M * NB;
@@ -848,7 +856,7 @@ static void fix_nonfinite(const uint8_t* w, const uint16_t* ws, const int16_t* w
     const int CB = chunk_bytes(BITS);
     const long tile_bytes = code_chunks(K, G, sub, Bp) * CB;
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic)
-    for (int t = 0; t < T; ++t) {
+    for (int t = t0; t < t1; ++t) {
         const int rows = tile_rows(t, N);
         for (int r = 0; r < rows; ++r)
             for (int m = 0; m < M; ++m) {
@@ -887,7 +895,7 @@ template <int BITS, bool LUT>
 static void matmul_bits(const MatmulArgs& a) {
     gemm_bits<BITS, LUT>(a.w, a.ws, a.wz, a.lut, a.lut_stride, a.T, a.NB, code_blocks(a.K, a.G, a.sub), a.Bp, a.xq,
                          a.xscale, a.xsum, a.M, a.y, a.N, a.nthreads);
-    fix_nonfinite<BITS>(a.w, a.ws, a.wz, a.lut, a.lut_stride, a.T, a.NB, a.Bp, a.x, a.M, a.K, a.G, a.sub, a.Bo,
+    fix_nonfinite<BITS>(a.w, a.ws, a.wz, a.lut, a.lut_stride, 0, a.T, a.NB, a.Bp, a.x, a.M, a.K, a.G, a.sub, a.Bo,
                         a.xscale, a.scales_nonfinite, a.y, a.N, a.nthreads);
 }
 
@@ -1011,9 +1019,11 @@ int mp_decode_bf16(int bits, const uint8_t* w, const uint16_t* ws, const int16_t
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <memory>
 #include <vector>
 #include <string>
+#include <utility>
 
 static void check_layout(int64_t bits, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros,
                          int64_t n_blocks, int64_t padded, int64_t in_features, int64_t group, int64_t sub,
@@ -1105,32 +1115,145 @@ static at::Tensor op_decode_bf16(int64_t bits, const at::Tensor& codes, const at
 
 namespace {
 
+// One thread's copy of a projection's input: fp32 (for the non-finite fix) and quantized, in buffers
+// sized for the block's widest input.
+struct ThreadInput {
+    float* x; int8_t* xq; float* xscale; int32_t* xsum;
+};
+
 struct Projection {
     int bits; const uint8_t* w; const uint16_t* ws; const int16_t* wz; Lookup lookup; int T, NB, Bp, K, G, sub, Bo, N;
     int nonfinite;
-    void apply(const float* x, float* y, int nthreads) const {
-        const int status = mp_matmul(bits, w, ws, wz, lookup.lut, lookup.stride, T, NB, Bp, x, 1, K, G, sub, Bo, y, N,
-                                     nonfinite, nthreads);
-        TORCH_CHECK(status == 0, "low-bit kernel: no scratch memory for one row of ", K, " activations");
-    }
+    void quantize(const ThreadInput& in) const { mp_quantize(in.x, 1, K, G, sub, Bo, Bp, NB, in.xq, in.xscale, in.xsum, 1); }
+    // This thread's share of the tiles, a contiguous run (each thread streams its own part of the codes):
+    // its outputs, non-finite ones fixed. Returns the first and one past the last output row it wrote.
+    std::pair<int, int> share(int slot, int team, const ThreadInput& in, float* y) const;
 };
+
+template <int BITS, bool LUT>
+void share_of(const Projection& p, int t0, int t1, const ThreadInput& in, float* y) {
+    const int NBc = code_blocks(p.K, p.G, p.sub);
+    for (int t = t0; t < t1; ++t)
+        tile_times_rows<BITS, LUT>(p.w, p.ws, p.wz, p.lookup.lut, p.lookup.stride, t, p.NB, NBc, p.Bp, in.xq, in.xscale,
+                                   in.xsum, 0, 1, y, p.N);
+    fix_nonfinite<BITS>(p.w, p.ws, p.wz, p.lookup.lut, p.lookup.stride, t0, t1, p.NB, p.Bp, in.x, 1, p.K, p.G, p.sub,
+                        p.Bo, in.xscale, p.nonfinite != 0, y, p.N, 1);
+}
+
+std::pair<int, int> Projection::share(int slot, int team, const ThreadInput& in, float* y) const {
+    const int t0 = (int)((long)T * slot / team), t1 = (int)((long)T * (slot + 1) / team);
+    switch (bits + (lookup.lut ? 100 : 0)) {
+        case 2: share_of<2, false>(*this, t0, t1, in, y); break;
+        case 3: share_of<3, false>(*this, t0, t1, in, y); break;
+        case 4: share_of<4, false>(*this, t0, t1, in, y); break;
+        case 8: share_of<8, false>(*this, t0, t1, in, y); break;
+        case 102: share_of<2, true>(*this, t0, t1, in, y); break;
+        case 103: share_of<3, true>(*this, t0, t1, in, y); break;
+        case 104: share_of<4, true>(*this, t0, t1, in, y); break;
+    }
+    return {4 * t0, std::min(4 * t1, N)};
+}
+
+// Sum of a[i] * b[i] in 16 independent partial sums, so that the compiler can keep them in vector
+// registers (one running sum is a chain of dependent adds it may not reorder).
+float dot(const float* a, const float* b, int n) {
+    float part[16] = {};
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; ++j) part[j] += a[i + j] * b[i + j];
+    for (int width = 8; width >= 1; width /= 2)
+        for (int j = 0; j < width; ++j) part[j] += part[j + width];
+    float sum = part[0];
+    for (; i < n; ++i) sum += a[i] * b[i];
+    return sum;
+}
+
+float sum(const float* a, int n) {
+    float part[16] = {};
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; ++j) part[j] += a[i + j];
+    for (int width = 8; width >= 1; width /= 2)
+        for (int j = 0; j < width; ++j) part[j] += part[j + width];
+    float total = part[0];
+    for (; i < n; ++i) total += a[i];
+    return total;
+}
+
+// e^x in plain arithmetic the compiler vectorises (glibc's expf is a call per element): x = n ln 2 + r,
+// |r| <= ln 2 / 2, e^r by its Taylor polynomial of degree 7 (truncation under 1e-8 relative), 2^n put in
+// the exponent bits. Measured within 1 ulp of e^x over [-87.3, 88.3]; 0 below -87.33, where e^x is
+// under the smallest normal float, infinity above 88.37; NaN stays NaN.
+inline float exp_vectorisable(float x) {
+    const float magic = 12582912.f;  // 1.5 * 2^23: adding it rounds x log2(e) to the integer n in the low bits
+    const float shifted = x * 1.44269504088896341f + magic;
+    const float n = shifted - magic;
+    int32_t bits;
+    memcpy(&bits, &shifted, sizeof bits);
+    // ln 2 in two parts, the first with trailing zero bits so that n times it is exact
+    const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
+    float p = 1.f / 5040.f;
+    p = p * r + 1.f / 720.f;
+    p = p * r + 1.f / 120.f;
+    p = p * r + 1.f / 24.f;
+    p = p * r + 1.f / 6.f;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    const int32_t exponent = (bits - 0x4B400000 + 127) * (1 << 23);  // (n + 127) in the exponent field
+    float scale;
+    memcpy(&scale, &exponent, sizeof scale);
+    return x < -87.33f ? 0.f : x > 88.37f ? INFINITY : p * scale;
+}
 
 // HF's LlamaRMSNorm in fp32: weight * (x * rsqrt(mean(x^2) + eps))
 void rms_norm(const float* x, const float* weight, int n, float eps, float* out) {
-    float ss = 0.f;
-    for (int i = 0; i < n; ++i) ss += x[i] * x[i];
-    const float r = 1.f / sqrtf(ss / (float)n + eps);
+    const float r = 1.f / sqrtf(dot(x, x, n) / (float)n + eps);
     for (int i = 0; i < n; ++i) out[i] = weight[i] * (x[i] * r);
 }
 
-// x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[d/2:], x[:d/2])
-void rotate(float* x, const float* cos, const float* sin, int d) {
+// x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[d/2:], x[:d/2]), into out
+void rotate(const float* x, const float* cos, const float* sin, int d, float* out) {
     const int half = d / 2;
     for (int i = 0; i < half; ++i) {
         const float a = x[i], b = x[i + half];
-        x[i] = a * cos[i] - b * sin[i];
-        x[i + half] = b * cos[i + half] + a * sin[i + half];
+        out[i] = a * cos[i] - b * sin[i];
+        out[i + half] = b * cos[i + half] + a * sin[i + half];
     }
+}
+
+// One head's attention output o (d wide): softmax(q . k_t * scale) over the `cached` positions of k and v
+// and the new one (k_new, v_new), times the values; `scores` holds cached + 1 floats.
+void attend(const float* q, const float* k, const float* v, const float* k_new, const float* v_new, int64_t cached,
+            int64_t d, float scale, float* scores, float* o) {
+    for (int64_t t = 0; t < cached; ++t) scores[t] = dot(q, k + t * d, (int)d) * scale;
+    scores[cached] = dot(q, k_new, (int)d) * scale;
+    float top = -INFINITY;
+    for (int64_t t = 0; t <= cached; ++t) top = scores[t] > top ? scores[t] : top;
+    for (int64_t t = 0; t <= cached; ++t) scores[t] = exp_vectorisable(scores[t] - top);
+    const float total = sum(scores, (int)cached + 1);
+    for (int64_t i = 0; i < d; ++i) o[i] = 0.f;
+    for (int64_t t = 0; t <= cached; ++t) {
+        const float p = scores[t] / total;
+        const float* vt = t < cached ? v + t * d : v_new;
+        for (int64_t i = 0; i < d; ++i) o[i] += p * vt[i];
+    }
+}
+
+int thread_slot() {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+int team_size() {
+#ifdef _OPENMP
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
 }
 
 }  // namespace
@@ -1173,53 +1296,79 @@ static at::Tensor op_decode_block(const at::Tensor& h, at::TensorList codes, at:
                              lookup_of(levels[i], g[0], codes[i]), (int)codes[i].size(0), (int)g[1], (int)g[2], (int)in_features[i], (int)g[3], (int)g[4],
                              (int)g[5], (int)g[6], (int)g[7]};
     }
-    const int nthreads = at::get_num_threads();
+    // One parallel region for the whole block, its threads meeting only where one needs what another
+    // wrote: each projection's tiles are shared out among them, and each thread makes its own copy of
+    // the next projection's input (norm, SiLU, int8 rounding: microseconds) rather than waiting for one
+    // thread to make it. Four barriers and the region's end per block where a fork and join per
+    // projection cost more than a 576-wide projection's arithmetic. Tiny blocks (tests) take one thread.
+    long weight_bytes = 0, widest = 0, blocks = 0;
+    for (int i = 0; i < 4; ++i) {
+        weight_bytes += codes[i].numel();
+        widest = std::max(widest, (long)proj[i].NB * proj[i].Bp);
+        blocks = std::max(blocks, (long)proj[i].NB);
+    }
+    const int nthreads = weight_bytes > (1 << 16) ? at::get_num_threads() : 1;
+    const int64_t group = heads / kv_heads, widest_input = std::max({hidden, inner, heads * d});
+    // per thread: the fp32 input, its int8 copy, scales and sums, the attention scores, a rotated q and
+    // k; whole cache lines apart
+    const int64_t floats = (widest_input + blocks + (position + 1) + 2 * d + 15) / 16 * 16;
+    std::vector<float> thread_floats(nthreads * floats);
+    std::vector<int8_t> thread_xq(nthreads * widest);
+    std::vector<int32_t> thread_xsum(nthreads * blocks);
+    std::vector<float> qkv(out_features[0]), attn(heads * d), gate_up(2 * inner), down(hidden);
     at::Tensor out = at::empty({hidden}, h.options());
-    std::vector<float> x(hidden), qkv(out_features[0]), attn(heads * d), gate_up(2 * inner), scores(position + 1);
     const float* hp = h.data_ptr<float>();
     float* op = out.data_ptr<float>();
     float* kc = keys.data_ptr<float>();
     float* vc = values.data_ptr<float>();
+    const float* cp = cos.data_ptr<float>();
+    const float* sp = sin.data_ptr<float>();
 
-    rms_norm(hp, input_norm.data_ptr<float>(), (int)hidden, (float)eps, x.data());
-    proj[0].apply(x.data(), qkv.data(), nthreads);
-    for (int64_t head = 0; head < heads + kv_heads; ++head)
-        rotate(qkv.data() + head * d, cos.data_ptr<float>(), sin.data_ptr<float>(), (int)d);
-    for (int64_t g = 0; g < kv_heads; ++g) {
-        memcpy(kc + (g * max_len + position) * d, qkv.data() + (heads + g) * d, d * sizeof(float));
-        memcpy(vc + (g * max_len + position) * d, qkv.data() + (heads + kv_heads + g) * d, d * sizeof(float));
-    }
-    const int64_t group = heads / kv_heads, length = position + 1;
-    for (int64_t head = 0; head < heads; ++head) {
-        const float* q = qkv.data() + head * d;
-        const float* k = kc + (head / group) * max_len * d;
-        const float* v = vc + (head / group) * max_len * d;
-        float top = -INFINITY;
-        for (int64_t t = 0; t < length; ++t) {
-            float dot = 0.f;
-            for (int64_t i = 0; i < d; ++i) dot += q[i] * k[t * d + i];
-            scores[t] = dot * (float)scale;
-            top = scores[t] > top ? scores[t] : top;
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int slot = thread_slot(), team = team_size();
+        float* mine = thread_floats.data() + slot * floats;
+        const ThreadInput in{mine, thread_xq.data() + slot * widest, mine + widest_input, thread_xsum.data() + slot * blocks};
+        float* scores = in.xscale + blocks;
+        float* q = scores + position + 1;
+        float* k_new = q + d;
+
+        rms_norm(hp, input_norm.data_ptr<float>(), (int)hidden, (float)eps, in.x);
+        proj[0].quantize(in);
+        proj[0].share(slot, team, in, qkv.data());
+#pragma omp barrier
+        // The new position's key and value are used from qkv (each thread rotating its own copy of the
+        // key) and written into the cache by one thread per key/value head, which no thread reads there
+        // in this call.
+        for (int64_t g = slot; g < kv_heads; g += team) {
+            rotate(qkv.data() + (heads + g) * d, cp, sp, (int)d, kc + (g * max_len + position) * d);
+            memcpy(vc + (g * max_len + position) * d, qkv.data() + (heads + kv_heads + g) * d, d * sizeof(float));
         }
-        float total = 0.f;
-        for (int64_t t = 0; t < length; ++t) total += (scores[t] = expf(scores[t] - top));
-        float* o = attn.data() + head * d;
-        for (int64_t i = 0; i < d; ++i) o[i] = 0.f;
-        for (int64_t t = 0; t < length; ++t) {
-            const float p = scores[t] / total;
-            for (int64_t i = 0; i < d; ++i) o[i] += p * v[t * d + i];
+#pragma omp for schedule(static)
+        for (int64_t head = 0; head < heads; ++head) {
+            const int64_t g = head / group;
+            rotate(qkv.data() + head * d, cp, sp, (int)d, q);
+            rotate(qkv.data() + (heads + g) * d, cp, sp, (int)d, k_new);
+            attend(q, kc + g * max_len * d, vc + g * max_len * d, k_new, qkv.data() + (heads + kv_heads + g) * d,
+                   position, d, (float)scale, scores, attn.data() + head * d);
         }
+        memcpy(in.x, attn.data(), heads * d * sizeof(float));
+        proj[1].quantize(in);
+        const auto mixed = proj[1].share(slot, team, in, op);
+        for (int r = mixed.first; r < mixed.second; ++r) op[r] += hp[r];
+#pragma omp barrier
+        rms_norm(op, post_norm.data_ptr<float>(), (int)hidden, (float)eps, in.x);
+        proj[2].quantize(in);
+        proj[2].share(slot, team, in, gate_up.data());
+#pragma omp barrier
+        for (int64_t i = 0; i < inner; ++i) {
+            const float g = gate_up[i];
+            in.x[i] = g / (1.f + exp_vectorisable(-g)) * gate_up[inner + i];
+        }
+        proj[3].quantize(in);
+        const auto added = proj[3].share(slot, team, in, down.data());
+        for (int r = added.first; r < added.second; ++r) op[r] += down[r];
     }
-    proj[1].apply(attn.data(), op, nthreads);
-    for (int64_t i = 0; i < hidden; ++i) op[i] += hp[i];
-    rms_norm(op, post_norm.data_ptr<float>(), (int)hidden, (float)eps, x.data());
-    proj[2].apply(x.data(), gate_up.data(), nthreads);
-    for (int64_t i = 0; i < inner; ++i) {
-        const float g = gate_up[i];
-        gate_up[i] = g / (1.f + expf(-g)) * gate_up[inner + i];
-    }
-    proj[3].apply(gate_up.data(), x.data(), nthreads);  // x (the normed input) is no longer needed
-    for (int64_t i = 0; i < hidden; ++i) op[i] += x[i];
     return out;
 }
 
