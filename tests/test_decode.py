@@ -41,10 +41,10 @@ def test_lean_loop_gives_the_logits_of_the_full_forward_at_every_step(recipe):
     torch.manual_seed(0)
     ids = torch.randint(0, 128, (9,)).tolist()
     step = LeanLlama(model, 16)
-    # compressed: q, k, v as one kernel call and gate, up as another, and one token's step through each
-    # block as one call of the decode-block kernel; dense: each layer on its own
+    # compressed: q, k, v as one kernel call and gate, up as another, and one token's step through every
+    # block as one call of the decode plan; dense: each layer on its own
     assert all((p.layout is not None) == compressed for p in step.qkv + step.gate_up)
-    assert (step.blocks is not None) == compressed
+    assert (step.plan is not None) == compressed
     with torch.inference_mode():
         assert_same_logits(step(torch.tensor([ids])), full_forward_logits(model, ids), model)
         for token in (5, 77, 3):
@@ -56,7 +56,7 @@ def test_lean_loop_gives_the_logits_of_the_full_forward_at_every_step(recipe):
 
 
 def test_a_block_shared_among_threads_gives_one_threads_logits():
-    """Wide enough (over the 64 KiB of codes below which the decode-block kernel stays on one thread)
+    """Wide enough (over the 64 KiB of codes per block below which the decode plan stays on one thread)
     that each projection's tiles are split between two threads: every output is still computed by the
     same arithmetic, so two threads give one thread's logits exactly, and those of the full forward."""
     model = tiny_llama(layers=1, hidden=192)
@@ -68,7 +68,8 @@ def test_a_block_shared_among_threads_gives_one_threads_logits():
         for n in (1, 2):
             torch.set_num_threads(n)
             step = LeanLlama(model, 8)
-            assert sum(codes.numel() for codes in step.blocks[0].codes) > 64 * 1024
+            projections = (step.qkv[0], step.o[0], step.gate_up[0], step.down[0])
+            assert sum(p.layout.codes.numel() for p in projections) > 64 * 1024
             with torch.inference_mode():
                 step(torch.tensor([ids[:-1]]))
                 logits.append(step(torch.tensor([ids[-1:]])))
@@ -86,26 +87,37 @@ def test_a_block_the_decode_block_kernel_does_not_know_runs_through_its_modules(
         layer.mlp.act_fn = torch.nn.GELU()
     matpress.compress(model, RTN, progress=False)
     step = LeanLlama(model, 8)
-    assert step.blocks is None and step.qkv[0].layout is not None
+    assert step.plan is None and step.qkv[0].layout is not None
     with torch.inference_mode():
         step(torch.tensor([[3, 9, 27]]))
         assert_same_logits(step(torch.tensor([[81]])), full_forward_logits(model, [3, 9, 27, 81]), model)
 
 
-def test_the_decode_block_kernel_refuses_a_position_outside_its_cache():
+def test_the_decode_plan_refuses_bad_input():
     from matpress.kernels import lowbit
 
     model = tiny_llama()
     matpress.compress(model, RTN, progress=False)
     step = LeanLlama(model, 4)
-    layer, h = model.model.layers[0], torch.zeros(model.config.hidden_size)
-    rotary = (torch.ones(step.head_dim), torch.zeros(step.head_dim))
-    norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-    cache = (step.keys[0][0], step.values[0][0])
-    with torch.inference_mode(), pytest.raises(RuntimeError, match="at position 4 of a cache of 4"):
-        lowbit.decode_block(step.blocks[0], h, norms, step.eps, rotary, cache, 4, step.heads, step.scaling)
+    h, cos, sin = torch.zeros(model.config.hidden_size), torch.ones(step.head_dim), torch.zeros(step.head_dim)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="position 4 is outside the cache of 4 positions"):
+        step.plan.step(h, cos, sin, 4)
     with torch.inference_mode(), pytest.raises(RuntimeError, match="h must be a contiguous fp32 CPU vector of 64"):
-        lowbit.decode_block(step.blocks[0], h.double(), norms, step.eps, rotary, cache, 0, step.heads, step.scaling)
+        step.plan.step(h.double(), cos, sin, 0)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="cos must be a contiguous fp32 CPU vector of 16"):
+        step.plan.step(h, cos[:8], sin, 0)
+    layer = model.model.layers[0]
+    layouts = (step.qkv[0].layout, step.o[0].layout, step.gate_up[0].layout, step.down[0].layout)
+    norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+    keys = step.keys[0][0]
+    for bad, match in [
+        (lowbit.LlamaBlock(layouts, norms, keys, keys[:, :2]), "block 0's caches must be contiguous fp32 CPU tensors"),
+        (lowbit.LlamaBlock(layouts, norms, keys, keys.double()), "block 0's caches must be contiguous fp32 CPU tensors"),
+        (lowbit.LlamaBlock(layouts, (norms[0], norms[1][:8]), keys, keys), "norm weights must be contiguous fp32 CPU vectors of 64"),
+        (lowbit.LlamaBlock(layouts[::-1], norms, keys, keys), "block 0's projection 0 has 64 outputs, the block needs 128"),
+    ]:
+        with pytest.raises(RuntimeError, match=match):
+            lowbit.decode_plan([bad], 1e-6, step.heads, step.scaling)
 
 
 def test_greedy_generation_equals_transformers_generate():

@@ -15,7 +15,7 @@ import resource
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -83,28 +83,37 @@ class LeanLlama:
         self.o = [Projections([layer.self_attn.o_proj]) for layer in self.layers]
         self.down = [Projections([layer.mlp.down_proj]) for layer in self.layers]
         self.head = Projections([model.lm_head])
-        self.blocks, self.eps = self._block_layouts()
         dtype = inner.norm.weight.dtype
         shape = (1, self.kv_heads, max_tokens, self.head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype) for _ in self.layers]
         self.values = [torch.zeros(shape, dtype=dtype) for _ in self.layers]
         self.max_tokens, self.length = max_tokens, 0
+        self.plan = self._decode_plan()
 
-    def _block_layouts(self) -> tuple[Optional[list[lowbit.BlockLayouts]], Optional[float]]:
-        """Every block's projections for the one-call decode step and the norms' epsilon, or (None, None)
-        unless every block can take it: all four projections in kernel layouts, fp32 RMS norms of one
-        epsilon, SiLU."""
+    def _decode_plan(self) -> Any:
+        """Every block's one-token step as one prepared call (:func:`lowbit.decode_plan`), or None unless
+        every block can take it: all four projections in kernel layouts, fp32 RMS norms of one epsilon,
+        SiLU, fp32 caches."""
         norms = [n for layer in self.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
         fits = (
             getattr(self.model.config, "hidden_act", None) == "silu"
             and all(getattr(n, "weight", None) is not None and n.weight.dtype == torch.float32 for n in norms)
             and len({getattr(n, "variance_epsilon", None) for n in norms}) == 1
             and all(p.layout is not None for p in (*self.qkv, *self.o, *self.gate_up, *self.down))
+            and self.keys[0].dtype == torch.float32
         )
-        if not fits:
-            return None, None
-        blocks = [lowbit.BlockLayouts.of([p.layout for p in ps]) for ps in zip(self.qkv, self.o, self.gate_up, self.down)]
-        return blocks, norms[0].variance_epsilon
+        if not fits or lowbit.load_library() is None:
+            return None
+        blocks = [
+            lowbit.LlamaBlock(
+                (qkv.layout, o.layout, gate_up.layout, down.layout),
+                (layer.input_layernorm.weight, layer.post_attention_layernorm.weight), keys[0], values[0],
+            )
+            for layer, qkv, o, gate_up, down, keys, values in zip(
+                self.layers, self.qkv, self.o, self.gate_up, self.down, self.keys, self.values
+            )
+        ]
+        return lowbit.decode_plan(blocks, norms[0].variance_epsilon, self.heads, self.scaling)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         n = ids.shape[1]
@@ -120,12 +129,9 @@ class LeanLlama:
         # a causal mask only where several new tokens attend to each other (prefill)
         mask = torch.arange(end).unsqueeze(0) <= torch.arange(start, end).unsqueeze(1) if n > 1 else None
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
-        if n == 1 and self.blocks is not None and h.dtype == torch.float32 and lowbit.takes(h):
-            # one token: each block in one kernel call
-            x, rotary = h.reshape(-1), (cos.reshape(-1), sin.reshape(-1))
-            for layer, block, keys, values in zip(self.layers, self.blocks, self.keys, self.values):
-                norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-                x = lowbit.decode_block(block, x, norms, self.eps, rotary, (keys[0], values[0]), start, heads, self.scaling)
+        if n == 1 and self.plan is not None and h.dtype == torch.float32 and lowbit.takes(h):
+            # one token: every block in one kernel call
+            x = self.plan.step(h.reshape(-1), cos.reshape(-1), sin.reshape(-1), start)
             self.length = end
             return self.head(rms_norm(inner.norm, x.view(1, -1))).squeeze(0)
         layers = zip(self.layers, self.qkv, self.o, self.gate_up, self.down, self.keys, self.values)

@@ -8,7 +8,9 @@ OpenMP resolves to the ``libgomp`` that torch has already loaded, so kernels and
 pool. Once loaded (with ctypes, which only opens it), the library registers its kernels as PyTorch
 custom operators (``torch.ops.matpress.matmul`` and ``decode_bf16``; a build with other flags, e.g.
 another instruction set for tests, under a namespace of its own), with fake implementations so
-``torch.compile`` and ``torch.export`` trace them: a call is one dispatcher call, a few microseconds.
+``torch.compile`` and ``torch.export`` trace them: a call is one dispatcher call, a few microseconds. The
+lean decode loop's steps through a model's Llama blocks are a custom class (``torch.classes.matpress.DecodePlan``)
+that holds their layouts and caches, so a token is one call.
 
 Loading a shared library runs its code, so the cache is checked before anything is loaded:
 
@@ -43,7 +45,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch  # also loads torch's libgomp before ours, so both share one OpenMP runtime
 from torch.utils import cpp_extension
@@ -69,7 +71,7 @@ class KernelLibrary:
     namespace: str
     matmul: Callable[..., torch.Tensor]  # torch.ops.<namespace>.matmul.default
     decode_bf16: Callable[..., torch.Tensor]
-    decode_block: Callable[..., torch.Tensor]  # one Llama block for one token (see lowbit.cpp)
+    decode_plan: Callable[..., Any]  # torch.classes.<namespace>.DecodePlan: Llama blocks for one token (see lowbit.cpp)
 
     def isa(self) -> int:
         """The path compiled in: 1 AVX-512 VNNI, 2 AVX2, 0 portable C++."""
@@ -283,7 +285,8 @@ def _open(flags: tuple[str, ...]) -> tuple[KernelLibrary, Optional[str]]:
         os.unlink(library)
         raise KernelCacheError(f"{e}; deleted it") from None
     ops = getattr(torch.ops, namespace)
-    return KernelLibrary(lib, namespace, ops.matmul.default, ops.decode_bf16.default, ops.decode_block.default), refused
+    plan = getattr(torch.classes, namespace).DecodePlan
+    return KernelLibrary(lib, namespace, ops.matmul.default, ops.decode_bf16.default, plan), refused
 
 
 def chosen_isa() -> str:

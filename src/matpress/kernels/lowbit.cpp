@@ -1258,123 +1258,181 @@ int team_size() {
 
 }  // namespace
 
-static at::Tensor op_decode_block(const at::Tensor& h, at::TensorList codes, at::TensorList scales,
-                                  at::TensorList zeros, at::TensorList levels, at::IntArrayRef geometry, const at::Tensor& input_norm,
-                                  const at::Tensor& post_norm, double eps, const at::Tensor& cos, const at::Tensor& sin,
-                                  at::Tensor& keys, at::Tensor& values, int64_t position, int64_t heads, double scale) {
-    auto fp32_vector = [](const at::Tensor& t, int64_t n, const char* what) {
-        TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 1 &&
-                        t.size(0) == n, "decode block: ", what, " must be a contiguous fp32 CPU vector of ", n, " values");
-    };
-    TORCH_CHECK(codes.size() == 4 && scales.size() == 4 && zeros.size() == 4 && levels.size() == 4 &&
-                    geometry.size() == 32,
-                "decode block: four projections (q/k/v, o, gate/up, down), eight geometry values each (levels empty "
-                "where a projection has no lookup table)");
-    TORCH_CHECK(keys.device().is_cpu() && keys.scalar_type() == at::kFloat && keys.is_contiguous() && keys.dim() == 3 &&
-                    values.sizes() == keys.sizes() && values.scalar_type() == at::kFloat && values.is_contiguous(),
-                "decode block: keys and values must be contiguous fp32 CPU caches (kv_heads, positions, head_dim)");
-    const int64_t kv_heads = keys.size(0), max_len = keys.size(1), d = keys.size(2);
-    TORCH_CHECK(heads > 0 && heads % kv_heads == 0 && d % 2 == 0 && position >= 0 && position < max_len,
-                "decode block: ", heads, " heads over ", kv_heads, " key/value heads of width ", d, " at position ",
-                position, " of a cache of ", max_len);
-    const int64_t hidden = h.numel(), inner = geometry[2 * 8 + 6] / 2;
-    fp32_vector(h, hidden, "h");
-    fp32_vector(input_norm, hidden, "the input norm's weight");
-    fp32_vector(post_norm, hidden, "the post-attention norm's weight");
-    fp32_vector(cos, d, "cos");
-    fp32_vector(sin, d, "sin");
-    const int64_t in_features[4] = {hidden, heads * d, hidden, inner};
-    const int64_t out_features[4] = {(heads + 2 * kv_heads) * d, hidden, 2 * inner, hidden};
-    Projection proj[4];
-    for (int i = 0; i < 4; ++i) {
-        const int64_t* g = geometry.data() + 8 * i;  // bits, n_blocks, padded, group, sub, width, out_features, nonfinite
-        TORCH_CHECK(g[6] == out_features[i], "decode block: projection ", i, " has ", g[6], " outputs, the block needs ",
-                    out_features[i]);
-        check_layout(g[0], codes[i], scales[i], zeros[i], g[1], g[2], in_features[i], g[3], g[4], g[6]);
-        proj[i] = Projection{(int)g[0], codes[i].data_ptr<uint8_t>(),
-                             reinterpret_cast<const uint16_t*>(scales[i].data_ptr<at::Half>()), zeros[i].data_ptr<int16_t>(),
-                             lookup_of(levels[i], g[0], codes[i]), (int)codes[i].size(0), (int)g[1], (int)g[2], (int)in_features[i], (int)g[3], (int)g[4],
-                             (int)g[5], (int)g[6], (int)g[7]};
+// The decode steps of a model's Llama blocks, prepared once: the layouts, norms and caches of every block
+// checked and held, so that a token costs one call through all blocks (each call of a PyTorch operator
+// with the block's 23 tensors cost about 12 us of argument handling, 30 blocks of SmolLM2 a third of a
+// millisecond per token) and one parallel region, its threads meeting at barriers between blocks.
+class DecodePlan : public torch::CustomClassHolder {
+  public:
+    // Per block, in order: codes, scales, zeros, levels of its four projections (q/k/v stacked, o,
+    // gate/up stacked, down: 4 entries per block; levels empty where a projection has no lookup table),
+    // eight geometry values per projection (bits, n_blocks, padded, group, sub, width, out_features,
+    // nonfinite), its input and post-attention norm weights (2 per block), its key and value caches
+    // (kv_heads, positions, head_dim).
+    DecodePlan(std::vector<at::Tensor> codes, std::vector<at::Tensor> scales, std::vector<at::Tensor> zeros,
+               std::vector<at::Tensor> levels, std::vector<int64_t> geometry, std::vector<at::Tensor> norms, double eps,
+               std::vector<at::Tensor> keys, std::vector<at::Tensor> values, int64_t heads, double scale)
+        : eps_((float)eps), scale_((float)scale), heads_(heads) {
+        const size_t n = keys.size();
+        TORCH_CHECK(n > 0 && codes.size() == 4 * n && scales.size() == 4 * n && zeros.size() == 4 * n &&
+                        levels.size() == 4 * n && geometry.size() == 32 * n && norms.size() == 2 * n && values.size() == n,
+                    "decode plan: per block four projections (q/k/v, o, gate/up, down) with eight geometry values "
+                    "each, two norms and a key and a value cache; got ", n, " caches, ", codes.size(), " projections, ",
+                    geometry.size(), " geometry values, ", norms.size(), " norms");
+        const at::Tensor& first = keys[0];
+        TORCH_CHECK(first.dim() == 3, "decode plan: caches must be (kv_heads, positions, head_dim)");
+        kv_heads_ = first.size(0), max_len_ = first.size(1), d_ = first.size(2);
+        TORCH_CHECK(heads > 0 && heads % kv_heads_ == 0 && d_ % 2 == 0, "decode plan: ", heads, " heads over ", kv_heads_,
+                    " key/value heads of width ", d_);
+        hidden_ = norms[0].numel();
+        inner_ = geometry[2 * 8 + 6] / 2;
+        for (size_t b = 0; b < n; ++b) {
+            Block block;
+            for (const at::Tensor* cache : {&keys[b], &values[b]})
+                TORCH_CHECK(cache->device().is_cpu() && cache->scalar_type() == at::kFloat && cache->is_contiguous() &&
+                                cache->sizes() == first.sizes(),
+                            "decode plan: block ", b, "'s caches must be contiguous fp32 CPU tensors of shape ", first.sizes());
+            for (int i = 0; i < 2; ++i)
+                TORCH_CHECK(norms[2 * b + i].device().is_cpu() && norms[2 * b + i].scalar_type() == at::kFloat &&
+                                norms[2 * b + i].is_contiguous() && norms[2 * b + i].dim() == 1 &&
+                                norms[2 * b + i].numel() == hidden_,
+                            "decode plan: block ", b, "'s norm weights must be contiguous fp32 CPU vectors of ", hidden_);
+            const int64_t in_features[4] = {hidden_, heads * d_, hidden_, inner_};
+            const int64_t out_features[4] = {(heads + 2 * kv_heads_) * d_, hidden_, 2 * inner_, hidden_};
+            for (int i = 0; i < 4; ++i) {
+                const size_t at = 4 * b + i;
+                const int64_t* g = geometry.data() + 8 * at;
+                TORCH_CHECK(g[6] == out_features[i], "decode plan: block ", b, "'s projection ", i, " has ", g[6],
+                            " outputs, the block needs ", out_features[i]);
+                check_layout(g[0], codes[at], scales[at], zeros[at], g[1], g[2], in_features[i], g[3], g[4], g[6]);
+                block.proj[i] = Projection{(int)g[0], codes[at].data_ptr<uint8_t>(),
+                                           reinterpret_cast<const uint16_t*>(scales[at].data_ptr<at::Half>()),
+                                           zeros[at].data_ptr<int16_t>(), lookup_of(levels[at], g[0], codes[at]),
+                                           (int)codes[at].size(0), (int)g[1], (int)g[2], (int)in_features[i], (int)g[3],
+                                           (int)g[4], (int)g[5], (int)g[6], (int)g[7]};
+                weight_bytes_ += codes[at].numel();
+                widest_ = std::max(widest_, (long)g[1] * g[2]);
+                n_blocks_ = std::max(n_blocks_, (long)g[1]);
+            }
+            block.input_norm = norms[2 * b].data_ptr<float>();
+            block.post_norm = norms[2 * b + 1].data_ptr<float>();
+            block.keys = keys[b].data_ptr<float>();
+            block.values = values[b].data_ptr<float>();
+            blocks_.push_back(block);
+        }
+        // the pointers above point into these
+        for (auto* list : {&codes, &scales, &zeros, &levels, &norms, &keys, &values})
+            held_.insert(held_.end(), list->begin(), list->end());
     }
-    // One parallel region for the whole block, its threads meeting only where one needs what another
-    // wrote: each projection's tiles are shared out among them, and each thread makes its own copy of
-    // the next projection's input (norm, SiLU, int8 rounding: microseconds) rather than waiting for one
-    // thread to make it. Four barriers and the region's end per block where a fork and join per
-    // projection cost more than a 576-wide projection's arithmetic. Tiny blocks (tests) take one thread.
-    long weight_bytes = 0, widest = 0, blocks = 0;
-    for (int i = 0; i < 4; ++i) {
-        weight_bytes += codes[i].numel();
-        widest = std::max(widest, (long)proj[i].NB * proj[i].Bp);
-        blocks = std::max(blocks, (long)proj[i].NB);
-    }
-    const int nthreads = weight_bytes > (1 << 16) ? at::get_num_threads() : 1;
-    const int64_t group = heads / kv_heads, widest_input = std::max({hidden, inner, heads * d});
-    // per thread: the fp32 input, its int8 copy, scales and sums, the attention scores, a rotated q and
-    // k; whole cache lines apart
-    const int64_t floats = (widest_input + blocks + (position + 1) + 2 * d + 15) / 16 * 16;
-    std::vector<float> thread_floats(nthreads * floats);
-    std::vector<int8_t> thread_xq(nthreads * widest);
-    std::vector<int32_t> thread_xsum(nthreads * blocks);
-    std::vector<float> qkv(out_features[0]), attn(heads * d), gate_up(2 * inner), down(hidden);
-    at::Tensor out = at::empty({hidden}, h.options());
-    const float* hp = h.data_ptr<float>();
-    float* op = out.data_ptr<float>();
-    float* kc = keys.data_ptr<float>();
-    float* vc = values.data_ptr<float>();
-    const float* cp = cos.data_ptr<float>();
-    const float* sp = sin.data_ptr<float>();
 
+    // h (hidden,) through every block for the token at `position`, whose rotary (cos, sin) are (head_dim,);
+    // writes each block's key and value there.
+    at::Tensor step(const at::Tensor& h, const at::Tensor& cos, const at::Tensor& sin, int64_t position) const {
+        auto fp32_vector = [](const at::Tensor& t, int64_t n, const char* what) {
+            TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 1 &&
+                            t.size(0) == n, "decode plan: ", what, " must be a contiguous fp32 CPU vector of ", n, " values");
+        };
+        fp32_vector(h, hidden_, "h");
+        fp32_vector(cos, d_, "cos");
+        fp32_vector(sin, d_, "sin");
+        TORCH_CHECK(position >= 0 && position < max_len_, "decode plan: position ", position, " is outside the cache of ",
+                    max_len_, " positions");
+        // Tiny models (tests) take one thread: waking a second costs more than their arithmetic.
+        const int nthreads = weight_bytes_ / (long)blocks_.size() > (1 << 16) ? at::get_num_threads() : 1;
+        const int64_t heads = heads_, kv_heads = kv_heads_, d = d_, hidden = hidden_, inner = inner_, max_len = max_len_;
+        const int64_t group = heads / kv_heads, widest_input = std::max({hidden, inner, heads * d});
+        const long widest = widest_, n_blocks = n_blocks_;
+        // per thread: the fp32 input, its int8 rounding's scales, the attention scores, a rotated q and k;
+        // whole cache lines apart
+        const int64_t floats = (widest_input + n_blocks + (position + 1) + 2 * d + 15) / 16 * 16;
+        std::vector<float> thread_floats(nthreads * floats);
+        std::vector<int8_t> thread_xq(nthreads * widest);
+        std::vector<int32_t> thread_xsum(nthreads * n_blocks);
+        std::vector<float> qkv(heads * d + 2 * kv_heads * d), attn(heads * d), gate_up(2 * inner), down(hidden),
+            stream(2 * hidden);
+        at::Tensor out = at::empty({hidden}, h.options());
+        const float* cp = cos.data_ptr<float>();
+        const float* sp = sin.data_ptr<float>();
+        const int last = (int)blocks_.size() - 1;
+
+        // Each projection's tiles are shared out among the threads, and each thread makes its own copy of
+        // the next projection's input (norm, SiLU, int8 rounding: microseconds) rather than waiting for
+        // one thread to make it: five barriers per block.
 #pragma omp parallel num_threads(nthreads)
-    {
-        const int slot = thread_slot(), team = team_size();
-        float* mine = thread_floats.data() + slot * floats;
-        const ThreadInput in{mine, thread_xq.data() + slot * widest, mine + widest_input, thread_xsum.data() + slot * blocks};
-        float* scores = in.xscale + blocks;
-        float* q = scores + position + 1;
-        float* k_new = q + d;
+        {
+            const int slot = thread_slot(), team = team_size();
+            float* mine = thread_floats.data() + slot * floats;
+            const ThreadInput in{mine, thread_xq.data() + slot * widest, mine + widest_input,
+                                 thread_xsum.data() + slot * n_blocks};
+            float* scores = in.xscale + n_blocks;
+            float* q = scores + position + 1;
+            float* k_new = q + d;
+            for (int b = 0; b <= last; ++b) {
+                const Block& block = blocks_[b];
+                const Projection* proj = block.proj;
+                // the residual stream: this block's input and output
+                const float* hp = b == 0 ? h.data_ptr<float>() : stream.data() + hidden * ((b - 1) % 2);
+                float* op = b == last ? out.data_ptr<float>() : stream.data() + hidden * (b % 2);
+                float* kc = block.keys;
+                float* vc = block.values;
 
-        rms_norm(hp, input_norm.data_ptr<float>(), (int)hidden, (float)eps, in.x);
-        proj[0].quantize(in);
-        proj[0].share(slot, team, in, qkv.data());
+                rms_norm(hp, block.input_norm, (int)hidden, eps_, in.x);
+                proj[0].quantize(in);
+                proj[0].share(slot, team, in, qkv.data());
 #pragma omp barrier
-        // The new position's key and value are used from qkv (each thread rotating its own copy of the
-        // key) and written into the cache by one thread per key/value head, which no thread reads there
-        // in this call.
-        for (int64_t g = slot; g < kv_heads; g += team) {
-            rotate(qkv.data() + (heads + g) * d, cp, sp, (int)d, kc + (g * max_len + position) * d);
-            memcpy(vc + (g * max_len + position) * d, qkv.data() + (heads + kv_heads + g) * d, d * sizeof(float));
-        }
+                // The new position's key and value are used from qkv (each thread rotating its own copy of
+                // the key) and written into the cache by one thread per key/value head: no thread reads
+                // them there in this step.
+                for (int64_t g = slot; g < kv_heads; g += team) {
+                    rotate(qkv.data() + (heads + g) * d, cp, sp, (int)d, kc + (g * max_len + position) * d);
+                    memcpy(vc + (g * max_len + position) * d, qkv.data() + (heads + kv_heads + g) * d, d * sizeof(float));
+                }
 #pragma omp for schedule(static)
-        for (int64_t head = 0; head < heads; ++head) {
-            const int64_t g = head / group;
-            rotate(qkv.data() + head * d, cp, sp, (int)d, q);
-            rotate(qkv.data() + (heads + g) * d, cp, sp, (int)d, k_new);
-            attend(q, kc + g * max_len * d, vc + g * max_len * d, k_new, qkv.data() + (heads + kv_heads + g) * d,
-                   position, d, (float)scale, scores, attn.data() + head * d);
-        }
-        memcpy(in.x, attn.data(), heads * d * sizeof(float));
-        proj[1].quantize(in);
-        const auto mixed = proj[1].share(slot, team, in, op);
-        for (int r = mixed.first; r < mixed.second; ++r) op[r] += hp[r];
+                for (int64_t head = 0; head < heads; ++head) {
+                    const int64_t g = head / group;
+                    rotate(qkv.data() + head * d, cp, sp, (int)d, q);
+                    rotate(qkv.data() + (heads + g) * d, cp, sp, (int)d, k_new);
+                    attend(q, kc + g * max_len * d, vc + g * max_len * d, k_new, qkv.data() + (heads + kv_heads + g) * d,
+                           position, d, scale_, scores, attn.data() + head * d);
+                }
+                memcpy(in.x, attn.data(), heads * d * sizeof(float));
+                proj[1].quantize(in);
+                const auto mixed = proj[1].share(slot, team, in, op);
+                for (int r = mixed.first; r < mixed.second; ++r) op[r] += hp[r];
 #pragma omp barrier
-        rms_norm(op, post_norm.data_ptr<float>(), (int)hidden, (float)eps, in.x);
-        proj[2].quantize(in);
-        proj[2].share(slot, team, in, gate_up.data());
+                rms_norm(op, block.post_norm, (int)hidden, eps_, in.x);
+                proj[2].quantize(in);
+                proj[2].share(slot, team, in, gate_up.data());
 #pragma omp barrier
-        for (int64_t i = 0; i < inner; ++i) {
-            const float g = gate_up[i];
-            in.x[i] = g / (1.f + exp_vectorisable(-g)) * gate_up[inner + i];
+                for (int64_t i = 0; i < inner; ++i) {
+                    const float g = gate_up[i];
+                    in.x[i] = g / (1.f + exp_vectorisable(-g)) * gate_up[inner + i];
+                }
+                proj[3].quantize(in);
+                const auto added = proj[3].share(slot, team, in, down.data());
+                for (int r = added.first; r < added.second; ++r) op[r] += down[r];
+#pragma omp barrier
+            }
         }
-        proj[3].quantize(in);
-        const auto added = proj[3].share(slot, team, in, down.data());
-        for (int r = added.first; r < added.second; ++r) op[r] += down[r];
+        return out;
     }
-    return out;
-}
+
+  private:
+    struct Block {
+        Projection proj[4];
+        const float* input_norm; const float* post_norm;
+        float* keys; float* values;
+    };
+    std::vector<at::Tensor> held_;
+    std::vector<Block> blocks_;
+    float eps_, scale_;
+    int64_t heads_, kv_heads_ = 0, max_len_ = 0, d_ = 0, hidden_ = 0, inner_ = 0;
+    long weight_bytes_ = 0, widest_ = 0, n_blocks_ = 0;
+};
 
 extern "C" {
 
-// Define and implement (CPU) the operators <ns>::matmul, <ns>::decode_bf16 and <ns>::decode_block. Returns 0, or -1 with
+// Define and implement (CPU) the operators <ns>::matmul and <ns>::decode_bf16 and the class <ns>::DecodePlan. Returns 0, or -1 with
 // the reason in `error` (e.g. the namespace is taken).
 int mp_register_ops(const char* ns, char* error, int error_len) {
     try {
@@ -1385,13 +1443,14 @@ int mp_register_ops(const char* ns, char* error, int error_len) {
                  "Tensor x, int group, int sub, int width, int out_features, bool scales_nonfinite) -> Tensor");
         def->def("decode_bf16(int bits, Tensor codes, Tensor scales, Tensor zeros, Tensor? levels, int n_blocks, "
                  "int padded, int in_features, int group, int sub, int width, int out_features) -> Tensor");
-        def->def("decode_block(Tensor h, Tensor[] codes, Tensor[] scales, Tensor[] zeros, Tensor[] levels, int[] geometry, "
-                 "Tensor input_norm, Tensor post_norm, float eps, Tensor cos, Tensor sin, Tensor(a!) keys, "
-                 "Tensor(b!) values, int position, int heads, float scale) -> Tensor");
+        def->class_<DecodePlan>("DecodePlan")
+            .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                             std::vector<at::Tensor>, std::vector<int64_t>, std::vector<at::Tensor>, double,
+                             std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t, double>())
+            .def("step", &DecodePlan::step);
         auto* impl = new torch::Library(torch::Library::IMPL, ns, c10::DispatchKey::CPU, __FILE__, __LINE__);
         impl->impl("matmul", TORCH_FN(op_matmul));
         impl->impl("decode_bf16", TORCH_FN(op_decode_bf16));
-        impl->impl("decode_block", TORCH_FN(op_decode_block));
         return 0;
     } catch (const std::exception& e) {
         snprintf(error, error_len, "%s", e.what());

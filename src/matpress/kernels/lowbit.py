@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -326,40 +327,36 @@ def stacked_layout(fmts: list[Format]) -> LowbitLayout | None:
 
 
 @dataclass(frozen=True)
-class BlockLayouts:
-    """The four projections of a Llama block (stacked q/k/v, o, stacked gate/up, down) as the
-    arguments of the one-call decode step (:func:`decode_block`)."""
+class LlamaBlock:
+    """What the one-call decode step needs of a Llama block: its four projections' layouts (stacked
+    q/k/v, o, stacked gate/up, down), its input and post-attention RMS norm weights (fp32) and its key
+    and value caches ``(kv_heads, positions, head_dim)``, which the step writes."""
 
-    codes: list[torch.Tensor]
-    scales: list[torch.Tensor]
-    zeros: list[torch.Tensor]
-    levels: list[torch.Tensor]  # a lookup layout's tables, empty for a projection without
-    geometry: list[int]  # per projection: bits, n_blocks, padded, group, sub, width, out_features, nonfinite
+    layouts: tuple[LowbitLayout, LowbitLayout, LowbitLayout, LowbitLayout]
+    norms: tuple[torch.Tensor, torch.Tensor]
+    keys: torch.Tensor
+    values: torch.Tensor
 
-    @classmethod
-    def of(cls, layouts: list[LowbitLayout]) -> "BlockLayouts":
-        geometry = []
-        for lay in layouts:
+
+def decode_plan(blocks: list[LlamaBlock], eps: float, heads: int, scale: float) -> Any:
+    """The decode steps of ``blocks`` in order, prepared once (``torch.classes.matpress.DecodePlan``):
+    ``plan.step(h, cos, sin, position)`` takes one token's hidden state ``h`` ``(hidden,)`` (fp32) and its
+    rotary ``cos``, ``sin`` ``(head_dim,)`` through every block in one call and returns the last block's
+    output, writing each block's key and value at ``position``. The same arithmetic as the blocks' modules
+    up to fp32 rounding, with the projections' activations rounded to int8 per block as in
+    :func:`lowbit_matmul`; ``eps`` is the norms' epsilon, ``scale`` attention's."""
+    codes, scales, zeros, levels, geometry, norms = [], [], [], [], [], []
+    for block in blocks:
+        for lay in block.layouts:
             geo = lay.geometry
+            codes.append(lay.codes)
+            scales.append(lay.scales)
+            zeros.append(lay.zeros)
+            levels.append(torch.empty(0, dtype=torch.uint8) if lay.levels is None else lay.levels)
             geometry += [lay.bits, geo.n_blocks, geo.padded, geo.group, geo.sub, geo.width, lay.out_features, int(not lay.scales_finite)]
-        levels = [torch.empty(0, dtype=torch.uint8) if lay.levels is None else lay.levels for lay in layouts]
-        return cls([lay.codes for lay in layouts], [lay.scales for lay in layouts], [lay.zeros for lay in layouts], levels, geometry)
-
-
-def decode_block(
-    block: BlockLayouts, h: torch.Tensor, norms: tuple[torch.Tensor, torch.Tensor], eps: float,
-    rotary: tuple[torch.Tensor, torch.Tensor], cache: tuple[torch.Tensor, torch.Tensor], position: int, heads: int,
-    scale: float,
-) -> torch.Tensor:
-    """One token through one Llama block in one kernel call (fp32): ``h`` ``(hidden,)`` -> the block's
-    output; ``norms`` the input and post-attention RMS norm weights, ``rotary`` the token's ``(cos, sin)``
-    ``(head_dim,)``, ``cache`` the block's keys and values ``(kv_heads, positions, head_dim)``, written at
-    ``position``. The same arithmetic as the block's modules up to fp32 rounding, with the projections'
-    activations rounded to int8 per block as in :func:`lowbit_matmul`."""
-    return load_library().decode_block(
-        h, block.codes, block.scales, block.zeros, block.levels, block.geometry, norms[0], norms[1], eps, rotary[0], rotary[1],
-        cache[0], cache[1], position, heads, scale,
-    )
+        norms += block.norms
+    keys, values = [b.keys for b in blocks], [b.values for b in blocks]
+    return load_library().decode_plan(codes, scales, zeros, levels, geometry, norms, eps, keys, values, heads, scale)
 
 
 def layout_matmul(layout: LowbitLayout, x: torch.Tensor) -> torch.Tensor:
