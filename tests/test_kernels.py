@@ -161,18 +161,13 @@ def test_bf16_decode_is_exact(fmt, native):
     assert torch.equal(lowbit.decode_bf16(lowbit.layout_of(fmt)), fmt.decode().bfloat16())
 
 
-def test_the_bf16_path_is_taken_by_rows_and_matrix_size(monkeypatch, native):
-    """AMX: every matrix from LARGE_BATCH rows on; AVX-512 BF16 alone: only matrices of up to
-    BF16_MAX_WEIGHTS weights, whose decode costs less than the bf16 matmul saves."""
+def test_the_bf16_path_is_taken_from_large_batch_rows_on_amx_only(monkeypatch, native):
     small = lowbit.layout_of(IntFormat.encode(weight(12), bits=4, group_size=64))
-    wide = IntFormat.encode(torch.randn(lowbit.BF16_MAX_WEIGHTS // IN + 4, IN), bits=4, group_size=64)
-    big = lowbit.layout_of(wide)
     rows, few = torch.randn(lowbit.LARGE_BATCH, IN), torch.randn(lowbit.LARGE_BATCH - 1, IN)
-    for amx, avx512_bf16, small_many, big_many in [(True, False, True, True), (False, True, True, False), (False, False, False, False)]:
+    for amx in (True, False):
         monkeypatch.setattr(lowbit, "bf16_matmul_is_fast", lambda amx=amx: amx)
-        monkeypatch.setattr(lowbit, "bf16_dot_is_fast", lambda bf16=avx512_bf16: bf16)
-        assert lowbit.takes_bf16_path(small, rows) is small_many and lowbit.takes_bf16_path(big, rows) is big_many
-        assert not lowbit.takes_bf16_path(small, few) and not lowbit.takes_bf16_path(big, few)
+        assert lowbit.takes_bf16_path(small, rows) is amx
+        assert not lowbit.takes_bf16_path(small, few)
 
 
 def test_large_batches_take_the_bf16_matmul(monkeypatch, native):
@@ -290,8 +285,8 @@ def test_other_paths_equal_the_native_one(march, isa, native):
 def test_the_isa_variable_builds_the_kernels_as_another_cpu_runs_them(monkeypatch, native):
     monkeypatch.setenv(build.ISA_VARIABLE, "avx2")
     assert build.load_library().isa() == 2 and "AVX2" in build.kernel_path()
-    # no bf16 path either: an AVX2 CPU has neither AMX nor AVX-512 BF16
-    assert not lowbit.bf16_matmul_is_fast.__wrapped__() and not lowbit.bf16_dot_is_fast.__wrapped__()
+    # no bf16 path either: an AVX2 CPU has no AMX
+    assert not lowbit.bf16_matmul_is_fast.__wrapped__()
     fmt = IntFormat.encode(weight(8), bits=4, group_size=64)
     x = torch.randn(3, IN)
     y = kernels.matmul(fmt, x)

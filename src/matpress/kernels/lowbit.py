@@ -47,12 +47,10 @@ LOOKUP_ZERO = 128  # a lookup layout stores level + 128 (a byte) with this zero 
 LOOKUP_BYTES = 16  # table bytes per row: codes of up to 4 bits
 # From this many activation rows on, CPUs with AMX decode the weights to bf16 and use torch's matmul
 # (measured crossover on a Sapphire Rapids: see docs/kernels.md). CPUs with AVX-512 BF16 but no AMX
-# (AMD Zen 4/5) do so too for matrices of up to BF16_MAX_WEIGHTS weights: there the decode of a bigger
-# matrix costs more than the bf16 matmul saves at a few hundred rows (measured on a Zen 5 EPYC: 0.6-0.9x
-# the int kernel's time for SmolLM2's 576- and 1536-wide matrices at 128-512 rows, 1.0-2.3x for
-# Llama-1B's 2048x8192).
+# (AMD Zen 4/5) keep the int8 kernel: its rearranged batched path measured 1.1-2.8x the bf16 path's
+# speed (decode plus matmul) on a Zen 5 EPYC for SmolLM2's and Llama-1B's matrices at 128 rows, and
+# SmolLM2 int4 g64 prefill 1.40x / 1.17x faster at 128 / 512 tokens.
 LARGE_BATCH = 128
-BF16_MAX_WEIGHTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -245,20 +243,10 @@ def bf16_matmul_is_fast() -> bool:
     return "amx_bf16" in cpu_flags().split() and chosen_isa() == "native"
 
 
-@functools.lru_cache(maxsize=None)
-def bf16_dot_is_fast() -> bool:
-    """Whether torch's bf16 matmul has the AVX-512 BF16 dot product here (and the kernels are built for
-    this CPU), which pays for the decode on small matrices only (see ``BF16_MAX_WEIGHTS``)."""
-    return "avx512_bf16" in cpu_flags().split() and chosen_isa() == "native"
-
-
 def takes_bf16_path(layout: "LowbitLayout", x: torch.Tensor) -> bool:
     """Whether ``x @ W.T`` is faster as torch's bf16 matmul of the decoded weights than in the integer
-    kernel: many rows (``LARGE_BATCH``), on AMX, or on AVX-512 BF16 for a small enough matrix."""
-    if x.numel() < LARGE_BATCH * layout.geometry.in_features:
-        return False
-    weights = layout.out_features * layout.geometry.in_features
-    return bf16_matmul_is_fast() or (weights <= BF16_MAX_WEIGHTS and bf16_dot_is_fast())
+    kernel: many rows (``LARGE_BATCH``), on AMX."""
+    return x.numel() >= LARGE_BATCH * layout.geometry.in_features and bf16_matmul_is_fast()
 
 
 def int_layout(fmt: IntFormat) -> LowbitLayout | None:
