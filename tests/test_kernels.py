@@ -161,13 +161,16 @@ def test_bf16_decode_is_exact(fmt, native):
     assert torch.equal(lowbit.decode_bf16(lowbit.layout_of(fmt)), fmt.decode().bfloat16())
 
 
-def test_the_bf16_path_is_taken_from_large_batch_rows_on_amx_only(monkeypatch, native):
-    small = lowbit.layout_of(IntFormat.encode(weight(12), bits=4, group_size=64))
-    rows, few = torch.randn(lowbit.LARGE_BATCH, IN), torch.randn(lowbit.LARGE_BATCH - 1, IN)
-    for amx in (True, False):
+def test_the_bf16_path_is_taken_from_its_row_count_on(monkeypatch, native):
+    """AMX: from LARGE_BATCH rows on; AVX-512 BF16 alone: from BF16_DOT_BATCH rows on; neither: never."""
+    layout = lowbit.layout_of(IntFormat.encode(weight(12), bits=4, group_size=64))
+    counts = (lowbit.LARGE_BATCH - 1, lowbit.LARGE_BATCH, lowbit.BF16_DOT_BATCH - 1, lowbit.BF16_DOT_BATCH)
+    for amx, avx512_bf16, taken in [
+        (True, False, (False, True, True, True)), (False, True, (False, False, False, True)), (False, False, (False,) * 4)
+    ]:
         monkeypatch.setattr(lowbit, "bf16_matmul_is_fast", lambda amx=amx: amx)
-        assert lowbit.takes_bf16_path(small, rows) is amx
-        assert not lowbit.takes_bf16_path(small, few)
+        monkeypatch.setattr(lowbit, "bf16_dot_is_fast", lambda bf16=avx512_bf16: bf16)
+        assert tuple(lowbit.takes_bf16_path(layout, torch.empty(n, IN)) for n in counts) == taken
 
 
 def test_large_batches_take_the_bf16_matmul(monkeypatch, native):
@@ -285,8 +288,8 @@ def test_other_paths_equal_the_native_one(march, isa, native):
 def test_the_isa_variable_builds_the_kernels_as_another_cpu_runs_them(monkeypatch, native):
     monkeypatch.setenv(build.ISA_VARIABLE, "avx2")
     assert build.load_library().isa() == 2 and "AVX2" in build.kernel_path()
-    # no bf16 path either: an AVX2 CPU has no AMX
-    assert not lowbit.bf16_matmul_is_fast.__wrapped__()
+    # no bf16 path either: an AVX2 CPU has neither AMX nor AVX-512 BF16
+    assert not lowbit.bf16_matmul_is_fast.__wrapped__() and not lowbit.bf16_dot_is_fast.__wrapped__()
     fmt = IntFormat.encode(weight(8), bits=4, group_size=64)
     x = torch.randn(3, IN)
     y = kernels.matmul(fmt, x)

@@ -47,10 +47,12 @@ LOOKUP_ZERO = 128  # a lookup layout stores level + 128 (a byte) with this zero 
 LOOKUP_BYTES = 16  # table bytes per row: codes of up to 4 bits
 # From this many activation rows on, CPUs with AMX decode the weights to bf16 and use torch's matmul
 # (measured crossover on a Sapphire Rapids: see docs/kernels.md). CPUs with AVX-512 BF16 but no AMX
-# (AMD Zen 4/5) keep the int8 kernel: its rearranged batched path measured 1.1-2.8x the bf16 path's
-# speed (decode plus matmul) on a Zen 5 EPYC for SmolLM2's and Llama-1B's matrices at 128 rows, and
-# SmolLM2 int4 g64 prefill 1.40x / 1.17x faster at 128 / 512 tokens.
+# (AMD Zen 4/5) take it only from BF16_DOT_BATCH rows on: below, the int8 kernel's rearranged batched
+# path measured 1.1-2.8x the bf16 path's speed (decode plus matmul) on a Zen 5 EPYC for SmolLM2's and
+# Llama-1B's matrices at 128 rows, about level at 512 (SmolLM2 int4 g64 prefill 1.40x / 1.17x faster
+# at 128 / 512 tokens), while a MiniLM batch of 2208 rows ran 1.14x faster on the bf16 path.
 LARGE_BATCH = 128
+BF16_DOT_BATCH = 1024
 
 
 @dataclass(frozen=True)
@@ -243,10 +245,18 @@ def bf16_matmul_is_fast() -> bool:
     return "amx_bf16" in cpu_flags().split() and chosen_isa() == "native"
 
 
+@functools.lru_cache(maxsize=None)
+def bf16_dot_is_fast() -> bool:
+    """Whether torch's bf16 matmul has the AVX-512 BF16 dot product here (and the kernels are built for
+    this CPU), which pays for the decode from ``BF16_DOT_BATCH`` rows on."""
+    return "avx512_bf16" in cpu_flags().split() and chosen_isa() == "native"
+
+
 def takes_bf16_path(layout: "LowbitLayout", x: torch.Tensor) -> bool:
     """Whether ``x @ W.T`` is faster as torch's bf16 matmul of the decoded weights than in the integer
-    kernel: many rows (``LARGE_BATCH``), on AMX."""
-    return x.numel() >= LARGE_BATCH * layout.geometry.in_features and bf16_matmul_is_fast()
+    kernel: ``LARGE_BATCH`` rows and more on AMX, ``BF16_DOT_BATCH`` and more on AVX-512 BF16."""
+    rows = x.numel() // layout.geometry.in_features
+    return (rows >= LARGE_BATCH and bf16_matmul_is_fast()) or (rows >= BF16_DOT_BATCH and bf16_dot_is_fast())
 
 
 def int_layout(fmt: IntFormat) -> LowbitLayout | None:
