@@ -79,7 +79,7 @@ def test_a_block_shared_among_threads_gives_one_threads_logits():
     assert_same_logits(logits[1], full_forward_logits(model, ids), model)
 
 
-def test_a_block_the_decode_block_kernel_does_not_know_runs_through_its_modules():
+def test_a_block_the_decode_plan_does_not_know_runs_through_its_modules():
     """GELU instead of SiLU: no one-call block step; the modules' own step gives the full forward's logits."""
     model = tiny_llama()
     model.config.hidden_act = "gelu"
