@@ -85,3 +85,21 @@ def test_precomputed_reference_log_probs_give_the_same_scores():
     assert cached == pytest.approx(direct, rel=1e-6)
     with pytest.raises(ValueError, match="2 batches of reference log-probabilities for 5 batches"):
         language_model_quality(ConstantLM(q_logits), windows, reference=logp[:2], batch_size=1)
+
+
+def test_benchmark_headers_name_the_cpu_generation_and_the_instruction_set_settings(monkeypatch):
+    from pathlib import Path
+
+    from matpress.evaluation import timing
+
+    for name in timing.ISA_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert timing.command_line(["--out", "a b.md"]).startswith("python ") and "'a b.md'" in timing.command_line(["--out", "a b.md"])
+    monkeypatch.setenv("MATPRESS_KERNEL_ISA", "avx2")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert timing.command_line(["--x"]).startswith("MATPRESS_KERNEL_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python ")
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file() and "cpu family" in cpuinfo.read_text():
+        text = cpuinfo.read_text().split("\n\n")[0]
+        family = next(line.split(":")[1].strip() for line in text.splitlines() if line.startswith("cpu family"))
+        assert f"(family {family}, model " in timing.machine_description()
