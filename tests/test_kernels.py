@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 
 import pytest
@@ -19,8 +20,8 @@ from matpress.nn.layers import CompressedLinear
 
 # Odd shapes: 37 rows is not a multiple of the 4-row tile, 300 columns not a multiple of the groups.
 OUT, IN = 37, 300
-# 15 activation rows run through the 4-, 2- and 1-row variants of the tile kernel; 37 through the AVX2
-# path's kernel on rearranged pairs of tiles (16 rows and more), in runs of 4 and 1.
+# 15 activation rows run through the 4-, 2- and 1-row variants of the tile kernel; 37 through the kernel
+# on rearranged groups of tiles (16 rows and more: AVX-512 in runs of 8 and 1, AVX2 in runs of 4 and 1).
 BATCHES = [1, 15, 37]
 
 @pytest.fixture(scope="module")
@@ -319,3 +320,35 @@ def test_compressed_linear_uses_the_kernel_and_survives_save_load(tmp_path, nati
     with torch.no_grad():
         assert torch.equal(loaded(x), y)
     assert len(calls) == 4
+
+
+def test_a_shared_zero_point_is_stored_once_and_multiplies_as_per_block_zeros(native):
+    """Symmetric grids keep one zero point for every row and block (16 copies, one quad's load); the
+    kernels give exactly what the same layout with the zero repeated per block gives."""
+    fmt = IntFormat.encode(weight(21), bits=4, group_size=32, symmetric=True)
+    layout = lowbit.layout_of(fmt)
+    assert layout.zeros.numel() == 16 and bool((layout.zeros == 8).all())
+    expanded = dataclasses.replace(layout, zeros=lowbit.block_zeros(layout))
+    assert expanded.zeros.shape == layout.scales.shape
+    for rows in (1, 5, 37):  # the tile kernel and, from 16 rows on, the rearranged path
+        x = torch.randn(rows, IN)
+        assert torch.equal(lowbit.lowbit_matmul(layout, x), lowbit.lowbit_matmul(expanded, x))
+    assert torch.equal(lowbit.decode_bf16(layout), lowbit.decode_bf16(expanded))
+    # stacked with a layout of per-block zeros, the shared one is expanded; with itself it stays shared
+    whole = lowbit.layout_of(IntFormat.encode(outlier_weight(22, 40, IN), bits=4, group_size=32, symmetric=True))
+    other = lowbit.layout_of(IntFormat.encode(outlier_weight(23, 40, IN), bits=4, group_size=32))
+    assert lowbit.stack_layouts([whole, whole]).zeros.numel() == 16
+    mixed = lowbit.stack_layouts([whole, other])
+    assert mixed.zeros.shape == mixed.scales.shape
+    x = torch.randn(3, IN)
+    assert torch.equal(lowbit.lowbit_matmul(mixed, x)[:, :40], lowbit.lowbit_matmul(whole, x))
+
+
+def test_zeros_that_are_neither_per_block_nor_one_shared_value_are_refused(native):
+    layout = lowbit.layout_of(IntFormat.encode(weight(23), bits=4, group_size=32, symmetric=True))
+    uneven = dataclasses.replace(layout, zeros=torch.arange(16, dtype=torch.int16).view(1, 1, 4, 4))
+    with pytest.raises(RuntimeError, match="a shared zero point must be 16 copies of one value"):
+        lowbit.lowbit_matmul(uneven, torch.randn(2, IN))
+    short = dataclasses.replace(layout, zeros=torch.zeros(8, dtype=torch.int16))
+    with pytest.raises(RuntimeError, match="16 copies of one shared zero point"):
+        lowbit.lowbit_matmul(short, torch.randn(2, IN))

@@ -238,6 +238,17 @@ void mp_quantize(const float* x, int M, int K, int G, int sub, int Bo, int Bp, i
 
 }  // extern "C"
 
+// A layout's zero points: 4 int16 values per tile row and block, ordered as the scales, or, where every
+// block of every row shares one zero point (symmetric grids, lookup layouts), 16 copies of it, so that
+// a quad's 16 zeros are one load either way and the layout stores 2 bytes per block less.
+struct Zeros {
+    const int16_t* p;
+    bool per_block;
+    Zeros tile(int t, int NB) const { return {per_block ? p + (long)t * NB * 4 : p, per_block}; }
+    const int16_t* quad(int q) const { return per_block ? p + 16 * q : p; }
+    int16_t at(long index) const { return p[per_block ? index : 0]; }
+};
+
 // Scalar helpers, shared by the portable path and the decoder.
 
 static inline float half_to_float(uint16_t h) {
@@ -319,7 +330,7 @@ static inline void unpack_chunk(const uint8_t* p, __m512i w[4]) {
 // 4x4 transpose-add per 128-bit lane turns the four accumulators into the four block sums of each row,
 // so the zero correction, conversion and scaling are one vector operation per quad.
 template <int BITS, int MB, bool LUT>
-static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* wzt, const uint8_t* lut, int NB,
+static void tile_kernel(const uint8_t* wt, const uint16_t* wst, Zeros wzt, const uint8_t* lut, int NB,
                         int NBc, int Bp, const int8_t* xq, long xstride, const float* xscale, const int32_t* xsum,
                         float* y, long ystride, int rows) {
     constexpr int CB = chunk_bytes(BITS);
@@ -367,7 +378,7 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* w
             }
         }
         // Per quad: 16 fp16 scales and 16 int16 zeros, ordered (row, block) = one 128-bit lane per row.
-        const __m512i zv = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wzt + 16 * q)));
+        const __m512i zv = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wzt.quad(q))));
         const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wst + 16 * q)));
         for (int m = 0; m < MB; ++m) {
             const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(acc[m][0], acc[m][1]),
@@ -431,7 +442,7 @@ static inline void unpack_half(const uint8_t* p, int h, __m256i w[4]) {
 }
 
 template <int BITS, int MB, bool LUT>
-static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* wzt, const uint8_t* lut, int NB,
+static void tile_kernel(const uint8_t* wt, const uint16_t* wst, Zeros wzt, const uint8_t* lut, int NB,
                         int NBc, int Bp, const int8_t* xq, long xstride, const float* xscale, const int32_t* xsum,
                         float* y, long ystride, int rows) {
     constexpr int CB = chunk_bytes(BITS);
@@ -507,7 +518,7 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* w
             }
         }
         for (int h = 0; h < 2; ++h) {
-            __m256i zv = _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wzt + 16 * q + 8 * h)));
+            __m256i zv = _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wzt.quad(q) + 8 * h)));
             if constexpr (SIGNED) zv = _mm256_sub_epi32(zv, _mm256_set1_epi32(128));  // the sums are of v = value - 128
             const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wst + 16 * q + 8 * h)));
             for (int m = 0; m < MB; ++m) {
@@ -534,7 +545,7 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* w
 #else  // portable path: the same layout and arithmetic, written plainly
 
 template <int BITS, int MB, bool LUT>
-static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* wzt, const uint8_t* lut, int NB,
+static void tile_kernel(const uint8_t* wt, const uint16_t* wst, Zeros wzt, const uint8_t* lut, int NB,
                         int NBc, int Bp, const int8_t* xq, long xstride, const float* xscale, const int32_t* xsum,
                         float* y, long ystride, int rows) {
     const int CB = chunk_bytes(BITS);
@@ -560,7 +571,7 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, const int16_t* w
         const int q = b / 4, j = b % 4;  // scales and zeros of a quad of blocks are ordered (row, block)
         for (int m = 0; m < MB; ++m)
             for (int r = 0; r < 4; ++r)
-                yv[m][r] += (float)(acc[m][r] - wzt[16 * q + 4 * r + j] * xsum[m * NB + b]) *
+                yv[m][r] += (float)(acc[m][r] - wzt.quad(q)[4 * r + j] * xsum[m * NB + b]) *
                             (half_to_float(wst[16 * q + 4 * r + j]) * xscale[m * NB + b]);
     }
     for (int m = 0; m < MB; ++m)
@@ -631,7 +642,7 @@ constexpr int GROUP_TILES = 4, GROUP_RUN = 8;  // tiles per group; activation ro
 constexpr int GROUP_ROWS = 4 * GROUP_TILES;
 
 template <int BITS, bool LUT>
-static void repack_group(const uint8_t* w, const uint16_t* ws, const int16_t* wz, const uint8_t* lut, long lut_stride,
+static void repack_group(const uint8_t* w, const uint16_t* ws, Zeros wz, const uint8_t* lut, long lut_stride,
                          int T, int group, int NB, int NBc, int Bp, long tile_bytes, const RepackedGroup& out) {
     constexpr int CB = chunk_bytes(BITS);
     const long quads = (long)Bp / 4;
@@ -673,7 +684,7 @@ static void repack_group(const uint8_t* w, const uint16_t* ws, const int16_t* wz
                 const int t = GROUP_TILES * group + i;
                 const long at = scale_index(t, NB, r, b);
                 out.scales[GROUP_ROWS * b + 4 * i + r] = t < T ? half_to_float(ws[at]) : 0.f;
-                out.zeros[GROUP_ROWS * b + 4 * i + r] = t < T ? wz[at] : 0;
+                out.zeros[GROUP_ROWS * b + 4 * i + r] = t < T ? wz.at(at) : 0;
             }
     }
 }
@@ -739,7 +750,7 @@ static inline void chunk_quads(const uint8_t* p, const uint8_t* tile_lut, __m256
 }
 
 template <int BITS, bool LUT>
-static void repack_group(const uint8_t* w, const uint16_t* ws, const int16_t* wz, const uint8_t* lut, long lut_stride,
+static void repack_group(const uint8_t* w, const uint16_t* ws, Zeros wz, const uint8_t* lut, long lut_stride,
                         int T, int group, int NB, int NBc, int Bp, long tile_bytes, const RepackedGroup& out) {
     constexpr bool SIGNED = SIGNED_BYTES<BITS, LUT>;
     constexpr int CB = chunk_bytes(BITS);
@@ -768,7 +779,7 @@ static void repack_group(const uint8_t* w, const uint16_t* ws, const int16_t* wz
                 const int t = 2 * group + half;
                 const long at = scale_index(t, NB, r, b);
                 out.scales[8 * b + 4 * half + r] = t < T ? half_to_float(ws[at]) : 0.f;
-                out.zeros[8 * b + 4 * half + r] = t < T ? wz[at] - (SIGNED ? 128 : 0) : 0;  // sums of v = value - 128
+                out.zeros[8 * b + 4 * half + r] = t < T ? wz.at(at) - (SIGNED ? 128 : 0) : 0;  // sums of v = value - 128
             }
     }
 }
@@ -833,7 +844,7 @@ static void group_kernel(const RepackedGroup& wp, int NBc, int Bp, int NB, const
 #if defined(MP_AVX512_VNNI) || defined(MP_AVX2)
 // Returns false, having computed nothing, when the per-thread buffers cannot be had.
 template <int BITS, bool LUT>
-static bool gemm_repacked(const uint8_t* w, const uint16_t* ws, const int16_t* wz, const uint8_t* lut, long lut_stride,
+static bool gemm_repacked(const uint8_t* w, const uint16_t* ws, Zeros wz, const uint8_t* lut, long lut_stride,
                           int T, int NB, int NBc, int Bp, const int8_t* xq, const float* xscale, const int32_t* xsum,
                           int M, float* y, int N, int nthreads, long panel) {
     const long tile_bytes = chunks_of(NBc, Bp) * chunk_bytes(BITS);
@@ -892,13 +903,13 @@ static inline long panel_rows(long bytes, long xstride, int M) {
 
 // Activation rows [m0, m1) times tile t, in runs of 4, then 2, 1: each run reuses the tile's unpacked codes.
 template <int BITS, bool LUT>
-static inline void tile_times_rows(const uint8_t* w, const uint16_t* ws, const int16_t* wz, const uint8_t* lut,
+static inline void tile_times_rows(const uint8_t* w, const uint16_t* ws, Zeros wz, const uint8_t* lut,
                                    long lut_stride, int t, int NB, int NBc, int Bp, const int8_t* xq,
                                    const float* xscale, const int32_t* xsum, long m0, long m1, float* y, int N) {
     const long tile_bytes = chunks_of(NBc, Bp) * chunk_bytes(BITS), xstride = (long)NB * Bp;
     const uint8_t* wt = w + t * tile_bytes;
     const uint16_t* wst = ws + (long)t * NB * 4;
-    const int16_t* wzt = wz + (long)t * NB * 4;
+    const Zeros wzt = wz.tile(t, NB);
     const uint8_t* lutt = LUT ? lut + t * lut_stride : nullptr;
     const int rows = tile_rows(t, N);
     long m = m0;
@@ -914,7 +925,7 @@ static inline void tile_times_rows(const uint8_t* w, const uint16_t* ws, const i
 }
 
 template <int BITS, bool LUT>
-static void gemm_bits(const uint8_t* w, const uint16_t* ws, const int16_t* wz, const uint8_t* lut, long lut_stride,
+static void gemm_bits(const uint8_t* w, const uint16_t* ws, Zeros wz, const uint8_t* lut, long lut_stride,
                       int T, int NB, int NBc, int Bp, const int8_t* xq, const float* xscale, const int32_t* xsum,
                       int M, float* y, int N, int nthreads) {
     const long tile_bytes = chunks_of(NBc, Bp) * chunk_bytes(BITS);
@@ -946,7 +957,7 @@ static void gemm_bits(const uint8_t* w, const uint16_t* ws, const int16_t* wz, c
 // these blocks alone is the NaN or signed infinity of x @ W^T. Over tiles [t0, t1): the decoder's
 // threads each fix their own share.
 template <int BITS>
-static void fix_nonfinite(const uint8_t* w, const uint16_t* ws, const int16_t* wz, const uint8_t* lut,
+static void fix_nonfinite(const uint8_t* w, const uint16_t* ws, Zeros wz, const uint8_t* lut,
                           long lut_stride, int t0, int t1, int NB, int Bp,
                           const float* x, int M, int K, int G, int sub, int Bo, const float* xscale,
                           bool scales_nonfinite, float* y, int N, int nthreads) {
@@ -977,7 +988,7 @@ static void fix_nonfinite(const uint8_t* w, const uint16_t* ws, const int16_t* w
                         const int k = 16 * bc.step0 + i;  // the column's place in its chunks
                         int code = code_at<BITS>(pb + (k / 64) * CB, (k % 64) / 16, 16 * r + k % 16);
                         if (lut) code = lut[t * lut_stride + 16 * r + code];
-                        sum += (float)(code - wz[at]) * scale * x[(long)m * K + start + i];
+                        sum += (float)(code - wz.at(at)) * scale * x[(long)m * K + start + i];
                     }
                 }
                 if (reached) y[(long)m * N + 4 * t + r] = sum;
@@ -986,7 +997,7 @@ static void fix_nonfinite(const uint8_t* w, const uint16_t* ws, const int16_t* w
 }
 
 struct MatmulArgs {
-    const uint8_t* w; const uint16_t* ws; const int16_t* wz; const uint8_t* lut; long lut_stride; int T, NB, Bp;
+    const uint8_t* w; const uint16_t* ws; Zeros wz; const uint8_t* lut; long lut_stride; int T, NB, Bp;
     const float* x; int M, K, G, sub, Bo;
     const int8_t* xq; const float* xscale; const int32_t* xsum;
     float* y; int N; bool scales_nonfinite; int nthreads;
@@ -1007,7 +1018,7 @@ extern "C" {
 // (codebooks) passes `lut`: per tile, 64 bytes, lane r holding the 16 values that row r's codes of up to
 // 4 bits stand for (W = (lut[r][q] - z) * s), `lut_stride` bytes apart (0: one table for every tile);
 // otherwise lut is null. Returns 0, -1 when `bits` has no layout, -2 when scratch memory is short.
-int mp_matmul(int bits, const uint8_t* w, const uint16_t* ws, const int16_t* wz, const uint8_t* lut, long lut_stride,
+int mp_matmul(int bits, const uint8_t* w, const uint16_t* ws, Zeros wz, const uint8_t* lut, long lut_stride,
               int T, int NB, int Bp, const float* x, int M, int K, int G, int sub, int Bo, float* y, int N,
               int scales_nonfinite, int nthreads) {
     if (bits != 2 && bits != 3 && bits != 4 && bits != 8) return -1;
@@ -1063,7 +1074,7 @@ static inline void step_to_bf16(const uint8_t* q, int zero, float scale, uint16_
 }
 
 template <int BITS>
-static void decode_bits(const uint8_t* w, const uint16_t* ws, const int16_t* wz, const uint8_t* lut, long lut_stride,
+static void decode_bits(const uint8_t* w, const uint16_t* ws, Zeros wz, const uint8_t* lut, long lut_stride,
                         int T, int NB, int Bp, int K, int G, int sub, int Bo, uint16_t* out, int N, int nthreads) {
     const int CB = chunk_bytes(BITS);
     const long tile_bytes = code_chunks(K, G, sub, Bp) * CB;
@@ -1080,7 +1091,7 @@ static void decode_bits(const uint8_t* w, const uint16_t* ws, const int16_t* wz,
                 for (int r = 0; r < rows; ++r) {
                     const long at = scale_index(t, NB, r, b);
                     const float scale = half_to_float(ws[at]);
-                    const int zero = wz[at];
+                    const int zero = wz.at(at);
                     uint16_t* o = out + (long)(4 * t + r) * K + start + 64 * c;
                     const int n = cols - 64 * c < 64 ? cols - 64 * c : 64;
                     for (int s = 0; s < bc.steps && 16 * s < n; ++s)
@@ -1095,7 +1106,7 @@ extern "C" {
 
 // The weights of a packed layout as a dense (N, K) bf16 matrix (bit patterns), for large batches where
 // a bf16 matrix multiply beats the integer kernel; returns -1 when `bits` has no layout.
-int mp_decode_bf16(int bits, const uint8_t* w, const uint16_t* ws, const int16_t* wz, const uint8_t* lut,
+int mp_decode_bf16(int bits, const uint8_t* w, const uint16_t* ws, Zeros wz, const uint8_t* lut,
                    long lut_stride, int T, int NB, int Bp, int K, int G, int sub, int Bo, uint16_t* out, int N,
                    int nthreads) {
     if (lut && bits == 8) return -1;
@@ -1144,9 +1155,19 @@ static void check_layout(int64_t bits, const at::Tensor& codes, const at::Tensor
                 needed);
     TORCH_CHECK(scales.scalar_type() == at::kHalf && zeros.scalar_type() == at::kShort && scales.is_contiguous() &&
                     zeros.is_contiguous() && scales.numel() == codes.size(0) * n_blocks * 4 &&
-                    zeros.numel() == scales.numel(),
-                "low-bit kernel: scales (float16) and zeros (int16) must hold 4 contiguous values per tile row "
-                "and block");
+                    (zeros.numel() == scales.numel() || zeros.numel() == 16),
+                "low-bit kernel: scales (float16) must hold 4 contiguous values per tile row and block, zeros "
+                "(int16) as many or 16 copies of one shared zero point");
+    if (zeros.numel() != scales.numel()) {
+        const int16_t* z = zeros.data_ptr<int16_t>();
+        TORCH_CHECK(std::all_of(z, z + 16, [z](int16_t v) { return v == z[0]; }),
+                    "low-bit kernel: a shared zero point must be 16 copies of one value");
+    }
+}
+
+// The layout's zero points as the kernels take them (check_layout has checked them).
+static Zeros zeros_of(const at::Tensor& zeros, const at::Tensor& scales) {
+    return {zeros.data_ptr<int16_t>(), zeros.numel() == scales.numel()};
 }
 
 // A lookup layout's tables (uint8, one row of 64 bytes for every tile or one for all), or none (an
@@ -1182,7 +1203,7 @@ static at::Tensor op_matmul(int64_t bits, const at::Tensor& codes, const at::Ten
     if (M) {
         const int status = mp_matmul((int)bits, codes.data_ptr<uint8_t>(),
                                      reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
-                                     zeros.data_ptr<int16_t>(), lookup.lut, lookup.stride, (int)codes.size(0),
+                                     zeros_of(zeros, scales), lookup.lut, lookup.stride, (int)codes.size(0),
                                      (int)n_blocks, (int)padded, xf.data_ptr<float>(), (int)M, (int)K, (int)group, (int)sub, (int)width,
                                      y.data_ptr<float>(), (int)out_features, scales_nonfinite,
                                      at::get_num_threads());
@@ -1199,7 +1220,7 @@ static at::Tensor op_decode_bf16(int64_t bits, const at::Tensor& codes, const at
     const Lookup lookup = lookup_of(levels.value_or(at::Tensor()), bits, codes);
     at::Tensor out = at::empty({out_features, in_features}, codes.options().dtype(at::kBFloat16));
     mp_decode_bf16((int)bits, codes.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
-                   zeros.data_ptr<int16_t>(), lookup.lut, lookup.stride, (int)codes.size(0), (int)n_blocks, (int)padded, (int)in_features,
+                   zeros_of(zeros, scales), lookup.lut, lookup.stride, (int)codes.size(0), (int)n_blocks, (int)padded, (int)in_features,
                    (int)group, (int)sub, (int)width, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()),
                    (int)out_features, at::get_num_threads());
     return out;
@@ -1223,7 +1244,7 @@ struct ThreadInput {
 };
 
 struct Projection {
-    int bits; const uint8_t* w; const uint16_t* ws; const int16_t* wz; Lookup lookup; int T, NB, Bp, K, G, sub, Bo, N;
+    int bits; const uint8_t* w; const uint16_t* ws; Zeros wz; Lookup lookup; int T, NB, Bp, K, G, sub, Bo, N;
     int nonfinite;
     void quantize(const ThreadInput& in) const { mp_quantize(in.x, 1, K, G, sub, Bo, Bp, NB, in.xq, in.xscale, in.xsum, 1); }
     // This thread's share of the tiles, a contiguous run (each thread streams its own part of the codes):
@@ -1408,7 +1429,7 @@ class DecodePlan : public torch::CustomClassHolder {
                 check_layout(g[0], codes[at], scales[at], zeros[at], g[1], g[2], in_features[i], g[3], g[4], g[6]);
                 block.proj[i] = Projection{(int)g[0], codes[at].data_ptr<uint8_t>(),
                                            reinterpret_cast<const uint16_t*>(scales[at].data_ptr<at::Half>()),
-                                           zeros[at].data_ptr<int16_t>(), lookup_of(levels[at], g[0], codes[at]),
+                                           zeros_of(zeros[at], scales[at]), lookup_of(levels[at], g[0], codes[at]),
                                            (int)codes[at].size(0), (int)g[1], (int)g[2], (int)in_features[i], (int)g[3],
                                            (int)g[4], (int)g[5], (int)g[6], (int)g[7]};
                 weight_bytes_ += codes[at].numel();

@@ -114,7 +114,9 @@ class LowbitLayout:
     geometry: BlockGeometry
     codes: torch.Tensor  # uint8, (tiles, tile bytes)
     scales: torch.Tensor  # float16, (tiles, n_blocks / QUAD, TILE, QUAD)
-    zeros: torch.Tensor  # int16, (tiles, n_blocks / QUAD, TILE, QUAD)
+    # int16, (tiles, n_blocks / QUAD, TILE, QUAD); where every row and block shares one zero point
+    # (symmetric grids, lookup layouts) 16 copies of it, (1, 1, TILE, QUAD): 2 bytes a block less to read
+    zeros: torch.Tensor
     scales_finite: bool  # no scale is NaN or infinite (else the kernel recomputes the outputs they reach)
     # a lookup layout's tables (codebooks): uint8 (1 or tiles, TILE * 16), row r's code q standing for
     # byte [r * 16 + q] of its tile's row (one row of the tensor for all tiles when the layer has one table)
@@ -163,16 +165,38 @@ def pack_layout(
         blocked = torch.nn.functional.pad(blocked, (0, 0, 0, 2 * geo.code_chunks - geo.code_blocks))
     packed = _interleave(blocked.reshape(tiles, TILE, geo.code_chunks, CHUNK), layout_bits)
     scales = tiled(scale.half())
+    zero = zero.to(torch.int16)
+    shared = zero.numel() > 0 and bool((zero == zero.flatten()[0]).all())
     return LowbitLayout(
         bits=layout_bits,
         out_features=out_f,
         geometry=geo,
         codes=packed,
         scales=scales,
-        zeros=tiled(zero.to(torch.int16)),
+        zeros=shared_zeros(int(zero.flatten()[0])) if shared else tiled(zero),
         scales_finite=bool(torch.isfinite(scales).all()),
         levels=levels,
     )
+
+
+def shared_zeros(zero: int) -> torch.Tensor:
+    """The zeros of a layout whose every row and block has zero point ``zero``."""
+    return torch.full((1, 1, TILE, QUAD), zero, dtype=torch.int16)
+
+
+def block_zeros(layout: LowbitLayout) -> torch.Tensor:
+    """The layout's zero points per tile row and block (shared ones expanded)."""
+    if layout.zeros.shape == layout.scales.shape:
+        return layout.zeros
+    return layout.zeros.expand(layout.scales.shape).contiguous()
+
+
+def stacked_zeros(layouts: list[LowbitLayout]) -> torch.Tensor:
+    """The zeros of the stack of ``layouts``: one shared zero point if all share the same one."""
+    if all(lay.zeros.shape == (1, 1, TILE, QUAD) for lay in layouts):
+        if torch.cat([lay.zeros.flatten() for lay in layouts]).unique().numel() == 1:
+            return layouts[0].zeros
+    return torch.cat([block_zeros(lay) for lay in layouts])
 
 
 def identity_levels() -> torch.Tensor:
@@ -213,7 +237,7 @@ def stack_layouts(layouts: list[LowbitLayout]) -> LowbitLayout | None:
         geometry=first.geometry,
         codes=torch.cat([lay.codes for lay in layouts]),
         scales=torch.cat([lay.scales for lay in layouts]),
-        zeros=torch.cat([lay.zeros for lay in layouts]),
+        zeros=stacked_zeros(layouts),
         scales_finite=all(lay.scales_finite for lay in layouts),
         levels=stacked_levels(layouts),
     )
