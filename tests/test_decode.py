@@ -55,6 +55,22 @@ def test_lean_loop_gives_the_logits_of_the_full_forward_at_every_step(recipe):
         assert_same_logits(step(torch.tensor([[1, 2, 3]])), full_forward_logits(model, ids), model)
 
 
+def test_prefill_attention_in_chunks_gives_the_full_forwards_logits(monkeypatch):
+    """Chunks of 4 queries: a first prefill of 10 tokens (chunks of 4, 4, 2) and a second of 6 after
+    the cache holds some (each chunk's mask offset by the cached positions)."""
+    import matpress.decode as decode
+
+    monkeypatch.setattr(decode, "ATTENTION_CHUNK", 4)
+    model = tiny_llama()
+    torch.manual_seed(1)
+    ids = torch.randint(0, 128, (10,)).tolist()
+    step = LeanLlama(model, 32)
+    with torch.inference_mode():
+        assert_same_logits(step(torch.tensor([ids])), full_forward_logits(model, ids), model)
+        more = [7, 1, 99, 42, 5, 64]
+        assert_same_logits(step(torch.tensor([more])), full_forward_logits(model, ids + more), model)
+
+
 def test_a_block_shared_among_threads_gives_one_threads_logits():
     """Wide enough (over the 64 KiB of codes per block below which the decode plan stays on one thread)
     that each projection's tiles are split between two threads: every output is still computed by the

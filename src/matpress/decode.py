@@ -126,8 +126,6 @@ class LeanLlama:
         inner = self.model.model
         h = inner.embed_tokens(ids)
         cos, sin = (t.unsqueeze(1) for t in inner.rotary_emb(h, torch.arange(start, end).unsqueeze(0)))
-        # a causal mask only where several new tokens attend to each other (prefill)
-        mask = torch.arange(end).unsqueeze(0) <= torch.arange(start, end).unsqueeze(1) if n > 1 else None
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         if n == 1 and self.plan is not None and h.dtype == torch.float32 and lowbit.takes(h):
             # one token: every block in one kernel call
@@ -145,10 +143,7 @@ class LeanLlama:
             if n == 1:
                 o = single_query_attention(qk[0, :heads, 0], keys[0, :, :end], values[0, :, :end], self.scaling)
             else:
-                o = torch.nn.functional.scaled_dot_product_attention(
-                    qk[:, :heads], keys[:, :, :end], values[:, :, :end], attn_mask=mask, scale=self.scaling,
-                    enable_gqa=heads != kv_heads,
-                ).transpose(1, 2)
+                o = causal_attention(qk[:, :heads], keys, values, start, self.scaling).transpose(1, 2)
             h = h + o_proj(o.reshape(1, n, heads * head_dim))
             gate, up = gate_up(rms_norm(layer.post_attention_layernorm, h)).chunk(2, dim=-1)
             h = h + down(layer.mlp.act_fn(gate) * up)
@@ -162,6 +157,31 @@ def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
         return torch.nn.functional.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
     return norm(x)
+
+
+# Queries per scaled_dot_product_attention call in a prefill (see causal_attention).
+ATTENTION_CHUNK = 128
+
+
+def causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, scale: float) -> torch.Tensor:
+    """Causal attention of the ``n`` new positions ``start .. start + n - 1``, ``q`` ``(1, heads, n, d)``,
+    over the cache ``keys`` / ``values`` ``(1, kv_heads, positions, d)`` (grouped-query where there are
+    fewer key/value heads). Queries go in chunks of ``ATTENTION_CHUNK``, each over the keys up to its own
+    last position: SDPA's CPU kernel computes a masked product whole, so one call for 512 new tokens
+    spends most of its time on the masked half (SmolLM2, 2 threads, on a Zen 5: 4.2 ms a layer in one
+    call, 3.1 ms in chunks of 128). Returns ``(1, heads, n, d)``."""
+    n, gqa = q.shape[2], q.shape[1] != keys.shape[1]
+    outs = []
+    for first in range(0, n, ATTENTION_CHUNK):
+        last = min(first + ATTENTION_CHUNK, n)  # queries first .. last - 1 of the new ones
+        reach = start + last  # the keys they may see
+        mask = torch.arange(reach).unsqueeze(0) <= torch.arange(start + first, reach).unsqueeze(1)
+        outs.append(
+            torch.nn.functional.scaled_dot_product_attention(
+                q[:, :, first:last], keys[:, :, :reach], values[:, :, :reach], attn_mask=mask, scale=scale, enable_gqa=gqa
+            )
+        )
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 def single_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
