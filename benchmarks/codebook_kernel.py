@@ -159,18 +159,25 @@ def markdown(rows: list[dict], batches: list[int], pool_mb: float, argv: Optiona
     return "\n".join(header + summary + [""] + table) + "\n"
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def ggml_gemv_arguments(description: str, shapes: list[tuple[int, int]], batches: list[int], work: str,
+                        argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[tuple[int, int]]]:
+    """The options of the GEMV benchmarks against ggml (this one and ternary_kernel.py), parsed, and
+    the shapes as (out, in) pairs."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", type=Path, help="write the markdown here")
     parser.add_argument("--pool-mb", type=float, default=256.0, help="weight bytes each contender rotates through")
-    parser.add_argument("--shapes", nargs="+", default=[f"{o}x{i}" for o, i in SHAPES], help="OUTxIN shapes")
-    parser.add_argument("--batches", nargs="+", type=int, default=BATCHES)
+    parser.add_argument("--shapes", nargs="+", default=[f"{o}x{i}" for o, i in shapes], help="OUTxIN shapes")
+    parser.add_argument("--batches", nargs="+", type=int, default=batches)
     parser.add_argument("--llama-bin", type=Path, default=LLAMA_BIN, help="folder with libggml*.so (make peers-env)")
     parser.add_argument("--ggml-headers", type=Path, default=GGML_HEADERS)
-    parser.add_argument("--work", type=Path, default=Path("out/codebook_kernel"))
+    parser.add_argument("--work", type=Path, default=Path(work))
     args = parser.parse_args(argv)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
+    return args, [tuple(int(v) for v in s.split("x")) for s in args.shapes]
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args, shapes = ggml_gemv_arguments(__doc__.split("\n\n")[0], SHAPES, BATCHES, "out/codebook_kernel", argv)
     ggml = load_ggml(args.llama_bin, args.ggml_headers, args.work)
     rows = []
     for shape in shapes:

@@ -13,7 +13,6 @@ run, medians of repeats, the same threads, each rotating through ``--pool-mb`` o
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -26,8 +25,7 @@ from matpress.formats import TernaryFormat
 from matpress.kernels import build
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from codebook_kernel import GgmlContender, load_ggml  # noqa: E402
-from harness import GGML_HEADERS, LLAMA_BIN  # noqa: E402
+from codebook_kernel import GgmlContender, ggml_gemv_arguments, load_ggml  # noqa: E402
 from kernels import dense, ours, time_contenders  # noqa: E402
 
 SHAPES = [(2048, 2048), (4096, 4096), (11008, 4096), (4096, 11008)]
@@ -87,17 +85,7 @@ def markdown(rows: list[dict], batches: list[int], pool_mb: float, argv: Optiona
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--out", type=Path, help="write the markdown here")
-    parser.add_argument("--pool-mb", type=float, default=256.0, help="weight bytes each contender rotates through")
-    parser.add_argument("--shapes", nargs="+", default=[f"{o}x{i}" for o, i in SHAPES], help="OUTxIN shapes")
-    parser.add_argument("--batches", nargs="+", type=int, default=BATCHES)
-    parser.add_argument("--llama-bin", type=Path, default=LLAMA_BIN, help="folder with libggml*.so (make peers-env)")
-    parser.add_argument("--ggml-headers", type=Path, default=GGML_HEADERS)
-    parser.add_argument("--work", type=Path, default=Path("out/ternary_kernel"))
-    args = parser.parse_args(argv)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
+    args, shapes = ggml_gemv_arguments(__doc__.split("\n\n")[0], SHAPES, BATCHES, "out/ternary_kernel", argv)
     bad = [f"{o}x{i}" for o, i in shapes if i % 256]
     if bad:
         raise SystemExit(f"TQ2_0 needs rows that are a multiple of 256 columns long; {', '.join(bad)} are not")
