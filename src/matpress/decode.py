@@ -2,10 +2,12 @@
 
 For Llama-family models (``model_type`` ``llama``: SmolLM2, Llama 2/3) a lean decode loop of our own
 runs the model's own modules (projections, compressed or not, norms, MLPs, rotary embedding) with a
-static key/value cache preallocated once, one scaled-dot-product attention call per layer and the LM
+static key/value cache preallocated once, causal attention in chunks of queries per layer and the LM
 head on the last position only: per token it does what the arithmetic needs and little else, where
 ``transformers``' ``generate`` spends about as long again on masks, cache objects and logits
-processors as the matmuls take. Other causal LMs decode through their own forward with its cache.
+processors as the matmuls take. When every block's projections have kernel layouts (fp32, RMS norms,
+SiLU), one new token runs through all blocks in a single call of the kernels' ``DecodePlan``. Other
+causal LMs decode through their own forward with its cache.
 Both yield one token at a time, greedy or sampled (temperature, top-k), so the CLI streams text.
 """
 
