@@ -249,6 +249,23 @@ struct Zeros {
     int16_t at(long index) const { return p[per_block ? index : 0]; }
 };
 
+// This thread's number in its team and the team's size (0 and 1 in a build without OpenMP).
+static inline int thread_slot() {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+static inline int team_size() {
+#ifdef _OPENMP
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
+}
+
 // Scalar helpers, shared by the portable path and the decoder.
 
 static inline float half_to_float(uint16_t h) {
@@ -859,11 +876,7 @@ static bool gemm_repacked(const uint8_t* w, const uint16_t* ws, Zeros wz, const 
     if (!buffers) return false;
 #pragma omp parallel num_threads(nthreads)
     {
-#ifdef _OPENMP
-        uint8_t* buffer = buffers + thread_bytes * omp_get_thread_num();
-#else
-        uint8_t* buffer = buffers;
-#endif
+        uint8_t* buffer = buffers + thread_bytes * thread_slot();
         const RepackedGroup wg{buffer, reinterpret_cast<float*>(buffer + code_bytes),
                                reinterpret_cast<int32_t*>(buffer + code_bytes + side_bytes)};
         int repacked = -1;
@@ -1276,30 +1289,23 @@ std::pair<int, int> Projection::share(int slot, int team, const ThreadInput& in,
     return {4 * t0, std::min(4 * t1, N)};
 }
 
-// Sum of a[i] * b[i] in 16 independent partial sums, so that the compiler can keep them in vector
-// registers (one running sum is a chain of dependent adds it may not reorder).
-float dot(const float* a, const float* b, int n) {
+// The sum of term(i) over i < n in 16 independent partial sums, so that the compiler can keep them in
+// vector registers (one running sum is a chain of dependent adds it may not reorder).
+template <class Term>
+inline float sum_of(int n, Term term) {
     float part[16] = {};
     int i = 0;
     for (; i + 16 <= n; i += 16)
-        for (int j = 0; j < 16; ++j) part[j] += a[i + j] * b[i + j];
-    for (int width = 8; width >= 1; width /= 2)
-        for (int j = 0; j < width; ++j) part[j] += part[j + width];
-    float sum = part[0];
-    for (; i < n; ++i) sum += a[i] * b[i];
-    return sum;
-}
-
-float sum(const float* a, int n) {
-    float part[16] = {};
-    int i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int j = 0; j < 16; ++j) part[j] += a[i + j];
+        for (int j = 0; j < 16; ++j) part[j] += term(i + j);
     for (int width = 8; width >= 1; width /= 2)
         for (int j = 0; j < width; ++j) part[j] += part[j + width];
     float total = part[0];
-    for (; i < n; ++i) total += a[i];
+    for (; i < n; ++i) total += term(i);
     return total;
+}
+
+float dot(const float* a, const float* b, int n) {
+    return sum_of(n, [a, b](int i) { return a[i] * b[i]; });
 }
 
 // e^x in plain arithmetic the compiler vectorises (glibc's expf is a call per element): x = n ln 2 + r,
@@ -1353,29 +1359,13 @@ void attend(const float* q, const float* k, const float* v, const float* k_new, 
     float top = -INFINITY;
     for (int64_t t = 0; t <= cached; ++t) top = scores[t] > top ? scores[t] : top;
     for (int64_t t = 0; t <= cached; ++t) scores[t] = exp_vectorisable(scores[t] - top);
-    const float total = sum(scores, (int)cached + 1);
+    const float total = sum_of((int)cached + 1, [scores](int i) { return scores[i]; });
     for (int64_t i = 0; i < d; ++i) o[i] = 0.f;
     for (int64_t t = 0; t <= cached; ++t) {
         const float p = scores[t] / total;
         const float* vt = t < cached ? v + t * d : v_new;
         for (int64_t i = 0; i < d; ++i) o[i] += p * vt[i];
     }
-}
-
-int thread_slot() {
-#ifdef _OPENMP
-    return omp_get_thread_num();
-#else
-    return 0;
-#endif
-}
-
-int team_size() {
-#ifdef _OPENMP
-    return omp_get_num_threads();
-#else
-    return 1;
-#endif
 }
 
 }  // namespace
