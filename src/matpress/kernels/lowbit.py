@@ -179,9 +179,12 @@ def pack_layout(
     )
 
 
+SHARED_ZEROS_SHAPE = (1, 1, TILE, QUAD)  # one quad's 16 zeros, read for every quad of every tile
+
+
 def shared_zeros(zero: int) -> torch.Tensor:
     """The zeros of a layout whose every row and block has zero point ``zero``."""
-    return torch.full((1, 1, TILE, QUAD), zero, dtype=torch.int16)
+    return torch.full(SHARED_ZEROS_SHAPE, zero, dtype=torch.int16)
 
 
 def block_zeros(layout: LowbitLayout) -> torch.Tensor:
@@ -193,7 +196,7 @@ def block_zeros(layout: LowbitLayout) -> torch.Tensor:
 
 def stacked_zeros(layouts: list[LowbitLayout]) -> torch.Tensor:
     """The zeros of the stack of ``layouts``: one shared zero point if all share the same one."""
-    if all(lay.zeros.shape == (1, 1, TILE, QUAD) for lay in layouts):
+    if all(lay.zeros.shape == SHARED_ZEROS_SHAPE for lay in layouts):
         if torch.cat([lay.zeros.flatten() for lay in layouts]).unique().numel() == 1:
             return layouts[0].zeros
     return torch.cat([block_zeros(lay) for lay in layouts])
