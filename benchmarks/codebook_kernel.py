@@ -63,7 +63,7 @@ def load_ggml(bin_dir: Path, headers: Path, work: Path) -> Optional[ctypes.CDLL]
     )
     lib = ctypes.CDLL(str(lib_path))
     lib.gemv_new.restype = ctypes.c_void_p
-    lib.gemv_new.argtypes = [ctypes.c_int] * 5 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    lib.gemv_new.argtypes = [ctypes.c_int] * 5 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     lib.gemv_run.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.gemv_pause.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.gemv_output.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
@@ -75,16 +75,21 @@ def load_ggml(bin_dir: Path, headers: Path, work: Path) -> Optional[ctypes.CDLL]
 
 class GgmlContender(Contender):
     """ggml's mul_mat on ``type_name`` tensors of ``w``, for the fixed activations ``x`` (ggml's graph
-    holds its input); checked against ``x @ w.T`` once (a 4-bit grid's error, not a wrong result)."""
+    holds its input); checked against ``x @ w.T`` once (a 4-bit grid's error, not a wrong result).
+    ``repack``: the weights in ggml's CPU_REPACK buffer, as llama.cpp's model loader keeps them."""
 
-    def __init__(self, lib: ctypes.CDLL, type_name: str, w: torch.Tensor, x: torch.Tensor, pool_bytes: float):
+    def __init__(self, lib: ctypes.CDLL, type_name: str, w: torch.Tensor, x: torch.Tensor, pool_bytes: float,
+                 repack: bool = False):
         n, k = w.shape
         self.lib, type_id = lib, GGML_TYPE_IDS[type_name]
         nbytes = lib.gemv_weight_bytes(type_id, n, k)
         copies = weight_copies([torch.empty(nbytes, dtype=torch.uint8)], pool_bytes)
-        self.handle = lib.gemv_new(type_id, n, k, x.shape[0], copies, w.data_ptr(), x.contiguous().data_ptr(), torch.get_num_threads())
+        self.handle = lib.gemv_new(type_id, n, k, x.shape[0], copies, w.data_ptr(), x.contiguous().data_ptr(),
+                                   torch.get_num_threads(), int(repack))
         if not self.handle:
-            raise RuntimeError(f"ggml could not allocate {copies} copies of a {n}x{k} {type_name} matrix")
+            raise RuntimeError(f"ggml could not allocate {copies} copies of a {n}x{k} {type_name} matrix"
+                               + (" in its CPU_REPACK buffer (a ggml built without it?)" if repack else ""))
+        type_name = f"{type_name} repacked" if repack else type_name
         super().__init__(f"ggml {type_name}", nbytes, copies, lambda i, _x: lib.gemv_run(self.handle, i),
                          lambda running: lib.gemv_pause(self.handle, 0 if running else 1))
         lib.gemv_pause(self.handle, 0)
@@ -159,25 +164,29 @@ def markdown(rows: list[dict], batches: list[int], pool_mb: float, argv: Optiona
     return "\n".join(header + summary + [""] + table) + "\n"
 
 
-def ggml_gemv_arguments(description: str, shapes: list[tuple[int, int]], batches: list[int], work: str,
-                        argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[tuple[int, int]]]:
-    """The options of the GEMV benchmarks against ggml (this one and ternary_kernel.py), parsed, and
-    the shapes as (out, in) pairs."""
+def ggml_gemv_parser(description: str, batches: list[int], work: str) -> argparse.ArgumentParser:
+    """The options of the GEMV benchmarks against ggml (this one and ggml_gemv.py); ``--shapes`` defaults
+    to None, for ``shape_pairs`` to fill with the benchmark's own."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", type=Path, help="write the markdown here")
     parser.add_argument("--pool-mb", type=float, default=256.0, help="weight bytes each contender rotates through")
-    parser.add_argument("--shapes", nargs="+", default=[f"{o}x{i}" for o, i in shapes], help="OUTxIN shapes")
+    parser.add_argument("--shapes", nargs="+", help="OUTxIN shapes (default: the benchmark's own)")
     parser.add_argument("--batches", nargs="+", type=int, default=batches)
     parser.add_argument("--llama-bin", type=Path, default=LLAMA_BIN, help="folder with libggml*.so (make peers-env)")
     parser.add_argument("--ggml-headers", type=Path, default=GGML_HEADERS)
     parser.add_argument("--work", type=Path, default=Path(work))
-    args = parser.parse_args(argv)
-    return args, [tuple(int(v) for v in s.split("x")) for s in args.shapes]
+    return parser
+
+
+def shape_pairs(values: Optional[list[str]], default: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``--shapes`` as (out, in) pairs, or ``default`` where none were given."""
+    return [tuple(int(v) for v in s.split("x")) for s in values] if values else default
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    args, shapes = ggml_gemv_arguments(__doc__.split("\n\n")[0], SHAPES, BATCHES, "out/codebook_kernel", argv)
+    args = ggml_gemv_parser(__doc__.split("\n\n")[0], BATCHES, "out/codebook_kernel").parse_args(argv)
+    shapes = shape_pairs(args.shapes, SHAPES)
     ggml = load_ggml(args.llama_bin, args.ggml_headers, args.work)
     rows = []
     for shape in shapes:

@@ -38,24 +38,30 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--shapes", nargs="+", default=[f"{o}x{i}" for o, i in SHAPES], help="OUTxIN shapes")
+    parser.add_argument("--variants", nargs="+", default=[f"{n}:{f}" for n, f in VARIANTS],
+                        help="NEAR:FAR distances in bytes (0:0 prefetches only the chunk being read: no software prefetch)")
     args = parser.parse_args()
+    variants = [tuple(int(v) for v in s.split(":")) for s in args.variants]
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
     torch.set_num_threads(args.threads)
     libs = {
         v: build.load_library(build.DEFAULT_FLAGS + (f"-DMP_PREFETCH_NEAR={v[0]}", f"-DMP_PREFETCH_FAR={v[1]}"))
-        for v in VARIANTS
+        for v in variants
     }
-    names = {v: f"L1 {v[0]} B" if v[0] == v[1] else f"L1 {v[0]} B + L2 {v[1]} B" for v in VARIANTS}
+    names = {v: "no prefetch" if v == (0, 0) else f"L1 {v[0]} B" if v[0] == v[1] else f"L1 {v[0]} B + L2 {v[1]} B" for v in variants}
     lines = [
         "# Prefetch distances of the CPU kernel, 4-bit g128 GEMV, weights cold",
         "",
         f"Command: `{command_line()}`  ",
+        f"Kernel path: {build.kernel_path()}  ",
         f"Machine: {machine_description()}  ",
         f"Median of {args.repeats} interleaved passes; speed-up over dense fp32 torch in the same run.",
         "",
-        "| shape (out x in) | dense fp32 ms | " + " | ".join(names[v] for v in VARIANTS) + " |",
-        "|---|---:|" + "---:|" * len(VARIANTS),
+        "| shape (out x in) | dense fp32 ms | " + " | ".join(names[v] for v in variants) + " |",
+        "|---|---:|" + "---:|" * len(variants),
     ]
-    for out_f, in_f in SHAPES:
+    for out_f, in_f in shapes:
         w = torch.randn(out_f, in_f)
         layout = lowbit.layout_of(IntFormat.encode(w, bits=4, group_size=128))
         parts = (layout.codes, layout.scales, layout.zeros)
@@ -63,7 +69,7 @@ def main() -> None:
         dense = [w.clone() for _ in range(weight_copies([w], POOL_BYTES))]
         x = torch.randn(1, in_f)
         calls = {"dense": lambda i: torch.nn.functional.linear(x, dense[i % len(dense)])}
-        for v in VARIANTS:
+        for v in variants:
             calls[v] = lambda i, lib=libs[v]: lowbit.lowbit_matmul(copies[i % len(copies)], x, lib)
         times: dict = {k: [] for k in calls}
         for _ in range(args.repeats):
@@ -74,7 +80,7 @@ def main() -> None:
                     i += 1
                 times[key].append((time.perf_counter() - start) / i)
         base = statistics.median(times["dense"])
-        ratios = " | ".join(f"{base / statistics.median(times[v]):.2f}x" for v in VARIANTS)
+        ratios = " | ".join(f"{base / statistics.median(times[v]):.2f}x" for v in variants)
         lines.append(f"| {out_f}x{in_f} | {base * 1e3:.3f} | {ratios} |")
         print(lines[-1], flush=True)
         del copies, dense

@@ -178,7 +178,7 @@ def test_large_batches_take_the_bf16_matmul(monkeypatch, native):
     fmt = IntFormat.encode(weight(11), bits=4, group_size=128)
     x = torch.randn(lowbit.LARGE_BATCH + 3, IN)
     calls = []
-    monkeypatch.setattr(lowbit, "lowbit_matmul", lambda layout, x: calls.append(1))
+    monkeypatch.setattr(lowbit, "lowbit_matmul", lambda layout, x, lib=None: calls.append(1))
     monkeypatch.setattr(lowbit, "bf16_matmul_is_fast", lambda: True)
     y = kernels.matmul(fmt, x)
     assert not calls and y.dtype == torch.float32
@@ -310,7 +310,7 @@ def test_compressed_linear_uses_the_kernel_and_survives_save_load(tmp_path, nati
     model[2] = CompressedLinear(TernaryFormat.encode(model[2].weight.data, group_size=None), model[2].bias.data)
     calls = []
     real = lowbit.lowbit_matmul
-    monkeypatch.setattr(lowbit, "lowbit_matmul", lambda layout, x: calls.append(layout) or real(layout, x))
+    monkeypatch.setattr(lowbit, "lowbit_matmul", lambda layout, x, lib=None: calls.append(layout) or real(layout, x, lib))
     with torch.no_grad():
         y = model(x)
     assert len(calls) == 2

@@ -57,8 +57,9 @@ class Projections:
             self.layout = lowbit.stacked_layout([m.fmt for m in linears])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layout is not None and lowbit.takes(x):
-            return lowbit.layout_matmul(self.layout, x)
+        lib = lowbit.library_for(x) if self.layout is not None else None
+        if lib is not None:
+            return lowbit.layout_matmul(self.layout, x, lib)
         if len(self.linears) == 1:
             return self.linears[0](x)
         return torch.cat([m(x) for m in self.linears], dim=-1)
@@ -129,7 +130,7 @@ class LeanLlama:
         h = inner.embed_tokens(ids)
         cos, sin = (t.unsqueeze(1) for t in inner.rotary_emb(h, torch.arange(start, end).unsqueeze(0)))
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
-        if n == 1 and self.plan is not None and h.dtype == torch.float32 and lowbit.takes(h):
+        if n == 1 and self.plan is not None and h.dtype == torch.float32 and lowbit.library_for(h) is not None:
             # one token: every block in one kernel call
             x = self.plan.step(h.reshape(-1), cos.reshape(-1), sin.reshape(-1), start)
             self.length = end

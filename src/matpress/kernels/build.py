@@ -297,10 +297,19 @@ def chosen_isa() -> str:
     return isa
 
 
+# chosen_flags by the value of ISA_VARIABLE: load_library runs on every kernel call, where building the
+# tuple again would cost as much as the call's own way in
+_FLAGS_OF_ISA: dict[str, tuple[str, ...]] = {}
+
+
 def chosen_flags() -> tuple[str, ...]:
     """DEFAULT_FLAGS with the ``-march`` of :func:`chosen_isa`."""
-    march = f"-march={ISA_MARCH[chosen_isa()]}"
-    return tuple(march if f == "-march=native" else f for f in DEFAULT_FLAGS)
+    isa = os.environ.get(ISA_VARIABLE, "native")
+    flags = _FLAGS_OF_ISA.get(isa)
+    if flags is None:
+        march = f"-march={ISA_MARCH[chosen_isa()]}"
+        flags = _FLAGS_OF_ISA[isa] = tuple(march if f == "-march=native" else f for f in DEFAULT_FLAGS)
+    return flags
 
 
 def load_library(flags: Optional[tuple[str, ...]] = None) -> Optional[KernelLibrary]:

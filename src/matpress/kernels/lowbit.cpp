@@ -475,63 +475,88 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, Zeros wzt, const
     const __m256i tv[2] = {
         LUT ? _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lut)), flip) : _mm256_setzero_si256(),
         LUT ? _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lut + 32)), flip) : _mm256_setzero_si256()};
+    // half h of the chunk at p, as the arithmetic below takes it (a lookup layout's codes looked up)
+    auto unpack_steps = [&](const uint8_t* p, int h, __m256i w[4]) {
+        unpack_half<BITS>(p, h, w);
+        for (int s = 0; s < 4; ++s) {
+            if constexpr (LUT) w[s] = _mm256_shuffle_epi8(tv[h], w[s]);
+            if constexpr (BITS == 8) w[s] = _mm256_xor_si256(w[s], flip);
+        }
+    };
+    // STEPS steps of codes w (16 columns each) times the activations from xc on, into acc[m] for row m
+    auto accumulate = [&]<int STEPS>(const __m256i* w, const int8_t* xc, __m256i* acc) {
+        if constexpr (SIGNED) {
+            __m256i magnitude[STEPS];
+            for (int s = 0; s < STEPS; ++s) magnitude[s] = _mm256_abs_epi8(w[s]);
+#pragma GCC unroll 4
+            for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 4
+                for (int s = 0; s < STEPS; ++s) {
+                    const __m256i xv = _mm256_broadcastsi128_si256(
+                        _mm_loadu_si128(reinterpret_cast<const __m128i*>(xc + m * xstride + s * 16)));
+                    const __m256i pairs = _mm256_maddubs_epi16(magnitude[s], _mm256_sign_epi8(xv, w[s]));
+                    acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(pairs, ones));
+                }
+        } else {
+#pragma GCC unroll 4
+            for (int m = 0; m < MB; ++m) {
+                __m256i pairs = _mm256_setzero_si256();
+#pragma GCC unroll 4
+                for (int s = 0; s < STEPS; ++s) {
+                    const __m256i xv = _mm256_broadcastsi128_si256(
+                        _mm_loadu_si128(reinterpret_cast<const __m128i*>(xc + m * xstride + s * 16)));
+                    pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(w[s], xv));
+                }
+                acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(pairs, ones));
+            }
+        }
+    };
     __m256 yv[MB][2];
     for (int m = 0; m < MB; ++m) yv[m][0] = yv[m][1] = _mm256_setzero_ps();
     for (int q = 0; q < NB / 4; ++q) {
         // block j's sums of activation row m and half h: lane r, the 8 partial sums of row 2h + r
         alignas(32) __m256i sums[MB][2][4];
-        for (int j = 0; j < 4; ++j) {
-            const int b = 4 * q + j;
-            const BlockCodes bc = block_codes(b, Bp);
-            const uint8_t* pb = wt + bc.chunk * CB;
-            const int8_t* xb = xq + (long)b * Bp;
-            const int chunks = b < NBc ? bc.chunks : 0;  // the quad's empty blocks store no codes
-            // One half at a time keeps its MB accumulators, its codes and an activation in registers.
-            auto half_sums = [&]<int STEPS>(int h) {
-                __m256i acc[MB];
-                for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_si256();
-                for (int c = 0; c < chunks; ++c) {
-                    if (h == 0) prefetch_ahead<CB>(pb + (long)c * CB);
-                    __m256i all[4];
-                    unpack_half<BITS>(pb + (long)c * CB, h, all);
-                    for (int s = 0; s < 4; ++s) {
-                        if constexpr (LUT) all[s] = _mm256_shuffle_epi8(tv[h], all[s]);
-                        if constexpr (BITS == 8) all[s] = _mm256_xor_si256(all[s], flip);
+        if (Bp == 32) {
+            // blocks of 32 (b even): b and b + 1 share chunk b / 2, as its steps 0-1 and 2-3; one unpack
+            // serves both, where a pass per block would unpack every chunk twice
+            for (int j = 0; j < 4; j += 2) {
+                const int b = 4 * q + j;
+                const uint8_t* pc = wt + (long)(b / 2) * CB;
+                const int8_t* xb = xq + (long)b * 32;
+                for (int h = 0; h < 2; ++h) {
+                    __m256i acc[2][MB];
+                    for (int m = 0; m < MB; ++m) acc[0][m] = acc[1][m] = _mm256_setzero_si256();
+                    if (b < NBc) {  // the quad's empty blocks store no codes
+                        if (h == 0) prefetch_ahead<CB>(pc);
+                        __m256i w[4];
+                        unpack_steps(pc, h, w);
+                        accumulate.template operator()<2>(w, xb, acc[0]);
+                        if (b + 1 < NBc) accumulate.template operator()<2>(w + 2, xb + 32, acc[1]);
                     }
-                    // a 32-column block: its two steps only
-                    const __m256i w[4] = {bc.step0 ? all[2] : all[0], bc.step0 ? all[3] : all[1], all[2], all[3]};
-                    const int8_t* xc = xb + c * 64;
-                    if constexpr (SIGNED) {
-                        __m256i magnitude[STEPS];
-                        for (int s = 0; s < STEPS; ++s) magnitude[s] = _mm256_abs_epi8(w[s]);
-#pragma GCC unroll 4
-                        for (int m = 0; m < MB; ++m)
-#pragma GCC unroll 4
-                            for (int s = 0; s < STEPS; ++s) {
-                                const __m256i xv = _mm256_broadcastsi128_si256(
-                                    _mm_loadu_si128(reinterpret_cast<const __m128i*>(xc + m * xstride + s * 16)));
-                                const __m256i pairs = _mm256_maddubs_epi16(magnitude[s], _mm256_sign_epi8(xv, w[s]));
-                                acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(pairs, ones));
-                            }
-                    } else {
-#pragma GCC unroll 4
-                        for (int m = 0; m < MB; ++m) {
-                            __m256i pairs = _mm256_setzero_si256();
-#pragma GCC unroll 4
-                            for (int s = 0; s < STEPS; ++s) {
-                                const __m256i xv = _mm256_broadcastsi128_si256(
-                                    _mm_loadu_si128(reinterpret_cast<const __m128i*>(xc + m * xstride + s * 16)));
-                                pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(w[s], xv));
-                            }
-                            acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(pairs, ones));
-                        }
+                    for (int m = 0; m < MB; ++m) {
+                        sums[m][h][j] = acc[0][m];
+                        sums[m][h][j + 1] = acc[1][m];
                     }
                 }
-                for (int m = 0; m < MB; ++m) sums[m][h][j] = acc[m];
-            };
-            for (int h = 0; h < 2; ++h) {
-                if (bc.steps == 4) half_sums.template operator()<4>(h);
-                else half_sums.template operator()<2>(h);
+            }
+        } else {
+            for (int j = 0; j < 4; ++j) {
+                const int b = 4 * q + j;
+                const uint8_t* pb = wt + (long)b * (Bp / 64) * CB;
+                const int8_t* xb = xq + (long)b * Bp;
+                const int chunks = b < NBc ? Bp / 64 : 0;  // the quad's empty blocks store no codes
+                // One half at a time keeps its MB accumulators, its codes and an activation in registers.
+                for (int h = 0; h < 2; ++h) {
+                    __m256i acc[MB];
+                    for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_si256();
+                    for (int c = 0; c < chunks; ++c) {
+                        if (h == 0) prefetch_ahead<CB>(pb + (long)c * CB);
+                        __m256i w[4];
+                        unpack_steps(pb + (long)c * CB, h, w);
+                        accumulate.template operator()<4>(w, xb + c * 64, acc);
+                    }
+                    for (int m = 0; m < MB; ++m) sums[m][h][j] = acc[m];
+                }
             }
         }
         for (int h = 0; h < 2; ++h) {

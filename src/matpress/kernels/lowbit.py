@@ -122,6 +122,14 @@ class LowbitLayout:
     # byte [r * 16 + q] of its tile's row (one row of the tensor for all tiles when the layer has one table)
     levels: torch.Tensor | None = None
 
+    @functools.cached_property
+    def matmul_arguments(self) -> tuple[tuple, tuple]:
+        """The matmul operator's arguments before and after ``x``, gathered once: a small matrix's call
+        costs microseconds, and a dozen attribute reads a call are a part of them."""
+        geo = self.geometry
+        return ((self.bits, self.codes, self.scales, self.zeros, self.levels, geo.n_blocks, geo.padded),
+                (geo.group, geo.sub, geo.width, self.out_features, not self.scales_finite))
+
 
 def _interleave(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """``(tiles, TILE, chunks, CHUNK)`` codes -> the byte stream of each tile, ``(tiles, bytes)``."""
@@ -248,11 +256,8 @@ def stack_layouts(layouts: list[LowbitLayout]) -> LowbitLayout | None:
 
 def lowbit_matmul(layout: LowbitLayout, x: torch.Tensor, lib: KernelLibrary | None = None) -> torch.Tensor:
     """``x @ W.T`` (in ``x``'s dtype) with the compiled kernels ``lib`` (default: the native build)."""
-    geo = layout.geometry
-    return (lib or load_library()).matmul(
-        layout.bits, layout.codes, layout.scales, layout.zeros, layout.levels, geo.n_blocks, geo.padded, x, geo.group, geo.sub,
-        geo.width, layout.out_features, not layout.scales_finite,
-    )
+    before, after = layout.matmul_arguments
+    return (lib or load_library()).matmul(*before, x, *after)
 
 
 def decode_bf16(layout: LowbitLayout, lib: KernelLibrary | None = None) -> torch.Tensor:
@@ -384,19 +389,19 @@ def decode_plan(blocks: list[LlamaBlock], eps: float, heads: int, scale: float) 
     return load_library().decode_plan(codes, scales, zeros, levels, geometry, norms, eps, keys, values, heads, scale)
 
 
-def layout_matmul(layout: LowbitLayout, x: torch.Tensor) -> torch.Tensor:
-    """``x @ W.T`` for a CPU input the kernels take (:func:`takes`): the integer kernel, or from
-    ``LARGE_BATCH`` rows on, where the CPU's bf16 matmul is fast (:func:`takes_bf16_path`), torch's bf16
-    matmul of the decoded weights."""
+def layout_matmul(layout: LowbitLayout, x: torch.Tensor, lib: KernelLibrary | None = None) -> torch.Tensor:
+    """``x @ W.T`` for a CPU input the kernels ``lib`` (default: the native build) take (:func:`library_for`): the integer kernel, or
+    from ``LARGE_BATCH`` rows on, where the CPU's bf16 matmul is fast (:func:`takes_bf16_path`), torch's
+    bf16 matmul of the decoded weights."""
     if takes_bf16_path(layout, x):
         # many rows: the matmul is compute bound, and bf16 on AMX outruns the int8 kernel many times over
-        return torch.nn.functional.linear(x.to(torch.bfloat16), decode_bf16(layout)).to(x.dtype)
-    return lowbit_matmul(layout, x)
+        return torch.nn.functional.linear(x.to(torch.bfloat16), decode_bf16(layout, lib)).to(x.dtype)
+    return lowbit_matmul(layout, x, lib)
 
 
-def takes(x: torch.Tensor) -> bool:
-    """Whether the compiled kernel handles ``x``: a CPU input any kernel may take, kernels built."""
-    return x.device.type == "cpu" and kernels_may_take(x) and load_library() is not None
+def library_for(x: torch.Tensor) -> KernelLibrary | None:
+    """The compiled kernels if they handle ``x`` (a CPU input any kernel may take, kernels built), else None."""
+    return load_library() if x.is_cpu and kernels_may_take(x) else None
 
 
 @register_kernel(IntFormat)
@@ -404,5 +409,6 @@ def takes(x: torch.Tensor) -> bool:
 @register_kernel(CodebookFormat)
 def lowbit_kernel(fmt: Format, x: torch.Tensor) -> torch.Tensor | None:
     """The registered fast path for ``int``, ``ternary`` and ``codebook`` formats on the CPU."""
-    layout = layout_of(fmt) if takes(x) else None
-    return None if layout is None else layout_matmul(layout, x)
+    lib = library_for(x)
+    layout = layout_of(fmt) if lib is not None else None
+    return None if layout is None else layout_matmul(layout, x, lib)
