@@ -38,7 +38,7 @@ from matpress.kernels import build
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import GGML_HEADERS, LLAMA_BIN  # noqa: E402
-from kernels import Contender, dense, ours, time_contenders, weight_copies  # noqa: E402
+from kernels import Contender, dense, ours, shape_of, time_contenders, weight_copies  # noqa: E402
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576), (4096, 4096), (11008, 4096)]
 BATCHES = [1, 4, 16]
@@ -181,7 +181,7 @@ def ggml_gemv_parser(description: str, batches: list[int], work: str) -> argpars
 
 def shape_pairs(values: Optional[list[str]], default: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """``--shapes`` as (out, in) pairs, or ``default`` where none were given."""
-    return [tuple(int(v) for v in s.split("x")) for s in values] if values else default
+    return [shape_of(s) for s in values] if values else default
 
 
 def main(argv: Optional[list[str]] = None) -> None:

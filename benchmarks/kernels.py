@@ -52,6 +52,12 @@ GROUP = 128
 PASS_SECONDS = 0.25
 
 
+def shape_of(text: str) -> tuple[int, int]:
+    """An ``OUTxIN`` option value as ``(out, in)``."""
+    out_f, in_f = (int(v) for v in text.split("x"))
+    return out_f, in_f
+
+
 def weight_copies(tensors: Iterable[torch.Tensor], pool_bytes: float) -> int:
     """How many copies of ``tensors`` fill ``pool_bytes`` (at least 2, so that calls alternate)."""
     return max(2, math.ceil(pool_bytes / sum(t.numel() * t.element_size() for t in tensors)))
@@ -292,7 +298,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     add_cache_arguments(parser, "kernels")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    shapes = [shape_of(s) for s in args.shapes.split(",")]
     cache = ResultCache(args, f"threads{args.threads}", lambda: None)
 
     bandwidth = cache.get("bandwidth", lambda _: {"GBps": streaming_bandwidth(args.repeats)})

@@ -31,7 +31,7 @@ from matpress.formats import Format, IntFormat, TernaryFormat
 from matpress.kernels.triton_lowbit import packed_matmul
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import GROUP, SHAPES, weight_copies  # noqa: E402  (benchmarks/kernels.py: the same shapes and pools)
+from kernels import GROUP, SHAPES, shape_of, weight_copies  # noqa: E402  (benchmarks/kernels.py: the same shapes and pools)
 
 BATCHES = [1, 4, 16, 64]
 
@@ -95,7 +95,7 @@ def main() -> None:
         + " | GB/s (batch 1) | max error / max output |",
         "|---|---|---:|" + "---:|---:|" * len(batches) + "---:|---:|",
     ]
-    for out_f, in_f in [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]:
+    for out_f, in_f in [shape_of(s) for s in args.shapes.split(",")]:
         torch.manual_seed(0)
         w = torch.randn(out_f, in_f) * 0.02
         contenders: dict[str, tuple[int, list, Callable]] = {}

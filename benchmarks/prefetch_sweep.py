@@ -24,7 +24,7 @@ from matpress.formats import IntFormat
 from matpress.kernels import build, lowbit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import layout_copy, weight_copies  # noqa: E402  (benchmarks/kernels.py: the same pools)
+from kernels import layout_copy, shape_of, weight_copies  # noqa: E402  (benchmarks/kernels.py: the same pools)
 
 SHAPES = [(4096, 4096), (4096, 14336)]
 # (near, far) bytes; the first is the earlier kernel's single 2 KB distance, the second the default
@@ -43,7 +43,7 @@ def main() -> None:
                         help="NEAR:FAR distances in bytes (0:0 prefetches only the chunk being read: no software prefetch)")
     args = parser.parse_args()
     variants = [tuple(int(v) for v in s.split(":")) for s in args.variants]
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
+    shapes = [shape_of(s) for s in args.shapes]
     torch.set_num_threads(args.threads)
     libs = {
         v: build.load_library(build.DEFAULT_FLAGS + (f"-DMP_PREFETCH_NEAR={v[0]}", f"-DMP_PREFETCH_FAR={v[1]}"))

@@ -521,7 +521,7 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, Zeros wzt, const
             // serves both, where a pass per block would unpack every chunk twice
             for (int j = 0; j < 4; j += 2) {
                 const int b = 4 * q + j;
-                const uint8_t* pc = wt + (long)(b / 2) * CB;
+                const uint8_t* pc = wt + block_codes(b, 32).chunk * CB;
                 const int8_t* xb = xq + (long)b * 32;
                 for (int h = 0; h < 2; ++h) {
                     __m256i acc[2][MB];
@@ -542,9 +542,10 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, Zeros wzt, const
         } else {
             for (int j = 0; j < 4; ++j) {
                 const int b = 4 * q + j;
-                const uint8_t* pb = wt + (long)b * (Bp / 64) * CB;
+                const BlockCodes bc = block_codes(b, Bp);
+                const uint8_t* pb = wt + bc.chunk * CB;
                 const int8_t* xb = xq + (long)b * Bp;
-                const int chunks = b < NBc ? Bp / 64 : 0;  // the quad's empty blocks store no codes
+                const int chunks = b < NBc ? bc.chunks : 0;  // the quad's empty blocks store no codes
                 // One half at a time keeps its MB accumulators, its codes and an activation in registers.
                 for (int h = 0; h < 2; ++h) {
                     __m256i acc[MB];

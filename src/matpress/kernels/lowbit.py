@@ -390,9 +390,9 @@ def decode_plan(blocks: list[LlamaBlock], eps: float, heads: int, scale: float) 
 
 
 def layout_matmul(layout: LowbitLayout, x: torch.Tensor, lib: KernelLibrary | None = None) -> torch.Tensor:
-    """``x @ W.T`` for a CPU input the kernels ``lib`` (default: the native build) take (:func:`library_for`): the integer kernel, or
-    from ``LARGE_BATCH`` rows on, where the CPU's bf16 matmul is fast (:func:`takes_bf16_path`), torch's
-    bf16 matmul of the decoded weights."""
+    """``x @ W.T`` for a CPU input the kernels ``lib`` (default: the native build) take
+    (:func:`library_for`): the integer kernel, or from ``LARGE_BATCH`` rows on, where the CPU's bf16
+    matmul is fast (:func:`takes_bf16_path`), torch's bf16 matmul of the decoded weights."""
     if takes_bf16_path(layout, x):
         # many rows: the matmul is compute bound, and bf16 on AMX outruns the int8 kernel many times over
         return torch.nn.functional.linear(x.to(torch.bfloat16), decode_bf16(layout, lib)).to(x.dtype)
