@@ -42,7 +42,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/rtn_minilm.py --out benchmarks/results/rtn_minilm.md
 	$(PY) benchmarks/quality.py --out benchmarks/results/quality.md
 	$(PY) benchmarks/formats.py --out benchmarks/results/formats.md
-	$(PY) benchmarks/kernels.py --out benchmarks/results/kernels.md
+	$(PY) benchmarks/kernel_speed.py --out benchmarks/results/kernels.md
 	$(PY) benchmarks/prefetch_sweep.py --out benchmarks/results/prefetch_sweep.md
 	$(PY) benchmarks/budget.py --out benchmarks/results/budget.md
 	$(VENV)/bin/matpress compress minilm --budget 3bpw --candidates all --out out/minilm-3bpw --quiet

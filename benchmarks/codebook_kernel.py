@@ -38,7 +38,7 @@ from matpress.kernels import build
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import GGML_HEADERS, LLAMA_BIN  # noqa: E402
-from kernels import Contender, dense, ours, shape_of, time_contenders, weight_copies  # noqa: E402
+from kernel_speed import Contender, dense, ours, shape_of, time_contenders, weight_copies  # noqa: E402
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576), (4096, 4096), (11008, 4096)]
 BATCHES = [1, 4, 16]

@@ -33,7 +33,7 @@ from matpress.kernels import build
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from codebook_kernel import GgmlContender, ggml_gemv_parser, load_ggml, shape_pairs  # noqa: E402
-from kernels import Contender, dense, ours, time_contenders  # noqa: E402
+from kernel_speed import Contender, dense, ours, time_contenders  # noqa: E402
 
 
 @dataclass(frozen=True)

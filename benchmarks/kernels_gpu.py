@@ -31,7 +31,7 @@ from matpress.formats import Format, IntFormat, TernaryFormat
 from matpress.kernels.triton_lowbit import packed_matmul
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import GROUP, SHAPES, shape_of, weight_copies  # noqa: E402  (benchmarks/kernels.py: the same shapes and pools)
+from kernel_speed import GROUP, SHAPES, shape_of, weight_copies  # noqa: E402  (benchmarks/kernel_speed.py: the same shapes and pools)
 
 BATCHES = [1, 4, 16, 64]
 

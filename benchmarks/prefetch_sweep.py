@@ -24,7 +24,7 @@ from matpress.formats import IntFormat
 from matpress.kernels import build, lowbit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import layout_copy, shape_of, weight_copies  # noqa: E402  (benchmarks/kernels.py: the same pools)
+from kernel_speed import layout_copy, shape_of, weight_copies  # noqa: E402  (benchmarks/kernel_speed.py: the same pools)
 
 SHAPES = [(4096, 4096), (4096, 14336)]
 # (near, far) bytes; the first is the earlier kernel's single 2 KB distance, the second the default

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.metadata
+import re
 import sys
 from pathlib import Path
 
@@ -65,3 +67,21 @@ def test_a_missing_name_is_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     script.write_text("from helper import present, SECOND, absent\nfrom matpress.models import load_pretrained, no_such_name\n")
     monkeypatch.setattr(sys.modules[__name__], "BENCHMARKS", tmp_path)
     assert missing_imports(script) == ["helper.absent", "matpress.models.no_such_name"]
+
+
+def names_transformers_probes() -> set[str]:
+    """Top-level packages transformers imports when it finds them (its optional integrations)."""
+    import transformers.utils.import_utils as import_utils
+
+    source = Path(import_utils.__file__).read_text()
+    return set(re.findall(r'_is_package_available\(\s*"([A-Za-z0-9_]+)"', source))
+
+
+def test_benchmark_scripts_shadow_no_package() -> None:
+    # Python puts a script's folder first on sys.path, so a benchmarks/kernels.py was imported by
+    # transformers in place of the `kernels` package it probes for, and `make demo` failed on it.
+    taken = set(sys.stdlib_module_names) | set(importlib.metadata.packages_distributions())
+    taken |= names_transformers_probes()
+    assert len(names_transformers_probes()) > 20, "transformers' optional-package probes not found"
+    clashes = sorted(s.name for s in SCRIPTS if s.stem in taken)
+    assert clashes == [], f"benchmark scripts named like an importable package: {clashes}; rename them"

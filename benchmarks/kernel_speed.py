@@ -18,7 +18,7 @@ linear layer RTN 4-bit g128), against fp32, the caches flushed before every call
 Each shape's timings, the bandwidth and each end-to-end model are cached (``harness.ResultCache``): a
 rerun measures only what is missing (``--force``: all).
 
-    flock /tmp/matpress-heavy.lock python benchmarks/kernels.py --out benchmarks/results/kernels.md
+    flock /tmp/matpress-heavy.lock python benchmarks/kernel_speed.py --out benchmarks/results/kernels.md
 """
 
 from __future__ import annotations
