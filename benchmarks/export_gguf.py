@@ -30,7 +30,6 @@ a run computes the missing ones and stops starting new ones after ``--minutes``:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -45,6 +44,7 @@ from matpress.evaluation import token_windows
 from matpress.evaluation.text import EVALUATION, corpus
 from matpress.evaluation.timing import command_line, machine_description, publish
 from matpress.formats.kquant import KQUANTS
+from matpress.kernels import build
 from matpress.models import SMOLLM2, from_pretrained, load_pretrained
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -160,15 +160,10 @@ def activation_rounding_control(source: str, windows: torch.Tensor) -> dict[str,
 
 
 def with_kernels(enabled: bool, run: Callable[[], Any]) -> Any:
-    previous = os.environ.get("MATPRESS_KERNELS")
-    os.environ["MATPRESS_KERNELS"] = "1" if enabled else "0"
-    try:
+    if enabled:
         return run()
-    finally:
-        if previous is None:
-            del os.environ["MATPRESS_KERNELS"]
-        else:
-            os.environ["MATPRESS_KERNELS"] = previous
+    with build.switched_off():
+        return run()
 
 
 def measure(name: str, source: str, recipe: dict[str, Any], work: Path, windows: torch.Tensor, seq_len: int) -> dict[str, Any]:

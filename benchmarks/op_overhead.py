@@ -6,7 +6,7 @@ alone (``lowbit.lowbit_matmul`` on a prepared layout), the whole dispatch a ``Co
 (``kernels.matmul``), and torch's own ``F.linear`` on the dense 8 x 64 weight for scale. Prints one
 markdown table; run it on two checkouts to compare paths.
 
-    python benchmarks/op_overhead.py [--rounds 41] [--calls 2000]
+    python benchmarks/op_overhead.py [--rounds 41] [--calls 2000] [--out benchmarks/results/op_overhead_avx2.md]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 
 from matpress import kernels
 from matpress.formats import IntFormat
-from matpress.evaluation.timing import machine_description
+from matpress.evaluation.timing import command_line, machine_description, publish
 from matpress.kernels import build, lowbit
 
 
@@ -61,10 +61,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=41)
     parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--out", help="also write the Markdown result here")
     args = parser.parse_args()
     table = overhead_table(args.rounds, args.calls)
-    print(f"{machine_description()}; {build.kernel_path()}")
-    print("\n".join(table))
+    lines = [
+        "# Per-call cost of the compiled kernels",
+        "",
+        f"Command: `{command_line()}`  ",
+        f"Machine: {machine_description()}; {build.kernel_path()}  ",
+        f"One thread; median over {args.rounds} interleaved rounds of the mean over {args.calls} calls.",
+        "",
+        *table,
+        "",
+    ]
+    publish("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ if not torch.cuda.is_available():
 
 import transformers  # noqa: E402
 
+from matpress.kernels import build  # noqa: E402
+
 transformers.logging.set_verbosity_error()
 
 
@@ -88,6 +90,13 @@ def tiny_bert(layers: int = 2, hidden: int = 64, vocab: int = 128) -> torch.nn.M
 
 
 TINY_MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
+
+
+@pytest.fixture
+def kernels_off():
+    """The compiled kernels off for the test: every format's own exact matmul runs."""
+    with build.switched_off():
+        yield
 
 
 @pytest.fixture(params=sorted(TINY_MODELS))

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, ContextManager, Optional
-from unittest import mock
 
 import torch
 from torch import nn
 
 import matpress
 from matpress import kernels
+from matpress.kernels import build
 from matpress.formats import Format, format_class
 from matpress.io import read_checkpoint, stored_nbytes
 from matpress.nn.layers import CompressedLinear
@@ -53,14 +52,12 @@ def kernel_error_bound(w: torch.Tensor, x: torch.Tensor, group: int) -> torch.Te
 def kernel_library(march: str):
     """The compiled CPU kernels built with ``-march=march`` instead of ``-march=native`` (cached), to run
     a narrower instruction-set path of ``lowbit.cpp`` on this machine."""
-    from matpress.kernels import build
-
     return build.load_library(tuple(f if f != "-march=native" else f"-march={march}" for f in build.DEFAULT_FLAGS))
 
 
 def exact_matmul() -> ContextManager:
-    """Switch the compiled kernels off (``MATPRESS_KERNELS=0``) for the duration."""
-    return mock.patch.dict(os.environ, {"MATPRESS_KERNELS": "0"})
+    """Switch the compiled kernels off for the duration."""
+    return build.switched_off()
 
 
 def run_method(method: str, weight: torch.Tensor, stats: Optional[LayerStats], **params: Any) -> Format:

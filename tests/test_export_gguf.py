@@ -328,9 +328,8 @@ def test_transformers_loads_the_weights_and_tokenizer(mixed):
     assert gguf_tokenizer.eos_token == tokenizer.eos_token
 
 
-def test_exact_only_model_loads_with_identical_logits(tmp_path, monkeypatch):
+def test_exact_only_model_loads_with_identical_logits(tmp_path, kernels_off):
     pytest.importorskip("accelerate")
-    monkeypatch.setenv("MATPRESS_KERNELS", "0")
     rules = [{"pattern": "*v_proj", "bits": 8, "group_size": 64, "symmetric": True}]
     checkpoint = llama_checkpoint(tmp_path, "exact", rules, {"method": "rtn", "bits": 4, "group_size": 64, "symmetric": True}, "qwen2")
     report = matpress.export(checkpoint, tmp_path / "exact.gguf")

@@ -36,21 +36,24 @@ FORMATS = {
 }
 
 
-def op_args(layout: lowbit.LowbitLayout, x: torch.Tensor) -> tuple:
+def op_args(layout: lowbit.LowbitLayout, x: torch.Tensor) -> list:
+    return [layout.codes, layout.scales, layout.zeros, layout.levels, x, layout.operator_geometry]
+
+
+def test_the_geometry_argument_follows_its_field_order():
+    layout = lowbit.layout_of(FORMATS["int3-g100"]())
+    named = dict(zip(build.GEOMETRY_FIELDS, layout.operator_geometry, strict=True))
     geo = layout.geometry
-    return (layout.bits, layout.codes, layout.scales, layout.zeros, layout.levels, geo.n_blocks, geo.padded, x,
-            geo.group, geo.sub, geo.width, layout.out_features, not layout.scales_finite)
+    assert named == {"bits": 3, "n_blocks": geo.n_blocks, "padded": geo.padded, "in_features": IN, "group": 100,
+                     "sub": geo.sub, "width": geo.width, "out_features": OUT, "scales_nonfinite": 0}
 
 
 @pytest.mark.parametrize("name", sorted(FORMATS))
 def test_operators_pass_opcheck(name, native):
     layout = lowbit.layout_of(FORMATS[name]())
-    geo = layout.geometry
     for x in (torch.randn(1, IN), torch.randn(2, 5, IN), torch.randn(0, IN), torch.randn(3, IN).bfloat16()):
         torch.library.opcheck(native.matmul, op_args(layout, x))
-    decode = (layout.bits, layout.codes, layout.scales, layout.zeros, layout.levels, geo.n_blocks, geo.padded, IN,
-              geo.group, geo.sub, geo.width, OUT)
-    torch.library.opcheck(native.decode_bf16, decode)
+    torch.library.opcheck(native.decode_bf16, (layout.codes, layout.scales, layout.zeros, layout.levels, layout.operator_geometry))
 
 
 def test_operator_keeps_shape_and_dtype_of_the_input(native):
@@ -68,21 +71,21 @@ def test_operator_keeps_shape_and_dtype_of_the_input(native):
 
 def test_operator_refuses_a_layout_that_does_not_match_its_geometry(native):
     layout = lowbit.layout_of(FORMATS["int4-g64"]())
-    args = list(op_args(layout, torch.randn(1, IN)))
-    args[1] = layout.codes[:, :-1].contiguous()
+    args = op_args(layout, torch.randn(1, IN))
+    args[0] = layout.codes[:, :-1].contiguous()
     with pytest.raises(RuntimeError, match="codes hold"):
         native.matmul(*args)
 
 
 def test_operator_refuses_lookup_tables_of_the_wrong_shape_or_width(native):
     layout = lowbit.layout_of(FORMATS["codebook4-g32-iq4nl"]())
-    args = list(op_args(layout, torch.randn(1, IN)))
-    args[4] = layout.levels[:, :32].contiguous()
+    args = op_args(layout, torch.randn(1, IN))
+    args[3] = layout.levels[:, :32].contiguous()
     with pytest.raises(RuntimeError, match="levels must be a contiguous uint8 CPU tensor of 64 bytes"):
         native.matmul(*args)
     eight = lowbit.layout_of(FORMATS["int8-ch"]())
-    args = list(op_args(eight, torch.randn(1, IN)))
-    args[4] = layout.levels
+    args = op_args(eight, torch.randn(1, IN))
+    args[3] = layout.levels
     with pytest.raises(RuntimeError, match="lookup tables are for codes of up to 4 bits, not 8"):
         native.matmul(*args)
 
@@ -106,11 +109,18 @@ def test_blocks_of_32_columns_share_their_chunks():
     assert layout.codes.shape[1] == 5 * 128
 
 
-def test_operator_refuses_an_input_narrower_than_its_layout(native):
+def test_operator_refuses_an_input_of_another_width_or_a_bad_geometry(native):
     layout = lowbit.layout_of(FORMATS["int4-g64"]())
-    args = list(op_args(layout, torch.randn(1, 128)))  # 2 blocks of columns against the layout's 5
-    with pytest.raises(RuntimeError, match="codes hold 640 bytes per tile, the geometry needs 256"):
+    with pytest.raises(RuntimeError, match=f"x must be a CPU tensor of {IN} features in its last dimension, not 128"):
+        native.matmul(*op_args(layout, torch.randn(1, 128)))
+    args = op_args(layout, torch.randn(1, IN))
+    args[-1] = layout.operator_geometry[:-1]
+    with pytest.raises(RuntimeError, match="the geometry is 9 integers .* not 8"):
         native.matmul(*args)
+    wider = list(layout.operator_geometry)
+    wider[build.IN_FEATURES] = 500  # 8 blocks of columns against the 5 the codes hold
+    with pytest.raises(RuntimeError, match="codes hold 640 bytes per tile, the geometry needs 1024"):
+        native.matmul(*op_args(layout, torch.randn(1, 500))[:-1], wider)
 
 
 @pytest.mark.parametrize("name", sorted(FORMATS))

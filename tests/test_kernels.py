@@ -222,12 +222,13 @@ def test_fractional_zero_points_take_the_formats_own_matmul(native):
     assert torch.equal(kernels.matmul(fmt, x), fmt.matmul(x))
 
 
-def test_fallback_equals_fast_path(monkeypatch, native):
+def test_fallback_equals_fast_path(native):
     fmt = IntFormat.encode(weight(2), bits=3, group_size=64)
     x = torch.randn(4, IN)
     fast = kernels.matmul(fmt, x)
-    monkeypatch.setenv("MATPRESS_KERNELS", "0")
-    slow = kernels.matmul(fmt, x)
+    with build.switched_off():
+        slow = kernels.matmul(fmt, x)
+    assert torch.equal(kernels.matmul(fmt, x), fast)  # on again after the block
     assert torch.equal(slow, fmt.matmul(x))
     assert_within_kernel_bound(fast, fmt, x, 64)
     assert_within_kernel_bound(slow, fmt, x, 64)
@@ -285,16 +286,43 @@ def test_other_paths_equal_the_native_one(march, isa, native):
         assert torch.equal(lowbit.decode_bf16(layout, other), lowbit.decode_bf16(layout, native))
 
 
+@pytest.fixture
+def settings_read_again():
+    """The kernel settings read from the environment anew at the next call, and again after the test
+    (monkeypatch, set up first, restores the environment after this fixture's teardown)."""
+
+    def forget() -> None:
+        for cached in (build.chosen_isa, build.chosen_flags, build.disabled_by_environment,
+                       lowbit.bf16_matmul_is_fast, lowbit.bf16_dot_is_fast):
+            cached.cache_clear()
+
+    forget()
+    yield
+    forget()
+
+
+def test_the_kernels_off_variable_is_read_at_the_first_call(monkeypatch, settings_read_again, native):
+    fmt = IntFormat.encode(weight(2), bits=3, group_size=64)
+    x = torch.randn(4, IN)
+    monkeypatch.setenv("MATPRESS_KERNELS", "0")
+    assert torch.equal(kernels.matmul(fmt, x), fmt.matmul(x)) and build.disabled()
+    monkeypatch.setenv("MATPRESS_KERNELS", "1")  # read once: the process keeps what it read
+    assert build.disabled()
+    assert "no compiled kernels" in build.kernel_path()
+
+
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 build flags")
-def test_the_isa_variable_builds_the_kernels_as_another_cpu_runs_them(monkeypatch, native):
+def test_the_isa_variable_builds_the_kernels_as_another_cpu_runs_them(monkeypatch, settings_read_again, native):
     monkeypatch.setenv(build.ISA_VARIABLE, "avx2")
     assert build.load_library().isa() == 2 and "AVX2" in build.kernel_path()
     # no bf16 path either: an AVX2 CPU has neither AMX nor AVX-512 BF16
-    assert not lowbit.bf16_matmul_is_fast.__wrapped__() and not lowbit.bf16_dot_is_fast.__wrapped__()
+    assert not lowbit.bf16_matmul_is_fast() and not lowbit.bf16_dot_is_fast()
     fmt = IntFormat.encode(weight(8), bits=4, group_size=64)
     x = torch.randn(3, IN)
     y = kernels.matmul(fmt, x)
     assert_within_kernel_bound(y, fmt, x, 64)
+    build.chosen_isa.cache_clear()
+    build.chosen_flags.cache_clear()
     monkeypatch.setenv(build.ISA_VARIABLE, "avx9")
     with pytest.raises(MatpressError, match="MATPRESS_KERNEL_ISA is 'avx9'; set it to one of native, avx2, portable"):
         kernels.matmul(fmt, x)

@@ -33,7 +33,9 @@ can write a matching record beside a planted library (they can run code as that 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -45,7 +47,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch  # also loads torch's libgomp before ours, so both share one OpenMP runtime
 from torch.utils import cpp_extension
@@ -137,12 +139,17 @@ def namespace_of(flags: tuple[str, ...]) -> str:
     return f"{NAMESPACE}_{hashlib.sha256(chr(0).join(flags).encode()).hexdigest()[:12]}"
 
 
-def _fake_matmul(bits, codes, scales, zeros, levels, n_blocks, padded, x, group, sub, width, out_features, scales_nonfinite):
-    return x.new_empty((*x.shape[:-1], out_features))
+# The operators' geometry argument, in order (lowbit.cpp's Geometry; LowbitLayout.operator_geometry builds it).
+GEOMETRY_FIELDS = ("bits", "n_blocks", "padded", "in_features", "group", "sub", "width", "out_features", "scales_nonfinite")
+IN_FEATURES, OUT_FEATURES = GEOMETRY_FIELDS.index("in_features"), GEOMETRY_FIELDS.index("out_features")
 
 
-def _fake_decode_bf16(bits, codes, scales, zeros, levels, n_blocks, padded, in_features, group, sub, width, out_features):
-    return codes.new_empty((out_features, in_features), dtype=torch.bfloat16)
+def _fake_matmul(codes, scales, zeros, levels, x, geometry):
+    return x.new_empty((*x.shape[:-1], geometry[OUT_FEATURES]))
+
+
+def _fake_decode_bf16(codes, scales, zeros, levels, geometry):
+    return codes.new_empty((geometry[OUT_FEATURES], geometry[IN_FEATURES]), dtype=torch.bfloat16)
 
 
 def _register(lib: ctypes.CDLL, namespace: str) -> None:
@@ -289,6 +296,13 @@ def _open(flags: tuple[str, ...]) -> tuple[KernelLibrary, Optional[str]]:
     return KernelLibrary(lib, namespace, ops.matmul.default, ops.decode_bf16.default, plan), refused
 
 
+# The two settings below are read once, at the first kernel call, as torch reads ATEN_CPU_CAPABILITY:
+# every call consults them, and os.environ.get of an unset name costs a microsecond (a KeyError raised
+# and caught) on a call of a few microseconds. Set them before the process starts, or switch the kernels
+# off in the process with `switched_off`.
+
+
+@functools.cache
 def chosen_isa() -> str:
     """The instruction set of :data:`ISA_VARIABLE` (``native`` when unset)."""
     isa = os.environ.get(ISA_VARIABLE, "native")
@@ -297,19 +311,11 @@ def chosen_isa() -> str:
     return isa
 
 
-# chosen_flags by the value of ISA_VARIABLE: load_library runs on every kernel call, where building the
-# tuple again would cost as much as the call's own way in
-_FLAGS_OF_ISA: dict[str, tuple[str, ...]] = {}
-
-
+@functools.cache
 def chosen_flags() -> tuple[str, ...]:
     """DEFAULT_FLAGS with the ``-march`` of :func:`chosen_isa`."""
-    isa = os.environ.get(ISA_VARIABLE, "native")
-    flags = _FLAGS_OF_ISA.get(isa)
-    if flags is None:
-        march = f"-march={ISA_MARCH[chosen_isa()]}"
-        flags = _FLAGS_OF_ISA[isa] = tuple(march if f == "-march=native" else f for f in DEFAULT_FLAGS)
-    return flags
+    march = f"-march={ISA_MARCH[chosen_isa()]}"
+    return tuple(march if f == "-march=native" else f for f in DEFAULT_FLAGS)
 
 
 def load_library(flags: Optional[tuple[str, ...]] = None) -> Optional[KernelLibrary]:
@@ -345,5 +351,26 @@ def kernel_path() -> str:
 
 
 def disabled() -> bool:
-    """``MATPRESS_KERNELS=0`` switches the compiled kernels off (every format uses its own matmul)."""
+    """Whether the compiled kernels are off (every format then uses its own matmul): inside
+    :func:`switched_off`, or for the process by ``MATPRESS_KERNELS=0``."""
+    return _SWITCHED_OFF > 0 or disabled_by_environment()
+
+
+@functools.cache
+def disabled_by_environment() -> bool:
+    """``MATPRESS_KERNELS=0`` at the first kernel call switches the compiled kernels off for the process."""
     return os.environ.get("MATPRESS_KERNELS", "1") == "0"
+
+
+_SWITCHED_OFF = 0  # depth of nested switched_off blocks
+
+
+@contextlib.contextmanager
+def switched_off() -> Iterator[None]:
+    """The compiled kernels off for the duration (the formats' own exact matmul runs)."""
+    global _SWITCHED_OFF
+    _SWITCHED_OFF += 1
+    try:
+        yield
+    finally:
+        _SWITCHED_OFF -= 1

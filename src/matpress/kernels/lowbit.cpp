@@ -205,6 +205,19 @@ static inline BlockCodes block_codes(int b, int Bp) {
 static inline long chunks_of(int blocks, int Bp) { return Bp == 32 ? (blocks + 1) / 2 : (long)blocks * (Bp / 64); }
 static inline long code_chunks(int K, int G, int sub, int Bp) { return chunks_of(code_blocks(K, G, sub), Bp); }
 
+// body(i) for i in [0, n): spread over `nthreads` OpenMP threads when `parallel`, else in this thread.
+// Not a parallel region with an if clause: libgomp closes even a one-thread region with a futex wake,
+// a microsecond of a small matrix's call.
+template <class Body>
+static inline void for_each_index(long n, int nthreads, bool parallel, const Body& body) {
+    if (parallel && nthreads > 1) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (long i = 0; i < n; ++i) body(i);
+    } else {
+        for (long i = 0; i < n; ++i) body(i);
+    }
+}
+
 extern "C" {
 
 // Which path was compiled in: 1 AVX-512 VNNI, 2 AVX2, 0 portable C++.
@@ -226,14 +239,13 @@ int mp_isa(void) {
 void mp_quantize(const float* x, int M, int K, int G, int sub, int Bo, int Bp, int NB, int8_t* xq,
                  float* xscale, int32_t* xsum, int nthreads) {
     const long total = (long)M * NB;
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (total * Bp > (1 << 18))
-    for (long mb = 0; mb < total; ++mb) {
+    for_each_index(total, nthreads, total * Bp > (1 << 18), [&](long mb) {
         const int m = (int)(mb / NB), b = (int)(mb % NB);
         int start, n;
         block_columns(b, K, G, sub, Bo, &start, &n);
         quantize_block(x + (long)m * K + start, n, xq + (long)m * NB * Bp + (long)b * Bp, Bp, xscale + mb,
                        xsum + mb);
-    }
+    });
 }
 
 }  // extern "C"
@@ -983,11 +995,10 @@ static void gemm_bits(const uint8_t* w, const uint16_t* ws, Zeros wz, const uint
     const long panel = panel_rows(MP_PANEL_BYTES, xstride, M);
     const long panels = (M + panel - 1) / panel, work = panels * T;
     // Threads only for more than a few microseconds of work: waking them costs more on small matrices.
-#pragma omp parallel for num_threads(nthreads) schedule(static) if ((long)T * tile_bytes * M > (1 << 15))
-    for (long i = 0; i < work; ++i) {
+    for_each_index(work, nthreads, (long)T * tile_bytes * M > (1 << 15), [&](long i) {
         const long m0 = i / T * panel, m1 = m0 + panel < M ? m0 + panel : M;
         tile_times_rows<BITS, LUT>(w, ws, wz, lut, lut_stride, (int)(i % T), NB, NBc, Bp, xq, xscale, xsum, m0, m1, y, N);
-    }
+    });
 }
 
 // Recompute in fp32 every output y[m, n] that a non-finite value reaches: over the blocks b where the
@@ -1176,11 +1187,29 @@ int mp_decode_bf16(int bits, const uint8_t* w, const uint16_t* ws, Zeros wz, con
 #include <string>
 #include <utility>
 
-static void check_layout(int64_t bits, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros,
-                         int64_t n_blocks, int64_t padded, int64_t in_features, int64_t group, int64_t sub,
-                         int64_t out_features) {
-    TORCH_CHECK(group > 0 && sub > 0 && in_features > 0 && (padded == 32 || (padded > 0 && padded % 64 == 0)),
-                "low-bit kernel: group, sub and in_features must be positive, padded 32 or a multiple of 64");
+// A layout's geometry as the operators and DecodePlan take it: GEOMETRY_VALUES integers per layout, in
+// this order (LowbitLayout.operator_geometry builds them). One list, not a dozen scalar arguments: each
+// argument of an operator call costs a fraction of a microsecond to convert.
+constexpr int GEOMETRY_VALUES = 9;
+struct Geometry {
+    int64_t bits, n_blocks, padded, in_features, group, sub, width, out_features, scales_nonfinite;
+    static Geometry of(const int64_t* g) { return {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8]}; }
+};
+
+static Geometry geometry_of(at::IntArrayRef geometry) {
+    TORCH_CHECK(geometry.size() == GEOMETRY_VALUES, "low-bit kernel: the geometry is ", GEOMETRY_VALUES,
+                " integers (bits, n_blocks, padded, in_features, group, sub, width, out_features, scales_nonfinite), not ",
+                geometry.size());
+    return Geometry::of(geometry.data());
+}
+
+static void check_layout(const Geometry& g, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros) {
+    const int64_t bits = g.bits, n_blocks = g.n_blocks, padded = g.padded, in_features = g.in_features,
+                  group = g.group, sub = g.sub, out_features = g.out_features;
+    TORCH_CHECK(group > 0 && sub > 0 && in_features > 0 && g.width > 0 && out_features > 0 &&
+                    (padded == 32 || (padded > 0 && padded % 64 == 0)),
+                "low-bit kernel: group, sub, width, in_features and out_features must be positive, padded 32 or a "
+                "multiple of 64");
     const int64_t stored = code_blocks((int)in_features, (int)group, (int)sub);
     TORCH_CHECK(stored <= n_blocks && n_blocks % 4 == 0, "low-bit kernel: ", n_blocks,
                 " blocks (a multiple of 4) cannot hold the ", stored, " blocks of ", in_features, " columns");
@@ -1225,43 +1254,43 @@ static Lookup lookup_of(const at::Tensor& levels, int64_t bits, const at::Tensor
     return {levels.data_ptr<uint8_t>(), levels.size(0) == 1 ? 0L : 64L};
 }
 
-static at::Tensor op_matmul(int64_t bits, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros,
-                            const std::optional<at::Tensor>& levels, int64_t n_blocks, int64_t padded, const at::Tensor& x,
-                            int64_t group, int64_t sub, int64_t width, int64_t out_features, bool scales_nonfinite) {
-    TORCH_CHECK(x.device().is_cpu() && x.dim() >= 1 && x.size(-1) > 0,
-                "low-bit kernel: x must be a CPU tensor with features in its last dimension");
-    check_layout(bits, codes, scales, zeros, n_blocks, padded, x.size(-1), group, sub, out_features);
-    const Lookup lookup = lookup_of(levels.value_or(at::Tensor()), bits, codes);
+static at::Tensor op_matmul(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros,
+                            const std::optional<at::Tensor>& levels, const at::Tensor& x, at::IntArrayRef geometry) {
+    const Geometry g = geometry_of(geometry);
+    TORCH_CHECK(x.device().is_cpu() && x.dim() >= 1 && x.size(-1) == g.in_features,
+                "low-bit kernel: x must be a CPU tensor of ", g.in_features, " features in its last dimension, not ",
+                x.dim() ? x.size(-1) : 0);
+    check_layout(g, codes, scales, zeros);
+    const Lookup lookup = lookup_of(levels.value_or(at::Tensor()), g.bits, codes);
     // fp32 contiguous input (the common case) goes in as it is: no conversion, no copy
     const bool direct = x.scalar_type() == at::kFloat && x.is_contiguous();
     const at::Tensor xf = direct ? x : x.to(at::kFloat).contiguous();
     const int64_t K = x.size(-1), M = x.numel() / K;
     std::vector<int64_t> sizes = x.sizes().vec();
-    sizes.back() = out_features;
+    sizes.back() = g.out_features;
     at::Tensor y = at::empty(sizes, xf.options());
     if (M) {
-        const int status = mp_matmul((int)bits, codes.data_ptr<uint8_t>(),
+        const int status = mp_matmul((int)g.bits, codes.data_ptr<uint8_t>(),
                                      reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
                                      zeros_of(zeros, scales), lookup.lut, lookup.stride, (int)codes.size(0),
-                                     (int)n_blocks, (int)padded, xf.data_ptr<float>(), (int)M, (int)K, (int)group, (int)sub, (int)width,
-                                     y.data_ptr<float>(), (int)out_features, scales_nonfinite,
-                                     at::get_num_threads());
+                                     (int)g.n_blocks, (int)g.padded, xf.data_ptr<float>(), (int)M, (int)K, (int)g.group,
+                                     (int)g.sub, (int)g.width, y.data_ptr<float>(), (int)g.out_features,
+                                     g.scales_nonfinite != 0, at::get_num_threads());
         TORCH_CHECK(status == 0, "low-bit kernel: no scratch memory for ", M, " x ", K, " activations");
     }
     return direct ? y : y.to(x.scalar_type());
 }
 
-static at::Tensor op_decode_bf16(int64_t bits, const at::Tensor& codes, const at::Tensor& scales,
-                                 const at::Tensor& zeros, const std::optional<at::Tensor>& levels, int64_t n_blocks,
-                                 int64_t padded, int64_t in_features, int64_t group, int64_t sub, int64_t width,
-                                 int64_t out_features) {
-    check_layout(bits, codes, scales, zeros, n_blocks, padded, in_features, group, sub, out_features);
-    const Lookup lookup = lookup_of(levels.value_or(at::Tensor()), bits, codes);
-    at::Tensor out = at::empty({out_features, in_features}, codes.options().dtype(at::kBFloat16));
-    mp_decode_bf16((int)bits, codes.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
-                   zeros_of(zeros, scales), lookup.lut, lookup.stride, (int)codes.size(0), (int)n_blocks, (int)padded, (int)in_features,
-                   (int)group, (int)sub, (int)width, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()),
-                   (int)out_features, at::get_num_threads());
+static at::Tensor op_decode_bf16(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros,
+                                 const std::optional<at::Tensor>& levels, at::IntArrayRef geometry) {
+    const Geometry g = geometry_of(geometry);
+    check_layout(g, codes, scales, zeros);
+    const Lookup lookup = lookup_of(levels.value_or(at::Tensor()), g.bits, codes);
+    at::Tensor out = at::empty({g.out_features, g.in_features}, codes.options().dtype(at::kBFloat16));
+    mp_decode_bf16((int)g.bits, codes.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),
+                   zeros_of(zeros, scales), lookup.lut, lookup.stride, (int)codes.size(0), (int)g.n_blocks, (int)g.padded,
+                   (int)g.in_features, (int)g.group, (int)g.sub, (int)g.width,
+                   reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), (int)g.out_features, at::get_num_threads());
     return out;
 }
 
@@ -1413,9 +1442,10 @@ class DecodePlan : public torch::CustomClassHolder {
         : eps_((float)eps), scale_((float)scale), heads_(heads) {
         const size_t n = keys.size();
         TORCH_CHECK(n > 0 && codes.size() == 4 * n && scales.size() == 4 * n && zeros.size() == 4 * n &&
-                        levels.size() == 4 * n && geometry.size() == 32 * n && norms.size() == 2 * n && values.size() == n,
-                    "decode plan: per block four projections (q/k/v, o, gate/up, down) with eight geometry values "
-                    "each, two norms and a key and a value cache; got ", n, " caches, ", codes.size(), " projections, ",
+                        levels.size() == 4 * n && geometry.size() == 4 * GEOMETRY_VALUES * n &&
+                        norms.size() == 2 * n && values.size() == n,
+                    "decode plan: per block four projections (q/k/v, o, gate/up, down) with ", GEOMETRY_VALUES,
+                    " geometry values each, two norms and a key and a value cache; got ", n, " caches, ", codes.size(), " projections, ",
                     geometry.size(), " geometry values, ", norms.size(), " norms");
         const at::Tensor& first = keys[0];
         TORCH_CHECK(first.dim() == 3, "decode plan: caches must be (kv_heads, positions, head_dim)");
@@ -1423,7 +1453,7 @@ class DecodePlan : public torch::CustomClassHolder {
         TORCH_CHECK(heads > 0 && heads % kv_heads_ == 0 && d_ % 2 == 0, "decode plan: ", heads, " heads over ", kv_heads_,
                     " key/value heads of width ", d_);
         hidden_ = norms[0].numel();
-        inner_ = geometry[2 * 8 + 6] / 2;
+        inner_ = Geometry::of(geometry.data() + 2 * GEOMETRY_VALUES).out_features / 2;
         for (size_t b = 0; b < n; ++b) {
             Block block;
             for (const at::Tensor* cache : {&keys[b], &values[b]})
@@ -1439,18 +1469,20 @@ class DecodePlan : public torch::CustomClassHolder {
             const int64_t out_features[4] = {(heads + 2 * kv_heads_) * d_, hidden_, 2 * inner_, hidden_};
             for (int i = 0; i < 4; ++i) {
                 const size_t at = 4 * b + i;
-                const int64_t* g = geometry.data() + 8 * at;
-                TORCH_CHECK(g[6] == out_features[i], "decode plan: block ", b, "'s projection ", i, " has ", g[6],
-                            " outputs, the block needs ", out_features[i]);
-                check_layout(g[0], codes[at], scales[at], zeros[at], g[1], g[2], in_features[i], g[3], g[4], g[6]);
-                block.proj[i] = Projection{(int)g[0], codes[at].data_ptr<uint8_t>(),
+                const Geometry g = Geometry::of(geometry.data() + GEOMETRY_VALUES * at);
+                TORCH_CHECK(g.in_features == in_features[i] && g.out_features == out_features[i], "decode plan: block ",
+                            b, "'s projection ", i, " is ", g.out_features, "x", g.in_features, ", the block needs ",
+                            out_features[i], "x", in_features[i]);
+                check_layout(g, codes[at], scales[at], zeros[at]);
+                block.proj[i] = Projection{(int)g.bits, codes[at].data_ptr<uint8_t>(),
                                            reinterpret_cast<const uint16_t*>(scales[at].data_ptr<at::Half>()),
-                                           zeros_of(zeros[at], scales[at]), lookup_of(levels[at], g[0], codes[at]),
-                                           (int)codes[at].size(0), (int)g[1], (int)g[2], (int)in_features[i], (int)g[3],
-                                           (int)g[4], (int)g[5], (int)g[6], (int)g[7]};
+                                           zeros_of(zeros[at], scales[at]), lookup_of(levels[at], g.bits, codes[at]),
+                                           (int)codes[at].size(0), (int)g.n_blocks, (int)g.padded, (int)g.in_features,
+                                           (int)g.group, (int)g.sub, (int)g.width, (int)g.out_features,
+                                           (int)g.scales_nonfinite};
                 weight_bytes_ += codes[at].numel();
-                widest_ = std::max(widest_, (long)g[1] * g[2]);
-                n_blocks_ = std::max(n_blocks_, (long)g[1]);
+                widest_ = std::max(widest_, (long)g.n_blocks * g.padded);
+                n_blocks_ = std::max(n_blocks_, (long)g.n_blocks);
             }
             block.input_norm = norms[2 * b].data_ptr<float>();
             block.post_norm = norms[2 * b + 1].data_ptr<float>();
@@ -1577,10 +1609,8 @@ int mp_register_ops(const char* ns, char* error, int error_len) {
         // Never freed: the registrations must outlive every call, and the dispatcher may be torn down
         // before this library's static destructors would run.
         auto* def = new torch::Library(torch::Library::DEF, ns, std::nullopt, __FILE__, __LINE__);
-        def->def("matmul(int bits, Tensor codes, Tensor scales, Tensor zeros, Tensor? levels, int n_blocks, int padded, "
-                 "Tensor x, int group, int sub, int width, int out_features, bool scales_nonfinite) -> Tensor");
-        def->def("decode_bf16(int bits, Tensor codes, Tensor scales, Tensor zeros, Tensor? levels, int n_blocks, "
-                 "int padded, int in_features, int group, int sub, int width, int out_features) -> Tensor");
+        def->def("matmul(Tensor codes, Tensor scales, Tensor zeros, Tensor? levels, Tensor x, int[] geometry) -> Tensor");
+        def->def("decode_bf16(Tensor codes, Tensor scales, Tensor zeros, Tensor? levels, int[] geometry) -> Tensor");
         def->class_<DecodePlan>("DecodePlan")
             .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                              std::vector<at::Tensor>, std::vector<int64_t>, std::vector<at::Tensor>, double,

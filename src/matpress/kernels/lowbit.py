@@ -123,12 +123,12 @@ class LowbitLayout:
     levels: torch.Tensor | None = None
 
     @functools.cached_property
-    def matmul_arguments(self) -> tuple[tuple, tuple]:
-        """The matmul operator's arguments before and after ``x``, gathered once: a small matrix's call
-        costs microseconds, and a dozen attribute reads a call are a part of them."""
+    def operator_geometry(self) -> tuple[int, ...]:
+        """The operators' ``geometry`` argument (``build.GEOMETRY_FIELDS``), built once: a small matrix's
+        call costs microseconds, and a dozen attribute reads a call would be a part of them."""
         geo = self.geometry
-        return ((self.bits, self.codes, self.scales, self.zeros, self.levels, geo.n_blocks, geo.padded),
-                (geo.group, geo.sub, geo.width, self.out_features, not self.scales_finite))
+        return (self.bits, geo.n_blocks, geo.padded, geo.in_features, geo.group, geo.sub, geo.width,
+                self.out_features, int(not self.scales_finite))
 
 
 def _interleave(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -256,18 +256,15 @@ def stack_layouts(layouts: list[LowbitLayout]) -> LowbitLayout | None:
 
 def lowbit_matmul(layout: LowbitLayout, x: torch.Tensor, lib: KernelLibrary | None = None) -> torch.Tensor:
     """``x @ W.T`` (in ``x``'s dtype) with the compiled kernels ``lib`` (default: the native build)."""
-    before, after = layout.matmul_arguments
-    return (lib or load_library()).matmul(*before, x, *after)
+    return (lib or load_library()).matmul(layout.codes, layout.scales, layout.zeros, layout.levels, x,
+                                          layout.operator_geometry)
 
 
 def decode_bf16(layout: LowbitLayout, lib: KernelLibrary | None = None) -> torch.Tensor:
     """The layout's weights as a dense bf16 ``(out, in)`` matrix (``(q - z) * s``, or ``(levels[q] - z) * s``
     for a lookup layout, rounded to nearest)."""
-    geo = layout.geometry
-    return (lib or load_library()).decode_bf16(
-        layout.bits, layout.codes, layout.scales, layout.zeros, layout.levels, geo.n_blocks, geo.padded, geo.in_features,
-        geo.group, geo.sub, geo.width, layout.out_features,
-    )
+    return (lib or load_library()).decode_bf16(layout.codes, layout.scales, layout.zeros, layout.levels,
+                                               layout.operator_geometry)
 
 
 @functools.lru_cache(maxsize=None)
@@ -378,12 +375,11 @@ def decode_plan(blocks: list[LlamaBlock], eps: float, heads: int, scale: float) 
     codes, scales, zeros, levels, geometry, norms = [], [], [], [], [], []
     for block in blocks:
         for lay in block.layouts:
-            geo = lay.geometry
             codes.append(lay.codes)
             scales.append(lay.scales)
             zeros.append(lay.zeros)
             levels.append(torch.empty(0, dtype=torch.uint8) if lay.levels is None else lay.levels)
-            geometry += [lay.bits, geo.n_blocks, geo.padded, geo.group, geo.sub, geo.width, lay.out_features, int(not lay.scales_finite)]
+            geometry += lay.operator_geometry
         norms += block.norms
     keys, values = [b.keys for b in blocks], [b.values for b in blocks]
     return load_library().decode_plan(codes, scales, zeros, levels, geometry, norms, eps, keys, values, heads, scale)
