@@ -523,12 +523,50 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, Zeros wzt, const
             }
         }
     };
+    // One activation row (GEMV, decode): STEPS steps of both halves' codes w[0], w[1] times the activations
+    // from xc on, into acc[h]; each activation step is loaded once for both halves, where a pass per half
+    // loads it twice (one row has no other row to share the unpacked codes with, so its cost is the loads).
+    auto accumulate_halves = [&]<int STEPS>(const __m256i (*w)[4], const int8_t* xc, __m256i* acc) {
+        __m256i pairs[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+#pragma GCC unroll 4
+        for (int s = 0; s < STEPS; ++s) {
+            const __m256i xv = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xc + s * 16)));
+            for (int h = 0; h < 2; ++h) {
+                if constexpr (SIGNED)
+                    acc[h] = _mm256_add_epi32(acc[h], _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w[h][s]),
+                                                                                             _mm256_sign_epi8(xv, w[h][s])),
+                                                                        ones));
+                else
+                    pairs[h] = _mm256_add_epi16(pairs[h], _mm256_maddubs_epi16(w[h][s], xv));
+            }
+        }
+        if constexpr (!SIGNED)
+            for (int h = 0; h < 2; ++h) acc[h] = _mm256_add_epi32(acc[h], _mm256_madd_epi16(pairs[h], ones));
+    };
     __m256 yv[MB][2];
     for (int m = 0; m < MB; ++m) yv[m][0] = yv[m][1] = _mm256_setzero_ps();
     for (int q = 0; q < NB / 4; ++q) {
         // block j's sums of activation row m and half h: lane r, the 8 partial sums of row 2h + r
         alignas(32) __m256i sums[MB][2][4];
-        if (Bp == 32) {
+        if (MB == 1 && Bp != 32) {
+            for (int j = 0; j < 4; ++j) {
+                const int b = 4 * q + j;
+                const BlockCodes bc = block_codes(b, Bp);
+                const uint8_t* pb = wt + bc.chunk * CB;
+                const int8_t* xb = xq + (long)b * Bp;
+                const int chunks = b < NBc ? bc.chunks : 0;  // the quad's empty blocks store no codes
+                __m256i acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+                for (int c = 0; c < chunks; ++c) {
+                    prefetch_ahead<CB>(pb + (long)c * CB);
+                    __m256i w[2][4];
+                    unpack_steps(pb + (long)c * CB, 0, w[0]);
+                    unpack_steps(pb + (long)c * CB, 1, w[1]);
+                    accumulate_halves.template operator()<4>(w, xb + c * 64, acc);
+                }
+                sums[0][0][j] = acc[0];
+                sums[0][1][j] = acc[1];
+            }
+        } else if (Bp == 32) {
             // blocks of 32 (b even): b and b + 1 share chunk b / 2, as its steps 0-1 and 2-3; one unpack
             // serves both, where a pass per block would unpack every chunk twice
             for (int j = 0; j < 4; j += 2) {
