@@ -548,25 +548,7 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, Zeros wzt, const
     for (int q = 0; q < NB / 4; ++q) {
         // block j's sums of activation row m and half h: lane r, the 8 partial sums of row 2h + r
         alignas(32) __m256i sums[MB][2][4];
-        if (MB == 1 && Bp != 32) {
-            for (int j = 0; j < 4; ++j) {
-                const int b = 4 * q + j;
-                const BlockCodes bc = block_codes(b, Bp);
-                const uint8_t* pb = wt + bc.chunk * CB;
-                const int8_t* xb = xq + (long)b * Bp;
-                const int chunks = b < NBc ? bc.chunks : 0;  // the quad's empty blocks store no codes
-                __m256i acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-                for (int c = 0; c < chunks; ++c) {
-                    prefetch_ahead<CB>(pb + (long)c * CB);
-                    __m256i w[2][4];
-                    unpack_steps(pb + (long)c * CB, 0, w[0]);
-                    unpack_steps(pb + (long)c * CB, 1, w[1]);
-                    accumulate_halves.template operator()<4>(w, xb + c * 64, acc);
-                }
-                sums[0][0][j] = acc[0];
-                sums[0][1][j] = acc[1];
-            }
-        } else if (Bp == 32) {
+        if (Bp == 32) {
             // blocks of 32 (b even): b and b + 1 share chunk b / 2, as its steps 0-1 and 2-3; one unpack
             // serves both, where a pass per block would unpack every chunk twice
             for (int j = 0; j < 4; j += 2) {
@@ -596,6 +578,19 @@ static void tile_kernel(const uint8_t* wt, const uint16_t* wst, Zeros wzt, const
                 const uint8_t* pb = wt + bc.chunk * CB;
                 const int8_t* xb = xq + (long)b * Bp;
                 const int chunks = b < NBc ? bc.chunks : 0;  // the quad's empty blocks store no codes
+                if constexpr (MB == 1) {
+                    __m256i acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+                    for (int c = 0; c < chunks; ++c) {
+                        prefetch_ahead<CB>(pb + (long)c * CB);
+                        __m256i w[2][4];
+                        unpack_steps(pb + (long)c * CB, 0, w[0]);
+                        unpack_steps(pb + (long)c * CB, 1, w[1]);
+                        accumulate_halves.template operator()<4>(w, xb + c * 64, acc);
+                    }
+                    sums[0][0][j] = acc[0];
+                    sums[0][1][j] = acc[1];
+                    continue;
+                }
                 // One half at a time keeps its MB accumulators, its codes and an activation in registers.
                 for (int h = 0; h < 2; ++h) {
                     __m256i acc[MB];
