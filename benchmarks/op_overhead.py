@@ -23,6 +23,9 @@ from matpress.evaluation.timing import command_line, machine_description, publis
 from matpress.kernels import build, lowbit
 
 
+DENSE = "torch F.linear, dense 8x64"  # the contender every call is compared with
+
+
 def per_call_us(fn, calls: int) -> float:
     start = time.perf_counter()
     for _ in range(calls):
@@ -42,7 +45,7 @@ def overhead_table(rounds: int, calls: int) -> list[str]:
     contenders = {
         "kernel call (lowbit_matmul)": lambda: lowbit.lowbit_matmul(layout, x),
         "dispatch (kernels.matmul)": lambda: kernels.matmul(fmt, x),
-        "torch F.linear, dense 8x64": lambda: torch.nn.functional.linear(x, weight),
+        DENSE: lambda: torch.nn.functional.linear(x, weight),
     }
     with torch.no_grad():
         for fn in contenders.values():
@@ -53,7 +56,7 @@ def overhead_table(rounds: int, calls: int) -> list[str]:
                 times[name].append(per_call_us(fn, calls))
     torch.set_num_threads(threads)
     medians = {name: statistics.median(values) for name, values in times.items()}
-    reference = medians["torch F.linear, dense 8x64"]
+    reference = medians[DENSE]
     return ["| call | median us per call | x F.linear |", "|---|---:|---:|"] + [
         f"| {name} | {us:.2f} | {us / reference:.2f} |" for name, us in medians.items()
     ]

@@ -286,19 +286,20 @@ def test_other_paths_equal_the_native_one(march, isa, native):
         assert torch.equal(lowbit.decode_bf16(layout, other), lowbit.decode_bf16(layout, native))
 
 
+def forget_kernel_settings() -> None:
+    """The kernel settings read from the environment anew at the next call."""
+    for cached in (build.chosen_isa, build.chosen_flags, build.disabled_by_environment,
+                   lowbit.bf16_matmul_is_fast, lowbit.bf16_dot_is_fast):
+        cached.cache_clear()
+
+
 @pytest.fixture
 def settings_read_again():
-    """The kernel settings read from the environment anew at the next call, and again after the test
-    (monkeypatch, set up first, restores the environment after this fixture's teardown)."""
-
-    def forget() -> None:
-        for cached in (build.chosen_isa, build.chosen_flags, build.disabled_by_environment,
-                       lowbit.bf16_matmul_is_fast, lowbit.bf16_dot_is_fast):
-            cached.cache_clear()
-
-    forget()
+    """The kernel settings read anew for the test, and again after it (monkeypatch, set up first,
+    restores the environment after this fixture's teardown)."""
+    forget_kernel_settings()
     yield
-    forget()
+    forget_kernel_settings()
 
 
 def test_the_kernels_off_variable_is_read_at_the_first_call(monkeypatch, settings_read_again, native):
@@ -321,8 +322,7 @@ def test_the_isa_variable_builds_the_kernels_as_another_cpu_runs_them(monkeypatc
     x = torch.randn(3, IN)
     y = kernels.matmul(fmt, x)
     assert_within_kernel_bound(y, fmt, x, 64)
-    build.chosen_isa.cache_clear()
-    build.chosen_flags.cache_clear()
+    forget_kernel_settings()
     monkeypatch.setenv(build.ISA_VARIABLE, "avx9")
     with pytest.raises(MatpressError, match="MATPRESS_KERNEL_ISA is 'avx9'; set it to one of native, avx2, portable"):
         kernels.matmul(fmt, x)
