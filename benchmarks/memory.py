@@ -96,11 +96,14 @@ def calibration_data(vocab: int):
 
 
 def child(step: str, source: str, out: str) -> None:
-    """One measured step, run in its own process."""
+    """One measured step (or ``write``: the random model ``out`` names, to ``source``), run in its own process."""
     import matpress
     from matpress.cli import main
     from matpress.models import load_pretrained
 
+    if step == "write":
+        write_random_model(Path(source), {"Llama-3.1-8B": LLAMA_8B, "Llama-3.2-1B": LLAMA_1B}[out])
+        return
     if step == "rtn":
         sys.exit(main(["compress", source, "--out", out, "--force", "--quiet"]))
     if step == "load":
@@ -114,7 +117,9 @@ def child(step: str, source: str, out: str) -> None:
 
 
 def measure(step: str, source: Path, out: Path) -> tuple[float, float]:
-    """(peak RSS in bytes, wall seconds) of ``step`` in a fresh process."""
+    """(peak RSS in bytes, wall seconds) of ``step`` in a fresh process. A child's peak is never below
+    the peak its parent had reached when it started it (exec keeps the high-water mark of the address
+    space it replaces, the parent's under vfork), so this process only orchestrates: it must stay small."""
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, __file__, "--child", step, str(source), str(out)])
     _, status, usage = os.wait4(proc.pid, 0)
@@ -174,8 +179,9 @@ def run(work: Path, keep: bool, only: list[str], blocks: Optional[int] = None) -
         t0 = time.perf_counter()
         if (source / INDEX_FILE).is_file():  # kept (--keep) from an earlier run
             source_bytes = json.loads((source / INDEX_FILE).read_text())["metadata"]["total_size"]
-        else:
-            source_bytes = write_random_model(source, shape)
+        else:  # in a child: writing the shards would raise this process's peak, and so every step's
+            subprocess.run([sys.executable, __file__, "--child", "write", str(source), label], check=True)
+            source_bytes = json.loads((source / INDEX_FILE).read_text())["metadata"]["total_size"]
             print(f"{label}: wrote {source_bytes / GB:.2f} GB of bf16 shards in {time.perf_counter() - t0:.0f} s", flush=True)
         row_label = label
         if blocks:

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import transformers
 
 from matpress.errors import BudgetError, RecipeError
 from matpress.formats import IntFormat
@@ -236,6 +237,22 @@ def test_candidates_a_layer_shape_cannot_take_are_skipped_for_that_layer():
     only_monarch = {"budget": "6bpw", "candidates": [{"method": "monarch", "nblocks": 7}]}
     with pytest.raises(BudgetError, match="none of its candidates can encode"):
         matpress.compress(tiny_llama(), only_monarch, progress=False)
+
+
+def test_a_kquant_target_is_measured_once_where_it_falls_back_to_an_equal_candidate():
+    # hidden 256: the attention and gate/up rows fit Q4_K's super-blocks of 256; the down projection's
+    # 544 do not, so its Q4_K target is the int5 g32 symmetric grid llama.cpp falls back to (Q5_0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=544, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    layers = [n for n in find_linear_layers(model) if n != "lm_head"]
+    cands = candidate_rules([{"method": "rtn", "bits": 5, "group_size": 32, "symmetric": True}, {"method": "rtn", "kquant": "q4_k"}])
+    table = BudgetMeasurement.measure(model, layers, cands, progress=False).table
+    for name, allowed in zip(layers, table.allowed):
+        assert allowed == ([0] if name.endswith("down_proj") else [0, 1]), name
+    fits = [i for i, n in enumerate(layers) if not n.endswith("down_proj")]
+    assert all(table.nbytes[i][1] < table.nbytes[i][0] for i in fits)  # Q4_K: 4.5 bits a weight, Q5_0 5.5
 
 
 def test_pinned_layer_is_not_subject_to_allow_entries():

@@ -251,7 +251,6 @@ def test_embedding_options_that_change_the_lookup_are_refused(embedding, match):
         (tiny_llama, {"rules": [{**embed_rule(8), "method": "gptq"}]}, "needs calibration statistics of the layer's inputs"),
         (tiny_llama, {"rules": [embed_rule(8, pattern="*embed_tokenz")]}, r"rule '\*embed_tokenz' matches no layer"),
         (tiny_llama_tied, {"rules": [{"pattern": "lm_head", "bits": 8}]}, "tied to the embedding model.embed_tokens"),
-        (tiny_llama, {"budget": "4bpw", "rules": [embed_rule(8)]}, "budget does not cover embeddings"),
     ],
 )
 def test_bad_embedding_recipes_fail_clearly_before_changing_the_model(model, recipe, match):
@@ -259,6 +258,17 @@ def test_bad_embedding_recipes_fail_clearly_before_changing_the_model(model, rec
     with pytest.raises(RecipeError, match=match):
         matpress.compress(model, recipe, progress=False)
     assert type(model.model.embed_tokens) is nn.Embedding and type(model.lm_head) is nn.Linear
+
+
+def test_an_embedding_rule_under_a_budget_is_applied_outside_the_budget():
+    model = tiny_llama_tied()
+    report = matpress.compress(model, {"budget": "4bpw", "rules": [embed_rule(8)]}, progress=False)
+    assert isinstance(model.model.embed_tokens, CompressedEmbedding) and isinstance(model.lm_head, TiedLinear)
+    assert model.model.embed_tokens.fmt.bits == 8
+    table = report.allocation.table
+    assert not any("embed" in n or "lm_head" in n for n in table.layers)
+    chosen = sum(table.nbytes[i][j] for i, j in enumerate(report.allocation.choice))
+    assert chosen <= 4 * sum(table.n_weights) / 8
 
 
 def test_every_embedding_rule_is_checked_before_any_embedding_changes():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -16,13 +17,16 @@ import matpress
 from matpress.cli import main
 from matpress.errors import MatpressError
 from matpress.evaluation.text import builtin_documents
-from matpress.export.blocks import BLOCK, format_blocks, q1_minimum_error
+from matpress.export.blocks import BLOCK, CODEBOOK_TYPE, INT_TYPES, format_blocks, q1_minimum_error
 from matpress.export.gguf import EXACT, FP16_MINIMUM, REQUANTIZED, qk_row_order
 from matpress.formats import IntFormat
 from matpress.formats.codebook import IQ4NL_LEVELS, CodebookFormat
 from matpress.formats.dense import DenseFormat
+from matpress.formats.kquant import KQUANTS
 from matpress.formats.transformed import TransformedFormat
+from matpress.methods import LayerStats, get_method
 from matpress.nn.layers import FormatModule, TiedLinear
+from matpress.recipe import resolve_candidates
 
 from conftest import tiny_gpt2
 
@@ -176,6 +180,7 @@ MIXED_RULES = [
 
 def llama_checkpoint(
     root: Path, name: str, rules: list, default: dict, model_type: str = "llama", hidden_size: int = 64, intermediate_size: int = 160,
+    budget: Optional[dict] = None,
 ) -> Path:
     tokenizer = byte_level_tokenizer()
     config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[model_type]
@@ -190,7 +195,7 @@ def llama_checkpoint(
     model.save_pretrained(source)
     tokenizer.save_pretrained(source)
     loaded = matpress.models.load_pretrained(str(source))
-    matpress.compress(loaded.model, {"default": default, "rules": rules}, tokenizer=loaded.tokenizer)
+    matpress.compress(loaded.model, {"default": default, "rules": rules, **(budget or {})}, tokenizer=loaded.tokenizer)
     return matpress.save(loaded.model, root / name, tokenizer=loaded.tokenizer)
 
 
@@ -283,6 +288,39 @@ def test_kquant_models_export_every_k_type_exactly(tmp_path):
     assert entries["token_embd.weight"].type_name == "Q6_K"
     fallbacks = [n for n in report.notes if "falls back" in n]
     assert len(fallbacks) == 2 and all("ffn_down" in n and "576" in n and "Q5_0" in n for n in fallbacks)
+
+
+# every exact GGUF type matpress writes, as the budget's ``gguf`` candidates produce them
+GGUF_TYPES = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "F16"}
+
+
+def test_the_gguf_candidates_are_every_exact_gguf_type():
+
+    weight = torch.randn(8, 512)  # two super-blocks of 256 a row: every K-quant applies
+    for calibrated in (False, True):
+        x = torch.randn(600, 512)
+        stats = LayerStats(x.T @ x, 600) if calibrated else None
+        types = {format_blocks(get_method(r.method).run(weight, r.params, stats)).type_name
+                 for r in resolve_candidates("gguf", calibrated=calibrated).values()}
+        assert types == GGUF_TYPES == {*INT_TYPES.values(), *(k.upper() for k in KQUANTS), CODEBOOK_TYPE, "F16"}
+
+
+def test_a_budget_over_the_gguf_candidates_exports_every_tensor_exactly(tmp_path):
+    # hidden 256: K-quants fit every projection but the down projection (576 columns), which falls back;
+    # 3.5 bits a weight is below every legacy type's 4.5, so the 256-wide rows must take Q2_K or Q3_K
+    bpw = 3.5
+    checkpoint = llama_checkpoint(
+        tmp_path, "budget", [{"pattern": "*embed_tokens", "method": "rtn", "bits": 8, "group_size": 32, "symmetric": True}],
+        {"method": "rtn"}, hidden_size=256, intermediate_size=576,
+        budget={"budget": f"{bpw}bpw", "candidates": "gguf"},
+    )
+    report = matpress.export(checkpoint, tmp_path / "budget.gguf")
+    entries = assert_exported_tensors_dequantize_to_decode(checkpoint, tmp_path / "budget.gguf", report)
+    blocks = [e for e in entries.values() if ".layers." in e.source and len(e.shape) == 2]
+    assert {e.type_name for e in blocks} <= GGUF_TYPES
+    stored_bits = sum(matpress.load(checkpoint).get_submodule(e.source.rpartition(".")[0]).fmt.nbytes for e in blocks) * 8
+    assert stored_bits <= bpw * sum(e.shape[0] * e.shape[1] for e in blocks)
+    assert {e.type_name for e in blocks} & {"Q2_K", "Q3_K"}
 
 
 def test_hyperparameters_and_tokenizer_are_written(mixed):

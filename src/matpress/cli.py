@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="calibration samples per forward pass (default 8)")
     p.add_argument("--exclude", nargs="*", help="layer-name patterns to leave dense (default: *lm_head *embed*)")
     p.add_argument("--budget", help="choose each layer's format automatically within a size: '3.2bpw', '40MB', '12MiB'")
-    p.add_argument("--candidates", choices=sorted(PRESETS), help="candidate set for --budget (default: quant): quant = mixed integer bits and groups; quant-fast = 2/3/4/8 bits, groups of 128 (a quarter of the encodings); quant+lowrank adds int + low-rank (EoRA) pairs; quant+codebook adds 2-4 bit codebooks (nl table, groups of 32 and 64); all adds codebooks, sparse, ternary, low-rank and Monarch")
+    p.add_argument("--candidates", choices=sorted(PRESETS), help="candidate set for --budget (default: quant): quant = mixed integer bits and groups; quant-fast = 2/3/4/8 bits, groups of 128 (a quarter of the encodings); quant+lowrank adds int + low-rank (EoRA) pairs; quant+codebook adds 2-4 bit codebooks (nl table, groups of 32 and 64); gguf = every GGUF block type that `export --to gguf` writes exactly (Q4_0..Q8_0, Q2_K..Q6_K, IQ4_NL, F16; no rotation); all adds codebooks, sparse, ternary, low-rank and Monarch")
     p.add_argument("--force", action="store_true", help="replace --out even if it is a non-empty directory that is not a matpress checkpoint (its contents are deleted)")
     p.add_argument("--max-shard-size", type=_size, default=MAX_SHARD_BYTES, metavar="SIZE", help="write checkpoints bigger than this as shards with an index: '2GiB' (default), '500MB', '1GB'")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -80,7 +80,8 @@ def compress(
     (:mod:`matpress.nn.experts`), and compressed like any other linear layer.
 
     Embeddings that a rule names become :class:`~matpress.nn.CompressedEmbedding` layers (with a
-    calibration-free method), and an LM head tied to one shares its stored format. Afterwards one
+    calibration-free method), and an LM head tied to one shares its stored format; under a size budget
+    they are compressed as their rule says, outside the budget (which counts the linear layers). Afterwards one
     warning lists every parameter of at least 1 % of the model's weights that is still dense.
     """
     recipe = as_recipe(recipe)
@@ -125,11 +126,6 @@ def compress_embeddings(model: nn.Module, recipe: Recipe, progress: bool = True)
             )
     for name, rule in chosen.items():
         check_embedding_rule(embeddings[name], name, rule)
-    if chosen and recipe.budget is not None:
-        raise RecipeError(
-            f"a size budget does not cover embeddings yet, and a rule names {sorted(chosen)}: drop that rule "
-            "under a budget, or compress without one"
-        )
     reports = []
     for name, rule in tqdm(chosen.items(), desc="compressing embeddings", unit="layer", disable=not progress or not chosen):
         with materialised(model, name):

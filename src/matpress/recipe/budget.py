@@ -139,6 +139,24 @@ def _quant_codebook(calibrated: bool) -> list[dict[str, Any]]:
     return _quant(calibrated) + _codebook(calibrated)
 
 
+# GGUF's block types, each as the candidate whose codes export to it exactly (``matpress export --to
+# gguf``): the legacy types in blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), the K-quants (a layer whose
+# rows are not a multiple of 256 takes the legacy type llama.cpp falls back to), IQ4_NL, F16. GPTQ with
+# act-order but no rotation: GGUF applies no input transform, so a rotated layer could not be exported.
+GGUF_LEGACY_GRIDS = ((4, True), (4, False), (5, True), (5, False), (8, True))  # (bits, symmetric)
+GGUF_KQUANTS = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
+
+
+def _gguf(calibrated: bool) -> list[dict[str, Any]]:
+    base = {"method": "gptq", "act_order": True} if calibrated else PLAIN_INT
+    codebook = {"method": "gptq_codebook", "act_order": True} if calibrated else {"method": "codebook"}
+    return (
+        [{**base, "bits": b, "group_size": 32, "symmetric": s} for b, s in GGUF_LEGACY_GRIDS]
+        + [{**base, "kquant": k} for k in GGUF_KQUANTS]
+        + [{**codebook, "table": "iq4nl", "bits": 4, "group_size": 32}, {"method": "dense", "dtype": "fp16"}]
+    )
+
+
 def _all(calibrated: bool) -> list[dict[str, Any]]:
     return (
         _quant_lowrank(calibrated)
@@ -157,6 +175,7 @@ PRESETS: dict[str, Callable[[bool], list[dict[str, Any]]]] = {
     "quant-fast": _quant_fast,
     "quant+lowrank": _quant_lowrank,
     "quant+codebook": _quant_codebook,
+    "gguf": _gguf,
     "all": _all,
 }
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -71,6 +71,13 @@ def encode_candidate(name: str, weight: torch.Tensor, rule: Rule, stats: Optiona
     if expert:
         rule = starved_rule(name, rule, stats)[0]
     return get_method(rule.method).run(weight, rule.params, stats)
+
+
+def encoding_key(rule: Rule, in_features: int) -> tuple[str, Any]:
+    """What ``rule`` encodes a layer of ``in_features`` inputs with: candidates of one key give one
+    format there (a K-quant target on rows it does not fit, and the legacy grid it falls back to)."""
+    for_width = getattr(rule.params, "for_width", None)
+    return rule.method, for_width(in_features) if for_width is not None else rule.params
 
 
 @dataclass
@@ -146,10 +153,16 @@ class BudgetMeasurement:
         """Encode layer ``i``'s candidates; ``seconds``: the time of the first encoding of each (shape, method)."""
         table, name = self.table, self.table.layers[i]
         weight = linear_weight(layer).float()
+        encoded: list[tuple[str, Any]] = []
         for j in list(table.allowed[i]):
             rule = self.candidates[table.candidates[j]]
             start = time.perf_counter()
             try:
+                key = encoding_key(rule, weight.shape[1])
+                if key in encoded:  # the same encoding as an earlier candidate's on this layer: measured once
+                    table.allowed[i].remove(j)
+                    continue
+                encoded.append(key)
                 fmt: Optional[Format] = encode_candidate(name, weight, rule, stats, name in self.experts)
             except FormatError:
                 fmt = None
