@@ -240,6 +240,19 @@ GPTQ_PROFILE = [
 ]
 
 
+# why the rows are measured from a small parent (2026-12-04, AMD EPYC, commit 4f86238 + the fix): the first whole-8B run
+# wrote the shards in the measuring process, and its RTN row read 5.82 GB where a sampler of /proc/<pid>/status every
+# 0.5 s over the same step in a fresh process saw at most 1.79 GB
+PARENT_FLOOR = [
+    "",
+    "Each step's process is started by one that only orchestrates: a child's `ru_maxrss` is never below the peak its",
+    "parent had reached when starting it (exec keeps the high-water mark of the address space it replaces, the",
+    "parent's under vfork). Writing the 8B model's shards in the measuring process made its RTN row read 5.82 GB, where",
+    "a sampler of `/proc/<pid>/status` every 0.5 s over the same step (anonymous + file pages) saw at most 1.79 GB; the",
+    "models are now written in a child of their own, and the whole-8B rows below were measured so.",
+]
+
+
 def git_commit() -> str:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
 
@@ -275,6 +288,7 @@ def write_results(rows: list) -> None:
         "128 random token ids; the budget measures weight errors (no calibration).",
         *(PARTIAL if any("blocks" in row[0] for row in rows) else []),
         *(GPTQ_PROFILE if any(row[1] == "gptq" and "blocks" not in row[0] for row in rows) else []),
+        *PARENT_FLOOR,
         "",
         "| model | step | source (bf16) | output checkpoint | peak RSS | target | wall |",
         "|---|---|---|---|---|---|---|",
