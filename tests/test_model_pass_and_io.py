@@ -1,5 +1,8 @@
+import copy
+
 import pytest
 import torch
+import transformers
 from torch import nn
 
 import matpress
@@ -43,6 +46,32 @@ def test_compress_save_load_gives_identical_outputs(tiny_model, tmp_path):
     loaded = matpress.load(tmp_path / "ckpt")
     assert torch.equal(outputs_of(loaded, inputs), before)
     assert {n for n, m in loaded.named_modules() if isinstance(m, CompressedLinear)} == compressed
+
+
+def test_save_pretrained_of_a_compressed_model_writes_a_matpress_checkpoint(tmp_path):
+    # transformers' own save_pretrained wrote a plain-looking directory whose reload silently gave
+    # freshly initialised weights in place of every compressed layer
+    model = tiny_llama()
+    matpress.compress(model, {"default": {"method": "rtn", "bits": 4, "group_size": 32}}, progress=False)
+    inputs = inputs_for(model)
+    copy_of = copy.deepcopy(model)
+    copy_of.save_pretrained(tmp_path / "ckpt")  # the copy saves itself, not the model it was copied from
+    loaded = matpress.load(tmp_path / "ckpt")
+    assert torch.equal(outputs_of(loaded, inputs), outputs_of(model, inputs))
+    assert (tmp_path / "ckpt" / MANIFEST).is_file() and not (tmp_path / "ckpt" / "config.json").exists()
+    loaded.save_pretrained(tmp_path / "again")  # a loaded model too
+    assert torch.equal(outputs_of(matpress.load(tmp_path / "again"), inputs), outputs_of(model, inputs))
+    with pytest.raises((OSError, ValueError)):  # transformers finds no model there (no config.json), not random weights
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("options", [{"push_to_hub": True}, {"safe_serialization": False}, {"max_shard_size": "1GB"}])
+def test_save_pretrained_options_a_matpress_checkpoint_cannot_honour_are_refused(tmp_path, options):
+    model = tiny_llama()
+    matpress.compress(model, {"default": {"method": "rtn", "bits": 8}}, progress=False)
+    with pytest.raises(CheckpointError, match="matpress.save"):
+        model.save_pretrained(tmp_path / "ckpt", **options)
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_checkpoint_really_shrinks(tmp_path):

@@ -46,6 +46,7 @@ import os
 import shutil
 import stat
 import struct
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
@@ -441,6 +442,29 @@ def _assign(model: nn.Module, checkpoint: Checkpoint, tensors: dict[str, torch.T
         raise CheckpointError(f"{checkpoint.tensor_path} left tensors of the model unset: {quote(left[:5])}; {RESAVE}")
 
 
+def _save_pretrained(self: nn.Module, save_directory: Union[str, Path], is_main_process: bool = True,
+                     safe_serialization: bool = True, **options: Any) -> None:
+    """transformers' ``save_pretrained`` on a model with matpress layers: a matpress checkpoint (read it
+    back with :func:`load`). transformers' own would write the compressed tensors under names its
+    loader does not know, and reloading that directory would silently give the architecture with
+    freshly initialised weights in place of every compressed layer."""
+    if options or not safe_serialization:
+        given = sorted(options) + ([] if safe_serialization else ["safe_serialization=False"])
+        raise CheckpointError(
+            f"save_pretrained on a model with matpress layers writes a matpress checkpoint (matpress.save) and takes "
+            f"none of {given}; call matpress.save(model, directory, ...) and read it back with matpress.load"
+        )
+    if is_main_process:
+        save(self, save_directory)
+
+
+def keep_save_pretrained_true(model: nn.Module) -> None:
+    """Make ``model.save_pretrained`` (a transformers model's) write a matpress checkpoint, see
+    :func:`_save_pretrained`; bound to this instance, so a copy of the model saves itself."""
+    if callable(getattr(type(model), "save_pretrained", None)):
+        model.save_pretrained = types.MethodType(_save_pretrained, model)
+
+
 def load(
     directory: Union[str, Path], model: Optional[nn.Module] = None, expect_digest: Optional[str] = None,
     progress: bool = False,
@@ -461,6 +485,7 @@ def load(
     tensors = _load_tensors(checkpoint, progress)
     _install_layers(model, checkpoint, tensors)
     _assign(model, checkpoint, tensors)
+    keep_save_pretrained_true(model)
     model.eval()
     return model
 
