@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
 
 import transformers  # noqa: E402
 
+from matpress.evaluation.text import builtin_documents  # noqa: E402
 from matpress.kernels import build  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -121,3 +122,20 @@ def tiny_causal_dir(tmp_path_factory, minilm):
     model.save_pretrained(path)
     minilm.tokenizer.save_pretrained(path)
     return path
+
+
+def byte_level_tokenizer():
+    """A small byte-level BPE tokenizer trained on the built-in text, with chat special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(builtin_documents()[:40], trainer)
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>")
+    hf.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    return hf

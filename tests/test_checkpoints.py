@@ -20,7 +20,7 @@ import matpress
 from matpress.cli import main
 from matpress.errors import CheckpointError, FormatError
 from matpress.formats import SparseFormat, TernaryFormat, format_class
-from matpress.io import check_output_location, read_checkpoint
+from matpress.io import HF_CONFIG, check_output_location, read_checkpoint
 from matpress.manifest import MANIFEST, TENSORS, max_manifest_bytes
 
 from checkpoint_edits import edit_manifest, resign, split_tensor_file, join_tensor_file
@@ -333,7 +333,7 @@ def test_saving_over_a_checkpoint_replaces_it_whole(checkpoint, tmp_path):
     (checkpoint / "tokenizer.json").write_text("{}")  # a stale file of the old checkpoint
     model = tiny_llama()
     matpress.save(model, checkpoint, extra_files=lambda d: (d / "sensitivity.json").write_text("{}"))
-    assert sorted(os.listdir(checkpoint)) == sorted([MANIFEST, TENSORS, "sensitivity.json"])
+    assert sorted(os.listdir(checkpoint)) == sorted([MANIFEST, TENSORS, HF_CONFIG, "sensitivity.json"])
     assert "sensitivity.json" in read_checkpoint(checkpoint).manifest["files"]
     assert torch.equal(logits(matpress.load(checkpoint)), logits(model))
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
@@ -347,7 +347,7 @@ def test_every_file_of_a_checkpoint_gets_the_mode_the_umask_gives(checkpoint):
     finally:
         os.umask(old)
     modes = {name: stat.S_IMODE((checkpoint / name).stat().st_mode) for name in os.listdir(checkpoint)}
-    assert modes == {MANIFEST: 0o640, TENSORS: 0o640}
+    assert modes == {MANIFEST: 0o640, TENSORS: 0o640, HF_CONFIG: 0o640}
 
 
 def test_a_save_cleans_up_after_a_save_killed_outright(checkpoint, tmp_path):
@@ -391,7 +391,7 @@ def test_a_directory_that_is_not_a_checkpoint_needs_force(tmp_path):
         matpress.save(tiny_llama(), target)
     assert (target / "notes.txt").read_text() == "keep me"
     matpress.save(tiny_llama(), target, force=True)
-    assert sorted(os.listdir(target)) == [MANIFEST, TENSORS]
+    assert sorted(os.listdir(target)) == sorted([MANIFEST, TENSORS, HF_CONFIG])
 
 
 def test_a_symlinked_manifest_is_not_followed(tmp_path):

@@ -16,7 +16,6 @@ import transformers
 import matpress
 from matpress.cli import main
 from matpress.errors import MatpressError
-from matpress.evaluation.text import builtin_documents
 from matpress.export.blocks import BLOCK, CODEBOOK_TYPE, INT_TYPES, format_blocks, q1_minimum_error
 from matpress.export.gguf import EXACT, FP16_MINIMUM, REQUANTIZED, qk_row_order
 from matpress.formats import IntFormat
@@ -28,7 +27,7 @@ from matpress.methods import LayerStats, get_method
 from matpress.nn.layers import FormatModule, TiedLinear
 from matpress.recipe import resolve_candidates
 
-from conftest import tiny_gpt2
+from conftest import byte_level_tokenizer, tiny_gpt2
 
 gguf = pytest.importorskip("gguf")
 
@@ -147,23 +146,6 @@ def test_qk_row_order_is_llama_cpps_rotary_interleave():
 
 
 # -- whole models -------------------------------------------------------------------------------------
-
-
-def byte_level_tokenizer():
-    """A small byte-level BPE tokenizer trained on the built-in text, with chat special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(builtin_documents()[:40], trainer)
-    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>")
-    hf.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    return hf
 
 
 # every exact mapping in one model, the embedding compressed and the LM head tied to it

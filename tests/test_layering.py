@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # the metrics sit below the passes: the budget pass measures each layer's end-to-end distortion
     ("evaluation", ("matpress.evaluation",)),
     ("passes", ("matpress.passes",)),
-    ("top", ("matpress", "matpress.decode", "matpress.models", "matpress.io", "matpress.export", "matpress.manifest", "matpress.report", "matpress.cli")),
+    ("top", ("matpress", "matpress.decode", "matpress.models", "matpress.io", "matpress.export", "matpress.manifest", "matpress.report", "matpress.hf", "matpress.cli")),
 ]
 TOP_ENTRIES = {"matpress"}  # the package itself (its __init__ imports the public API); it covers no module
 

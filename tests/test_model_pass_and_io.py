@@ -2,7 +2,6 @@ import copy
 
 import pytest
 import torch
-import transformers
 from torch import nn
 
 import matpress
@@ -58,11 +57,9 @@ def test_save_pretrained_of_a_compressed_model_writes_a_matpress_checkpoint(tmp_
     copy_of.save_pretrained(tmp_path / "ckpt")  # the copy saves itself, not the model it was copied from
     loaded = matpress.load(tmp_path / "ckpt")
     assert torch.equal(outputs_of(loaded, inputs), outputs_of(model, inputs))
-    assert (tmp_path / "ckpt" / MANIFEST).is_file() and not (tmp_path / "ckpt" / "config.json").exists()
+    assert (tmp_path / "ckpt" / MANIFEST).is_file()
     loaded.save_pretrained(tmp_path / "again")  # a loaded model too
     assert torch.equal(outputs_of(matpress.load(tmp_path / "again"), inputs), outputs_of(model, inputs))
-    with pytest.raises((OSError, ValueError)):  # transformers finds no model there (no config.json), not random weights
-        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
 
 
 @pytest.mark.parametrize("options", [{"push_to_hub": True}, {"safe_serialization": False}, {"max_shard_size": "1GB"}])

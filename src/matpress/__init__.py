@@ -14,7 +14,7 @@ from typing import Any  # noqa: E402
 
 from torch.nn import Module  # noqa: E402
 
-from matpress import passes  # noqa: E402
+from matpress import hf, passes  # noqa: E402,F401 (hf: registers matpress checkpoints with transformers' from_pretrained)
 from matpress.io import keep_save_pretrained_true, load, save  # noqa: E402
 from matpress.nn import CompressedEmbedding, CompressedLinear  # noqa: E402
 from matpress.passes import CompressionReport  # noqa: E402

@@ -73,6 +73,7 @@ from matpress.walk.source import (
     StoredTensor, parameters_on_meta, read_header, source_of, stored_dtype_name, tensor_bytes,
 )
 
+HF_CONFIG = "config.json"  # written for transformers models: from_pretrained reads the checkpoint (matpress.hf)
 MAX_SHARD_BYTES = 2 << 30  # checkpoints bigger than this are written as shards with an index
 MAX_INDEX_BYTES = 64 << 20
 COPY_CHUNK = 16 << 20
@@ -442,6 +443,38 @@ def _assign(model: nn.Module, checkpoint: Checkpoint, tensors: dict[str, torch.T
         raise CheckpointError(f"{checkpoint.tensor_path} left tensors of the model unset: {quote(left[:5])}; {RESAVE}")
 
 
+def install_compressed_layers(model: nn.Module, directory: Union[str, Path]) -> None:
+    """Put the compressed layers of the checkpoint in ``directory`` (verified first, as :func:`load`
+    does) into ``model``, a skeleton of its base model whose other weights a loader reads by name next
+    (transformers' ``from_pretrained``, see :mod:`matpress.hf`)."""
+    checkpoint = read_checkpoint(directory)
+    saved_as = checkpoint.manifest["base_model"]["class"]
+    if type(model).__name__ != saved_as:
+        raise CheckpointError(
+            f"{directory} holds a compressed {saved_as}, and its layers are named as in that class; load it as a "
+            f"{saved_as} (e.g. transformers.{saved_as}.from_pretrained, or the matching AutoModel class), not as a "
+            f"{type(model).__name__}"
+        )
+    _check_fits(_unfused(model, checkpoint), checkpoint)
+    layers = checkpoint.manifest["layers"]
+    keys = {f"{name}.{key}" for name, entry in layers.items() for key in [*entry["tensors"], *(["bias"] if entry.get("bias") else [])]}
+    _install_layers(model, checkpoint, {key: checkpoint.stored[key].read() for key in keys})
+
+
+def hf_config_file(model: nn.Module) -> Optional[Callable[[Path], None]]:
+    """For a transformers model, what writes its ``config.json`` into a checkpoint, with a
+    ``quantization_config`` naming matpress: ``from_pretrained`` then loads the checkpoint through
+    :mod:`matpress.hf` (after ``import matpress``). None for other modules."""
+    config = getattr(model, "config", None)
+    if not hasattr(config, "to_dict") or not getattr(config, "model_type", None):
+        return None
+    data = {**config.to_dict(), "quantization_config": {"quant_method": "matpress", "format_version": FORMAT_VERSION}}
+    if not data.get("dtype"):  # else from_pretrained's "auto" takes the first stored tensor's, maybe fp16 scales
+        dense = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        data["dtype"] = str(dense).removeprefix("torch.")
+    return lambda staging: (staging / HF_CONFIG).write_text(json.dumps(data, indent=2, default=str))
+
+
 def _save_pretrained(self: nn.Module, save_directory: Union[str, Path], is_main_process: bool = True,
                      safe_serialization: bool = True, **options: Any) -> None:
     """transformers' ``save_pretrained`` on a model with matpress layers: a matpress checkpoint (read it
@@ -792,8 +825,9 @@ def save(
             (staging / INDEX).write_text(json.dumps(index, indent=1))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
-        if extra_files is not None:
-            extra_files(staging)
+        for write in (hf_config_file(model), extra_files):
+            if write is not None:
+                write(staging)
         files = sorted(p for p in staging.iterdir() if p.is_file() and not p.is_symlink())
         manifest["files"] = {p.name: file_entry(p) for p in files}
         text = json.dumps(manifest, indent=1)

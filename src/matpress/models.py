@@ -27,6 +27,7 @@ from matpress.atomic import staged_dir
 from matpress.errors import MatpressError, RemoteCodeError, quote
 from matpress.inputs import json_object, read_file
 from matpress.kernels.build import KernelCacheError, cache_root, check_private
+from matpress.manifest import MANIFEST
 from matpress.nn.experts import find_fused_experts
 from matpress.nn.layout import CAUSAL_LM, ENCODER
 from matpress.walk.source import DAMAGED, SOURCE_ATTRIBUTE, WeightSource, parameters_on_meta
@@ -239,6 +240,11 @@ def load_pretrained(spec: str, trust_remote_code: bool = False, stream: bool = F
     import transformers
 
     path = minilm_dir() if spec == MINILM else smollm2_dir() if spec == SMOLLM2 else Path(spec)
+    if (path / MANIFEST).is_file():
+        raise MatpressError(
+            f"{path} is a matpress checkpoint, compressed already: read it with matpress.load (or `matpress eval` / "
+            "`info` / `export`); to compress anew, give the original model"
+        )
     config_file = path / "config.json"
     if not config_file.is_file():
         raise MatpressError(

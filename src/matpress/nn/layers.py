@@ -30,16 +30,19 @@ class FormatModule(nn.Module):
             self._format_keys.append(key)
 
     def _apply(self, fn: Callable, recurse: bool = True) -> "FormatModule":
-        dtypes = {k: getattr(self, k).dtype for k in self._format_keys}
         super()._apply(fn, recurse)
-        for k, dtype in dtypes.items():
-            t = getattr(self, k)
-            if t.dtype != dtype:  # storage dtype is part of the format: undo casts such as .half()
-                setattr(self, k, t.to(dtype))
+        self.refresh_format()
+        return self
+
+    def refresh_format(self) -> None:
+        """Rebuild ``fmt`` on the module's buffers as they are now (moved, or replaced by a loader), each
+        in the dtype the format stores it in (undoing casts such as ``.half()``)."""
+        for k, t in self.fmt.to_tensors().items():
+            if getattr(self, k).dtype != t.dtype:
+                setattr(self, k, getattr(self, k).to(t.dtype))
         self.fmt = format_class(self.format_name).from_tensors(
             self.fmt.shape, self.format_config, {k: getattr(self, k) for k in self._format_keys}
         )
-        return self
 
     @property
     def weight_nbytes(self) -> int:
@@ -189,6 +192,9 @@ class TiedLinear(CompressedLinear):
 
     def _apply(self, fn: Callable, recurse: bool = True) -> "TiedLinear":
         return nn.Module._apply(self, fn, recurse)  # the bias only: the format is the embedding's
+
+    def refresh_format(self) -> None:
+        pass  # the format is the embedding's, refreshed with it
 
     @property
     def weight_nbytes(self) -> int:
