@@ -107,3 +107,19 @@ def test_compressing_a_checkpoint_again_is_refused_saying_what_to_do(saved, caps
     _, directory = saved
     assert main(["compress", str(directory), "--out", str(directory.parent / "again")]) == 2
     assert "is a matpress checkpoint, compressed already: read it with matpress.load" in capsys.readouterr().err
+
+
+def test_sentence_transformers_loads_a_compressed_minilm_with_identical_embeddings(tmp_path):
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    from matpress.evaluation import sentence_embeddings
+    from matpress.models import load_pretrained
+
+    loaded = load_pretrained("minilm")  # built without BERT's pooler, as matpress uses MiniLM
+    matpress.compress(loaded.model, {"default": {"method": "rtn", "bits": 4, "group_size": 32}}, progress=False)
+    matpress.save(loaded.model, tmp_path / "minilm", tokenizer=loaded.tokenizer, source="minilm")
+    st = sentence_transformers.SentenceTransformer(str(tmp_path / "minilm"), device="cpu")
+    assert isinstance(st[0].auto_model.encoder.layer[0].attention.self.query, CompressedLinear)
+    assert st[0].auto_model.pooler is None  # not stored, so not made up
+    texts = ["a cat sat on the mat", "weight matrices made cheaper"]
+    ours = sentence_embeddings(loaded.model, loaded.tokenizer, texts)
+    assert torch.equal(torch.from_numpy(st.encode(texts, normalize_embeddings=True)), ours)

@@ -443,6 +443,20 @@ def _assign(model: nn.Module, checkpoint: Checkpoint, tensors: dict[str, torch.T
         raise CheckpointError(f"{checkpoint.tensor_path} left tensors of the model unset: {quote(left[:5])}; {RESAVE}")
 
 
+def _drop_modules_saved_without(model: nn.Module, checkpoint: Checkpoint) -> None:
+    """Set to None the submodules of ``model`` that the saved model was built without (its recorded
+    init kwargs, e.g. BERT's ``add_pooling_layer=False``): it stored no weights for them."""
+    if not checkpoint.manifest["base_model"]["init_kwargs"]:
+        return
+    limit = 8 * (len(checkpoint.stored) + len(checkpoint.manifest["layers"])) + 1024
+    with _registration_limit(limit, checkpoint.manifest_path), torch.device("meta"):
+        kept = {name for name, _ in _base_model_builder(checkpoint)().named_modules()}
+    for name, _ in list(model.named_modules()):
+        owner, _, attr = name.rpartition(".")
+        if name and name not in kept and owner in kept:  # the topmost module it lacked
+            setattr(model.get_submodule(owner), attr, None)
+
+
 def install_compressed_layers(model: nn.Module, directory: Union[str, Path]) -> None:
     """Put the compressed layers of the checkpoint in ``directory`` (verified first, as :func:`load`
     does) into ``model``, a skeleton of its base model whose other weights a loader reads by name next
@@ -455,6 +469,7 @@ def install_compressed_layers(model: nn.Module, directory: Union[str, Path]) -> 
             f"{saved_as} (e.g. transformers.{saved_as}.from_pretrained, or the matching AutoModel class), not as a "
             f"{type(model).__name__}"
         )
+    _drop_modules_saved_without(model, checkpoint)
     _check_fits(_unfused(model, checkpoint), checkpoint)
     layers = checkpoint.manifest["layers"]
     keys = {f"{name}.{key}" for name, entry in layers.items() for key in [*entry["tensors"], *(["bias"] if entry.get("bias") else [])]}
