@@ -362,6 +362,24 @@ def test_exact_only_model_loads_with_identical_logits(tmp_path, kernels_off):
         assert torch.equal(model(ids).logits, loaded(ids).logits)
 
 
+def test_a_gguf_file_is_a_model_source_to_compress(tmp_path, capsys):
+    # the dequantized model is cached by the file's SHA-256 (matpress's cache, as for the embedded SmolLM2)
+    pytest.importorskip("accelerate")
+    checkpoint = llama_checkpoint(tmp_path, "source", [], {"method": "dense"})
+    file = tmp_path / "matpress-test-tiny-llama.gguf"
+    matpress.export(checkpoint, file)
+    loaded = matpress.models.load_pretrained(str(file))
+    assert loaded.source == str(file.resolve()) and loaded.tokenizer is not None
+    model = matpress.load(checkpoint)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # F32 tensors: the same weights, so the same logits
+        assert torch.equal(model(ids).logits, loaded.model(ids).logits)
+    out = tmp_path / "compressed"
+    assert main(["compress", str(file), "--bits", "4", "--group", "32", "--out", str(out), "--quiet"]) == 0
+    assert main(["compress", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "x")]) == 2
+    assert "missing.gguf: no such GGUF file" in capsys.readouterr().err
+
+
 # -- refusals -------------------------------------------------------------------------------------------
 
 

@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("compress", help="compress a model and save it", description="Compress MODEL's linear layers and save the result.")
-    p.add_argument("model", help="a local Hugging Face model directory, 'minilm' for the embedded all-MiniLM-L6-v2, or 'smollm2' for the embedded SmolLM2-135M-Instruct (see `make smollm2`)")
+    p.add_argument("model", help="a local Hugging Face model directory, a GGUF file of a causal LM (dequantized once into matpress's cache; needs gguf and accelerate), 'minilm' for the embedded all-MiniLM-L6-v2, or 'smollm2' for the embedded SmolLM2-135M-Instruct (see `make smollm2`)")
     p.add_argument("--out", required=True, help="directory to write the compressed checkpoint to")
     p.add_argument("--recipe", help="YAML/JSON recipe file; the flags below override its default rule")
     p.add_argument("--method", choices=sorted(METHODS), help="method of the default rule (default: rtn)")

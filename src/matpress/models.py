@@ -120,7 +120,8 @@ def convert_gguf(gguf: Path, directory: Path) -> None:
 
     if not (is_gguf_available() and is_accelerate_available()):
         raise MatpressError(f"reading {gguf.name} needs the packages gguf and accelerate: {SMOLLM2_INSTALL}")
-    print(f"matpress: converting {gguf.name} once into {directory.parent} (under a minute)", file=sys.stderr, flush=True)
+    print(f"matpress: converting {gguf.name} once into {directory.parent} (fp32: about {4 * gguf.stat().st_size / 1e9:.1f} GB "
+          "or more on disk)", file=sys.stderr, flush=True)
     dequantized = transformers.GgufConfig(dequantize=True)
     model = from_pretrained(
         transformers.AutoModelForCausalLM, gguf.parent, gguf_file=gguf.name, dtype=torch.float32, quantization_config=dequantized
@@ -232,14 +233,21 @@ def streamed_skeleton(auto: Any, path: Path, trust_remote_code: bool, init_kwarg
 
 
 def load_pretrained(spec: str, trust_remote_code: bool = False, stream: bool = False) -> LoadedModel:
-    """Load ``spec`` (``minilm``, ``smollm2`` or a local Hugging Face model directory) in eval mode, fp32.
+    """Load ``spec`` (``minilm``, ``smollm2``, a local Hugging Face model directory, or a GGUF file of a
+    causal LM, dequantized once into a cached directory) in eval mode, fp32.
     ``trust_remote_code``: allow a directory whose configuration names Python code to run it.
     ``stream``: where the weights are safetensors stored under the model's own names, build the model
     on the meta device and read them only when compressing, block by block, and saving
     (:mod:`matpress.walk.source`); otherwise (or when they cannot be streamed) load them whole in fp32."""
     import transformers
 
-    path = minilm_dir() if spec == MINILM else smollm2_dir() if spec == SMOLLM2 else Path(spec)
+    gguf = Path(spec) if spec not in EMBEDDED and spec.lower().endswith(".gguf") else None
+    if gguf is not None:
+        if not gguf.is_file():
+            raise MatpressError(f"{gguf}: no such GGUF file")
+        path = converted_model_dir(f"gguf-{gguf.stem}", gguf.resolve(), convert_gguf)
+    else:
+        path = minilm_dir() if spec == MINILM else smollm2_dir() if spec == SMOLLM2 else Path(spec)
     if (path / MANIFEST).is_file():
         raise MatpressError(
             f"{path} is a matpress checkpoint, compressed already: read it with matpress.load (or `matpress eval` / "
@@ -271,5 +279,5 @@ def load_pretrained(spec: str, trust_remote_code: bool = False, stream: bool = F
     model.matpress_init_kwargs = init_kwargs  # recorded in checkpoints so load() rebuilds the same modules
     model.eval()
     tokenizer = load_tokenizer_from(path, trust_remote_code)
-    source = spec if spec in EMBEDDED else str(path.resolve())
+    source = spec if spec in EMBEDDED else str((gguf or path).resolve())
     return LoadedModel(model, tokenizer, CAUSAL_LM if causal else ENCODER, source)
