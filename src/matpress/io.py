@@ -326,15 +326,20 @@ def _base_model_builder(checkpoint: Checkpoint) -> Callable[[], nn.Module]:
     return build
 
 
-def _build_base_model(checkpoint: Checkpoint) -> nn.Module:
-    """The base model with parameters on the meta device, after its shapes were checked on a meta skeleton."""
-    build = _base_model_builder(checkpoint)
+def _meta_skeleton(checkpoint: Checkpoint) -> nn.Module:
+    """The base model (its experts unfused as stored) built wholly on the meta device, with no more
+    registrations than the checkpoint could account for (a hostile config cannot make it build
+    millions of modules)."""
     limit = 8 * (len(checkpoint.stored) + len(checkpoint.manifest["layers"])) + 1024
     with _registration_limit(limit, checkpoint.manifest_path), torch.device("meta"):
-        skeleton = _unfused(build(), checkpoint)
-    _check_fits(skeleton, checkpoint)
+        return _unfused(_base_model_builder(checkpoint)(), checkpoint)
+
+
+def _build_base_model(checkpoint: Checkpoint) -> nn.Module:
+    """The base model with parameters on the meta device, after its shapes were checked on a meta skeleton."""
+    _check_fits(_meta_skeleton(checkpoint), checkpoint)
     with parameters_on_meta():
-        return _unfused(build(), checkpoint)
+        return _unfused(_base_model_builder(checkpoint)(), checkpoint)
 
 
 def _unfused(model: nn.Module, checkpoint: Checkpoint) -> nn.Module:
@@ -448,9 +453,7 @@ def _drop_modules_saved_without(model: nn.Module, checkpoint: Checkpoint) -> Non
     init kwargs, e.g. BERT's ``add_pooling_layer=False``): it stored no weights for them."""
     if not checkpoint.manifest["base_model"]["init_kwargs"]:
         return
-    limit = 8 * (len(checkpoint.stored) + len(checkpoint.manifest["layers"])) + 1024
-    with _registration_limit(limit, checkpoint.manifest_path), torch.device("meta"):
-        kept = {name for name, _ in _base_model_builder(checkpoint)().named_modules()}
+    kept = {name for name, _ in _meta_skeleton(checkpoint).named_modules()}
     for name, _ in list(model.named_modules()):
         owner, _, attr = name.rpartition(".")
         if name and name not in kept and owner in kept:  # the topmost module it lacked
