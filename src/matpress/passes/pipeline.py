@@ -54,7 +54,7 @@ def warn_uncompressed(model: nn.Module) -> None:
             "Embeddings and LM heads are compressed only when a rule names them; other layers only when "
             "matpress knows their kind (nn.Linear, Conv1D, nn.Embedding, the fused experts of "
             f"{', '.join(sorted(SUPPORTED_EXPERTS))}).",
-            stacklevel=3,
+            stacklevel=4,  # the caller of matpress.compress (through passes.compress)
         )
 
 
