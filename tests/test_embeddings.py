@@ -205,6 +205,7 @@ def test_the_warning_lists_big_uncompressed_parameters():
         matpress.compress(model, None, progress=False)
     message = uncompressed_warnings(record)
     assert len(message) == 1
+    assert [w.filename for w in record if "left uncompressed" in str(w.message)] == [__file__]  # the caller's line
     # 128 x 64 each of about 96k weights: 8.5 %; the norms (64 each) stay far below 1 %
     assert "model.embed_tokens.weight 128x64 (8.5%)" in message[0] and "lm_head.weight 128x64 (8.5%)" in message[0]
     assert "norm" not in message[0]
