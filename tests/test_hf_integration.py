@@ -6,7 +6,7 @@ import transformers
 
 import matpress
 from matpress.errors import CheckpointError
-from matpress.hf import MatpressConfig
+from matpress.hf import config_class
 from matpress.io import HF_CONFIG, TENSORS
 from matpress.nn.layers import CompressedEmbedding, CompressedLinear, TiedLinear
 
@@ -92,7 +92,7 @@ def test_from_pretrained_does_not_compress_a_model_on_the_fly(tmp_path):
                                       num_attention_heads=2, num_key_value_heads=1)
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "plain")
     with pytest.raises(ValueError, match="pre-quantized"):
-        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "plain", quantization_config=MatpressConfig())
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "plain", quantization_config=config_class()())
 
 
 def test_a_checkpoint_is_loaded_as_its_own_class_or_refused_naming_it(saved):
@@ -123,3 +123,12 @@ def test_sentence_transformers_loads_a_compressed_minilm_with_identical_embeddin
     texts = ["a cat sat on the mat", "weight matrices made cheaper"]
     ours = sentence_embeddings(loaded.model, loaded.tokenizer, texts)
     assert torch.equal(torch.from_numpy(st.encode(texts, normalize_embeddings=True)), ours)
+
+
+def test_import_matpress_leaves_transformers_quantizers_unimported_until_from_pretrained_needs_them():
+    import subprocess
+    import sys
+
+    code = ("import sys, matpress; assert 'transformers.quantizers.auto' not in sys.modules; "
+            "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING as m; assert 'matpress' in m")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -9,32 +9,29 @@ layers in place in the model transformers has built from the config, so that eve
 packed codes and scales included, has a parameter or buffer of its name; transformers then reads them
 all by name. Afterwards each compressed layer's format is rebuilt on the tensors transformers read.
 The compressed layers' tensors are read twice (by the check and by transformers) and held twice until
-then: the peak is up to the checkpoint's size above :func:`matpress.load`'s.
+then: the peak is up to the checkpoint's size above :func:`matpress.load`'s. The registration waits
+until transformers imports its quantizers (see :data:`QUANTIZERS`).
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
+import sys
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, Optional
 
 from torch import nn
-from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, register_quantization_config, register_quantizer
-from transformers.quantizers.base import HfQuantizer
-from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from matpress.errors import CheckpointError
 from matpress.io import install_compressed_layers, keep_save_pretrained_true
 from matpress.nn.layers import FormatModule
 
 QUANT_METHOD = "matpress"
-
-
-class MatpressConfig(QuantizationConfigMixin):
-    """The ``quantization_config`` of a matpress checkpoint's ``config.json``."""
-
-    def __init__(self, format_version: Any = None, **kwargs: Any):
-        self.quant_method = QUANT_METHOD
-        self.format_version = format_version
+# where transformers keeps its quantizers; importing it imports every quantizer transformers ships
+# (1.5 s here), so matpress registers when something imports it (from_pretrained does), not before
+QUANTIZERS = "transformers.quantizers.auto"
 
 
 def drop_ties_matpress_holds(model: nn.Module) -> None:
@@ -57,35 +54,77 @@ def drop_ties_matpress_holds(model: nn.Module) -> None:
                     del tied[target]
 
 
-class MatpressQuantizer(HfQuantizer):
-    """Loads matpress checkpoints; it compresses nothing itself (``matpress.compress`` does)."""
+def register(auto: ModuleType) -> None:
+    """Register matpress's quantization config and quantizer in transformers' ``auto`` module."""
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.utils.quantization_config import QuantizationConfigMixin
 
-    requires_calibration = True  # transformers then refuses to quantize a model on the fly with it
+    class MatpressConfig(QuantizationConfigMixin):
+        """The ``quantization_config`` of a matpress checkpoint's ``config.json``."""
 
-    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
-        pass
+        def __init__(self, format_version: Any = None, **kwargs: Any):
+            self.quant_method = QUANT_METHOD
+            self.format_version = format_version
 
-    def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: Any = None, **kwargs: Any) -> None:
-        if not checkpoint_files:
-            raise CheckpointError("a matpress checkpoint is read from its directory; transformers gave no checkpoint file")
-        install_compressed_layers(model, Path(checkpoint_files[0]).parent)
-        drop_ties_matpress_holds(model)
+    class MatpressQuantizer(HfQuantizer):
+        """Loads matpress checkpoints; it compresses nothing itself (``matpress.compress`` does)."""
 
-    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        for module in model.modules():
-            if isinstance(module, FormatModule):
-                module.refresh_format()
-        keep_save_pretrained_true(model)
-        return model
+        requires_calibration = True  # transformers then refuses to quantize a model on the fly with it
 
-    def is_serializable(self) -> bool:
-        return False  # save_pretrained writes a matpress checkpoint instead (matpress.io.keep_save_pretrained_true)
+        def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+            pass
 
-    @property
-    def is_trainable(self) -> bool:
-        return False
+        def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: Any = None, **kwargs: Any) -> None:
+            if not checkpoint_files:
+                raise CheckpointError("a matpress checkpoint is read from its directory; transformers gave no checkpoint file")
+            install_compressed_layers(model, Path(checkpoint_files[0]).parent)
+            drop_ties_matpress_holds(model)
+
+        def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+            for module in model.modules():
+                if isinstance(module, FormatModule):
+                    module.refresh_format()
+            keep_save_pretrained_true(model)
+            return model
+
+        def is_serializable(self) -> bool:
+            return False  # save_pretrained writes a matpress checkpoint instead (matpress.io.keep_save_pretrained_true)
+
+        @property
+        def is_trainable(self) -> bool:
+            return False
+
+    if QUANT_METHOD not in auto.AUTO_QUANTIZATION_CONFIG_MAPPING:  # once per process, even if matpress is reloaded
+        auto.register_quantization_config(QUANT_METHOD)(MatpressConfig)
+        auto.register_quantizer(QUANT_METHOD)(MatpressQuantizer)
 
 
-if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:  # once per process, even if this module is reloaded
-    register_quantization_config(QUANT_METHOD)(MatpressConfig)
-    register_quantizer(QUANT_METHOD)(MatpressQuantizer)
+class RegisterOnImport(importlib.abc.MetaPathFinder):
+    """Finds :data:`QUANTIZERS` once, as Python would, and registers matpress in it right after it runs."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Optional[importlib.machinery.ModuleSpec]:
+        if fullname != QUANTIZERS:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        run = spec.loader.exec_module
+
+        def run_and_register(module: ModuleType) -> None:
+            run(module)
+            register(module)
+
+        spec.loader.exec_module = run_and_register  # type: ignore[method-assign]
+        return spec
+
+
+def config_class() -> type:
+    """matpress's quantization config class, as registered with transformers (importing it if need be)."""
+    return importlib.import_module(QUANTIZERS).AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD]
+
+
+if QUANTIZERS in sys.modules:
+    register(sys.modules[QUANTIZERS])
+elif not any(isinstance(f, RegisterOnImport) for f in sys.meta_path):
+    sys.meta_path.insert(0, RegisterOnImport())
