@@ -30,6 +30,7 @@ from torch import nn
 import matpress
 from matpress.evaluation import distortion_measure, embedding_fidelity, language_model_quality, sentence_embeddings, token_windows
 from matpress.evaluation.text import EVALUATION, corpus, sentences
+from matpress.evaluation.timing import machine_description
 from matpress.models import MINILM, SMOLLM2, load_pretrained
 from matpress.nn.layout import find_linear_layers
 from matpress.passes.budget import BudgetMeasurement
@@ -198,7 +199,7 @@ class ResultCache:
             self.skipped.append(name)
             return None
         try:
-            row = {"name": name, **compute(self.subject)}
+            row = {"name": name, **compute(self.subject), "machine": machine_description()}  # rows of one table may come from several
         except Postponed:
             self.skipped.append(name)
             return None

