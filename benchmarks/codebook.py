@@ -45,7 +45,7 @@ from matpress.models import SMOLLM2, load_pretrained, smollm2_gguf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import CACHE_ROOT, CALIBRATION_LEN, CALIBRATION_WINDOWS, add_cache_arguments  # noqa: E402
-from peers import Contender, cached_contenders, matpress_outcome  # noqa: E402
+from peers import ASYMMETRIC, Contender, cached_contenders, matpress_outcome  # noqa: E402
 
 CALIBRATED = {"act_order": True, "rotate": True}
 
@@ -63,6 +63,14 @@ CONTENDERS: list[Contender] = [
     *(
         contender(f"gptq-codebook-{b}b-g32-{t}", f"GPTQ onto codebook {t}, {b}b g32", {"method": "gptq_codebook", "bits": b, "group_size": 32, "table": t, **CALIBRATED})
         for b in (4, 3) for t in ("nl", "layer")
+    ),
+    # the asymmetric target (GPTAQ) on the best codebook grid: each layer also undoes its inputs' error
+    *(
+        contender(
+            f"gptq-codebook-{b}b-g32-nl-asym", f"GPTQ onto codebook nl + asymmetric {ASYMMETRIC}, {b}b g32",
+            {"method": "gptq_codebook", "bits": b, "group_size": 32, "table": "nl", "asymmetric": ASYMMETRIC, **CALIBRATED},
+        )
+        for b in (4, 3)
     ),
     # llama.cpp's IQ4_NL grid (its levels, one scale per 32): the codebook that exports to GGUF as IQ4_NL
     contender("gptq-codebook-4b-g32-iq4nl", "GPTQ onto codebook iq4nl, 4b g32", {"method": "gptq_codebook", "bits": 4, "group_size": 32, "table": "iq4nl", **CALIBRATED}),
@@ -100,7 +108,7 @@ def comparison(rows: dict[str, dict[str, Any]]) -> list[str]:
     lines = ["| bits | best uniform GPTQ | its KL | codebook | codebook KL | change |", "|---|---|---:|---|---:|---:|"]
     for b in (4, 3):
         uniform = [r for r in (rows.get(f"gptq-{b}b-g64"), rows.get(f"gptq-clip-{b}b-g64")) if r]
-        for t in ("nl", "layer", "iq4nl"):
+        for t in ("nl", "layer", "iq4nl", "nl-asym"):
             cb = rows.get(f"gptq-codebook-{b}b-g32-{t}")
             if uniform and cb:
                 best = min(uniform, key=lambda r: r["kl_mean"])

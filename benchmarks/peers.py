@@ -46,7 +46,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -119,14 +119,16 @@ def matpress_outcome(ctx: Context, recipe: dict[str, Any]) -> Outcome:
     return Outcome(model, seconds, 8.0 * sum(r.nbytes for r in layers))
 
 
-OPTION_NAMES = {"act_order": "act-order", "rotate": "rotate", "clip": "clip"}  # the flags the labels show
+# the options the labels show (a number after its name: asymmetric's strength)
+OPTION_NAMES = {"act_order": "act-order", "rotate": "rotate", "clip": "clip", "asymmetric": "asymmetric"}
+ASYMMETRIC = 0.3  # the strength of the asymmetric target: the best of 0, 0.3 and 1 on 3-bit GPTQ (see README)
 
 
-def matpress_contender(method: str, bits: int, name_suffix: str = "", **flags: bool) -> Contender:
-    """``method`` at ``bits`` bits, groups of 64, with the given flags (``act_order=True``, ...);
-    ``name_suffix`` tells apart the cache names of runs of one method with different flags."""
+def matpress_contender(method: str, bits: int, name_suffix: str = "", **flags: Any) -> Contender:
+    """``method`` at ``bits`` bits, groups of 64, with the given options (``act_order=True``,
+    ``asymmetric=0.3``, ...); ``name_suffix`` tells apart the cache names of runs of one method with different options."""
     rule = {"method": method, "bits": bits, "group_size": GROUP, **flags}
-    extras = "".join(f" + {OPTION_NAMES[f]}" for f, on in flags.items() if on)
+    extras = "".join(f" + {OPTION_NAMES[f]}{'' if on is True else f' {on}'}" for f, on in flags.items() if on)
     return Contender(
         f"matpress-{method}{name_suffix}-{bits}b-g{GROUP}", f"matpress {method}{extras}",
         f"matpress {method}{extras}, {bits}b g{GROUP}", method != "rtn", lambda ctx: matpress_outcome(ctx, {"default": rule}),
@@ -150,7 +152,18 @@ BUDGET_SETS: dict[str, tuple[str, Callable[[], dict[str, Rule]], int, int]] = {
     "mixed": (
         "GPTQ + act-order + rotate + clip 2-6b g64 and 3-4b g128, GPTQ onto codebook nl 3-4b g32", lambda: candidate_rules(MIXED_CANDIDATES), 21, 4,
     ),
+    "mixed-asym": (
+        f"the mixed candidates, each applied with asymmetric {ASYMMETRIC}", lambda: with_asymmetric(candidate_rules(MIXED_CANDIDATES)), 21, 4,
+    ),
 }
+# sets whose measurement is another set's: the asymmetric target needs the uncompressed model's
+# inputs, which a layer measured on its own has not, so it measures as the plain candidates do
+MEASURED_AS = {"mixed-asym": "mixed"}
+
+
+def with_asymmetric(rules: dict[str, Rule]) -> dict[str, Rule]:
+    """The same candidates (same labels, so a table measured on ``rules`` serves) with the asymmetric target."""
+    return {label: Rule(rule.method, replace(rule.params, asymmetric=ASYMMETRIC)) for label, rule in rules.items()}
 
 
 def budget_contender(bpw: float, kind: str) -> Contender:
@@ -162,7 +175,7 @@ def budget_contender(bpw: float, kind: str) -> Contender:
 
     def run(ctx: Context) -> Outcome:
         rules = candidates()
-        measured = sensitivity_table(ctx.cache, f"measure-{kind}-{size}", rules, size, lambda subject: (
+        measured = sensitivity_table(ctx.cache, f"measure-{MEASURED_AS.get(kind, kind)}-{size}", rules, size, lambda subject: (
             subject[0].original, subject[0].tokenizer, subject[0].calibration), windows)
         if measured is None:
             raise Postponed(f"the sensitivity measurement of the {kind} budgets is not complete")
@@ -301,7 +314,11 @@ CONTENDERS: list[Contender] = [
     *(budget_contender(b, "rtn") for b in (2.5, 3.5, 4.5)),
     *(matpress_contender("gptq", b, act_order=True, rotate=True) for b in (3, 4, 2, 5)),
     *(matpress_contender("gptq", b, "-clip", act_order=True, rotate=True, clip=True) for b in (3, 4, 2, 5)),
+    *(matpress_contender("gptq", b, "-asym", act_order=True, rotate=True, asymmetric=ASYMMETRIC) for b in (3, 4, 2, 5)),
+    *(matpress_contender("gptq", b, "-clip-asym", act_order=True, rotate=True, clip=True, asymmetric=ASYMMETRIC) for b in (3, 4, 2)),
+    *(matpress_contender("gptq", b, "-asym0.1", act_order=True, rotate=True, asymmetric=0.1) for b in (4, 3)),
     *(budget_contender(b, "mixed") for b in (2.5, 3.5, 4.5)),
+    *(budget_contender(b, "mixed-asym") for b in (2.5, 3.5, 4.5)),
     *(budget_contender(b, "gptq") for b in (2.5, 3.5, 4.5)),
 ]
 

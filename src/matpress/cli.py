@@ -79,7 +79,7 @@ def _recipe_from_args(args: argparse.Namespace):
         recipe = Recipe.load(args.recipe)
         data = recipe.to_dict()
     default = data.setdefault("default", {})
-    given = [f"--{k.replace('_', '-')}" for k in ("method", "bits", "group", "symmetric", "kquant", "act_order", "rotate", "table") if getattr(args, k) is not None]
+    given = [f"--{k.replace('_', '-')}" for k in ("method", "bits", "group", "symmetric", "kquant", "act_order", "rotate", "asymmetric", "table") if getattr(args, k) is not None]
     if args.budget is not None and given:
         raise RecipeError(
             f"{', '.join(given)} describe one rule for every layer, but --budget chooses each layer's format "
@@ -91,7 +91,7 @@ def _recipe_from_args(args: argparse.Namespace):
         default["method"] = args.method
     flags = (
         ("bits", args.bits), ("group_size", args.group), ("symmetric", args.symmetric), ("kquant", args.kquant),
-        ("act_order", args.act_order), ("rotate", args.rotate), ("table", args.table),
+        ("act_order", args.act_order), ("rotate", args.rotate), ("asymmetric", args.asymmetric), ("table", args.table),
     )
     for key, value in flags:
         if value is not None:
@@ -250,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kquant", choices=sorted(KQUANTS), help="rtn, gptq: codes on the exact grid of this GGUF K-quant (exported bit for bit; --bits, --group, --symmetric unused); layers whose rows are not a multiple of 256 get the legacy type llama.cpp falls back to")
     p.add_argument("--act-order", action="store_true", default=None, help="gptq: quantize columns in order of decreasing activation energy")
     p.add_argument("--rotate", action="store_true", default=None, help="gptq: randomized Hadamard rotation of each layer's inputs")
+    p.add_argument("--asymmetric", type=float, metavar="STRENGTH", help="gptq, gptq_codebook: move each weight STRENGTH (0 to 1) of the way toward the target that also undoes the error earlier compressed layers left in its input (GPTAQ); 0.3 measured best on SmolLM2; the calibration runs through the uncompressed model as well (one more forward per block)")
     p.add_argument("--table", choices=TABLES, help="codebook, gptq_codebook: the table of levels: nf, nl or iq4nl (fixed; iq4nl: llama.cpp's IQ4_NL levels, 4 bits), layer or row (learned per layer or per output channel)")
     p.add_argument("--calib", help="calibration text for calibrated methods (gptq, awq, sparsegpt, wanda, svd_llm, eora, ...) and budgets: 'builtin' (default; the calibration split of pydoc_data.topics), a text file, or a .jsonl file with a 'text' or 'messages' field a line; formatted with the tokenizer's chat template when it has one")
     p.add_argument("--samples", type=int, help="calibration samples: sentences for encoders, token windows for causal LMs (default 128)")

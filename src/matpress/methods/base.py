@@ -47,11 +47,19 @@ class LayerStats:
     xtx: torch.Tensor
     n_tokens: int
     abs_sum: Optional[torch.Tensor] = None
+    # sum of x_ref x^T, x_ref the layer's input at the same token in the uncompressed model (in, in):
+    # collected by a sequential pass whose rules ask for the asymmetric target, None otherwise
+    cross: Optional[torch.Tensor] = None
 
     @property
     def hessian(self) -> torch.Tensor:
         """Mean second moment ``E[x x^T]`` (the layer-wise quantization Hessian up to a factor 2)."""
         return self.xtx / max(self.n_tokens, 1)
+
+    @property
+    def reference_moment(self) -> Optional[torch.Tensor]:
+        """Mean ``E[x_ref x^T]`` over the calibration tokens, or None without ``cross``."""
+        return None if self.cross is None else self.cross / max(self.n_tokens, 1)
 
     @property
     def mean_abs(self) -> Optional[torch.Tensor]:

@@ -36,7 +36,7 @@ from matpress.formats.ternary import expand_groups
 from matpress.formats.transformed import make_transform, quantize_transformed
 from matpress.methods.base import LayerStats, check_int, register_method
 from matpress.methods.gptq import GPTQParams, grid_sweep
-from matpress.methods.obs import live_inputs
+from matpress.methods.obs import asymmetric_target, live_inputs
 
 
 @dataclass(frozen=True)
@@ -63,18 +63,22 @@ class CodebookParams:
 
 @dataclass(frozen=True)
 class GPTQCodebookParams(CodebookParams):
-    """Codebook parameters plus GPTQ's: percdamp, block_size, act_order, rotate, seed (see ``gptq``)."""
+    """Codebook parameters plus GPTQ's: percdamp, block_size, act_order, rotate, seed, asymmetric (see ``gptq``)."""
 
     percdamp: float = 0.01
     block_size: int = 128
     act_order: bool = False
     rotate: bool = False
     seed: int = 0
+    asymmetric: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         # the same checks as gptq's, on the parameters the two share
-        GPTQParams(percdamp=self.percdamp, block_size=self.block_size, act_order=self.act_order, rotate=self.rotate, seed=self.seed)
+        GPTQParams(
+            percdamp=self.percdamp, block_size=self.block_size, act_order=self.act_order, rotate=self.rotate, seed=self.seed,
+            asymmetric=self.asymmetric,
+        )
 
 
 def weighted_error(weight: torch.Tensor, approx: torch.Tensor, importance: torch.Tensor) -> float:
@@ -177,6 +181,6 @@ def gptq_codebook_quantize(weight: torch.Tensor, hessian: torch.Tensor, params: 
 @register_method("gptq_codebook", GPTQCodebookParams, needs_calibration=True)
 def gptq_codebook(weight: torch.Tensor, params: GPTQCodebookParams, stats: Optional[LayerStats] = None) -> Format:
     """GPTQ onto a codebook grid (fixed or learned table), optional act-order and rotation."""
-    h, w = live_inputs(stats, weight)
+    h, w = live_inputs(stats, asymmetric_target(weight.float(), stats, params.asymmetric, params.percdamp) if stats is not None else weight)
     transform = make_transform(w.shape[1], True, params.seed, None) if params.rotate else None
     return quantize_transformed(w, h, transform, lambda w_t, h_t: gptq_codebook_quantize(w_t, h_t, params))

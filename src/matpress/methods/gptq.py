@@ -32,7 +32,7 @@ from matpress.formats.kquant import SUPER, KGrid, kquant_grid, kquant_nearest, k
 from matpress.formats.transformed import make_transform, quantize_transformed
 from matpress.methods.awq import CLIP_RATIOS, clipped_parameters, search_input_scale
 from matpress.methods.base import LayerStats, check_flag, check_int, register_method
-from matpress.methods.obs import drop_dead_inputs, obs_sweep
+from matpress.methods.obs import asymmetric_target, drop_dead_inputs, obs_sweep
 from matpress.methods.rtn import IntParams
 
 
@@ -43,7 +43,9 @@ class GPTQParams(IntParams):
     order of decreasing activation energy), rotate (randomized Hadamard rotation of the inputs, signs
     from ``seed``), scale_inputs (AWQ input scales before GPTQ), clip (each group's grid range shrunk by
     the ratio that minimises the group's output error, :func:`matpress.methods.awq.clipped_parameters`,
-    instead of its min-max range)."""
+    instead of its min-max range), asymmetric (0 to 1: how far to move the weight toward the target that
+    also undoes the error of earlier layers, :func:`matpress.methods.obs.asymmetric_target`; 0 is plain
+    GPTQ)."""
 
     percdamp: float = 0.01
     block_size: int = 128
@@ -52,6 +54,7 @@ class GPTQParams(IntParams):
     scale_inputs: bool = False
     clip: bool = False
     seed: int = 0
+    asymmetric: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -64,6 +67,13 @@ class GPTQParams(IntParams):
             raise ValueError("gptq with kquant fits each super-block's K-quant grid itself: scale_inputs and clip do not apply; drop them")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {quote(self.seed)}")
+        check_fraction("asymmetric", self.asymmetric)
+
+
+def check_fraction(name: str, value: object) -> None:
+    """Refuse anything but a number in [0, 1] for parameter ``name``."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+        raise ValueError(f"{name} must be a number in [0, 1], got {quote(value)}")
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, overwrite: bool = False) -> torch.Tensor:
@@ -237,7 +247,7 @@ def gptq(weight: torch.Tensor, params: GPTQParams, stats: Optional[LayerStats] =
     """GPTQ (Frantar et al. 2022): second-order error compensation, optional act-order, rotation, AWQ scales."""
     if stats is None:
         raise CalibrationError("gptq needs calibration statistics of the layer's inputs")
-    w = weight.float()
+    w = asymmetric_target(weight.float(), stats, params.asymmetric, params.percdamp)
     params = params.for_width(w.shape[1])
     scale = None
     if params.scale_inputs:

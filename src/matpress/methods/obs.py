@@ -111,3 +111,23 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, h: torch.Tensor) ->
     """``tr((W - A) H (W - A)^T)``: the layer-output error per token under the second moment ``h``."""
     d = (weight - approx).float()
     return float(((d @ h) * d).sum())
+
+
+def asymmetric_target(weight: torch.Tensor, stats: LayerStats, strength: float, percdamp: float) -> torch.Tensor:
+    """The weight moved ``strength`` (0 to 1) of the way to the asymmetric target of GPTAQ (Li et al.
+    2025, "GPTAQ: Efficient Finetuning-Free Quantization for Asymmetric Calibration",
+    https://arxiv.org/abs/2504.02692): the dense ``W'`` minimising ``E||W' x - W x_ref||^2``, where ``x``
+    is the layer's input in the partly compressed model and ``x_ref`` its input in the uncompressed one,
+    ``W' = W E[x_ref x^T] (E[x x^T] + damp I)^-1``. Since ``E||Q x - W x_ref||^2 = E||(Q - W') x||^2`` +
+    a constant, compressing ``W'`` against ``E[x x^T]`` makes the layer undo the error earlier layers
+    left in its input, as far as a linear map can. The full step over-corrects from a few thousand
+    calibration tokens (measured on SmolLM2, benchmarks/results/peers.md), hence ``strength``. Without the
+    cross term (``stats.cross``: the walk did not track the uncompressed model) the weight is returned."""
+    moment = stats.reference_moment
+    if strength == 0 or moment is None:
+        return weight
+    h = stats.hessian.to(device=weight.device, dtype=torch.float64)
+    h.diagonal().add_(percdamp * float(h.diagonal().mean().clamp(min=1e-12)))
+    w = weight.to(torch.float64)
+    target = torch.linalg.solve(h, (w @ moment.to(device=weight.device, dtype=torch.float64)).T).T  # H is symmetric
+    return (w + strength * (target - w)).to(weight.dtype)

@@ -120,6 +120,9 @@ def compress_layer(
     fmt = run_method(name, rule, weight, layer_stats)
     install_format(model, name, module, fmt)
     report = layer_report(name, weight, fmt)
+    if getattr(rule.params, "asymmetric", 0) and layer_stats is not None and layer_stats.cross is None:
+        # (an expert's routed tokens, or statistics given rather than collected by the sequential pass)
+        note = "; ".join(filter(None, [note, "asymmetric target not applied: no reference inputs"]))
     report.note = note
     return report
 

@@ -22,9 +22,13 @@ def compress_sequential(
     source: Optional[BlockSource] = None, block_hooks: bool = True,
 ) -> list[LayerReport]:
     """Compress the layers in ``chosen`` (name -> rule) block by block on ``data``: see the module doc.
-    ``block_hooks``: run the block-level steps of the rules' methods (AWQ folding its scales)."""
+    ``block_hooks``: run the block-level steps of the rules' methods (AWQ folding its scales). Rules
+    asking for the asymmetric target (gptq's ``asymmetric``) make the walk track the uncompressed model
+    too, for the cross terms of their statistics."""
     reports: dict[str, LayerReport] = {}
-    for block in walk(model, list(chosen), data, rules=chosen if block_hooks else None, source=source, progress=progress):
+    reference = any(getattr(rule.params, "asymmetric", 0) for rule in chosen.values())
+    walked = walk(model, list(chosen), data, rules=chosen if block_hooks else None, source=source, progress=progress, reference=reference)
+    for block in walked:
         for stage in block.stages:
             stats = block.stats(n for n in stage if get_method(chosen[n].method).needs_calibration)
             for name in stage:

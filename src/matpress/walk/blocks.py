@@ -18,7 +18,7 @@ from matpress.methods import LayerStats
 from matpress.nn.layout import is_linear
 from matpress.walk.data import CalibrationData
 from matpress.walk.replay import BlockReplay
-from matpress.walk.stats import StatsCollector, batch_mask, model_device
+from matpress.walk.stats import StatsCollector, batch_mask, model_device, real_tokens
 
 class _BlockInputsCaught(Exception):
     """Raised by the hook on the first block once its inputs are recorded: the rest of the model need
@@ -38,8 +38,9 @@ class BlockInput:
     kwargs: dict
     mask: torch.Tensor
 
-    def run(self, block: nn.Module) -> torch.Tensor:
-        out = block(self.hidden, *self.args, **self.kwargs)
+    def run(self, block: nn.Module, hidden: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The block's output on this batch (on ``hidden`` in place of the batch's hidden states)."""
+        out = block(self.hidden if hidden is None else hidden, *self.args, **self.kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -154,20 +155,65 @@ def execution_stages(calls: list[Call], names: dict[str, str]) -> list[list[str]
     return stages
 
 
+# layer name -> its input in the uncompressed model, one ``(tokens, in)`` tensor per calibration batch
+ReferenceInputs = dict[str, list[torch.Tensor]]
+
+
+@torch.inference_mode()
+def reference_inputs(
+    block: nn.Module, head: str, names: list[str], inputs: list[BlockInput], hidden: list[torch.Tensor],
+) -> tuple[ReferenceInputs, list[torch.Tensor]]:
+    """Run ``block`` (not compressed yet) over ``hidden``, the uncompressed model's hidden states of the
+    batches of ``inputs``: the inputs of the layers ``names`` (model names, each called once per
+    forward), real tokens only as the statistics take them, and the block's outputs (the next block's
+    reference hidden states). Layers reading one tensor (q/k/v) share one stored copy. Only inputs
+    holding every token of the batch in place count: a layer fed a selection of tokens (an expert,
+    after its router) has no reference, as its tokens need not be the uncompressed model's."""
+    layers = {n: block.get_submodule(n[len(head):]) for n in names}
+    seen: dict[str, torch.Tensor] = {}
+    last: list = [None, None]  # the last input tensor seen and its stored copy
+
+    def hook(name: str):
+        def capture(module: nn.Module, args: tuple) -> None:
+            if tuple(args[0].shape[:-1]) != tuple(mask.shape):
+                return
+            if args[0] is not last[0]:
+                last[:] = [args[0], real_tokens(args[0].detach(), mask).clone()]
+            seen[name] = last[1]
+        return capture
+
+    references: ReferenceInputs = {n: [] for n in names}
+    outputs = []
+    handles = [layer.register_forward_pre_hook(hook(n)) for n, layer in layers.items()]
+    try:
+        for inp, h in zip(inputs, hidden):
+            mask = inp.mask
+            seen.clear()
+            last[:] = [None, None]
+            outputs.append(inp.run(block, h))
+            for n in names:
+                references[n].append(seen.get(n))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {n: refs for n, refs in references.items() if all(r is not None for r in refs)}, outputs
+
+
 def stage_stats(
     block: nn.Module, head: str, names: list[str], inputs: list[BlockInput], called: Counter,
-    replay: Optional[BlockReplay] = None,
+    replay: Optional[BlockReplay] = None, references: Optional[ReferenceInputs] = None,
 ) -> dict[str, LayerStats]:
     """Statistics of the layers ``names`` of one stage. They read the very same input tensor, so one
     layer's statistics serve them all, collected once; a layer called more than once per forward sums
     several inputs, and then each layer is collected on its own. Layers called once per forward need
     the block only up to their inputs, so its forward stops there. ``replay``: the block's runs reuse
-    what earlier runs computed before the layers changed since (:mod:`matpress.walk.replay`)."""
+    what earlier runs computed before the layers changed since (:mod:`matpress.walk.replay`).
+    ``references``: the layers' inputs in the uncompressed model, for the cross terms."""
     once = all(called[n] == 1 for n in names)
     if len(names) > 1 and once:
-        first = block_stats(block, head, names[:1], inputs, stop_early=True, replay=replay, changing=names)
+        first = block_stats(block, head, names[:1], inputs, stop_early=True, replay=replay, changing=names, references=references)
         return {n: first[names[0]] for n in names} if first else {}
-    return block_stats(block, head, names, inputs, stop_early=once, replay=replay)
+    return block_stats(block, head, names, inputs, stop_early=once, replay=replay, references=references)
 
 
 class _StageInputsSeen(Exception):
@@ -181,12 +227,13 @@ def _stop_forward(module: nn.Module, args: tuple) -> None:
 @torch.inference_mode()
 def block_stats(
     block: nn.Module, head: str, names: list[str], inputs: list[BlockInput], stop_early: bool = False,
-    replay: Optional[BlockReplay] = None, changing: Optional[list[str]] = None,
+    replay: Optional[BlockReplay] = None, changing: Optional[list[str]] = None, references: Optional[ReferenceInputs] = None,
 ) -> dict[str, LayerStats]:
     """Statistics of the layers ``names`` on ``inputs``; with ``stop_early`` (each layer called once per
     forward, ``names`` in call order) each forward stops at the last layer's input. ``replay``: run the
     block through it, keeping what comes before the layers ``changing`` (default ``names``: the layers
-    the caller compresses next) for the next run."""
+    the caller compresses next) for the next run. ``references``: sum the cross terms with these
+    inputs of the uncompressed model (:class:`~matpress.walk.stats.StatsCollector`)."""
     if not names:
         return {}
     layers = {n: block.get_submodule(n[len(head):]) for n in names}
@@ -197,6 +244,8 @@ def block_stats(
             keep_before = [n[len(head):] for n in (changing or names)]
             for k, inp in enumerate(inputs):
                 collector.mask = inp.mask
+                if references:
+                    collector.references = {n: references[n][k] for n in names if n in references}
                 try:
                     if replay is None:
                         inp.run(block)

@@ -19,12 +19,18 @@ class StatsCollector:
 
     Set :attr:`mask` (``(batch, seq)`` bool, True on real tokens) before each forward so that padding
     never enters the statistics; inputs whose leading shape differs from the mask are taken whole.
+    Set :attr:`references` (layer name -> its input in the uncompressed model on the same batch, as the
+    collector keeps inputs: real tokens, ``(tokens, in)``) to sum ``x_ref x^T`` as well
+    (:attr:`LayerStats.cross`); a layer whose input does not line up with its reference token for
+    token (an expert: the uncompressed router picked other tokens) gets no cross term.
     """
 
     def __init__(self, layers: dict[str, nn.Module]):
         self.layers = layers
         self.mask: Optional[torch.Tensor] = None
+        self.references: Optional[dict[str, torch.Tensor]] = None
         self.stats: dict[str, LayerStats] = {}
+        self._unaligned: set[str] = set()
         self._handles: list = []
 
     def __enter__(self) -> "StatsCollector":
@@ -36,13 +42,13 @@ class StatsCollector:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for name in self._unaligned:
+            if name in self.stats:
+                self.stats[name].cross = None
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
-            if self.mask is not None and tuple(x.shape[:-1]) == tuple(self.mask.shape) and not bool(self.mask.all()):
-                x = x[self.mask.to(x.device)]  # (windows of running text have no padding: no copy)
-            x = x.reshape(-1, x.shape[-1]).float()
+            x = real_tokens(args[0].detach(), self.mask).float()
             st = self.stats.get(name)
             if st is None:
                 n = x.shape[-1]
@@ -52,8 +58,27 @@ class StatsCollector:
             st.xtx.addmm_(x.T, x)
             st.abs_sum.add_(x.abs().sum(0))
             st.n_tokens += x.shape[0]
+            reference = None if self.references is None else self.references.get(name)
+            if reference is not None and name not in self._unaligned:
+                # every token needs its reference: from the layer's first batch on, shape for shape
+                if reference.shape != x.shape or (st.cross is None and st.n_tokens != x.shape[0]):
+                    self._unaligned.add(name)
+                else:
+                    if st.cross is None:
+                        st.cross = torch.zeros_like(st.xtx)
+                    st.cross.addmm_(reference.to(x.device, torch.float32).T, x)
+            elif st.cross is not None:  # a batch without its reference
+                self._unaligned.add(name)
 
         return hook
+
+
+def real_tokens(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """A layer's input ``(..., in)`` as ``(tokens, in)``, without the padding tokens of ``mask``
+    (``(batch, seq)``, True on real tokens) where its leading shape is the mask's."""
+    if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape) and not bool(mask.all()):
+        x = x[mask.to(x.device)]  # (windows of running text have no padding: no copy)
+    return x.reshape(-1, x.shape[-1])
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -35,7 +35,8 @@ from matpress.nn import decoded_forwards
 from matpress.nn.layout import is_linear, linear_weight, scale_inputs, scale_rows
 from matpress.recipe import Rule
 from matpress.walk.blocks import (
-    BlockInput, Call, block_stats, capture_block_inputs, execution_stages, find_blocks, stage_stats, trace_block,
+    BlockInput, Call, ReferenceInputs, block_stats, capture_block_inputs, execution_stages, find_blocks, reference_inputs, stage_stats,
+    trace_block,
 )
 from matpress.walk.replay import BlockReplay
 from matpress.walk.data import CalibrationData
@@ -72,6 +73,7 @@ class Block:
     called: Counter = field(default_factory=Counter, repr=False)
     decoded: dict = field(default_factory=dict, repr=False)  # the block's compressed layers, decoded once
     replay: Optional[BlockReplay] = field(default=None, repr=False)
+    references: Optional[ReferenceInputs] = field(default=None, repr=False)  # the layers' inputs in the uncompressed model
 
     def stats(self, names: Iterable[str]) -> dict[str, LayerStats]:
         """Input statistics of the layers ``names`` (of one stage), collected now: on the block's inputs
@@ -86,7 +88,7 @@ class Block:
             with materialised(self.model, ""):  # the whole model runs: a streamed one reads all of it
                 return collect_stats(self.model, self.data, names, progress=False)
         with decoded_forwards(self.module, self.decoded):
-            return stage_stats(self.module, f"{self.name}.", names, self.inputs, self.called, self.replay)
+            return stage_stats(self.module, f"{self.name}.", names, self.inputs, self.called, self.replay, self.references)
 
 
 class TracedBlock(BlockView):
@@ -135,21 +137,30 @@ def walk(
     source: Optional[BlockSource] = None,
     progress: bool = True,
     desc: str = "compressing blocks",
+    reference: bool = False,
 ) -> Iterator[Block]:
     """Walk the layers ``names`` of ``model`` block by block, as the module doc says.
 
     ``data``: calibration batches (traced stages, statistics, propagation); ``stats``: statistics given
     instead (then nothing runs). ``rules`` (name -> rule): run the block hooks of their methods on each
     traced block. ``source``: told when each block is needed and when it is done with (by default the
-    model's stream, see the module doc).
+    model's stream, see the module doc). ``reference`` (with propagation): also carry the uncompressed
+    model's hidden states from block to block, so that the statistics of the blocks' layers called
+    once per forward hold the cross terms with their inputs in the uncompressed model
+    (:attr:`~matpress.methods.LayerStats.cross`): one more forward per block, and each block's layer
+    inputs over the calibration batches held while it is compressed.
     """
     prefix, blocks = _blocks_of(model, data is not None and stats is None)
     stream = source if source is not None else BlockStream(model)
     inputs = None
+    reference_hidden: Optional[list[torch.Tensor]] = None
     if blocks is not None and data is not None and stats is None:
         with materialised(model, "", skip=prefix):  # a streamed model: what runs before the first block
             inputs = capture_block_inputs(model, blocks[0], data, progress)
+        if reference and propagate:  # without propagation the inputs are the uncompressed model's already
+            reference_hidden = [inp.hidden.clone() for inp in inputs]
     walked: set[str] = set()
+    reference_next: Optional[list[torch.Tensor]] = None  # the uncompressed model's outputs of the current block
     for i, block in enumerate(tqdm(blocks or [], desc=desc, unit="block", disable=not progress)):
         name = f"{prefix}.{i}" if prefix else str(i)
         local = {n[len(name) + 1:]: n for n in names if n.startswith(name + ".")}
@@ -172,8 +183,17 @@ def walk(
                     step.changed = run_block_hooks(TracedBlock(model, block, name + ".", step.stages, calls, inputs), {n: rules[n] for n in local.values()})
                 step.called = Counter(f"{name}.{call.name}" for call in calls)
                 del calls
+                if reference_hidden is not None:  # after the block hooks: their folds keep the block's function
+                    once = [n for n in local.values() if step.called[n] == 1]
+                    step.references, reference_next = reference_inputs(block, name + ".", once, inputs, reference_hidden)
             yield step
             walked.update(local.values())
+            step.references = None
+        if reference_hidden is not None and i + 1 < len(blocks):
+            if reference_next is None:  # a block without layers to compress
+                with torch.inference_mode():
+                    reference_next = [inp.run(block, h) for inp, h in zip(inputs, reference_hidden)]
+            reference_hidden, reference_next = reference_next, None
         if inputs is not None and i + 1 < len(blocks):
             with torch.inference_mode(), decoded_forwards(block, decoded):
                 for k, inp in enumerate(inputs):  # in place: the previous block's activations are dropped as we go
