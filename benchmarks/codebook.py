@@ -72,6 +72,13 @@ CONTENDERS: list[Contender] = [
         )
         for b in (4, 3)
     ),
+    *(
+        contender(
+            f"gptq-codebook-{b}b-g32-nl-asymauto", f"GPTQ onto codebook nl + asymmetric auto, {b}b g32",
+            {"method": "gptq_codebook", "bits": b, "group_size": 32, "table": "nl", "asymmetric": "auto", **CALIBRATED},
+        )
+        for b in (4, 3)
+    ),
     # llama.cpp's IQ4_NL grid (its levels, one scale per 32): the codebook that exports to GGUF as IQ4_NL
     contender("gptq-codebook-4b-g32-iq4nl", "GPTQ onto codebook iq4nl, 4b g32", {"method": "gptq_codebook", "bits": 4, "group_size": 32, "table": "iq4nl", **CALIBRATED}),
     # ~2 bits: 8-bit codes of 4 weights, one fp16 scale per row (2.0x bits), GPTQ over blocks of 4 columns
@@ -108,7 +115,7 @@ def comparison(rows: dict[str, dict[str, Any]]) -> list[str]:
     lines = ["| bits | best uniform GPTQ | its KL | codebook | codebook KL | change |", "|---|---|---:|---|---:|---:|"]
     for b in (4, 3):
         uniform = [r for r in (rows.get(f"gptq-{b}b-g64"), rows.get(f"gptq-clip-{b}b-g64")) if r]
-        for t in ("nl", "layer", "iq4nl", "nl-asym"):
+        for t in ("nl", "layer", "iq4nl", "nl-asym", "nl-asymauto"):
             cb = rows.get(f"gptq-codebook-{b}b-g32-{t}")
             if uniform and cb:
                 best = min(uniform, key=lambda r: r["kl_mean"])
@@ -126,7 +133,8 @@ def peers_below_three_bits(cache: Path) -> list[dict[str, Any]]:
     """The cached rows of ``peers.py`` (the same harness) under 3 bits per block weight: every 2-bit
     uniform result (matpress RTN / GPTQ, hqq, torchao, llama.cpp Q2_K), the 2-bit VQ rows' opponents."""
     folder = cache.parent / "peers" / "smollm2"
-    rows = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    # the budget's measurement caches (measure-*.json) are not contenders' rows
+    rows = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json")) if not p.name.startswith("measure-")] if folder.is_dir() else []
     return sorted((r for r in rows if r["block_bpw"] < 3.0), key=lambda r: r["kl_mean"])
 
 

@@ -121,7 +121,7 @@ def matpress_outcome(ctx: Context, recipe: dict[str, Any]) -> Outcome:
 
 # the options the labels show (a number after its name: asymmetric's strength)
 OPTION_NAMES = {"act_order": "act-order", "rotate": "rotate", "clip": "clip", "asymmetric": "asymmetric"}
-ASYMMETRIC = 0.3  # the strength of the asymmetric target: the best of 0, 0.3 and 1 on 3-bit GPTQ (see README)
+ASYMMETRIC = 0.3  # the fixed strength of the asymmetric target: best of 0, 0.3 and 1 at 2-3 bits; 0.1 wins at 4 bits and "auto" is the best across bits (see README)
 
 
 def matpress_contender(method: str, bits: int, name_suffix: str = "", **flags: Any) -> Contender:
@@ -153,7 +153,7 @@ BUDGET_SETS: dict[str, tuple[str, Callable[[], dict[str, Rule]], int, int]] = {
         "GPTQ + act-order + rotate + clip 2-6b g64 and 3-4b g128, GPTQ onto codebook nl 3-4b g32", lambda: candidate_rules(MIXED_CANDIDATES), 21, 4,
     ),
     "mixed-asym": (
-        f"the mixed candidates, each applied with asymmetric {ASYMMETRIC}", lambda: with_asymmetric(candidate_rules(MIXED_CANDIDATES)), 21, 4,
+        "the mixed candidates, each applied with asymmetric auto", lambda: with_asymmetric(candidate_rules(MIXED_CANDIDATES)), 21, 4,
     ),
 }
 # sets whose measurement is another set's: the asymmetric target needs the uncompressed model's
@@ -162,8 +162,9 @@ MEASURED_AS = {"mixed-asym": "mixed"}
 
 
 def with_asymmetric(rules: dict[str, Rule]) -> dict[str, Rule]:
-    """The same candidates (same labels, so a table measured on ``rules`` serves) with the asymmetric target."""
-    return {label: Rule(rule.method, replace(rule.params, asymmetric=ASYMMETRIC)) for label, rule in rules.items()}
+    """The same candidates (same labels, so a table measured on ``rules`` serves) with the asymmetric
+    target, its strength chosen per layer (``auto``)."""
+    return {label: Rule(rule.method, replace(rule.params, asymmetric="auto")) for label, rule in rules.items()}
 
 
 def budget_contender(bpw: float, kind: str) -> Contender:
@@ -317,8 +318,11 @@ CONTENDERS: list[Contender] = [
     *(matpress_contender("gptq", b, "-asym", act_order=True, rotate=True, asymmetric=ASYMMETRIC) for b in (3, 4, 2, 5)),
     *(matpress_contender("gptq", b, "-clip-asym", act_order=True, rotate=True, clip=True, asymmetric=ASYMMETRIC) for b in (3, 4, 2)),
     *(matpress_contender("gptq", b, "-asym0.1", act_order=True, rotate=True, asymmetric=0.1) for b in (4, 3)),
-    *(budget_contender(b, "mixed") for b in (2.5, 3.5, 4.5)),
-    *(budget_contender(b, "mixed-asym") for b in (2.5, 3.5, 4.5)),
+    *(matpress_contender("gptq", b, "-asymauto", act_order=True, rotate=True, asymmetric="auto") for b in (3, 4, 2, 5)),
+    *(matpress_contender("gptq", b, "-clip-asymauto", act_order=True, rotate=True, clip=True, asymmetric="auto") for b in (2,)),
+    # (the mixed sets' smallest candidate, 2 bits g64, is 2.50 bits: no 2.5-bit budget to choose in)
+    *(budget_contender(b, "mixed") for b in (3.5, 4.5)),
+    *(budget_contender(b, "mixed-asym") for b in (3.5, 4.5)),
     *(budget_contender(b, "gptq") for b in (2.5, 3.5, 4.5)),
 ]
 

@@ -10,7 +10,7 @@ import torch
 import matpress
 from matpress.errors import RecipeError
 from matpress.methods import METHODS, LayerStats
-from matpress.methods.obs import asymmetric_target
+from matpress.methods.obs import asymmetric_target, held_out_strength
 from matpress.nn.layout import find_linear_layers
 from matpress.recipe import Recipe
 from matpress.walk import CalibrationData, walk
@@ -67,6 +67,13 @@ def test_the_walk_sums_the_cross_terms_with_the_uncompressed_models_inputs(famil
         tol = 8 * st.n_tokens * 2**-24 * float((x_ref[n].double().norm(dim=0)[:, None] * x[n].double().norm(dim=0)[None]).max())
         assert torch.allclose(st.cross.double(), exact, atol=tol, rtol=0), n
         assert torch.allclose(st.xtx.double(), x[n].double().T @ x[n].double(), atol=tol, rtol=0), n
+        # the fold: every other batch, here the first of the two (its real tokens come first in x)
+        xtx_fold, cross_fold, n_fold = st.fold
+        first_batch = int(data.batches[0]["attention_mask"].sum())
+        assert n_fold == first_batch, n
+        xa, xa_ref = x[n][:first_batch].double(), x_ref[n][:first_batch].double()
+        assert torch.allclose(cross_fold.double(), xa_ref.T @ xa, atol=tol, rtol=0), n
+        assert torch.allclose(xtx_fold.double(), xa.T @ xa, atol=tol, rtol=0), n
     # block 0's first stage reads the embeddings, which nothing perturbed: its cross term is its x x^T
     first, later = names[0], next(n for n in names if n.startswith(f"{prefix}.1."))
     assert torch.equal(collected[first].cross, collected[first].xtx)
@@ -111,6 +118,52 @@ def test_the_asymmetric_target_solves_its_normal_equations_and_scales_with_its_s
     err = lambda m: float(((x @ m.T - x_ref @ w.double().T) ** 2).sum())
     assert err(exact) < err(w.double())
     assert err(exact) <= err(target) * (1 + 1e-6)
+
+
+def with_folds(stats: LayerStats, x: torch.Tensor, x_ref: torch.Tensor, n_fold: int) -> LayerStats:
+    """``stats`` with its first ``n_fold`` tokens as the fold."""
+    a, a_ref = x[:n_fold], x_ref[:n_fold]
+    return dataclasses.replace(stats, fold=((a.T @ a).float(), (a_ref.T @ a).float(), n_fold))
+
+
+def held_out_error(w: torch.Tensor, x, x_ref, n_fold: int, strength: float, percdamp: float) -> float:
+    """Error of the step fitted on each fold, scored token by token on the other, both ways summed."""
+    w = w.double()
+    total = 0.0
+    for fit, score in ((slice(0, n_fold), slice(n_fold, None)), (slice(n_fold, None), slice(0, n_fold))):
+        xf, xf_ref = x[fit], x_ref[fit]
+        fitted = LayerStats(xtx=(xf.T @ xf).float(), n_tokens=xf.shape[0], cross=(xf_ref.T @ xf).float())
+        moved = asymmetric_target(w, fitted, strength, percdamp)
+        total += float(((x[score] @ moved.T - x_ref[score] @ w.T) ** 2).sum() / x[score].shape[0])
+    return total
+
+
+@pytest.mark.parametrize("n_tokens", [60, 4000])
+def test_the_held_out_strength_minimises_the_held_out_error(n_tokens):
+    stats, x, x_ref = synthetic_stats(24, n_tokens, seed=7)
+    stats = with_folds(stats, x, x_ref, n_tokens // 2)
+    w = torch.randn(10, 24, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    chosen = held_out_strength(w, stats, 0.01)
+    grid = [i / 200 for i in range(201)]
+    errors = [held_out_error(w, x, x_ref, n_tokens // 2, s, 0.01) for s in grid]
+    best = grid[min(range(len(grid)), key=errors.__getitem__)]
+    assert 0 <= chosen <= 1
+    # the error is a parabola in s: the grid's best lies within one step of its minimum (or at an end)
+    assert abs(chosen - best) <= 1 / 200 + 1e-9
+    if n_tokens == 4000:
+        assert chosen > 0.8  # plenty of tokens for 24 inputs: the fitted linear distortion holds out
+
+
+def test_the_held_out_strength_is_zero_when_nothing_holds_out():
+    # inputs without error: the step is float rounding alone
+    stats, x, _ = synthetic_stats(16, 200, seed=9)
+    stats = with_folds(dataclasses.replace(stats, cross=stats.xtx.clone()), x, x, 100)
+    w = torch.randn(6, 16, dtype=torch.float64)
+    assert held_out_strength(w, stats, 0.01) == pytest.approx(0.0, abs=1e-3)
+    # one batch only: no second fold to score on
+    single = dataclasses.replace(stats, fold=(stats.xtx, stats.cross, stats.n_tokens))
+    assert held_out_strength(w, single, 0.01) == 0.0
+    assert torch.equal(asymmetric_target(w.float(), single, "auto", 0.01), w.float())
 
 
 def test_without_cross_terms_the_weight_is_left_as_given():
@@ -181,13 +234,13 @@ def test_experts_get_no_cross_terms_and_say_so():
             assert "asymmetric" not in row.note, row.name
 
 
-@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan"), True, "0.3"])
+@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan"), True, "0.3", "Auto"])
 @pytest.mark.parametrize("method", ["gptq", "gptq_codebook"])
 def test_bad_strengths_are_refused(method, value):
     rule = {"method": method, "bits": 3, "asymmetric": value}
     if method == "gptq_codebook":
         rule["table"] = "nl"
-    with pytest.raises(RecipeError, match="asymmetric must be a number in \\[0, 1\\]"):
+    with pytest.raises(RecipeError, match="asymmetric must be a number in \\[0, 1\\] or 'auto'"):
         Recipe.from_dict({"default": rule})
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import NoReturn, Optional, Sequence
+from typing import NoReturn, Optional, Sequence, Union
 
 import torch
 
@@ -20,6 +20,7 @@ from matpress.formats.kquant import KQUANTS
 from matpress.io import MAX_SHARD_BYTES, check_output_location, load_tokenizer, read_checkpoint, stored_nbytes
 from matpress.kernels.build import kernel_path
 from matpress.methods import METHODS
+from matpress.methods.obs import AUTO
 from matpress.models import load_pretrained
 from matpress.nn.layout import CAUSAL_LM, model_kind
 from matpress.passes.budget import SENSITIVITY, save_allocation
@@ -234,6 +235,16 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(report.table())
 
 
+def strength(text: str) -> Union[float, str]:
+    """``--asymmetric``'s value: ``auto`` or a number (its range is the method's to check)."""
+    if text == AUTO:
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give a number from 0 to 1 or {AUTO!r}, not {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
 
     parser = OneLineParser(prog="matpress", description="Compress the linear layers of a model.")
@@ -250,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kquant", choices=sorted(KQUANTS), help="rtn, gptq: codes on the exact grid of this GGUF K-quant (exported bit for bit; --bits, --group, --symmetric unused); layers whose rows are not a multiple of 256 get the legacy type llama.cpp falls back to")
     p.add_argument("--act-order", action="store_true", default=None, help="gptq: quantize columns in order of decreasing activation energy")
     p.add_argument("--rotate", action="store_true", default=None, help="gptq: randomized Hadamard rotation of each layer's inputs")
-    p.add_argument("--asymmetric", type=float, metavar="STRENGTH", help="gptq, gptq_codebook: move each weight STRENGTH (0 to 1) of the way toward the target that also undoes the error earlier compressed layers left in its input (GPTAQ); 0.3 measured best on SmolLM2; the calibration runs through the uncompressed model as well (one more forward per block)")
+    p.add_argument("--asymmetric", type=strength, metavar="STRENGTH", help="gptq, gptq_codebook: move each weight STRENGTH (0 to 1) of the way toward the target that also undoes the error earlier compressed layers left in its input (GPTAQ), or 'auto': per layer, the strength that does best on held-out calibration batches; the calibration runs through the uncompressed model as well (one more forward per block)")
     p.add_argument("--table", choices=TABLES, help="codebook, gptq_codebook: the table of levels: nf, nl or iq4nl (fixed; iq4nl: llama.cpp's IQ4_NL levels, 4 bits), layer or row (learned per layer or per output channel)")
     p.add_argument("--calib", help="calibration text for calibrated methods (gptq, awq, sparsegpt, wanda, svd_llm, eora, ...) and budgets: 'builtin' (default; the calibration split of pydoc_data.topics), a text file, or a .jsonl file with a 'text' or 'messages' field a line; formatted with the tokenizer's chat template when it has one")
     p.add_argument("--samples", type=int, help="calibration samples: sentences for encoders, token windows for causal LMs (default 128)")

@@ -50,6 +50,9 @@ class LayerStats:
     # sum of x_ref x^T, x_ref the layer's input at the same token in the uncompressed model (in, in):
     # collected by a sequential pass whose rules ask for the asymmetric target, None otherwise
     cross: Optional[torch.Tensor] = None
+    # the sums of x x^T and x_ref x^T, and the tokens, of every other calibration batch (the first,
+    # third, ...): with the rest they are two folds, for choices fitted on one half and checked on the other
+    fold: Optional[tuple[torch.Tensor, torch.Tensor, int]] = None
 
     @property
     def hessian(self) -> torch.Tensor:

@@ -21,7 +21,7 @@ the best iterate as stored is kept, never worse than the start.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -70,7 +70,7 @@ class GPTQCodebookParams(CodebookParams):
     act_order: bool = False
     rotate: bool = False
     seed: int = 0
-    asymmetric: float = 0.0
+    asymmetric: Union[float, str] = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -20,7 +20,7 @@ GPTQ then runs on ``W diag(s)``); either gives a ``transformed`` format around t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from scipy.linalg.lapack import dpotrf, dtrtri
@@ -32,7 +32,7 @@ from matpress.formats.kquant import SUPER, KGrid, kquant_grid, kquant_nearest, k
 from matpress.formats.transformed import make_transform, quantize_transformed
 from matpress.methods.awq import CLIP_RATIOS, clipped_parameters, search_input_scale
 from matpress.methods.base import LayerStats, check_flag, check_int, register_method
-from matpress.methods.obs import asymmetric_target, drop_dead_inputs, obs_sweep
+from matpress.methods.obs import AUTO, asymmetric_target, drop_dead_inputs, obs_sweep
 from matpress.methods.rtn import IntParams
 
 
@@ -45,7 +45,7 @@ class GPTQParams(IntParams):
     the ratio that minimises the group's output error, :func:`matpress.methods.awq.clipped_parameters`,
     instead of its min-max range), asymmetric (0 to 1: how far to move the weight toward the target that
     also undoes the error of earlier layers, :func:`matpress.methods.obs.asymmetric_target`; 0 is plain
-    GPTQ)."""
+    GPTQ; ``"auto"``: per layer, the strength that does best on held-out calibration batches)."""
 
     percdamp: float = 0.01
     block_size: int = 128
@@ -54,7 +54,7 @@ class GPTQParams(IntParams):
     scale_inputs: bool = False
     clip: bool = False
     seed: int = 0
-    asymmetric: float = 0.0
+    asymmetric: Union[float, str] = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,13 +67,15 @@ class GPTQParams(IntParams):
             raise ValueError("gptq with kquant fits each super-block's K-quant grid itself: scale_inputs and clip do not apply; drop them")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {quote(self.seed)}")
-        check_fraction("asymmetric", self.asymmetric)
+        check_strength("asymmetric", self.asymmetric)
 
 
-def check_fraction(name: str, value: object) -> None:
-    """Refuse anything but a number in [0, 1] for parameter ``name``."""
+def check_strength(name: str, value: object) -> None:
+    """Refuse anything but a number in [0, 1] or ``"auto"`` for parameter ``name``."""
+    if value == AUTO:
+        return
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
-        raise ValueError(f"{name} must be a number in [0, 1], got {quote(value)}")
+        raise ValueError(f"{name} must be a number in [0, 1] or {quote(AUTO)}, got {quote(value)}")
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, overwrite: bool = False) -> torch.Tensor:

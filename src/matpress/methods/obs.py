@@ -11,7 +11,7 @@ step's update directly, without re-inverting ``H`` (:func:`matpress.methods.gptq
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 
@@ -113,21 +113,59 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, h: torch.Tensor) ->
     return float(((d @ h) * d).sum())
 
 
-def asymmetric_target(weight: torch.Tensor, stats: LayerStats, strength: float, percdamp: float) -> torch.Tensor:
-    """The weight moved ``strength`` (0 to 1) of the way to the asymmetric target of GPTAQ (Li et al.
-    2025, "GPTAQ: Efficient Finetuning-Free Quantization for Asymmetric Calibration",
-    https://arxiv.org/abs/2504.02692): the dense ``W'`` minimising ``E||W' x - W x_ref||^2``, where ``x``
-    is the layer's input in the partly compressed model and ``x_ref`` its input in the uncompressed one,
-    ``W' = W E[x_ref x^T] (E[x x^T] + damp I)^-1``. Since ``E||Q x - W x_ref||^2 = E||(Q - W') x||^2`` +
-    a constant, compressing ``W'`` against ``E[x x^T]`` makes the layer undo the error earlier layers
-    left in its input, as far as a linear map can. The full step over-corrects from a few thousand
-    calibration tokens (measured on SmolLM2, benchmarks/results/peers.md), hence ``strength``. Without the
-    cross term (``stats.cross``: the walk did not track the uncompressed model) the weight is returned."""
-    moment = stats.reference_moment
-    if strength == 0 or moment is None:
+# the asymmetric strength chosen per layer on held-out calibration batches (:func:`held_out_strength`)
+AUTO = "auto"
+
+
+def asymmetric_target(weight: torch.Tensor, stats: LayerStats, strength: Union[float, str], percdamp: float) -> torch.Tensor:
+    """The weight moved ``strength`` (0 to 1, or ``"auto"``: :func:`held_out_strength`) of the way to
+    the asymmetric target of GPTAQ (Li et al. 2025, "GPTAQ: Efficient Finetuning-Free Quantization for
+    Asymmetric Calibration", https://arxiv.org/abs/2504.02692): the dense ``W'`` minimising
+    ``E||W' x - W x_ref||^2``, where ``x`` is the layer's input in the partly compressed model and
+    ``x_ref`` its input in the uncompressed one, ``W' = W E[x_ref x^T] (E[x x^T] + damp I)^-1``. Since
+    ``E||Q x - W x_ref||^2 = E||(Q - W') x||^2`` + a constant, compressing ``W'`` against ``E[x x^T]``
+    makes the layer undo the error earlier layers left in its input, as far as a linear map can. The
+    full step over-fits a few thousand calibration tokens (measured on SmolLM2,
+    benchmarks/results/peers.md), hence ``strength``. Without the cross term (``stats.cross``: the walk
+    did not track the uncompressed model) the weight is returned."""
+    if strength == 0 or stats.cross is None:
         return weight
-    h = stats.hessian.to(device=weight.device, dtype=torch.float64)
-    h.diagonal().add_(percdamp * float(h.diagonal().mean().clamp(min=1e-12)))
     w = weight.to(torch.float64)
-    target = torch.linalg.solve(h, (w @ moment.to(device=weight.device, dtype=torch.float64)).T).T  # H is symmetric
+    if strength == AUTO:
+        strength = held_out_strength(w, stats, percdamp)
+        if strength == 0:
+            return weight
+    target = dense_target(w, stats.hessian, stats.reference_moment, percdamp)
     return (w + strength * (target - w)).to(weight.dtype)
+
+
+def dense_target(w: torch.Tensor, h: torch.Tensor, moment: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """``W E[x_ref x^T] (H + damp I)^-1`` in fp64 (``damp``: ``percdamp`` of H's mean diagonal)."""
+    h = h.to(device=w.device, dtype=torch.float64).clone()
+    h.diagonal().add_(percdamp * float(h.diagonal().mean().clamp(min=1e-12)))
+    return torch.linalg.solve(h, (w @ moment.to(device=w.device, dtype=torch.float64)).T).T  # H is symmetric
+
+
+def held_out_strength(w: torch.Tensor, stats: LayerStats, percdamp: float) -> float:
+    """The strength in [0, 1] that minimises the error ``E||(W + s D) x - W x_ref||^2`` on calibration
+    batches the step ``D = W' - W`` was not fitted on: ``W'`` fitted on one fold of the batches
+    (``stats.fold``) and scored on the other, both ways, the two errors summed. Quadratic in ``s``:
+    with ``H``, ``C = E[x_ref x^T]`` of the scoring fold, the minimum is at
+    ``s = tr(D (C^T - H) W^T) / tr(D H D^T)``. The step's true part grows with the error earlier layers
+    left, its sampling noise does not, so the strength falls as the bits rise. 0 without two folds."""
+    if stats.fold is None or stats.cross is None:
+        return 0.0
+    xtx_a, cross_a, n_a = stats.fold
+    n_b = stats.n_tokens - n_a
+    if n_a == 0 or n_b == 0:
+        return 0.0
+    folds = [(xtx_a / n_a, cross_a / n_a), ((stats.xtx - xtx_a) / n_b, (stats.cross - cross_a) / n_b)]
+    gain = spread = 0.0
+    for (h_fit, c_fit), (h_score, c_score) in ((folds[0], folds[1]), (folds[1], folds[0])):
+        d = dense_target(w, h_fit, c_fit, percdamp) - w
+        h_score = h_score.to(device=w.device, dtype=torch.float64)
+        c_score = c_score.to(device=w.device, dtype=torch.float64)
+        dh = d @ h_score
+        gain += float(((d @ c_score.T) * w).sum() - (dh * w).sum())
+        spread += float((dh * d).sum())
+    return 0.0 if spread <= 0 else min(max(gain / spread, 0.0), 1.0)

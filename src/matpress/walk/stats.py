@@ -22,7 +22,8 @@ class StatsCollector:
     Set :attr:`references` (layer name -> its input in the uncompressed model on the same batch, as the
     collector keeps inputs: real tokens, ``(tokens, in)``) to sum ``x_ref x^T`` as well
     (:attr:`LayerStats.cross`); a layer whose input does not line up with its reference token for
-    token (an expert: the uncompressed router picked other tokens) gets no cross term.
+    token (an expert: the uncompressed router picked other tokens) gets no cross term. With the cross
+    terms come the sums of every other batch (:attr:`LayerStats.fold`).
     """
 
     def __init__(self, layers: dict[str, nn.Module]):
@@ -31,6 +32,7 @@ class StatsCollector:
         self.references: Optional[dict[str, torch.Tensor]] = None
         self.stats: dict[str, LayerStats] = {}
         self._unaligned: set[str] = set()
+        self._batches: dict[str, int] = {}  # batches with a cross term so far, per layer (for the folds)
         self._handles: list = []
 
     def __enter__(self) -> "StatsCollector":
@@ -44,7 +46,7 @@ class StatsCollector:
         self._handles.clear()
         for name in self._unaligned:
             if name in self.stats:
-                self.stats[name].cross = None
+                self.stats[name].cross = self.stats[name].fold = None
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple) -> None:
@@ -64,9 +66,16 @@ class StatsCollector:
                 if reference.shape != x.shape or (st.cross is None and st.n_tokens != x.shape[0]):
                     self._unaligned.add(name)
                 else:
+                    reference = reference.to(x.device, torch.float32)
                     if st.cross is None:
                         st.cross = torch.zeros_like(st.xtx)
-                    st.cross.addmm_(reference.to(x.device, torch.float32).T, x)
+                        st.fold = (torch.zeros_like(st.xtx), torch.zeros_like(st.xtx), 0)
+                        self._batches[name] = 0
+                    st.cross.addmm_(reference.T, x)
+                    if self._batches[name] % 2 == 0:
+                        xtx, cross, n = st.fold
+                        st.fold = (xtx.addmm_(x.T, x), cross.addmm_(reference.T, x), n + x.shape[0])
+                    self._batches[name] += 1
             elif st.cross is not None:  # a batch without its reference
                 self._unaligned.add(name)
 
